@@ -1,0 +1,39 @@
+# cnnbench: every target runs inside .venv, which the first target that needs it creates.
+# Data: torchvision downloads MNIST to ./data; set CNNBENCH_DATA=DIR to use a copy (e.g. ../shared/data).
+# Tracking: MLflow's default ./mlflow.db unless MLFLOW_TRACKING_URI is set.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ARGS   ?=
+SPEC   ?= studies/sweep-lenet.yaml
+PORT   ?= 5000
+MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+export MLFLOW_TRACKING_URI
+
+.DEFAULT_GOAL := help
+.PHONY: help install test study-lr study-batch study-activation study-epochs study-models study-alexnet \
+        studies ui clean-state
+
+help:  ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/.installed  ## create .venv and install cnnbench with its pinned stack
+
+test: $(BIN)/.installed  ## the test suite (what CI runs)
+	$(BIN)/python -m pytest -q
+
+study-lr: $(BIN)/.installed  ## document 003: learning rate 0.001..0.1 (LeNet-5, 10 epochs)
+	$(BIN)/cnnbench study studies/lr.yaml $(ARGS)
+
+ui: $(BIN)/.installed  ## MLflow UI on the tracking store (http://127.0.0.1:$(PORT))
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(PORT)
+
+clean-state:  ## delete run state (.cnnbench/: checkpoints, locks); MLflow runs are kept
+	rm -rf .cnnbench

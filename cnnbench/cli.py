@@ -1,0 +1,256 @@
+"""The `cnnbench` command. It parses, calls, and turns bad input into one-line errors.
+
+Exit status: 0 success; 1 some trials failed (out of memory, say); 2 bad input (spec,
+setting, data, tracking URI, results folder); 3 the study is already running here;
+130 interrupted by Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Callable
+
+EXIT_FAILED, EXIT_INPUT, EXIT_BUSY, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+def _settings_epilog() -> str:
+    from cnnbench.config import setting_docs
+
+    lines = ["training settings (--set key=value; yaml-style values: 0.01, 64, true, null, relu):"]
+    for name, default, doc in setting_docs():
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        lines.append(f"  {name:<16} {shown:<8} {doc}")
+    return "\n".join(lines)
+
+
+def _common(p: argparse.ArgumentParser, *, sets: bool = True) -> None:
+    if sets:
+        p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="sets",
+                       help="override a training setting (repeatable); unknown keys and wrong types are errors")
+    p.add_argument("--data-dir", metavar="DIR", default=None,
+                   help="folder holding the data sets in torchvision's layout (default: $CNNBENCH_DATA, else "
+                        "./data, where torchvision downloads them when missing)")
+
+
+def _tracking(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", metavar="URI", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+
+
+def _state(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", metavar="DIR", default=None,
+                   help="run state never committed: epoch checkpoints, locks, Optuna storage "
+                        "(default: $CNNBENCH_HOME, else ./.cnnbench)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="cnnbench", formatter_class=raw,
+        description="Controlled hyperparameter studies of convolutional networks, tracked in MLflow.",
+        epilog="Run `cnnbench COMMAND --help` for the options of each command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="train one trial", formatter_class=raw, epilog=_settings_epilog(),
+                       description="Train one trial with the default settings (document 003's LeNet-5 run) "
+                                   "changed by --set, and record it in MLflow.")
+    _common(p)
+    _tracking(p)
+    _state(p)
+    p.add_argument("--experiment", default="cnnbench-run", help="MLflow experiment name (default: cnnbench-run)")
+    p.add_argument("--no-track", action="store_true", help="do not record the trial in MLflow")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("study", help="run a study spec (studies/*.yaml)", formatter_class=raw,
+                       epilog=_settings_epilog(),
+                       description="Run every trial of a study spec, skipping those already finished in the "
+                                   "tracking store, and write results/<study>/ (summary.csv, table.md, curves.png).")
+    p.add_argument("spec", help="the study's YAML file, e.g. studies/lr.yaml")
+    _common(p)
+    p.add_argument("--seeds", metavar="S[,S...]", default=None, help="seeds to repeat over, replacing the spec's")
+    p.add_argument("--results-dir", metavar="DIR", default="results", help="where results/<study>/ goes (default: results)")
+    _tracking(p)
+    _state(p)
+    p.add_argument("--no-fuse", action="store_true", help="train every trial alone (no fused groups)")
+    p.add_argument("--max-fuse", type=int, default=16, metavar="K", help="largest fused group (default: 16)")
+    p.add_argument("--wait", action="store_true", help="if the study is already running here, wait for it")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("models", help="list the registered architectures",
+                       description="List the model registry: name, parameters on MNIST, source.")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("evaluate", help="re-test a saved checkpoint",
+                       description="Load a checkpoint written by a trial (last.pt, best.pt, epoch_NNN.pt or the "
+                                   "MLflow artifact) and measure its loss and accuracy on the test set.")
+    p.add_argument("checkpoint", help="path of the .pt file")
+    _common(p, sets=False)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--test-batch-size", type=int, default=1024, help="evaluation batch size (default: 1024)")
+    p.set_defaults(func=cmd_evaluate)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# extra subcommands register themselves here (summary, sweep, bench, report)
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def _overrides(sets: list[str]) -> dict[str, Any]:
+    from cnnbench.config import parse_overrides
+
+    return parse_overrides(sets)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cnnbench.config import TrialConfig
+    from cnnbench.data import data_dir, load_arrays
+    from cnnbench.study import state_dir
+    from cnnbench.train import FINISHED, Recorder, resolve_device, run_trial
+
+    config = TrialConfig.from_dict(_overrides(args.sets), where="--set")
+    resolve_device(config.device)
+    load_arrays(config.dataset, data_dir(args.data_dir))
+    recorder: Recorder = Recorder()
+    if not args.no_track:
+        from cnnbench.tracking import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
+
+        quiet_mlflow()
+        uri = tracking_uri(args.tracking_uri)
+        check_reachable(uri)
+        tracker = Tracker(args.experiment, uri)
+        recorder = tracker.recorder(config, parent="", name=run_name(config, ("model", "lr", "batch_size")),
+                                    tags={})
+    ckpt = state_dir(args.state_dir) / "checkpoints" / "run" / config.key()
+    result = run_trial(config, data_root=args.data_dir, recorder=recorder, checkpoint_dir=ckpt)
+    _print_history(result)
+    if getattr(recorder, "run_id", None):
+        print(f"MLflow run {recorder.run_id} in experiment {args.experiment!r}")
+    return 0 if result.status == FINISHED else EXIT_FAILED
+
+
+def _print_history(result) -> None:
+    print(f"{'epoch':>5} {'train loss':>10} {'test loss':>9} {'test acc':>8}")
+    for r in result.history:
+        print(f"{r['epoch']:>5} {r['train/epoch_loss']:>10.4f} {r.get('test/loss', float('nan')):>9.4f} "
+              f"{r.get('test/acc', float('nan')):>7.2f}%")
+    print(f"status {result.status}{': ' + result.reason if result.reason else ''}; "
+          f"{result.train_seconds:.1f} s training, {result.images_per_second:,.0f} images/s on {result.device}")
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from cnnbench.config import ConfigError, load_spec
+    from cnnbench.study import run_study
+
+    spec = load_spec(args.spec)
+    if not spec.scientific:
+        raise ConfigError(f"{args.spec}: no scientific block; a spec with only a search block is run by `cnnbench sweep`")
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = tuple(int(s) for s in args.seeds.split(","))
+        except ValueError:
+            raise ConfigError(f"--seeds: expected integers separated by commas, got {args.seeds!r}") from None
+        if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"--seeds: expected distinct integers >= 0, got {args.seeds!r}")
+    spec = spec.with_overrides(_overrides(args.sets), seeds)
+    if args.max_fuse < 1:
+        raise ConfigError(f"--max-fuse: must be >= 1, got {args.max_fuse}")
+    command = "cnnbench " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "cnnbench study"
+    outcome = run_study(spec, data_root=args.data_dir, results_root=args.results_dir, tracking=args.tracking_uri,
+                        state=args.state_dir, fuse=not args.no_fuse, max_fuse=args.max_fuse, wait=args.wait,
+                        command=command)
+    print(Path(outcome.files[1]).read_text())
+    print(f"{outcome.trained} run(s) trained, {outcome.skipped} already finished; results in "
+          f"{Path(outcome.files[0]).parent}/, MLflow parent run {outcome.parent_run_id}")
+    if outcome.failed:
+        for row in outcome.failed:
+            print(f"trial {row.index} ({row.result.status}): {row.result.reason}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from cnnbench.models import get_model, list_models, model_entry
+
+    print(f"{'name':<14} {'parameters':>12}  source")
+    for name in list_models():
+        n = sum(p.numel() for p in get_model(name).parameters())
+        print(f"{name:<14} {n:>12,}  {model_entry(name).source}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from cnnbench.config import ConfigError, TrialConfig
+    from cnnbench.train import SingleEngine, evaluate, load_checkpoint, load_data, resolve_device
+
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such checkpoint")
+    try:
+        payload = load_checkpoint(path)
+    except Exception as err:
+        raise ConfigError(f"{path}: cannot read checkpoint ({' '.join(str(err).split())[:200]})") from None
+    config = TrialConfig.from_dict({**payload["config"], "device": args.device, "test_batch_size": args.test_batch_size,
+                                    "compile": "none"}, where=str(path))
+    device = resolve_device(config.device)
+    data = load_data(config, args.data_dir, device)
+    engine = SingleEngine([config], device, data.info)
+    engine.load_trial_state(0, payload)
+    engine.train(False)
+    with torch.no_grad():
+        loss, acc = evaluate(engine, data, data.test, config.test_batch_size)
+    print(f"{path}: epoch {payload['epoch']} of {config.model} (lr={config.lr:g}, seed={config.seed}): "
+          f"test loss {loss[0]:.4f}, test accuracy {acc[0]:.2f}% on {len(data.test)} images")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from cnnbench.config import ConfigError
+    from cnnbench.data import DataError
+
+    bad_input: tuple[type[BaseException], ...] = (ConfigError, DataError, PermissionError)
+    try:
+        from cnnbench.study import StudyBusy
+        from cnnbench.tracking import TrackingError
+
+        bad_input += (TrackingError,)
+        return args.func(args)
+    except bad_input as err:
+        print(f"cnnbench: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_INPUT
+    except StudyBusy as err:
+        print(f"cnnbench: {err}", file=sys.stderr)
+        return EXIT_BUSY
+    except RuntimeError as err:
+        if str(err).startswith("device "):
+            print(f"cnnbench: error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_INPUT
+        raise
+    except KeyboardInterrupt:
+        print("\ncnnbench: interrupted; finished trials are saved, run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def entry() -> None:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

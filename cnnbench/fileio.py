@@ -1,0 +1,54 @@
+"""Atomic writes: a file is written beside its target and renamed over it, so a crash
+never leaves a partial CSV, table, figure or checkpoint behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; rename it onto `path` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_with(path: str | os.PathLike, writer: Callable[[Path], Any]) -> None:
+    """Call `writer(tmp_path)` and move the result onto `path` (for savefig, torch.save...)."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise PermissionError (naming the folder) unless files can be created in `folder`."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{folder}: not writable")
+    if folder.exists():
+        try:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".probe.")
+        except OSError as err:
+            raise PermissionError(f"{folder}: not writable ({err.strerror})") from None
+        os.close(fd)
+        os.unlink(tmp)

@@ -1,0 +1,252 @@
+"""Tables and figures of a study, beside the numbers its document reported.
+
+`summary.csv` has one row per trial; `table.md` aggregates the seeds of each scientific
+value (mean ± std, n), picks the best nuisance setting per scientific value (the
+tuning playbook's isolation), and puts the document's figures and the difference beside
+ours; the figures are seaborn line plots with a band over seeds. Every file is written
+to a temporary name and renamed, so a crash leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from cnnbench import fileio  # noqa: E402
+from cnnbench.config import StudySpec, TrialConfig  # noqa: E402
+from cnnbench.train import DIVERGED, TrialResult  # noqa: E402
+
+
+@dataclass
+class TrialRow:
+    """One trial of a study: its config, its (possibly epoch-truncated) result, its run."""
+
+    index: int
+    config: TrialConfig
+    result: TrialResult
+    run_id: str
+
+
+def truncate(result: TrialResult, epochs: int, n_train: int) -> TrialResult:
+    """The first `epochs` epochs of a longer run at a schedule that does not depend on the
+    epoch count: the same numbers a run of `epochs` epochs would have produced."""
+    history = [r for r in result.history if r["epoch"] <= epochs]
+    curve = [p for p in result.curve if p[0] <= epochs * n_train]
+    status = result.status
+    if status == DIVERGED and len(result.history) >= epochs and all(
+            all(math.isfinite(v) for v in r.values()) for r in history):
+        status = "finished"  # it diverged later than this shorter run would have stopped
+    frac = len(history) / max(len(result.history), 1)
+    out = TrialResult(config=result.config.replace(epochs=epochs), status=status, reason=result.reason,
+                      history=history, curve=curve, train_seconds=result.train_seconds * frac,
+                      wall_seconds=result.wall_seconds * frac, images=int(result.images * frac),
+                      device=result.device, fused_with=result.fused_with)
+    out.best_epoch = out.best(_select(out))[1]
+    return out
+
+
+def _select(result: TrialResult) -> str:
+    return "val/acc" if any("val/acc" in r for r in result.history) else "test/acc"
+
+
+def _epoch_columns(spec: StudySpec) -> list[int]:
+    """Extra per-epoch accuracy columns that the document reports (e.g. epoch 9)."""
+    found = set()
+    for row in spec.reported:
+        for key in row:
+            m = re.fullmatch(r"epoch(\d+)_test_acc", str(key))
+            if m and int(m.group(1)) != 1:
+                found.add(int(m.group(1)))
+    return sorted(found)
+
+
+def summary_frame(spec: StudySpec, rows: Sequence[TrialRow]) -> pd.DataFrame:
+    records = []
+    extra = _epoch_columns(spec)
+    for row in rows:
+        r, c = row.result, row.config
+        best, best_epoch = r.best("test/acc")
+        rec: dict[str, Any] = {"study": spec.name, "trial": row.index}
+        rec.update({k: getattr(c, k) for k in spec.varied})
+        rec.update({
+            "seed": c.seed, "status": r.status, "diverged": r.status == DIVERGED, "epochs": c.epochs,
+            "epoch1_test_acc": r.metric("test/acc", 1), "final_test_acc": r.metric("test/acc")
+            if len(r.history) == c.epochs else math.nan,
+            "best_test_acc": best, "best_epoch": best_epoch if best_epoch is not None else pd.NA,
+        })
+        for e in extra:
+            rec[f"epoch{e}_test_acc"] = r.metric("test/acc", e)
+        if any("val/acc" in h for h in r.history):
+            rec["best_val_acc"], rec["best_val_epoch"] = r.best("val/acc")
+        rec.update({"train_seconds": round(r.train_seconds, 3), "images_per_second": round(r.images_per_second, 1),
+                    "fused_with": r.fused_with, "device": r.device, "mlflow_run_id": row.run_id,
+                    "trial_key": c.key(), "reason": r.reason})
+        records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def _fmt(values: pd.Series) -> str:
+    v = values.dropna()
+    if v.empty:
+        return "–"
+    if len(v) == 1:
+        return f"{v.iloc[0]:.2f}"
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+
+
+def _key(value: Any) -> str:
+    return "null" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))
+
+
+def isolate(spec: StudySpec, frame: pd.DataFrame) -> pd.DataFrame:
+    """Per scientific value, keep the nuisance setting with the best mean score (the
+    tuning playbook's isolation); without nuisance hyperparameters, every row."""
+    if not spec.nuisance or frame.empty:
+        return frame
+    score = "best_val_acc" if "best_val_acc" in frame else "best_test_acc"
+    sci, nui = list(spec.scientific), list(spec.nuisance)
+    means = frame.groupby(sci + nui, dropna=False)[score].mean().reset_index()
+    best = means.loc[means.groupby(sci, dropna=False)[score].idxmax()]
+    keep = frame.merge(best[sci + nui], on=sci + nui)
+    return keep
+
+
+def table_markdown(spec: StudySpec, frame: pd.DataFrame, *, command: str = "", device: str = "") -> str:
+    sci, nui = list(spec.scientific), list(spec.nuisance)
+    frame = isolate(spec, frame)
+    last_epoch = int(frame["epochs"].max()) if not frame.empty else 0
+    extra = _epoch_columns(spec)
+    reported = {tuple(_key(r.get(k)) for k in sci): r for r in spec.reported}
+    doc_keys = ["epoch1_test_acc", *[f"epoch{e}_test_acc" for e in extra], "final_test_acc"]
+    labels = {"epoch1_test_acc": "epoch 1", "final_test_acc": "final", **{f"epoch{e}_test_acc": f"epoch {e}" for e in extra}}
+    have_doc = [k for k in doc_keys if any(k in r for r in spec.reported)]
+
+    head = sci + nui + ["n"] + [f"ours {labels[k]}" for k in doc_keys] + ["best (epoch)"]
+    if have_doc:
+        head += [f"doc {labels[k]}" for k in have_doc] + [f"Δ {labels[k]}" for k in have_doc]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for values, group in frame.groupby(sci + nui, sort=False, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        n = len(group)
+        div = int(group["diverged"].sum())
+        cells = [_key(v) for v in values] + [str(n)]
+        for k in doc_keys:
+            cells.append(_fmt(group[k]) if k in group else "–")
+        best_epochs = group["best_epoch"].dropna().astype(int).tolist()
+        cells.append(f"{_fmt(group['best_test_acc'])} ({', '.join(map(str, best_epochs)) or '–'})")
+        if div:
+            cells[len(values) + 2 + len(doc_keys) - 1] = f"diverged ({div}/{n})"
+        if have_doc:
+            doc = reported.get(tuple(_key(v) for v in values[:len(sci)]), {})
+            cells += [f"{doc[k]:.2f}" if k in doc else "–" for k in have_doc]
+            for k in have_doc:
+                ours = group[k].dropna() if k in group else pd.Series(dtype=float)
+                cells.append(f"{ours.mean() - doc[k]:+.2f}" if k in doc and not ours.empty else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+
+    fixed = ", ".join(f"{k}={_key(v)}" for k, v in spec.fixed.items())
+    seeds = ", ".join(map(str, spec.seeds))
+    out = [f"# {spec.title}", ""]
+    if spec.source:
+        out += [f"Source: {spec.source}.", ""]
+    out += [f"Scientific: {', '.join(sci)}" + (f"; nuisance: {', '.join(nui)} (best setting per value shown)" if nui else "")
+            + f"; fixed: {fixed or '(defaults)'}; seeds: {seeds} (n per row).", "",
+            f"Test accuracy in percent after epoch 1 and after the last epoch ({last_epoch}); mean ± std over seeds "
+            "when n > 1. `doc` is the document's figure, Δ = ours − doc.", ""]
+    out += lines + [""]
+    if command or device:
+        out += [f"Produced by `{command}`" + (f" on {device}" if device else "") + ".", ""]
+    return "\n".join(out)
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+
+def _label(spec: StudySpec, config: TrialConfig) -> str:
+    return " ".join(f"{k}={_key(getattr(config, k))}" for k in spec.varied)
+
+
+def curves_frame(spec: StudySpec, rows: Sequence[TrialRow], n_train: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    loss, acc = [], []
+    for row in rows:
+        label = _label(spec, row.config)
+        for samples, value in row.result.curve:
+            if samples <= n_train:
+                loss.append({"value": label, "seed": row.config.seed, "samples": samples, "loss": value})
+        for rec in row.result.history:
+            if "test/acc" in rec:
+                acc.append({"value": label, "seed": row.config.seed, "epoch": rec["epoch"], "test_acc": rec["test/acc"]})
+    return pd.DataFrame(loss), pd.DataFrame(acc)
+
+
+def save_figures(spec: StudySpec, rows: Sequence[TrialRow], out_dir: Path, n_train: int) -> list[Path]:
+    # one row per distinct run (epoch-reuse rows share their run's curves)
+    seen, unique = set(), []
+    for row in rows:
+        if row.run_id not in seen or not row.run_id:
+            seen.add(row.run_id)
+            unique.append(row)
+    loss, acc = curves_frame(spec, unique, n_train)
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    if not loss.empty:
+        sns.lineplot(loss, x="samples", y="loss", hue="value", errorbar="sd", ax=axes[0], linewidth=1.2)
+    axes[0].set(title="First epoch: training loss", xlabel="training samples seen", ylabel="cross-entropy")
+    if not acc.empty:
+        for ax in axes[1:]:
+            sns.lineplot(acc, x="epoch", y="test_acc", hue="value", errorbar="sd", marker="o", ax=ax,
+                         legend=ax is axes[1])
+        top = acc.groupby("value")["test_acc"].max()
+        axes[2].set_ylim(max(0.0, min(top.min(), top.max() - 3) - 1), min(100.0, top.max() + 0.5))
+    axes[1].set(title="Test accuracy per epoch", xlabel="epoch", ylabel="test accuracy (%)")
+    axes[2].set(title="... the same, zoomed on the top", xlabel="epoch", ylabel="test accuracy (%)")
+    n = len(spec.seeds)
+    fig.suptitle(f"{spec.title} (n={n} seed{'s' if n > 1 else ''} per line" + (", band: ±1 sd)" if n > 1 else ")"))
+    fig.tight_layout()
+    path = out_dir / "curves.png"
+    fileio.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return [path]
+
+
+def save_trial_figure(result: TrialResult, path: Path) -> Path:
+    """The loss curve and accuracy of one trial (an MLflow artifact)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    if result.curve:
+        xs, ys = zip(*result.curve)
+        axes[0].plot(xs, ys, linewidth=1)
+    axes[0].set(title="training loss", xlabel="samples seen", ylabel="cross-entropy")
+    for key in ("test/acc", "val/acc"):
+        pts = [(r["epoch"], r[key]) for r in result.history if key in r]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", label=key)
+    axes[1].set(title="accuracy", xlabel="epoch", ylabel="%")
+    if axes[1].lines:
+        axes[1].legend()
+    fig.suptitle(" ".join(f"{k}={_key(v)}" for k, v in result.config.to_dict().items()
+                          if k in ("model", "lr", "batch_size", "activation", "seed")), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_results(spec: StudySpec, rows: Sequence[TrialRow], out_dir: Path, *, n_train: int,
+                  command: str = "", device: str = "") -> list[Path]:
+    """summary.csv, table.md and curves.png under `out_dir`, each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = summary_frame(spec, rows)
+    csv_path, md_path = out_dir / "summary.csv", out_dir / "table.md"
+    fileio.write_text(csv_path, frame.to_csv(index=False))
+    fileio.write_text(md_path, table_markdown(spec, frame, command=command, device=device))
+    return [csv_path, md_path, *save_figures(spec, rows, out_dir, n_train)]

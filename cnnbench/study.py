@@ -1,0 +1,231 @@
+"""Grid studies: expand a spec into trials, skip the finished ones, train the rest (fused
+where they can be), and write `results/<study>/`.
+
+A trial is identified by its resolved config and seed (`TrialConfig.key`), not by its
+position, so a study interrupted at any moment and started again with the same command
+trains only what is missing: finished trials are read back from MLflow, an interrupted
+one resumes from its last epoch checkpoint, and runs that a dead process left RUNNING
+are marked KILLED. One process at a time runs a given study on a machine (a file lock).
+
+Epoch reuse: when `epochs` is a scientific hyperparameter and the schedule does not
+depend on the epoch count (every schedule but one-cycle), the trials that differ only
+in `epochs` share one run of the longest count, and each shorter count reads its
+numbers from that run's per-epoch record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from cnnbench import fileio
+from cnnbench.config import ConfigError, StudySpec, TrialConfig
+from cnnbench.data import data_dir, load_arrays
+from cnnbench.fused import fuse_groups
+from cnnbench.report import TrialRow, truncate, write_results
+from cnnbench.tracking import (TAG_SCIENTIFIC, Tracker, check_reachable, quiet_mlflow, run_name,
+                               tracking_uri)
+from cnnbench.train import DIVERGED, FINISHED, TrialResult, load_data, resolve_device, resume_epoch, train_group
+
+STATE_ENV = "CNNBENCH_HOME"
+
+
+class StudyBusy(RuntimeError):
+    """Another process is running this study on this machine."""
+
+
+def state_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """Run state that is never committed: checkpoints, locks, Optuna storage."""
+    return Path(explicit or os.environ.get(STATE_ENV) or ".cnnbench")
+
+
+@contextlib.contextmanager
+def study_lock(root: Path, name: str, *, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on `name` for this process. The OS drops it if we die."""
+    path = root / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = Path(path).read_text().strip() or "another process"
+            raise StudyBusy(f"study {name} is already running here ({holder}); wait for it to finish, "
+                            "or run again with --wait") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Plan:
+    """The trials of a study and the runs that produce them."""
+
+    trials: list[TrialConfig]  # in spec order
+    runs: list[TrialConfig]  # distinct configs to train
+    run_of: list[int]  # trial i is read from runs[run_of[i]]
+
+
+def plan(spec: StudySpec) -> Plan:
+    trials = spec.trial_configs()
+    target: list[TrialConfig] = []
+    for c in trials:
+        if "epochs" in spec.varied and c.schedule != "onecycle":
+            longest = max(t.epochs for t in trials if t.replace(epochs=1).key() == c.replace(epochs=1).key())
+            target.append(c.replace(epochs=longest))
+        else:
+            target.append(c)
+    runs: list[TrialConfig] = []
+    index: dict[str, int] = {}
+    run_of = []
+    for c in target:
+        if c.key() not in index:
+            index[c.key()] = len(runs)
+            runs.append(c)
+        run_of.append(index[c.key()])
+    return Plan(trials, runs, run_of)
+
+
+@dataclass
+class StudyOutcome:
+    spec: StudySpec
+    rows: list[TrialRow]
+    parent_run_id: str
+    files: list[Path]
+    trained: int  # runs trained by this execution
+    skipped: int  # runs already finished before it
+
+    @property
+    def failed(self) -> list[TrialRow]:
+        return [r for r in self.rows if r.result.status not in (FINISHED, DIVERGED)]
+
+
+def preflight(spec: StudySpec, configs: list[TrialConfig], *, data_root: Any, results_dir: Path,
+              uri: str) -> None:
+    """Everything that can be checked before a run is created: device, data, results, tracking."""
+    for device in sorted({c.device for c in configs}):
+        resolve_device(device)
+    for dataset in sorted({c.dataset for c in configs}):
+        load_arrays(dataset, data_dir(data_root))
+    fileio.check_writable(results_dir)
+    check_reachable(uri)
+
+
+def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.PathLike = "results",
+              tracking: str | None = None, state: str | os.PathLike | None = None, fuse: bool = True,
+              max_fuse: int = 16, wait: bool = False, command: str = "") -> StudyOutcome:
+    quiet_mlflow()
+    p = plan(spec)
+    uri = tracking_uri(tracking)
+    out_dir = Path(results_root) / spec.name
+    preflight(spec, p.runs, data_root=data_root, results_dir=out_dir, uri=uri)
+    root = state_dir(state)
+    with study_lock(root, spec.name, wait=wait):
+        return _run_locked(spec, p, data_root=data_root, out_dir=out_dir, uri=uri, root=root, fuse=fuse,
+                           max_fuse=max_fuse, command=command)
+
+
+def _run_locked(spec: StudySpec, p: Plan, *, data_root, out_dir: Path, uri: str, root: Path, fuse: bool,
+                max_fuse: int, command: str) -> StudyOutcome:
+    from tqdm.auto import tqdm
+
+    tracker = Tracker(spec.name, uri)
+    tracker.close_orphans("the process running it died")
+    done = tracker.finished_trials()
+    results: dict[str, tuple[TrialResult, str]] = {}
+    for c in p.runs:
+        if c.key() in done:
+            run = done[c.key()]
+            results[c.key()] = (tracker.load_result(run), run.info.run_id)
+    pending = [c for c in p.runs if c.key() not in results]
+    skipped = len(p.runs) - len(pending)
+
+    parent = tracker.start_parent(
+        f"{spec.name} ({len(p.trials)} trials)", kind="study",
+        tags={TAG_SCIENTIFIC: ",".join(spec.scientific), "cnnbench.nuisance": ",".join(spec.nuisance),
+              "cnnbench.spec": spec.path, "cnnbench.command": command[:500]},
+        params={**{f"fixed.{k}": v for k, v in spec.fixed.items()},
+                **{f"scientific.{k}": list(v) for k, v in spec.scientific.items()},
+                **{f"nuisance.{k}": list(v) for k, v in spec.nuisance.items()},
+                "seeds": list(spec.seeds), "trials": len(p.trials), "runs": len(p.runs)},
+        note=spec.description)
+    tracker.log_artifacts(parent, [Path(spec.path)], "spec")
+    ckpt_root = root / "checkpoints" / spec.name
+    status = "KILLED"
+    try:
+        groups = _groups(pending, ckpt_root, fuse=fuse, max_fuse=max_fuse)
+        data_cache: dict[tuple, Any] = {}
+        bar = tqdm(total=len(p.runs), initial=skipped, desc=f"study {spec.name}", unit="trial",
+                   disable=not p.runs[0].progress, dynamic_ncols=True)
+        for group in groups:
+            c0 = group[0]
+            dkey = (c0.dataset, c0.normalize, c0.train_subset, c0.test_subset, c0.val_size, c0.channels_last, c0.device)
+            if dkey not in data_cache:
+                data_cache.clear()  # one data set on the device at a time
+                data_cache[dkey] = load_data(c0, data_root, resolve_device(c0.device))
+            recorders = [tracker.recorder(c, parent=parent, name=run_name(c, spec.varied),
+                                          tags=_trial_tags(spec, c)) for c in group]
+            label = ", ".join(run_name(c, spec.varied) for c in group)
+            out = train_group(group, recorders=recorders, data=data_cache[dkey],
+                              checkpoint_dirs=[ckpt_root / c.key() for c in group], progress=label[:60])
+            for c, r, rec in zip(group, out, recorders):
+                results[c.key()] = (r, rec.run_id or "")
+            bar.update(len(group))
+        bar.close()
+        n_train = len(next(iter(data_cache.values())).train) if data_cache else _n_train(p.runs[0], data_root)
+        rows = []
+        for i, (trial, run_index) in enumerate(zip(p.trials, p.run_of)):
+            run_cfg = p.runs[run_index]
+            result, run_id = results[run_cfg.key()]
+            if trial.epochs < run_cfg.epochs:
+                result = truncate(result, trial.epochs, n_train)
+            rows.append(TrialRow(i, trial, result, run_id))
+        device = sorted({r.result.device for r in rows if r.result.device})
+        files = write_results(spec, rows, out_dir, n_train=n_train, command=command, device=", ".join(device))
+        tracker.log_artifacts(parent, files, "results")
+        outcome = StudyOutcome(spec, rows, parent, files, trained=len(pending), skipped=skipped)
+        status = "FINISHED" if not outcome.failed else "FAILED"
+        return outcome
+    finally:
+        tracker.end(parent, status)
+
+
+def _n_train(config: TrialConfig, data_root) -> int:
+    from cnnbench.data import DATASETS
+
+    n = DATASETS[config.dataset].n_train - config.val_size
+    return min(n, config.train_subset) if config.train_subset else n
+
+
+def _trial_tags(spec: StudySpec, c: TrialConfig) -> dict[str, str]:
+    from cnnbench.tracking import _fmt
+
+    tags = {TAG_SCIENTIFIC: ",".join(spec.scientific)}
+    tags.update({f"scientific.{k}": _fmt(getattr(c, k)) for k in spec.scientific})
+    tags.update({f"nuisance.{k}": _fmt(getattr(c, k)) for k in spec.nuisance})
+    return tags
+
+
+def _groups(pending: list[TrialConfig], ckpt_root: Path, *, fuse: bool, max_fuse: int) -> list[list[TrialConfig]]:
+    """Fusable trials together, split by the epoch their checkpoints resume from."""
+    out = []
+    for idx in fuse_groups(pending, max_k=max_fuse, enabled=fuse):
+        by_epoch: dict[int, list[TrialConfig]] = {}
+        for i in idx:
+            by_epoch.setdefault(resume_epoch(ckpt_root / pending[i].key(), pending[i]), []).append(pending[i])
+        out.extend(by_epoch.values())
+    return out
+
+
+def check_spec_runnable(spec: StudySpec) -> None:
+    if not spec.scientific:
+        raise ConfigError(f"{spec.path}: this spec has no scientific block; run it with `cnnbench sweep`")
+
+

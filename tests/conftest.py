@@ -1,0 +1,57 @@
+"""Shared fixtures: real MNIST from ../shared/data, a throwaway MLflow store per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_root() -> Path | None:
+    for candidate in (os.environ.get("CNNBENCH_DATA"), REPO.parent / "shared" / "data", REPO / "data"):
+        if candidate and (Path(candidate) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
+            return Path(candidate).resolve()
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = _data_root()
+    if root is None:
+        pytest.skip("real MNIST not found: set CNNBENCH_DATA or provide ../shared/data")
+    return root
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, data_root) -> Path:
+    """A fresh working directory with its own tracking store, state and results."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("CNNBENCH_DATA", str(data_root))
+    monkeypatch.setenv("CNNBENCH_HOME", str(tmp_path / ".cnnbench"))
+    return tmp_path
+
+
+def quick(**overrides):
+    """Settings of a trial that trains in a second or two on real MNIST."""
+    from cnnbench.config import TrialConfig
+
+    base = dict(train_subset=1280, test_subset=500, epochs=2, log_every=5, progress=False)
+    return TrialConfig.from_dict({**base, **overrides})
+
+
+def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real `cnnbench` command in a subprocess."""
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "cnnbench", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tree(path: Path) -> set[str]:
+    """Every file under `path` (relative), to check that nothing was written."""
+    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}

@@ -1,0 +1,128 @@
+"""Settings and specs are validated on load, with one-line errors naming file and field."""
+
+import textwrap
+
+import pytest
+
+from cnnbench.config import ConfigError, TrialConfig, load_spec, parse_overrides, parse_value
+
+from conftest import REPO
+
+
+def test_defaults_are_document_003():
+    c = TrialConfig()
+    assert (c.model, c.lr, c.momentum, c.batch_size, c.test_batch_size, c.epochs) == ("lenet5", 0.01, 0.9, 64, 1024, 10)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"lr": 0}, "lr: must be > 0"),
+    ({"lr": -1.0}, "lr: must be > 0"),
+    ({"batch_size": 0}, "batch_size: must be >= 1"),
+    ({"epochs": 0}, "epochs: must be >= 1"),
+    ({"momentum": -0.1}, "momentum: must be in [0, 1)"),
+    ({"weight_decay": -1e-4}, "weight_decay: must be >= 0"),
+    ({"lr": "fast"}, "lr: expected a number, got 'fast'"),
+    ({"batch_size": 64.5}, "batch_size: expected an integer"),
+    ({"batch_size": True}, "batch_size: expected an integer"),
+    ({"normalize": "yes"}, "normalize: expected true or false"),
+    ({"model": "lenet7"}, "model: unknown value 'lenet7'; known: alexnet"),
+    ({"dataset": "svhn"}, "dataset: unknown value 'svhn'"),
+    ({"activation": "swish"}, "activation: unknown value 'swish'"),
+    ({"optimizer": "rmsprop"}, "optimizer: unknown value 'rmsprop'; known: sgd, adam"),
+    ({"schedule": "cosine"}, "schedule: unknown value 'cosine'"),
+    ({"augment": "hflip,rotate"}, "augment: unknown value 'rotate'"),
+    ({"device": "tpu"}, "device: unknown value 'tpu'"),
+    ({"lrr": 0.1}, "unknown setting 'lrr' (did you mean 'lr'?)"),
+    ({"model": "resnet18", "activation": "relu"}, "activation: model resnet18 has no activation setting"),
+    ({"lr": None}, "lr: a value is required"),
+])
+def test_bad_settings_are_refused(values, message):
+    with pytest.raises(ConfigError) as err:
+        TrialConfig.from_dict(values, where="--set")
+    text = str(err.value)
+    assert text.startswith("--set: ") and message in text and "\n" not in text
+
+
+def test_ints_are_accepted_for_floats_and_kept_as_floats():
+    assert TrialConfig.from_dict({"lr": 1}).lr == 1.0 and isinstance(TrialConfig.from_dict({"lr": 1}).lr, float)
+
+
+@pytest.mark.parametrize("text, value", [("0.01", 0.01), ("1e-3", 0.001), ("64", 64), ("true", True),
+                                         ("null", None), ("relu", "relu"), ("hflip,grayscale", "hflip,grayscale")])
+def test_set_values_are_typed(text, value):
+    assert parse_value(text) == value and type(parse_value(text)) is type(value)
+
+
+def test_set_needs_key_equals_value():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["lr"])
+
+
+def test_trial_key_ignores_runtime_settings_only():
+    a = TrialConfig()
+    assert a.key() == a.replace(device="cpu", log_every=7, progress=False).key()
+    assert a.key() != a.replace(lr=0.02).key() != a.replace(seed=1).key()
+
+
+def test_every_study_in_the_repo_loads():
+    specs = sorted((REPO / "studies").glob("*.yaml"))
+    assert specs
+    for path in specs:
+        spec = load_spec(path)
+        assert spec.name and (spec.trial_configs() if spec.scientific else spec.search)
+
+
+def test_lr_study_is_document_003():
+    spec = load_spec(REPO / "studies" / "lr.yaml")
+    assert spec.scientific == {"lr": (0.001, 0.005, 0.01, 0.05, 0.1)}
+    c = spec.trial_configs()[2]
+    assert (c.model, c.activation, c.batch_size, c.momentum, c.epochs, c.test_batch_size) == \
+        ("lenet5", "sigmoid", 64, 0.9, 10, 1024)
+    assert {r["lr"]: r["final_test_acc"] for r in spec.reported}[0.01] == 98.70
+
+
+GOOD = """
+name: demo
+scientific: {lr: [0.01, 0.1]}
+fixed: {epochs: 1}
+seeds: [0, 1]
+"""
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: demo\nscientific: {lr: [0.01\n", "malformed YAML at line"),
+    ("- just\n- a list\n", "expected a mapping"),
+    (GOOD + "colour: blue\n", "unknown key 'colour'"),
+    (GOOD.replace("{lr:", "{lrr:"), "scientific.lrr: unknown setting (did you mean 'lr'?)"),
+    (GOOD.replace("[0.01, 0.1]", "[0.01, -0.1]"), "lr: must be > 0"),
+    (GOOD.replace("[0.01, 0.1]", "[]"), "scientific.lr: expected a non-empty list"),
+    (GOOD.replace("[0.01, 0.1]", "[0.01, 0.01]"), "scientific.lr: values repeat"),
+    (GOOD.replace("{epochs: 1}", "{epochs: 0}"), "epochs: must be >= 1"),
+    (GOOD.replace("{epochs: 1}", "{epochs: one}"), "fixed: epochs: expected an integer"),
+    (GOOD.replace("{epochs: 1}", "{lr: 0.5}"), "fixed.lr: also varied by the study"),
+    (GOOD.replace("{epochs: 1}", "{model: lenet7}"), "model: unknown value 'lenet7'"),
+    (GOOD.replace("[0, 1]", "[0, -1]"), "seeds: expected a non-empty list of integers >= 0"),
+    (GOOD.replace("scientific: {lr: [0.01, 0.1]}", ""), "a study needs at least one scientific hyperparameter"),
+    (GOOD + "reported: [{lr: 0.01, final_test_acc: 140}]\n", "expected a percentage in [0, 100]"),
+    (GOOD + "search: {}\n", "search: expected a non-empty mapping"),
+    (GOOD + "search: {lr: {type: float, low: 0.1, high: 0.01}}\n", "low must be < high"),
+    (GOOD + "search: {lr: {type: float, low: 0, high: 0.1, log: true}}\n", "a log range needs low > 0"),
+    (GOOD + "search: {lr: [0.1]}\nsweep: {sampler: annealing}\n", "sweep.sampler: unknown value 'annealing'"),
+])
+def test_bad_specs_are_refused_naming_file_and_field(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(ConfigError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(str(path)) and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_overrides_change_fixed_settings_but_not_varied_ones(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(GOOD)
+    spec = load_spec(path).with_overrides({"epochs": 3, "train_subset": 100})
+    assert {c.epochs for c in spec.trial_configs()} == {3} and len(spec.trial_configs()) == 4
+    with pytest.raises(ConfigError, match="lr is varied by study demo"):
+        load_spec(path).with_overrides({"lr": 0.5})
+    with pytest.raises(ConfigError, match="--set: unknown setting 'epoch'"):
+        load_spec(path).with_overrides({"epoch": 3})

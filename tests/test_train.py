@@ -1,0 +1,157 @@
+"""The training loop on real MNIST subsets: curves, determinism, fusion, divergence, resume."""
+
+import math
+
+import pytest
+import torch
+
+from cnnbench.schedule import LRSchedule
+from cnnbench.train import DIVERGED, FINISHED, INTERRUPTED, Recorder, load_checkpoint, run_trial, train_group
+
+from conftest import quick
+
+
+class Points(Recorder):
+    def __init__(self):
+        self.loss, self.epochs, self.started, self.finished = [], [], None, None
+
+    def start(self, config, info, resumed):
+        self.started = (config, info, resumed)
+
+    def train_loss(self, samples, loss):
+        self.loss.append((samples, loss))
+
+    def epoch(self, record):
+        self.epochs.append(record)
+
+    def finish(self, result):
+        self.finished = result
+
+
+def test_a_trial_learns_and_records_per_epoch(data_root):
+    rec = Points()
+    r = run_trial(quick(activation="relu", lr=0.05), data_root=data_root, recorder=rec)
+    assert r.status == FINISHED and rec.finished is r
+    assert [h["epoch"] for h in r.history] == [1, 2] == [e["epoch"] for e in rec.epochs]
+    assert {"train/epoch_loss", "test/loss", "test/acc", "lr"} <= set(r.history[0])
+    # loss against samples seen: every 5 steps of 64 images, and at each epoch's end (1280 images)
+    assert [s for s, _ in r.curve[:4]] == [320, 640, 960, 1280]
+    assert r.curve[-1][0] == 2560 and rec.loss == r.curve
+    assert r.curve[-1][1] < r.curve[0][1] * 0.7
+    assert r.history[-1]["test/acc"] > 60  # chance is 10%
+    assert r.images == 2560 and r.images_per_second > 0
+
+
+def test_same_config_and_seed_give_the_same_numbers(data_root):
+    a = run_trial(quick(), data_root=data_root)
+    b = run_trial(quick(), data_root=data_root)
+    c = run_trial(quick(seed=1), data_root=data_root)
+    assert a.curve == b.curve and [h["test/acc"] for h in a.history] == [h["test/acc"] for h in b.history]
+    assert a.curve != c.curve
+
+
+@pytest.mark.parametrize("variant", [
+    dict(),  # document 003's settings
+    dict(lr=0.005, momentum=0.5, weight_decay=5e-4),
+    dict(seed=1),  # its own init and data order: the fused batch becomes (K, B, ...)
+    dict(optimizer="adam", lr=0.001),
+])
+def test_fused_trial_follows_the_same_loss_curve_as_alone(data_root, variant):
+    """fp32: a trial trained in a fused group of 3 matches itself trained alone within
+    1e-4 relative over the first 200 steps (same seed, same data order)."""
+    settings = dict(train_subset=200 * 64, test_subset=500, epochs=1, log_every=1)
+    target = quick(**settings, **variant)
+    others = [target.replace(lr=target.lr * 2), target.replace(lr=target.lr / 2, seed=target.seed + 1)]
+    alone, fused = Points(), Points()
+    train_group([target], data_root=data_root, recorders=[alone])
+    results = train_group([target, *others], data_root=data_root, recorders=[fused, Points(), Points()])
+    assert results[0].fused_with == 3
+    a = [loss for _, loss in alone.loss]
+    f = [loss for _, loss in fused.loss]
+    assert len(a) == len(f) == 200
+    worst = max(abs(x - y) / abs(x) for x, y in zip(a, f))
+    assert worst < 1e-4, worst
+
+
+def test_a_diverging_trial_stops_at_once_and_its_group_goes_on(data_root):
+    good, bad = Points(), Points()
+    configs = [quick(lr=0.05, epochs=3, activation="relu"), quick(lr=10, epochs=3, activation="relu")]
+    results = train_group(configs, data_root=data_root, recorders=[good, bad])
+    assert results[1].status == DIVERGED and "became nan" in results[1].reason.lower()
+    assert len(results[1].history) == 0 and len(bad.loss) <= 1  # stopped in its first logging window
+    assert results[0].status == FINISHED and len(results[0].history) == 3
+    alone = run_trial(quick(lr=10, epochs=3, activation="relu"), data_root=data_root)
+    assert alone.status == DIVERGED and alone.history == []
+
+
+class StopAfter(Points):
+    def __init__(self, epochs):
+        super().__init__()
+        self.stop_after = epochs
+
+    def epoch(self, record):
+        super().epoch(record)
+        if record["epoch"] == self.stop_after:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(optimizer="adam", lr=0.002, schedule="plateau", patience=0)])
+def test_an_interrupted_trial_resumes_from_its_epoch_checkpoint(data_root, tmp_path, settings):
+    config = quick(epochs=3, **settings)
+    whole = run_trial(config, data_root=data_root)
+    stopper = StopAfter(2)
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(config, data_root=data_root, recorder=stopper, checkpoint_dir=tmp_path)
+    assert stopper.finished.status == INTERRUPTED
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    again = Points()
+    resumed = run_trial(config, data_root=data_root, recorder=again, checkpoint_dir=tmp_path)
+    assert again.started[2] is not None and len(again.started[2].history) == 2  # the restored epochs
+    assert [e["epoch"] for e in again.epochs] == [3]
+    assert resumed.status == FINISHED
+    assert [h["test/acc"] for h in resumed.history] == [h["test/acc"] for h in whole.history]
+    assert resumed.curve == pytest.approx(whole.curve, rel=1e-6)
+
+
+def test_checkpoints_keep_the_best_epoch(data_root, tmp_path):
+    r = run_trial(quick(epochs=3, checkpoints="all"), data_root=data_root, checkpoint_dir=tmp_path)
+    best_acc, best_epoch = r.best("test/acc")
+    assert r.best_epoch == best_epoch
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == best_epoch
+    assert sorted(p.name for p in tmp_path.glob("epoch_*.pt")) == ["epoch_001.pt", "epoch_002.pt", "epoch_003.pt"]
+
+
+@pytest.mark.parametrize("kind", ["step", "plateau", "onecycle"])
+def test_schedules_match_torch(kind):
+    from cnnbench.config import TrialConfig
+
+    c = TrialConfig(schedule=kind, lr=0.1, epochs=6, step_size=2, gamma=0.5, patience=1)
+    steps = 7
+    ours = LRSchedule(c, steps)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = {
+        "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+        "plateau": lambda: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1),
+        "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=6 * steps,
+                                                                cycle_momentum=False),
+    }[kind]()
+    losses = [1.0, 0.9, 0.95, 0.97, 0.96, 0.8]
+    for epoch in range(6):
+        for step in range(steps):
+            assert ours.lr(epoch, step) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9), (epoch, step)
+            opt.step()
+            if kind == "onecycle" and epoch * steps + step < 6 * steps - 1:
+                sched.step()
+        ours.end_epoch(losses[epoch])
+        if kind == "step":
+            sched.step()
+        elif kind == "plateau":
+            sched.step(losses[epoch])
+
+
+def test_augmentation_and_adam_train(data_root):
+    r = run_trial(quick(augment="hflip,grayscale,crop", optimizer="adam", lr=0.003, activation="relu"),
+                  data_root=data_root)
+    assert r.status == FINISHED and all(math.isfinite(h["test/loss"]) for h in r.history)
+    assert r.history[-1]["test/acc"] > 40
