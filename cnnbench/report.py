@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -189,6 +190,27 @@ def curves_frame(spec: StudySpec, rows: Sequence[TrialRow], n_train: int) -> tup
     return pd.DataFrame(loss), pd.DataFrame(acc)
 
 
+def draw_loss(ax, loss: pd.DataFrame) -> None:
+    """The first epoch's training loss against samples seen; columns value, samples, loss
+    (several seeds of a value draw its mean and a ±1 sd band)."""
+    if not loss.empty:
+        sns.lineplot(loss, x="samples", y="loss", hue="value", errorbar="sd", ax=ax, linewidth=1.2)
+    ax.set(title="First epoch: training loss", xlabel="training samples seen", ylabel="cross-entropy")
+
+
+def draw_accuracy(ax, acc: pd.DataFrame, *, zoom: bool = False) -> None:
+    """Test accuracy per epoch, one line per value, ±1 sd band over seeds; columns value,
+    epoch, test_acc. `zoom` narrows the y axis to the top of the curves (and drops the legend)."""
+    if not acc.empty:
+        sns.lineplot(acc, x="epoch", y="test_acc", hue="value", errorbar="sd", marker="o", ax=ax, legend=not zoom)
+        if zoom:
+            top = acc.groupby("value", observed=True)["test_acc"].max()
+            ax.set_ylim(max(0.0, min(top.min(), top.max() - 3) - 1), min(100.0, top.max() + 0.5))
+    ax.set(title="... the same, zoomed on the top" if zoom else "Test accuracy per epoch", xlabel="epoch",
+           ylabel="test accuracy (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+
+
 def save_figures(spec: StudySpec, rows: Sequence[TrialRow], out_dir: Path, n_train: int) -> list[Path]:
     # one row per distinct run (epoch-reuse rows share their run's curves)
     seen, unique = set(), []
@@ -199,17 +221,9 @@ def save_figures(spec: StudySpec, rows: Sequence[TrialRow], out_dir: Path, n_tra
     loss, acc = curves_frame(spec, unique, n_train)
     sns.set_theme(style="whitegrid", context="notebook")
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
-    if not loss.empty:
-        sns.lineplot(loss, x="samples", y="loss", hue="value", errorbar="sd", ax=axes[0], linewidth=1.2)
-    axes[0].set(title="First epoch: training loss", xlabel="training samples seen", ylabel="cross-entropy")
-    if not acc.empty:
-        for ax in axes[1:]:
-            sns.lineplot(acc, x="epoch", y="test_acc", hue="value", errorbar="sd", marker="o", ax=ax,
-                         legend=ax is axes[1])
-        top = acc.groupby("value")["test_acc"].max()
-        axes[2].set_ylim(max(0.0, min(top.min(), top.max() - 3) - 1), min(100.0, top.max() + 0.5))
-    axes[1].set(title="Test accuracy per epoch", xlabel="epoch", ylabel="test accuracy (%)")
-    axes[2].set(title="... the same, zoomed on the top", xlabel="epoch", ylabel="test accuracy (%)")
+    draw_loss(axes[0], loss)
+    draw_accuracy(axes[1], acc)
+    draw_accuracy(axes[2], acc, zoom=True)
     n = len(spec.seeds)
     fig.suptitle(f"{spec.title} (n={n} seed{'s' if n > 1 else ''} per line" + (", band: ±1 sd)" if n > 1 else ")"))
     fig.tight_layout()
