@@ -47,13 +47,21 @@ class NoRuns(LookupError):
 
 @contextlib.contextmanager
 def _tracking(uri: str) -> Iterator[None]:
-    """`mlflow.search_runs` reads the global tracking URI: set it, and put it back after."""
-    before = mlflow.get_tracking_uri()
+    """`mlflow.search_runs` reads the process-wide tracking URI, and `set_tracking_uri`
+    also rewrites $MLFLOW_TRACKING_URI: set both for the call, then put both back as
+    they were (mlflow's own `_use_tracking_uri` would delete the variable)."""
+    from mlflow.tracking._tracking_service import utils
+
+    before, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before)
+        utils._tracking_uri = before
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def _py(value: Any) -> Any:
@@ -242,9 +250,17 @@ def load_runs(study: str, tracking_uri: str | None = None, *, run_ids: list[str]
     if frame.empty:
         raise NoRuns(f"the trial runs of {study!r} have no per-epoch metrics")
     frame = _reuse_epochs(frame, meta)
-    frame["trial"] = [_label(r, sci + nui + ["seed"]) for r in frame.to_dict("records")]
-    frame["value"] = [_label(r, sci) for r in frame.to_dict("records")]
-    frame["value"] = pd.Categorical(frame["value"], categories=_value_order(frame, sci), ordered=True)
+    if sci:
+        frame["trial"] = [_label(r, sci + nui + ["seed"]) for r in frame.to_dict("records")]
+        frame["value"] = [_label(r, sci) for r in frame.to_dict("records")]
+        order = _value_order(frame, sci)
+    else:  # runs of no study (a sweep's trials): each is its own line, named as in MLflow
+        frame["trial"] = frame["run_name"].fillna(frame["run_id"])
+        twins = frame.groupby("trial")["run_id"].transform("nunique") > 1
+        frame.loc[twins, "trial"] += " (" + frame.loc[twins, "run_id"].str[:8] + ")"
+        frame["value"] = frame["trial"]
+        order = list(dict.fromkeys(frame["value"]))
+    frame["value"] = pd.Categorical(frame["value"], categories=order, ordered=True)
     first = ["study", "trial", "value", "run_id", "run_name", "status", *sci, *nui, "seed", "epoch", *metric_keys]
     frame = frame[[c for c in first if c in frame] + sorted(c for c in frame if c not in first)]
     frame = frame.sort_values([*sci, *nui, "seed", "epoch"], ignore_index=True)
@@ -482,6 +498,15 @@ def importance(study) -> pd.Series | None:
         return None
 
 
+def sweep_objective(study, tracking_uri: str | None = None) -> str:
+    """What the sweep optimises (`val_acc`, ...), from its MLflow sweep run; else "objective"."""
+    parent = study.user_attrs.get("cnnbench.mlflow_parent_run_id")
+    if parent:
+        with contextlib.suppress(Exception):
+            return MlflowClient(resolve_uri(tracking_uri)).get_run(parent).data.params.get("sweep.objective", "objective")
+    return "objective"
+
+
 def best_trial_runs(sweep: str, study, tracking_uri: str | None = None, *, top: int = 5) -> pd.DataFrame:
     """The per-epoch frame (`load_runs`) of the MLflow runs of the `top` best complete
     trials, found by a run id the trial records (user attribute `mlflow_run_id` or
@@ -491,7 +516,8 @@ def best_trial_runs(sweep: str, study, tracking_uri: str | None = None, *, top: 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     best = sorted(complete, key=lambda t: -t.value if maximize else t.value)[:top]
-    runs = trial_runs(sweep, tracking_uri, run_ids=None) if best else pd.DataFrame()
+    experiment = study.user_attrs.get("cnnbench.mlflow_experiment", sweep)
+    runs = trial_runs(experiment, tracking_uri, run_ids=None) if best else pd.DataFrame()
     chosen: dict[str, tuple[int, float]] = {}
     for t in best:
         attr = t.user_attrs.get("mlflow_run_id") or t.user_attrs.get("run_id")
@@ -508,9 +534,11 @@ def best_trial_runs(sweep: str, study, tracking_uri: str | None = None, *, top: 
             chosen.setdefault(run_id, (t.number, t.value))
     if not chosen:
         raise NoRuns(f"no MLflow run of sweep {sweep!r} matches its best trials")
-    frame = load_runs(sweep, tracking_uri, run_ids=list(chosen))
+    frame = load_runs(experiment, tracking_uri, run_ids=list(chosen))
     frame["optuna_trial"] = frame["run_id"].map(lambda r: chosen[r][0])
-    frame["value"] = frame["run_id"].map(lambda r: f"trial {chosen[r][0]} ({chosen[r][1]:.4g})")
+    label = {r: f"trial {n} ({value:.4g})" for r, (n, value) in chosen.items()}
+    ranked = list(dict.fromkeys(label[r] for r in chosen))  # best first
+    frame["value"] = pd.Categorical(frame["run_id"].map(label), categories=ranked, ordered=True)
     return frame
 
 
@@ -542,4 +570,5 @@ def model_costs(models: list[str] | None = None, dataset: str = "mnist") -> pd.D
 
 __all__ = ["NoRuns", "load_runs", "load_loss_curve", "trial_runs", "study_spec", "summary", "table", "isolated",
            "trial_rows", "typed", "describe", "load_sweep", "sweep_trials", "importance", "best_trial_runs",
+           "sweep_objective",
            "model_costs", "ConfigError"]
