@@ -99,8 +99,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_report(sub: Any) -> None:
+    p = sub.add_parser("report", help="run the notebooks for every study and sweep in results/; HTML beside them",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Execute notebooks/analysis.ipynb headless (papermill) for every study folder in "
+                                   "the results folder whose study has runs in the tracking store, "
+                                   "notebooks/sweep.ipynb for every sweep folder and notebooks/models.ipynb once; "
+                                   "write results/<name>/report.html, results/models.html and results/index.html.")
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these studies or sweeps (default: every folder)")
+    p.add_argument("--results-dir", metavar="DIR", default="results", help="the results folder (default: results)")
+    _tracking(p)
+    p.add_argument("--timeout", type=int, default=600, metavar="S", help="seconds one notebook cell may run (default: 600)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ui-screenshot", help="save the MLflow UI's comparison view of a study as a PNG",
+                       description="Open the MLflow UI in headless Chromium (/usr/bin/chromium) on the comparison view "
+                                   "of a study's trials and save it. An http tracking URI is used as it is; otherwise "
+                                   "an mlflow server is started on loopback over the local store for the screenshot.")
+    p.add_argument("--study", default="lr", help="the study (MLflow experiment) to show (default: lr)")
+    p.add_argument("--out", metavar="PNG", default="results/mlflow-compare.png",
+                   help="where the PNG goes (default: results/mlflow-compare.png)")
+    _tracking(p)
+    p.set_defaults(func=cmd_ui_screenshot)
+
+
 # extra subcommands register themselves here (summary, sweep, bench, report)
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = [_add_report]
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cnnbench.notebooks import build_reports
+
+    if args.timeout < 1:
+        from cnnbench.config import ConfigError
+
+        raise ConfigError(f"--timeout: must be >= 1, got {args.timeout}")
+    outcome = build_reports(Path(args.results_dir), names=args.names or None, tracking_uri=args.tracking_uri,
+                            timeout=args.timeout)
+    for line in outcome.skipped:
+        print(f"skipped {line}")
+    for job in outcome.written:
+        print(f"{job.html}  ({job.notebook}, {job.kind} {job.name})")
+    for job, reason in outcome.failed:
+        print(f"cnnbench: {job.notebook} for {job.kind} {job.name} failed at {reason}", file=sys.stderr)
+    print(f"{len(outcome.written)} report(s) written, {len(outcome.failed)} failed; index: {outcome.index}")
+    return EXIT_FAILED if outcome.failed else 0
+
+
+def cmd_ui_screenshot(args: argparse.Namespace) -> int:
+    from cnnbench.analysis import NoRuns
+    from cnnbench.tracking import check_reachable, quiet_mlflow, tracking_uri
+    from cnnbench.ui import UIError, screenshot
+
+    quiet_mlflow()
+    uri = tracking_uri(args.tracking_uri)
+    check_reachable(uri)
+    try:
+        path = screenshot(args.study, args.out, tracking_uri=uri)
+    except (UIError, NoRuns) as err:
+        print(f"cnnbench: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_INPUT
+    print(f"{path}: the MLflow comparison view of study {args.study}")
+    return 0
 
 
 def _overrides(sets: list[str]) -> dict[str, Any]:
