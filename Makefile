@@ -8,12 +8,13 @@ BIN    := $(VENV)/bin
 ARGS   ?=
 SPEC   ?= studies/sweep-lenet.yaml
 PORT   ?= 5000
+STUDY  ?= lr
 MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_TRACKING_URI
 
 .DEFAULT_GOAL := help
 .PHONY: help install test study-lr study-batch study-activation study-epochs study-models study-alexnet \
-        studies ui clean-state
+        studies ui clean-state report ui-screenshot notebooks-clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -22,6 +23,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# the notebooks' kernel: this venv's Python under the name they ask for
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (cnnbench)" >/dev/null
 	@touch $@
 
 install: $(BIN)/.installed  ## create .venv and install cnnbench with its pinned stack
@@ -34,6 +37,15 @@ study-lr: $(BIN)/.installed  ## document 003: learning rate 0.001..0.1 (LeNet-5,
 
 ui: $(BIN)/.installed  ## MLflow UI on the tracking store (http://127.0.0.1:$(PORT))
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(PORT)
+
+report: $(BIN)/.installed  ## run the notebooks for every study and sweep in results/: results/*/report.html, results/index.html
+	$(BIN)/cnnbench report $(ARGS)
+
+ui-screenshot: $(BIN)/.installed  ## the MLflow UI's comparison view of STUDY (default lr) as results/mlflow-compare.png (needs /usr/bin/chromium)
+	$(BIN)/cnnbench ui-screenshot --study $(STUDY) --out results/mlflow-compare.png
+
+notebooks-clean: $(BIN)/.installed  ## strip outputs from notebooks/*.ipynb before committing (a test checks it)
+	$(BIN)/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb
 
 clean-state:  ## delete run state (.cnnbench/: checkpoints, locks); MLflow runs are kept
 	rm -rf .cnnbench
