@@ -398,10 +398,14 @@ def _present(value: Any) -> bool:
 
 
 def summary(frame: pd.DataFrame, spec: StudySpec | None = None) -> pd.DataFrame:
-    """One row per trial, as `results/<study>/summary.csv` (report.summary_frame)."""
+    """One row per trial, as `results/<study>/summary.csv` (report.summary_frame), with
+    the run's name."""
     from cnnbench.report import summary_frame
 
-    return summary_frame(spec or study_spec(frame), trial_rows(frame))
+    out = summary_frame(spec or study_spec(frame), trial_rows(frame))
+    names = frame.drop_duplicates("run_id").set_index("run_id")["run_name"]
+    out.insert(2, "run_name", out["mlflow_run_id"].map(names))  # as the MLflow UI lists it
+    return out
 
 
 def table(frame: pd.DataFrame, spec: StudySpec | None = None, *, title: bool = False) -> str:

@@ -56,10 +56,8 @@ def check_kernel(name: str = KERNEL) -> None:
                           "environment's Python), or `python -m ipykernel install --sys-prefix --name python3`") from None
 
 
-def discover(results_dir: Path, *, names: list[str] | None = None, tracking_uri: str | None = None) -> tuple[list[Job], list[str]]:
-    """The notebooks to run for `results_dir` (all its studies and sweeps, or `names`)."""
-    from cnnbench import analysis
-
+def check_results(results_dir: Path, names: list[str] | None = None) -> dict[str, Path]:
+    """The folders of `results_dir` by name; a ConfigError if it or a named one is missing."""
     if not results_dir.is_dir():
         raise ConfigError(f"{results_dir}: no such folder; run a study first (cnnbench study studies/lr.yaml)")
     folders = {p.name: p for p in sorted(results_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")}
@@ -67,6 +65,14 @@ def discover(results_dir: Path, *, names: list[str] | None = None, tracking_uri:
     if unknown:
         raise ConfigError(f"{results_dir}/{unknown[0]}: no such study or sweep folder "
                           f"(there: {', '.join(folders) or 'none'})")
+    return folders
+
+
+def discover(results_dir: Path, *, names: list[str] | None = None, tracking_uri: str | None = None) -> tuple[list[Job], list[str]]:
+    """The notebooks to run for `results_dir` (all its studies and sweeps, or `names`)."""
+    from cnnbench import analysis
+
+    folders = check_results(results_dir, names)
     jobs, skipped = [], []
     for name, folder in folders.items():
         if names and name not in names:
@@ -128,6 +134,7 @@ def to_html(executed, title: str) -> str:
 def build_reports(results_dir: Path, *, names: list[str] | None = None, tracking_uri: str | None = None,
                   timeout: int = CELL_TIMEOUT, progress: bool = True) -> Outcome:
     """Run every notebook `discover` finds and write its HTML; then `results/index.html`."""
+    check_results(results_dir, names)  # bad input first, before the slow imports
     from tqdm.auto import tqdm
 
     from cnnbench.tracking import check_reachable, quiet_mlflow
