@@ -30,7 +30,7 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
-from cnnbench.config import RUNTIME_FIELDS, ConfigError, StudySpec, TrialConfig, load_spec, parse_value
+from cnnbench.config import RUNTIME_FIELDS, StudySpec, TrialConfig, load_spec, parse_value
 from cnnbench.tracking import TAG_KIND, TAG_KEY, TAG_SCIENTIFIC, TAG_STATUS, _fmt, quiet_mlflow
 from cnnbench.tracking import tracking_uri as resolve_uri
 
@@ -131,7 +131,7 @@ def trial_runs(study: str, uri: str | None = None, *, run_ids: list[str] | None 
     if run_ids is not None:
         runs = runs[runs["run_id"].isin(run_ids)]
     elif parent is not None:
-        runs = _as_last_executed(runs, parent, scientific + nuisance)
+        runs = _as_last_executed(runs, parent)
     if runs.empty:
         raise NoRuns(f"experiment {study!r} in {uri} has no finished trial of the study as last run")
     runs = runs.sort_values("start_time", ascending=False)
@@ -174,7 +174,7 @@ def _parent_values(parent: Any, block: str, name: str) -> list[Any] | None:
     return [typed(name, _fmt(v)) for v in values] if isinstance(values, list) else None
 
 
-def _as_last_executed(runs: pd.DataFrame, parent: Any, varied: list[str]) -> pd.DataFrame:
+def _as_last_executed(runs: pd.DataFrame, parent: Any) -> pd.DataFrame:
     """The runs that match the newest study run's fixed settings, values and seeds."""
     keep = pd.Series(True, index=runs.index)
     for key, value in parent.items():
@@ -575,4 +575,4 @@ def model_costs(models: list[str] | None = None, dataset: str = "mnist") -> pd.D
 __all__ = ["NoRuns", "load_runs", "load_loss_curve", "trial_runs", "study_spec", "summary", "table", "isolated",
            "trial_rows", "typed", "describe", "load_sweep", "sweep_trials", "importance", "best_trial_runs",
            "sweep_objective",
-           "model_costs", "ConfigError"]
+           "model_costs"]

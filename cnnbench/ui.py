@@ -123,39 +123,34 @@ def _experiment_id(url: str, study: str) -> str:
     return exp.experiment_id
 
 
-def _expand_parents(page, names: list[str]) -> None:
-    """Open every collapsed study run in the runs table so that its trials show."""
-    page.get_by_text(names[0], exact=True).first.wait_for()
-    buttons = page.locator("[role=row] button[data-component-id$='runnamecellrenderer.tsx_46']")
-    for i in range(buttons.count()):
-        buttons.nth(i).click()
+def _expand_study_runs(page, names: list[str]) -> None:
+    """Open the study runs (listed by `names`) in the runs table so that their trials show."""
+    for name in names:
+        row = page.locator("[role=row]", has_text=name).first
+        row.wait_for()
+        row.locator("button[data-component-id$='runnamecellrenderer.tsx_46']").click()  # the +/- beside the name
 
 
 def find_runs(url: str, study: str, names: list[str], *, screenshot: str | os.PathLike | None = None) -> list[str]:
-    """Open the study's runs in the UI, expand its study runs, and return which of `names`
-    (trial run names, `lr=0.01 seed=0`) are shown. Times out (UIError) if none appears."""
+    """Open the study's experiment in the UI, expand its study runs, and return which of
+    `names` (trial run names, `lr=0.01 seed=0`) it shows. UIError if the first never shows."""
+    from mlflow import MlflowClient
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     from cnnbench.analysis import trial_runs
 
-    parents = sorted({n for n in trial_runs(study, url)["tags.mlflow.parentRunId"].dropna()})
-    exp_id = _experiment_id(url, study)
+    client = MlflowClient(url)
+    parents = sorted(set(trial_runs(study, url)["tags.mlflow.parentRunId"].dropna()))
     with browser_page() as page:
-        page.goto(f"{url}/#/experiments/{exp_id}/runs?{ML_VIEW}")
-        from mlflow import MlflowClient
-
-        parent_names = [MlflowClient(url).get_run(p).info.run_name for p in parents]
-        _expand_parents(page, parent_names or names)
-        found = []
+        page.goto(f"{url}/#/experiments/{_experiment_id(url, study)}/runs?{ML_VIEW}")
         try:
+            _expand_study_runs(page, [client.get_run(p).info.run_name for p in parents])
             page.get_by_text(names[0], exact=True).first.wait_for()
         except PlaywrightTimeout:
             raise UIError(f"the MLflow UI at {url} shows no run named {names[0]!r}") from None
-        text = page.inner_text("body")
-        found = [n for n in names if n in text]
         if screenshot:
             page.screenshot(path=str(screenshot))
-        return found
+        return [n for n in names if page.get_by_text(n, exact=True).count()]
 
 
 def compare_url(url: str, study: str) -> tuple[str, list[str]]:
