@@ -41,8 +41,8 @@ ui: $(BIN)/.installed  ## MLflow UI on the tracking store (http://127.0.0.1:$(PO
 report: $(BIN)/.installed  ## run the notebooks for every study and sweep in results/: results/*/report.html, results/index.html
 	$(BIN)/cnnbench report $(ARGS)
 
-ui-screenshot: $(BIN)/.installed  ## the MLflow UI's comparison view of STUDY (default lr) as results/mlflow-compare.png (needs /usr/bin/chromium)
-	$(BIN)/cnnbench ui-screenshot --study $(STUDY) --out results/mlflow-compare.png
+ui-screenshot: $(BIN)/.installed  ## the MLflow UI on STUDY (default lr): results/mlflow-compare.png, results/mlflow-charts.png (needs /usr/bin/chromium)
+	$(BIN)/cnnbench ui-screenshot --study $(STUDY) --out results/mlflow-compare.png --charts results/mlflow-charts.png
 
 notebooks-clean: $(BIN)/.installed  ## strip outputs from notebooks/*.ipynb before committing (a test checks it)
 	$(BIN)/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb

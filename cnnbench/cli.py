@@ -118,7 +118,9 @@ def _add_report(sub: Any) -> None:
                                    "an mlflow server is started on loopback over the local store for the screenshot.")
     p.add_argument("--study", default="lr", help="the study (MLflow experiment) to show (default: lr)")
     p.add_argument("--out", metavar="PNG", default="results/mlflow-compare.png",
-                   help="where the PNG goes (default: results/mlflow-compare.png)")
+                   help="where the comparison view goes (default: results/mlflow-compare.png)")
+    p.add_argument("--charts", metavar="PNG", default=None,
+                   help="also save the chart view of train/loss, runs grouped by the scientific hyperparameter")
     _tracking(p)
     p.set_defaults(func=cmd_ui_screenshot)
 
@@ -155,11 +157,13 @@ def cmd_ui_screenshot(args: argparse.Namespace) -> int:
     uri = tracking_uri(args.tracking_uri)
     check_reachable(uri)
     try:
-        path = screenshot(args.study, args.out, tracking_uri=uri)
+        paths = screenshot(args.study, args.out, tracking_uri=uri, charts=args.charts)
     except (UIError, NoRuns) as err:
         print(f"cnnbench: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_INPUT
-    print(f"{path}: the MLflow comparison view of study {args.study}")
+    print(f"{paths[0]}: the MLflow comparison view of study {args.study}")
+    if args.charts:
+        print(f"{paths[1]}: the chart view of its train/loss, grouped by value")
     return 0
 
 

@@ -26,11 +26,15 @@ def theme() -> None:
     sns.set_theme(style="whitegrid", context="notebook")
 
 
-def _seeds(frame: pd.DataFrame) -> str:
-    per = frame.drop_duplicates("trial").groupby("value", observed=True).size()
+def _count(per: pd.Series, *, band: bool = True, what: str = "") -> str:
+    """`n=3 seeds, ±1 sd`, `n=1 seed`, `n=2..3 seeds, ±1 sd` from seeds per value."""
     lo, hi = int(per.min()), int(per.max())
     count = f"n={lo}" if lo == hi else f"n={lo}..{hi}"
-    return f"{count} seed{'s' if hi > 1 else ''} per line" + (", band: ±1 sd" if hi > 1 else "")
+    return f"{count} seed{'s' if hi > 1 else ''}{what}" + (", ±1 sd" if band and hi > 1 else "")
+
+
+def _seeds(frame: pd.DataFrame) -> str:
+    return _count(frame.drop_duplicates("trial").groupby("value", observed=True).size(), what=" per line")
 
 
 def curves(frame: pd.DataFrame, curve: pd.DataFrame, spec: StudySpec):
@@ -108,9 +112,8 @@ def isolation(trials: pd.DataFrame, spec: StudySpec):
                         textcoords="offset points", xytext=(0, 6), ha="center", fontsize=9, color="C0")
     label = {"best_val_acc": "best validation accuracy (%)", "best_test_acc": "best test accuracy (%)"}[score]
     nuisance = f"; {', '.join(spec.nuisance)} optimised away" if spec.nuisance else ""
-    n = best.groupby(sci, dropna=False).size()
-    ax.set(title=f"Isolation: the best trial per {x}{nuisance} (n={int(n.min())}"
-                 f"{'' if n.min() == n.max() else '..' + str(int(n.max()))} seeds, ±1 sd)", xlabel=x, ylabel=label)
+    ax.set(title=f"Isolation: the best trial per {x}{nuisance} ({_count(best.groupby(sci, dropna=False).size())})",
+           xlabel=x, ylabel=label)
     fig.tight_layout()
     return fig
 
@@ -128,7 +131,6 @@ def heatmap(trials: pd.DataFrame, spec: StudySpec, metric: str = "final_test_acc
     cols, rows = HEATMAP_AXES
     means = trials.groupby(list(spec.varied), dropna=False)[metric].mean().reset_index()
     grid = means.groupby([rows, cols])[metric].max().unstack(cols).sort_index(ascending=False)
-    n = trials.groupby(list(spec.varied), dropna=False).size()
     fig, ax = plt.subplots(figsize=(1.3 * grid.shape[1] + 3, 0.6 * grid.shape[0] + 2))
     sns.heatmap(grid, annot=True, fmt=".2f", cmap="viridis", ax=ax, cbar_kws={"label": metric.replace("_", " ") + " (%)"},
                 mask=grid.isna())
@@ -136,8 +138,8 @@ def heatmap(trials: pd.DataFrame, spec: StudySpec, metric: str = "final_test_acc
         ax.text(j + 0.5, i + 0.5, "–", ha="center", va="center", color="0.4")
     others = [k for k in spec.varied if k not in HEATMAP_AXES]
     best = f", best over {', '.join(others)}" if others else ""
-    ax.set(title=f"{metric.replace('_', ' ')}: learning rate × batch size (mean of n={int(n.min())}"
-                 f"{'' if n.min() == n.max() else '..' + str(int(n.max()))} seeds{best})", xlabel=cols, ylabel=rows)
+    n = _count(trials.groupby(list(spec.varied), dropna=False).size(), band=False)
+    ax.set(title=f"{metric.replace('_', ' ')}: learning rate × batch size (mean, {n}{best})", xlabel=cols, ylabel=rows)
     fig.tight_layout()
     return fig
 

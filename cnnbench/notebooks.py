@@ -178,9 +178,9 @@ def write_index(results_dir: Path) -> Path:
         rows.append(f'<tr><td><a href="{html.escape(str(page.relative_to(results_dir)))}">{html.escape(name)}</a></td>'
                     f"<td>{kind}</td><td>{' · '.join(extra)}</td></tr>")
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    shot = results_dir / "mlflow-compare.png"
-    image = f'<p>The MLflow comparison view (<code>make ui-screenshot</code>):</p><img src="{shot.name}" width="900">' \
-        if shot.is_file() else ""
+    shots = {"mlflow-compare.png": "the comparison view", "mlflow-charts.png": "the chart view of train/loss"}
+    image = "".join(f'<p>The MLflow UI, {what} (<code>make ui-screenshot</code>):</p><img src="{name}" width="900">'
+                    for name, what in shots.items() if (results_dir / name).is_file())
     page = (f"<!doctype html><meta charset=utf-8><title>cnnbench results</title>"
             f"<style>body{{font-family:sans-serif;margin:2em}}td{{padding:.3em 1em}}</style>"
             f"<h1>cnnbench results</h1><p>Reports written {stamp} by <code>cnnbench report</code>.</p>"

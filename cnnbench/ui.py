@@ -186,11 +186,7 @@ def screenshot_compare(url: str, study: str, out: str | os.PathLike, *, metric: 
 
     target, names = compare_url(url, study)
     with browser_page(width=1500, height=1900) as page:
-        page.goto(f"{url}/#/experiments/{_experiment_id(url, study)}/runs?{ML_VIEW}")
-        page.get_by_text("Model training", exact=True).first.click()  # the sidebar of training runs
-        close = page.get_by_role("button", name="Close")  # the assistant panel, open on a first visit
-        if close.count():
-            close.first.click()
+        _open_runs(page, url, study)
         page.goto(target)
         page.get_by_text(names[0], exact=True).first.wait_for()
         _pick_metric(page, metric)
@@ -200,6 +196,44 @@ def screenshot_compare(url: str, study: str, out: str | os.PathLike, *, metric: 
         clip = {"x": 0, "y": 0, "width": 1500, "height": bottom["y"] - 10 if bottom else 1900}
         fileio.write_with(Path(out), lambda tmp: page.screenshot(path=str(tmp), type="png", clip=clip))
     return Path(out)
+
+
+def screenshot_charts(url: str, study: str, out: str | os.PathLike, *, metric: str = "train/loss") -> Path:
+    """Save the chart view of the study's runs grouped by its first scientific
+    hyperparameter (a line per value: the mean over seeds), `metric` full screen."""
+    from cnnbench import fileio
+    from cnnbench.analysis import trial_runs
+
+    runs = trial_runs(study, url)
+    group = f"scientific.{runs.attrs['scientific'][0]}"
+    with browser_page(width=1500, height=1000) as page:
+        _open_runs(page, url, study)
+        page.get_by_text("Group by", exact=True).first.click()
+        page.get_by_placeholder("Search").last.fill(group)
+        page.get_by_text(group, exact=True).first.click()  # the tag (params come after tags)
+        page.keyboard.press("Escape")
+        page.locator("label:has(input[value='CHART'])").first.click()  # table | chart | artifacts
+        page.get_by_placeholder("Search metric charts").fill(metric)
+        full = page.locator("button[data-component-id='fullscreen_button_chartcard']")
+        deadline = time.monotonic() + 30
+        while full.count() != 1:  # until the search leaves the metric's chart alone
+            if time.monotonic() > deadline:
+                raise UIError(f"the chart view of {study} shows {full.count()} charts for {metric!r}, not one")
+            time.sleep(0.25)
+        full.click()
+        page.get_by_role("dialog").get_by_text(metric, exact=True).first.wait_for()
+        time.sleep(3)  # the plot's transition
+        fileio.write_with(Path(out), lambda tmp: page.screenshot(path=str(tmp), type="png"))
+    return Path(out)
+
+
+def _open_runs(page, url: str, study: str) -> None:
+    """The experiment's runs table in the training layout, the assistant panel closed."""
+    page.goto(f"{url}/#/experiments/{_experiment_id(url, study)}/runs?{ML_VIEW}")
+    page.get_by_text("Model training", exact=True).first.click()
+    close = page.get_by_role("button", name="Close")  # the assistant panel, open on a first visit
+    if close.count():
+        close.first.click()
 
 
 def _pick_metric(page, metric: str) -> None:
@@ -215,13 +249,20 @@ def _pick_metric(page, metric: str) -> None:
 
 
 def screenshot(study: str, out: str | os.PathLike, *, tracking_uri: str | None = None,
-               artifacts: str | os.PathLike = "mlartifacts") -> Path:
-    """`make ui-screenshot`: the comparison view of `study`, from the server at an http
-    tracking URI, or from a server started here on the local store."""
+               artifacts: str | os.PathLike = "mlartifacts", charts: str | os.PathLike | None = None) -> list[Path]:
+    """`make ui-screenshot`: the comparison view of `study` (and, with `charts`, its chart
+    view of train/loss), from the server at an http tracking URI or from a server started
+    here on the local store."""
     from cnnbench.tracking import tracking_uri as resolve_uri
 
     uri = resolve_uri(tracking_uri)
-    if uri.startswith(("http://", "https://")):
-        return screenshot_compare(uri.rstrip("/"), study, out)
-    with tempfile.TemporaryDirectory() as tmp, mlflow_server(uri, artifacts, log=Path(tmp) / "server.log") as url:
-        return screenshot_compare(url, study, out)
+    with contextlib.ExitStack() as stack:
+        if uri.startswith(("http://", "https://")):
+            url = uri.rstrip("/")
+        else:
+            log = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "server.log"
+            url = stack.enter_context(mlflow_server(uri, artifacts, log=log))
+        saved = [screenshot_compare(url, study, out)]
+        if charts:
+            saved.append(screenshot_charts(url, study, charts))
+        return saved

@@ -98,14 +98,15 @@ def test_ui_screenshot_saves_the_comparison_view(server, tmp_path, capsys, monke
 
     url, root = server
     monkeypatch.chdir(tmp_path)  # the screenshot's own server keeps its artifacts here
-    local = tmp_path / "local.png"
-    assert main(["ui-screenshot", "--study", "lr", "--out", str(local), "--tracking-uri",
+    local, charts = tmp_path / "local.png", tmp_path / "charts.png"
+    assert main(["ui-screenshot", "--study", "lr", "--out", str(local), "--charts", str(charts), "--tracking-uri",
                  f"sqlite:///{root / 'mlflow.db'}"]) == 0
-    assert f"{local}: the MLflow comparison view of study lr" in capsys.readouterr().out
-    remote = screenshot("lr", tmp_path / "http.png", tracking_uri=url)
-    for png in (local, remote):
+    printed = capsys.readouterr().out
+    assert f"{local}: the MLflow comparison view of study lr" in printed and f"{charts}: the chart view" in printed
+    [remote] = screenshot("lr", tmp_path / "http.png", tracking_uri=url)
+    for png in (local, remote, charts):
         width, height = _png_size(png)
-        assert width == 1500 and height > 800 and png.stat().st_size > 50_000
+        assert width == 1500 and height >= 1000 and png.stat().st_size > 40_000, png
     with pytest.raises(NoRuns, match="no MLflow experiment 'nosuch'"):
         screenshot("nosuch", tmp_path / "x.png", tracking_uri=url)
     assert not (tmp_path / "x.png").exists()
