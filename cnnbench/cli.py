@@ -94,6 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-batch-size", type=int, default=1024, help="evaluation batch size (default: 1024)")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("sweep", help="run an Optuna sweep over a spec's search space", formatter_class=raw,
+                       epilog=_settings_epilog(),
+                       description="Find the best settings over a spec's search block with Optuna: every trial is "
+                                   "scored on a validation split (never the test set), recorded as a child of the "
+                                   "sweep's MLflow run, and may be pruned. The same command resumes an interrupted "
+                                   "sweep; workers on other machines join it with the same --storage. At the end the "
+                                   "best trial is re-run over sweep.final_seeds and tested once, and "
+                                   "results/<sweep>/ is written (trials.csv, best.yaml, final.md, plots).")
+    p.add_argument("spec", help="the sweep's YAML file, e.g. studies/sweep-lenet.yaml")
+    _common(p)
+    p.add_argument("--n-trials", type=int, default=None, metavar="N",
+                   help="finished (complete + pruned) trials the sweep must reach in all, across restarts and "
+                        "workers (default: the spec's sweep.n_trials)")
+    p.add_argument("--storage", metavar="URL", default=None,
+                   help="Optuna storage: sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB for workers on "
+                        "many machines (default: sqlite:///<state dir>/optuna/<sweep>.db)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes on this machine, one per GPU where there are GPUs (default: 1)")
+    p.add_argument("--sampler-seed", type=int, default=None, metavar="S",
+                   help="seed of the sampler, for a reproducible single-worker sweep (default: random)")
+    p.add_argument("--results-dir", metavar="DIR", default="results", help="where results/<sweep>/ goes (default: results)")
+    _tracking(p)
+    _state(p)
+    p.add_argument("--no-final", action="store_true",
+                   help="only train trials; leave the final re-run and the results to another worker")
+    p.add_argument("--print-storage", action="store_true",
+                   help="print the sweep's default storage URL and exit (make dashboard uses it)")
+    p.add_argument("--worker-label", default="", help=argparse.SUPPRESS)  # set by --workers for its children
+    p.set_defaults(func=cmd_sweep)
+
     for register in _EXTRA_COMMANDS:
         register(sub)
     return parser
@@ -175,6 +205,51 @@ def cmd_study(args: argparse.Namespace) -> int:
             print(f"trial {row.index} ({row.result.status}): {row.result.reason}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cnnbench.config import ConfigError, load_spec
+
+    spec = load_spec(args.spec)
+    if args.print_storage:
+        from cnnbench.study import state_dir
+        from cnnbench.sweep_storage import default_url
+
+        print(args.storage or default_url(spec.name, state_dir(args.state_dir)))
+        return 0
+    from cnnbench.sweep import run_sweep, with_overrides
+
+    spec = with_overrides(spec, _overrides(args.sets))
+    if args.n_trials is not None and args.n_trials < 1:
+        raise ConfigError(f"--n-trials: must be >= 1, got {args.n_trials}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
+    command = "cnnbench " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "cnnbench sweep"
+    # what a worker process started by --workers needs to join this sweep
+    worker_argv = [args.spec, *[f"--set={s}" for s in args.sets], "--results-dir", args.results_dir]
+    for flag, value in (("--data-dir", args.data_dir), ("--tracking-uri", args.tracking_uri),
+                        ("--state-dir", args.state_dir), ("--n-trials", args.n_trials),
+                        ("--sampler-seed", args.sampler_seed)):
+        if value is not None:
+            worker_argv += [flag, str(value)]
+    sweep, report, outcome = run_sweep(
+        spec, workers=args.workers, final=not args.no_final, worker_argv=worker_argv, storage=args.storage,
+        tracking=args.tracking_uri, state=args.state_dir, results_root=args.results_dir, n_trials=args.n_trials,
+        sampler_seed=args.sampler_seed, data_root=args.data_dir, command=command, worker=args.worker_label)
+    if outcome is not None:
+        print(Path(outcome.files[2]).read_text())
+        print(f"results in {sweep.out_dir}/, MLflow parent run {sweep.parent} in experiment {spec.name!r}, "
+              f"Optuna study {spec.name!r} in {_masked(sweep.url)}")
+    if report.stopped:
+        print(f"cnnbench: sweep {spec.name}: {report.stopped}; run the same command to go on", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _masked(url: str) -> str:
+    from cnnbench.sweep_storage import masked
+
+    return masked(url)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

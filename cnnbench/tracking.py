@@ -176,10 +176,12 @@ class Tracker:
                     done[key] = run
         return done
 
-    def close_orphans(self, reason: str) -> list[str]:
-        """Runs left RUNNING by a process that died (SIGKILL, power cut) become KILLED."""
+    def close_orphans(self, reason: str, *, extra: str = "") -> list[str]:
+        """Runs left RUNNING by a process that died (SIGKILL, power cut) become KILLED.
+        `extra` narrows the search (a sweep closes only its own parent's children)."""
         closed = []
-        for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        query = "attributes.status = 'RUNNING'" + (f" and {extra}" if extra else "")
+        for run in self.client.search_runs([self.experiment_id], query, max_results=1000):
             tags = run.data.tags
             # a run of another machine, or of a live process here, is not ours to close
             if tags.get(TAG_HOST) != socket.gethostname() or _alive(tags.get(TAG_PID)):
