@@ -143,7 +143,8 @@ def make_sampler(spec: StudySpec, seed: int | None):
     if s.sampler == "qmc":
         # every worker must walk the same scrambled sequence: one seed per sweep
         fixed = seed if seed is not None else int(hashlib.sha256(spec.name.encode()).hexdigest()[:8], 16)
-        return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=fixed)
+        with sweep_storage._quiet():  # "experimental" since Optuna 3
+            return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=fixed)
     # random; and grid, whose points are all queued when the sweep starts (workers pop them
     # atomically), so that this sampler is never asked
     return optuna.samplers.RandomSampler(seed=seed)
@@ -271,7 +272,10 @@ def preflight(spec: StudySpec, *, url: str, uri: str, data_root: Any, out_dir: P
     resolve_device(base.device)
     load_arrays(base.dataset, data_dir(data_root))
     fileio.check_writable(out_dir)
-    check_reachable(uri)
+    # workers started together on a fresh tracking database race to create MLflow's
+    # tables; the loser's transaction fails with a duplicate, and a second look finds them
+    _again(lambda: check_reachable(uri), when=lambda err: any(
+        word in str(err) for word in ("already exists", "UniqueViolation", "IntegrityError")))
 
 
 def open_sweep(spec: StudySpec, *, storage: str | None = None, tracking: str | None = None,
@@ -319,14 +323,15 @@ def open_sweep(spec: StudySpec, *, storage: str | None = None, tracking: str | N
     return sweep
 
 
-def _again(make: Any, attempts: int = 3) -> Any:
+def _again(make: Any, attempts: int = 3, when: Any = lambda err: True) -> Any:
+    """`make()`, tried again after a short random pause when it fails (and `when(err)`)."""
     import random
 
     for attempt in range(attempts):
         try:
             return make()
-        except Exception:
-            if attempt == attempts - 1:
+        except Exception as err:
+            if attempt == attempts - 1 or not when(err):
                 raise
             time.sleep(1 + 2 * random.random())
 
@@ -605,11 +610,20 @@ class Outcome:
     files: list[Path]
 
 
+def _fingerprint(sweep: Sweep) -> str:
+    """What the results depend on: the trials, the final seeds."""
+    assert sweep.spec.sweep is not None
+    return f"{len(sweep.study.get_trials(deepcopy=False))} trials, seeds {list(sweep.spec.sweep.final_seeds)}"
+
+
 def _claim_final(sweep: Sweep) -> str | None:
     """Under the claim lock: become the one worker that finishes the sweep. Returns why
-    not when another (live) worker already does."""
+    not when another (live) worker does, or did for these very trials."""
     claim = sweep.study.user_attrs.get(ATTR + "final_claim")
     me = sweep_storage.identity()
+    if claim and claim.get("done") and claim.get("fingerprint") == _fingerprint(sweep):
+        return (f"the results are up to date (written by {sweep_storage.describe(claim)}; also in MLflow run "
+                f"{sweep.parent})")
     if claim and not claim.get("done"):
         mine = {k: claim.get(k) for k in me} == me
         if not mine and not sweep_storage.dead_here(claim):
@@ -641,7 +655,8 @@ def finalize(sweep: Sweep) -> Outcome | None:
     files = sweep_report.write(sweep, best, finals)
     sweep.tracker.log_artifacts(sweep.parent, files, "results")
     _close_parent(sweep, best, finals, counts)
-    sweep.study.set_user_attr(ATTR + "final_claim", {**sweep_storage.identity(), "done": True, "since": time.time()})
+    sweep.study.set_user_attr(ATTR + "final_claim", {**sweep_storage.identity(), "done": True, "since": time.time(),
+                                                     "fingerprint": _fingerprint(sweep)})
     return Outcome(sweep, best, finals, files)
 
 
@@ -769,11 +784,16 @@ def launch_workers(sweep: Sweep, n: int, argv: list[str]) -> WorkerReport:
     import torch
 
     gpus = torch.cuda.device_count()
+    # on the CPU the workers share the cores: N workers with every core each spend their
+    # time waiting for each other's threads (measured: 6x slower for LeNet with 2 on 2)
+    threads = str(max(1, (os.cpu_count() or 1) // n))
     procs = []
     for i in range(n):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        else:
+            env.setdefault("OMP_NUM_THREADS", threads)
         cmd = [sys.executable, "-m", "cnnbench", "sweep", *argv, "--storage", sweep.url, "--worker-label", f"w{i}",
                "--no-final", "--set", "progress=false"]
         procs.append(subprocess.Popen(cmd, env=env))

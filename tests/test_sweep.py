@@ -25,9 +25,23 @@ TINY = {"train_subset": 2000, "val_size": 500, "test_subset": 500, "batch_size":
         "log_every": 10, "progress": False}
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One CPU thread per process, here and in the sweeps these tests start: on a shared
+    CPU, two threads per tiny LeNet step make it several times slower, not faster."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_spec(folder: Path, name: str, search: dict, sweep: dict, **fixed) -> Path:
     path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, "search": search, "fixed": {**TINY, **fixed}, "sweep": sweep}))
+    base = {k: v for k, v in TINY.items() if k not in search}
+    path.write_text(yaml.safe_dump({"name": name, "search": search, "fixed": {**base, **fixed}, "sweep": sweep}))
     return path
 
 
@@ -176,10 +190,18 @@ def test_small_sweep_prunes_and_records_every_trial(workdir, capsys):
     logged = {a.path for a in client.list_artifacts(parent, "results")}
     assert {"results/trials.csv", "results/best.yaml", "results/final.md", "results/history.png"} <= logged
 
-    # the same command again trains nothing and finds the final runs in MLflow
+    # the same command again trains nothing and rewrites nothing
     assert main(["sweep", str(spec)]) == 0
+    assert "the results are up to date" in capsys.readouterr().out
     _, again = mlflow_runs(os.environ["MLFLOW_TRACKING_URI"], "prune")
     assert len(again) == len(runs) and len(optuna.load_study(study_name="prune", storage=storage_of(workdir, "prune")).trials) == 4
+    # a third seed: the final re-run trains that one only and rewrites the results
+    doc = yaml.safe_load(spec.read_text())
+    doc["sweep"]["final_seeds"] = [0, 1, 2]
+    spec.write_text(yaml.safe_dump(doc))
+    assert main(["sweep", str(spec)]) == 0
+    _, third = mlflow_runs(os.environ["MLFLOW_TRACKING_URI"], "prune")
+    assert len(third) == len(runs) + 1 and "n=3" in (results / "final.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------
