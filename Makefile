@@ -37,3 +37,15 @@ ui: $(BIN)/.installed  ## MLflow UI on the tracking store (http://127.0.0.1:$(PO
 
 clean-state:  ## delete run state (.cnnbench/: checkpoints, locks); MLflow runs are kept
 	rm -rf .cnnbench
+
+# -- Optuna sweeps (cnnbench/sweep.py) --------------------------------------------------
+STORAGE ?=
+DASHBOARD_PORT ?= 8080
+.PHONY: sweep dashboard
+
+sweep: $(BIN)/.installed  ## Optuna sweep of SPEC (studies/sweep-lenet.yaml); ARGS="--n-trials 50 --workers 4 --storage URL"
+	$(BIN)/cnnbench sweep $(SPEC) $(ARGS)
+
+dashboard: $(BIN)/.installed  ## optuna-dashboard on SPEC's sweep storage, or STORAGE=URL (http://127.0.0.1:$(DASHBOARD_PORT))
+	storage="$(if $(STORAGE),$(STORAGE),$$($(BIN)/cnnbench sweep $(SPEC) --print-storage))" && \
+	    $(BIN)/optuna-dashboard --host 127.0.0.1 --port $(DASHBOARD_PORT) "$$storage"

@@ -182,11 +182,12 @@ def with_overrides(spec: StudySpec, overrides: dict[str, Any]) -> StudySpec:
 
 
 def spec_hash(spec: StudySpec) -> str:
-    """What the stored trials depend on: the space, the fixed settings, the objective.
-    Sampler, pruner, n_trials and final seeds may change between runs of a sweep."""
+    """What the stored trials depend on: the space, the fixed settings (not the runtime
+    ones: device, progress...), the objective. Sampler, pruner, n_trials and final seeds
+    may change between runs of a sweep."""
     s = spec.sweep
     assert s is not None
-    identity = {"search": [dataclasses.asdict(d) for d in spec.search], "fixed": spec.fixed,
+    identity = {"search": [dataclasses.asdict(d) for d in spec.search], "fixed": spec.base_config().identity(),
                 "seed": spec.seeds[0], "objective": s.objective, "direction": s.direction}
     return hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
