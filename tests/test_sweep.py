@@ -224,7 +224,7 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, w
 def test_sweep_killed_mid_trial_resumes_with_exactly_the_requested_trials(workdir):
     spec = write_spec(workdir, "killed", {"lr": {"type": "float", "low": 0.01, "high": 0.05, "log": True}},
                       {"sampler": "tpe", "pruner": "none", "n_trials": 3, "startup_trials": 2, "final_seeds": [0]},
-                      activation="relu")
+                      activation="relu", train_subset=1000)
     url = storage_of(workdir, "killed")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "sweep", str(spec)], cwd=workdir, env=env,
@@ -281,33 +281,61 @@ def test_sweep_killed_mid_trial_resumes_with_exactly_the_requested_trials(workdi
     assert (workdir / "results" / "killed" / "final.md").exists()
 
 
+def test_a_trial_whose_worker_stops_beating_on_another_machine_is_queued_again(workdir, monkeypatch):
+    from cnnbench import sweep_storage
+    from cnnbench.sweep import open_sweep, recover, suggest
+
+    monkeypatch.setattr(sweep_storage, "GRACE_S", 1)  # seconds without a heartbeat (60 in use)
+    spec = load_spec(write_spec(workdir, "stale", {"lr": [0.1, 0.01]}, {"sampler": "random"}))
+    sweep = open_sweep(spec)
+    trial = sweep.study.ask()
+    suggest(trial, spec)
+    run = sweep.tracker.client.create_run(sweep.tracker.experiment_id, tags={"mlflow.parentRunId": sweep.parent})
+    for key, value in {"worker_host": "another-machine", "worker_boot": "?", "worker_pid": 1,
+                       "mlflow_run_id": run.info.run_id}.items():
+        trial.set_user_attr(key, value)
+    sweep.storage.record_heartbeat(trial._trial_id)
+    with sweep.lock():
+        recover(sweep)  # a fresh heartbeat: its worker is alive
+    assert [t.state for t in sweep.study.get_trials()] == [TrialState.RUNNING]
+    time.sleep(2.5)
+    with sweep.lock():
+        recover(sweep)
+    lost, again = sweep.study.get_trials()
+    assert lost.state == TrialState.FAIL and again.state == TrialState.WAITING
+    assert again.params == lost.params and again.system_attrs["failed_trial"] == 0
+    closed = sweep.tracker.client.get_run(run.info.run_id)
+    assert closed.info.status == "KILLED" and closed.data.tags["optuna.state"] == "FAIL"
+
+
 # ----------------------------------------------------------------------------------------
 # several workers
 
 
-def _grid_check(trials: list, grid: list[tuple]) -> None:
+def _grid_check(trials: list, grid: dict) -> None:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     points = [(t.params["lr"], t.params["batch_size"]) for t in complete]
-    assert sorted(points) == sorted(grid), "every grid point exactly once"
+    expected = [(lr, b) for lr in grid["lr"] for b in grid["batch_size"]]
+    assert sorted(points) == sorted(expected), "every grid point exactly once"
     assert all(t.state == TrialState.COMPLETE for t in trials)
     workers = {(t.user_attrs["worker_host"], t.user_attrs["worker_pid"]) for t in trials}
     assert len(workers) >= 2, f"the trials were all trained by one worker: {workers}"
 
 
 GRID = {"lr": [0.02, 0.01, 0.005], "batch_size": [32, 64]}
-GRID_POINTS = [(lr, b) for lr in GRID["lr"] for b in GRID["batch_size"]]
 
 
 @pytest.mark.slow
 def test_workers_option_shares_one_study_on_sqlite(workdir):
-    spec = write_spec(workdir, "local", GRID, {"sampler": "grid", "pruner": "none", "final_seeds": [0]},
+    grid = {"lr": [0.02, 0.01], "batch_size": [32, 64]}
+    spec = write_spec(workdir, "local", grid, {"sampler": "grid", "pruner": "none", "final_seeds": [0]},
                       epochs=1, train_subset=1000)
     out = cli("sweep", str(spec), "--workers", "2", cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
-    _grid_check(optuna.load_study(study_name="local", storage=storage_of(workdir, "local")).get_trials(), GRID_POINTS)
+    _grid_check(optuna.load_study(study_name="local", storage=storage_of(workdir, "local")).get_trials(), grid)
     _, runs = mlflow_runs(os.environ["MLFLOW_TRACKING_URI"], "local")
     parents, search, final = by_kind(runs)
-    assert len(parents) == 1 and len(search) == 6 and len(final) == 1
+    assert len(parents) == 1 and len(search) == 4 and len(final) == 1
     assert {r.data.tags["mlflow.parentRunId"] for r in search + final} == {parents[0].info.run_id}
 
 
@@ -352,7 +380,7 @@ def test_two_processes_share_one_grid_study_on_postgresql(workdir, postgres):
 
     assert optuna.get_all_study_names(optuna_url) == ["pg"]
     study = optuna.load_study(study_name="pg", storage=optuna_url)
-    _grid_check(study.get_trials(), GRID_POINTS)
+    _grid_check(study.get_trials(), GRID)
     _, runs = mlflow_runs(mlflow_url, "pg")
     parents, search, final = by_kind(runs)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
