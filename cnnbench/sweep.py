@@ -528,7 +528,13 @@ def _train(sweep: Sweep, trial: Any, data_cache: dict[tuple, Any]) -> str:
     assert s is not None
     names = [d.name for d in spec.search]
     params = suggest(trial, spec)
-    config = trial_config(spec, params)
+    try:
+        config = trial_config(spec, params)
+    except ConfigError as err:  # a combination of values that no trial can take
+        trial.set_user_attr("reason", str(err)[:500])
+        sweep.study.tell(trial, state=TrialState.FAIL)
+        print(f"[{sweep.worker}] trial {trial.number} failed: {err}", flush=True)
+        return "FAIL"
     # a retried trial resumes from the checkpoints of the trial it repeats
     origin = sweep.storage.get_trial(trial._trial_id).system_attrs.get("failed_trial", trial.number)
     ckpt = sweep.ckpt_root / f"trial-{origin:05d}"
