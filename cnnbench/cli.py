@@ -224,7 +224,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n-trials: must be >= 1, got {args.n_trials}")
     if args.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
-    command = "cnnbench " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "cnnbench sweep"
+    # recorded in MLflow and results/: database passwords stay out
+    command = "cnnbench " + " ".join(shlex.quote(_masked_arg(a)) for a in sys.argv[1:]) if sys.argv[1:] else "cnnbench sweep"
     # what a worker process started by --workers needs to join this sweep
     worker_argv = [args.spec, *[f"--set={s}" for s in args.sets], "--results-dir", args.results_dir]
     for flag, value in (("--data-dir", args.data_dir), ("--tracking-uri", args.tracking_uri),
@@ -250,6 +251,12 @@ def _masked(url: str) -> str:
     from cnnbench.sweep_storage import masked
 
     return masked(url)
+
+
+def _masked_arg(arg: str) -> str:
+    """A command-line word with any database password in it hidden (URL or --flag=URL)."""
+    flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    return f"{flag}{eq}{_masked(value)}" if "://" in value else arg
 
 
 def cmd_models(args: argparse.Namespace) -> int:

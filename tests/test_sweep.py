@@ -389,6 +389,11 @@ def test_two_processes_share_one_grid_study_on_postgresql(workdir, postgres):
     assert {r.data.tags["mlflow.parentRunId"] for r in search + final} == {parents[0].info.run_id}
     assert {r.info.run_id for r in search} == {t.user_attrs["mlflow_run_id"] for t in study.trials}
     assert len({r.data.tags["cnnbench.pid"] for r in search}) == 2
+    import sqlalchemy
+
+    password = sqlalchemy.engine.make_url(optuna_url).password
+    written = (workdir / "results" / "pg" / "final.md").read_text() + parents[0].data.tags["cnnbench.command"]
+    assert f":{password}@" not in written and "***@" in written  # the command is recorded, its password not
 
 
 # ----------------------------------------------------------------------------------------
@@ -397,6 +402,7 @@ def test_two_processes_share_one_grid_study_on_postgresql(workdir, postgres):
 
 BAD = [
     ({"sampler": "annealing"}, {}, [], "sweep.sampler: unknown value 'annealing'"),
+    ({"search": {}}, {}, [], "search: expected a non-empty mapping"),
     ({"objective": "val_loss"}, {}, [], "objective val_loss is minimized"),
     ({}, {"val_size": 0}, [], "set val_size"),
     ({}, {}, ["--set", "lr=0.1"], "--set lr: lr is searched"),
@@ -412,7 +418,8 @@ BAD = [
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(workdir, capsys, sweep, fixed, args, message):
     from cnnbench.cli import main
 
-    spec = write_spec(workdir, "bad", {"lr": [0.1, 0.01]}, sweep, **fixed)
+    search = sweep.pop("search", {"lr": [0.1, 0.01]})
+    spec = write_spec(workdir, "bad", search, sweep, **fixed)
     before = tree(workdir)
     assert main(["sweep", str(spec), *args]) == 2
     err = capsys.readouterr().err.strip()
