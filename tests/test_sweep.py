@@ -284,7 +284,8 @@ def test_sweep_killed_mid_trial_resumes_with_exactly_the_requested_trials(workdi
 
 def test_a_trial_whose_worker_stops_beating_on_another_machine_is_queued_again(workdir, monkeypatch):
     from cnnbench import sweep_storage
-    from cnnbench.sweep import open_sweep, recover, suggest
+    from cnnbench.sweep import suggest
+    from cnnbench.sweep_worker import open_sweep, recover
 
     monkeypatch.setattr(sweep_storage, "GRACE_S", 1)  # seconds without a heartbeat (60 in use)
     spec = load_spec(write_spec(workdir, "stale", {"lr": [0.1, 0.01]}, {"sampler": "random"}))
