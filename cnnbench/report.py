@@ -144,8 +144,11 @@ def table_markdown(spec: StudySpec, frame: pd.DataFrame, *, command: str = "", d
             cells.append(_fmt(group[k]) if k in group else "–")
         best_epochs = group["best_epoch"].dropna().astype(int).tolist()
         cells.append(f"{_fmt(group['best_test_acc'])} ({', '.join(map(str, best_epochs)) or '–'})")
-        if div:
-            cells[len(values) + 2 + len(doc_keys) - 1] = f"diverged ({div}/{n})"
+        failed = int((~group["status"].isin(["finished", DIVERGED])).sum())
+        final = len(values) + 1 + len(doc_keys)  # the "ours final" cell
+        for count, word in ((div, "diverged"), (failed, "failed")):
+            if count:
+                cells[final] = f"{word} ({count}/{n})" if cells[final] == "–" else f"{cells[final]}, {word} ({count}/{n})"
         if have_doc:
             doc = reported.get(tuple(_key(v) for v in values[:len(sci)]), {})
             cells += [f"{doc[k]:.2f}" if k in doc else "–" for k in have_doc]

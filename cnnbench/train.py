@@ -344,6 +344,8 @@ def _fit(engine, configs, data: DeviceData, recorders, ckpt_dirs, results, start
             r = results[k]
             r.history, r.curve = list(state["history"]), [tuple(p) for p in state["curve"]]
             r.train_seconds, r.images, r.best_epoch = state["train_seconds"], state["images"], state["best_epoch"]
+            r.final_checkpoint = d / "last.pt"
+            r.best_checkpoint = d / "best.pt" if (d / "best.pt").exists() else None
             start_epoch = int(state["epoch"])
             resumed = r
         recorders[k].start(c, {"device": str(data.device), "fused_with": k_trials,
