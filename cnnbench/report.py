@@ -175,14 +175,23 @@ def table_markdown(spec: StudySpec, frame: pd.DataFrame, *, command: str = "", d
 # -- figures ---------------------------------------------------------------------------------
 
 
-def _label(spec: StudySpec, config: TrialConfig) -> str:
-    return " ".join(f"{k}={_key(getattr(config, k))}" for k in spec.varied)
+def _label(keys: Sequence[str], config: TrialConfig) -> str:
+    return " ".join(f"{k}={_key(getattr(config, k))}" for k in keys) or config.model
 
 
 def curves_frame(spec: StudySpec, rows: Sequence[TrialRow], n_train: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Long frames of the first epoch's loss and of test accuracy per epoch, one line per
+    varied value (epochs left out when several epoch counts read one run)."""
+    shared = len({r.run_id for r in rows}) < len(rows)
+    keys = [k for k in spec.varied if not (k == "epochs" and shared)]
+    seen, unique = set(), []
+    for row in rows:  # one row per distinct run
+        if row.run_id not in seen or not row.run_id:
+            seen.add(row.run_id)
+            unique.append(row)
     loss, acc = [], []
-    for row in rows:
-        label = _label(spec, row.config)
+    for row in unique:
+        label = _label(keys, row.config)
         for samples, value in row.result.curve:
             if samples <= n_train:
                 loss.append({"value": label, "seed": row.config.seed, "samples": samples, "loss": value})
@@ -193,13 +202,7 @@ def curves_frame(spec: StudySpec, rows: Sequence[TrialRow], n_train: int) -> tup
 
 
 def save_figures(spec: StudySpec, rows: Sequence[TrialRow], out_dir: Path, n_train: int) -> list[Path]:
-    # one row per distinct run (epoch-reuse rows share their run's curves)
-    seen, unique = set(), []
-    for row in rows:
-        if row.run_id not in seen or not row.run_id:
-            seen.add(row.run_id)
-            unique.append(row)
-    loss, acc = curves_frame(spec, unique, n_train)
+    loss, acc = curves_frame(spec, rows, n_train)
     sns.set_theme(style="whitegrid", context="notebook")
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     if not loss.empty:
