@@ -12,7 +12,7 @@ MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_TRACKING_URI
 
 .DEFAULT_GOAL := help
-.PHONY: help install test study-lr study-batch study-activation study-epochs study-models study-alexnet \
+.PHONY: help install test bench study-lr study-batch study-activation study-epochs study-models study-alexnet \
         studies ui clean-state
 
 help:  ## list the targets
@@ -49,6 +49,9 @@ study-alexnet: $(BIN)/.installed  ## document 000: AlexNet, augmentation x batch
 	$(BIN)/cnnbench study studies/alexnet.yaml $(ARGS)
 
 studies: study-lr study-batch study-activation study-epochs study-models study-alexnet  ## every document study
+
+bench: $(BIN)/.installed  ## naive loop vs cnnbench vs fused K trials; writes results/bench/
+	$(BIN)/cnnbench bench $(ARGS)
 
 ui: $(BIN)/.installed  ## MLflow UI on the tracking store (http://127.0.0.1:$(PORT))
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(PORT)

@@ -94,6 +94,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-batch-size", type=int, default=1024, help="evaluation batch size (default: 1024)")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("bench", help="time cnnbench's loop against the naive loop", formatter_class=raw,
+                       description="Time, in one process on one device: the naive loop (torchvision MNIST, "
+                                   "ToTensor+Normalize, a shuffled DataLoader, .to(device) and loss.item() every "
+                                   "step), cnnbench's loop one trial at a time, and K fused trials for K = 1, 2, "
+                                   "4, 5, 8, ... until throughput stops rising. Prints model-images/s, ratios to "
+                                   "the naive loop and the learning-rate study's projected time; writes "
+                                   "results/bench/ (bench.csv, bench.md, throughput.png).")
+    _common(p, sets=False)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--model", default="lenet5", help="registry name (default: lenet5)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per measurement (default: 200)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per measurement; the median is shown (default: 3)")
+    p.add_argument("--max-k", type=int, default=None, help="largest K tried (default: 64 on CUDA, 16 elsewhere)")
+    p.add_argument("--options", action="store_true",
+                   help="also time channels_last, bf16 autocast, torch.compile and (CUDA) CUDA graphs, fused")
+    p.add_argument("--lr-study", action="store_true",
+                   help="also train the learning-rate study's 5 trials for real, naive vs cnnbench (slow)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs for --lr-study (default: 10)")
+    p.add_argument("--results-dir", default="results", help="writes RESULTS_DIR/bench/ (default: results)")
+    p.set_defaults(func=cmd_bench)
+
     for register in _EXTRA_COMMANDS:
         register(sub)
     return parser
@@ -211,6 +233,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         loss, acc = evaluate(engine, data, data.test, config.test_batch_size)
     print(f"{path}: epoch {payload['epoch']} of {config.model} (lr={config.lr:g}, seed={config.seed}): "
           f"test loss {loss[0]:.4f}, test accuracy {acc[0]:.2f}% on {len(data.test)} images")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cnnbench.bench import run_bench, time_lr_study
+    from cnnbench.config import ConfigError
+    from cnnbench.models import list_models
+    from cnnbench.train import resolve_device
+
+    for name, value, low in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 20),
+                             ("--repeats", args.repeats, 1), ("--epochs", args.epochs, 1),
+                             ("--max-k", args.max_k or 1, 1)):
+        if value < low:
+            raise ConfigError(f"{name}: must be >= {low}, got {value}")
+    if args.model not in list_models():
+        raise ConfigError(f"--model: unknown value {args.model!r}; known: {', '.join(list_models())}")
+    resolve_device(args.device)
+    out = Path(args.results_dir) / "bench"
+    run_bench(data_root=args.data_dir, device=args.device, model=args.model, batch_size=args.batch_size,
+              steps=args.steps, repeats=args.repeats, max_k=args.max_k, options=args.options, out_dir=out)
+    if args.lr_study:
+        time_lr_study(data_root=args.data_dir, device=args.device, epochs=args.epochs)
+    print(f"wrote {out}/bench.csv, bench.md, throughput.png")
     return 0
 
 
