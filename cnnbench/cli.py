@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     _state(p)
     p.add_argument("--experiment", default="cnnbench-run", help="MLflow experiment name (default: cnnbench-run)")
     p.add_argument("--no-track", action="store_true", help="do not record the trial in MLflow")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last epoch checkpoint of an interrupted run of the same settings "
+                        "(default: start afresh)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("study", help="run a study spec (studies/*.yaml)", formatter_class=raw,
@@ -151,6 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         recorder = tracker.recorder(config, parent="", name=run_name(config, ("model", "lr", "batch_size")),
                                     tags={})
     ckpt = state_dir(args.state_dir) / "checkpoints" / "run" / config.key()
+    if not args.resume:
+        shutil.rmtree(ckpt, ignore_errors=True)
     result = run_trial(config, data_root=args.data_dir, recorder=recorder, checkpoint_dir=ckpt)
     _print_history(result)
     if getattr(recorder, "run_id", None):
