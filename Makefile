@@ -58,3 +58,7 @@ ui: $(BIN)/.installed  ## MLflow UI on the tracking store (http://127.0.0.1:$(PO
 
 clean-state:  ## delete run state (.cnnbench/: checkpoints, locks); MLflow runs are kept
 	rm -rf .cnnbench
+
+.PHONY: summary
+summary: $(BIN)/.installed  ## per-layer shapes, params, MACs, memory of every model + the documents' arithmetic checked (results/summary/)
+	$(BIN)/cnnbench summary --all --documents --results-dir results

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
@@ -261,6 +263,105 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.lr_study:
         time_lr_study(data_root=args.data_dir, device=args.device, epochs=args.epochs)
     print(f"wrote {out}/bench.csv, bench.md, throughput.png")
+    return 0
+
+
+def _add_summary(sub: Any) -> None:
+    p = sub.add_parser("summary", help="per-layer shapes, parameters, MACs and memory of a model",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.dedent("""\
+                           Per layer: output shape, own parameters, multiply-accumulates (MACs = FLOPs / 2,
+                           counted by torch.utils.flop_counter: convolutions and matrix products) and the
+                           activation memory of one image (new output values, input included, forward only),
+                           then totals, as document 004's VGG16 table. --documents checks the documents'
+                           hand counts against these counts and says where their arithmetic is off."""),
+                       epilog="examples:\n  cnnbench summary lenet5\n  cnnbench summary vgg16 --classes 1000\n"
+                              "  cnnbench summary alexnet_paper --input 1x28x28   # as trained on MNIST: resized\n"
+                              "  cnnbench summary --documents\n"
+                              "  cnnbench summary --all --documents --results-dir results")
+    p.add_argument("model", nargs="?", help="a registered model (see `cnnbench models`)")
+    p.add_argument("--input", metavar="CxHxW", default=None,
+                   help="input of one image, e.g. 1x28x28 or 3x224x224 (default: the model's natural input: "
+                        "the native size of the ImageNet architectures, else 1x28x28)")
+    p.add_argument("--classes", type=int, default=10, metavar="N",
+                   help="outputs of the last layer (default: 10; 1000 for the published ImageNet heads)")
+    p.add_argument("--format", choices=("table", "markdown", "csv"), default="table", help="default: table")
+    p.add_argument("--all", action="store_true", help="every registered model")
+    p.add_argument("--documents", action="store_true",
+                   help="the documents' hand counts beside ours, and where their arithmetic is off")
+    p.add_argument("--results-dir", metavar="DIR", default=None,
+                   help="write markdown under DIR/summary/ (<model>.md, models.csv, documents.md) instead of printing")
+    p.set_defaults(func=cmd_summary)
+
+
+_EXTRA_COMMANDS.append(_add_summary)
+
+
+def _input_shape(text: str | None) -> tuple[int, int, int] | None:
+    from cnnbench.config import ConfigError
+
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if not m or min(int(g) for g in m.groups()) < 1:
+        raise ConfigError(f"--input: expected CxHxW with positive sizes, such as 1x28x28 or 3x224x224; got {text!r}")
+    return tuple(int(g) for g in m.groups())  # type: ignore[return-value]
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from cnnbench.config import ConfigError
+    from cnnbench.models import list_models
+
+    if args.model and args.all:
+        raise ConfigError("summary: give a MODEL or --all, not both")
+    if not (args.model or args.all or args.documents):
+        raise ConfigError("summary: give a MODEL (one of " + ", ".join(list_models()) + "), --all or --documents")
+    if args.model and args.model not in list_models():
+        raise ConfigError(f"summary: unknown model {args.model!r}; known: {', '.join(list_models())}")
+    if args.classes < 1:
+        raise ConfigError(f"--classes: must be >= 1, got {args.classes}")
+    shape = _input_shape(args.input)
+
+    from cnnbench import summary
+
+    summaries = []
+    for name in list_models() if args.all else [args.model] if args.model else []:
+        try:
+            summaries.append(summary.summarize(name, shape, num_classes=args.classes))
+        except (ValueError, RuntimeError) as err:
+            if shape is None:
+                raise  # the model's own input failing is a bug, not bad input
+            raise ConfigError(f"summary: {name} cannot take input {args.input}: {_one_line(err)}") from None
+    counts = None
+    if args.documents:
+        from cnnbench import summary_documents as sd
+
+        counts = sd.Counts()
+        verdicts = sd.check(counts)
+
+    if args.results_dir is None:
+        parts = [summary.render_csv(summaries)] if args.format == "csv" and summaries else \
+            [summary.render(s, args.format) for s in summaries]
+        if counts is not None:
+            parts.append(sd.render(verdicts, counts, "csv" if args.format == "csv" else "markdown"))
+        print("\n".join(parts), end="")
+        return 0
+
+    from cnnbench import fileio
+
+    out = Path(args.results_dir) / "summary"
+    fileio.check_writable(out)
+    written = []
+    for s in summaries:
+        fileio.write_text(out / f"{s.model}.md", summary.render(s, "markdown"))
+        written.append(out / f"{s.model}.md")
+    if len(summaries) > 1:
+        fileio.write_text(out / "models.csv", summary.costs_csv(summaries))
+        written.append(out / "models.csv")
+    if counts is not None:
+        fileio.write_text(out / "documents.md", sd.render(verdicts, counts, "markdown"))
+        written.append(out / "documents.md")
+    print("wrote " + ", ".join(map(str, written)))
     return 0
 
 
