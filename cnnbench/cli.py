@@ -366,17 +366,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cnnbench.errors import ConfigError, DataError, StudyBusy, TrackingError
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    from cnnbench.config import ConfigError
-    from cnnbench.data import DataError
-
-    bad_input: tuple[type[BaseException], ...] = (ConfigError, DataError, PermissionError)
+    bad_input = (ConfigError, DataError, TrackingError, PermissionError)
     try:
-        from cnnbench.study import StudyBusy
-        from cnnbench.tracking import TrackingError
-
-        bad_input += (TrackingError,)
         return args.func(args)
     except bad_input as err:
         print(f"cnnbench: error: {_one_line(err)}", file=sys.stderr)

@@ -18,12 +18,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from cnnbench.errors import DataError  # noqa: F401  (re-exported here)
+
 DATA_ENV = "CNNBENCH_DATA"
 VAL_SPLIT_SEED = 20240601  # the validation split is fixed: the same images for every trial and seed
-
-
-class DataError(RuntimeError):
-    """Missing, truncated or corrupt data. The message names the directory or file."""
 
 
 @dataclass(frozen=True)
