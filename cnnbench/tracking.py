@@ -27,6 +27,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE, MLFLOW_SOURCE_NAME
 
 from cnnbench.config import TrialConfig
+from cnnbench.errors import TrackingError  # noqa: F401  (re-exported here)
 from cnnbench.train import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, Recorder, TrialResult
 
 TAG_STUDY = "cnnbench.study"
@@ -41,10 +42,6 @@ TAG_HOST = "cnnbench.host"
 MLFLOW_STATUS = {FINISHED: "FINISHED", PRUNED: "FINISHED", DIVERGED: "FAILED", FAILED: "FAILED",
                  INTERRUPTED: "KILLED"}
 DONE = (FINISHED, DIVERGED)  # outcomes that a resumed study does not train again
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be reached or written. One line, naming the URI."""
 
 
 def tracking_uri(explicit: str | None = None) -> str:

@@ -103,3 +103,19 @@ def test_bad_input_exits_2_and_writes_nothing(workdir, args, message):
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cnnbench: error:") and message in err[0], out.stderr
     assert tree(workdir) == before  # no mlflow.db, no results, no checkpoints
+
+
+def test_evaluate_retests_an_epoch_checkpoint(workdir, data_root):
+    """Document 000's `python mnist.py --net model/net_008.pth`: re-test a saved epoch."""
+    from cnnbench.train import run_trial
+
+    from conftest import quick
+
+    ckpt = workdir / "ckpt"
+    result = run_trial(quick(epochs=2, checkpoints="all", activation="relu", lr=0.05), data_root=data_root,
+                       checkpoint_dir=ckpt)
+    out = cli("evaluate", str(ckpt / "epoch_001.pt"), cwd=workdir)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"test accuracy {result.history[0]['test/acc']:.2f}% on 500 images" in out.stdout
+    bad = cli("evaluate", str(workdir / "nope.pt"), cwd=workdir)
+    assert bad.returncode == 2 and "no such checkpoint" in bad.stderr
