@@ -330,8 +330,9 @@ GRID = {"lr": [0.02, 0.01, 0.005], "batch_size": [32, 64]}
 @pytest.mark.slow
 def test_workers_option_shares_one_study_on_sqlite(workdir):
     grid = {"lr": [0.02, 0.01], "batch_size": [32, 64]}
+    # two epochs per trial: long enough that the worker which starts second still finds work
     spec = write_spec(workdir, "local", grid, {"sampler": "grid", "pruner": "none", "final_seeds": [0]},
-                      epochs=1, train_subset=1000)
+                      epochs=2, train_subset=1000)
     out = cli("sweep", str(spec), "--workers", "2", cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     _grid_check(optuna.load_study(study_name="local", storage=storage_of(workdir, "local")).get_trials(), grid)
