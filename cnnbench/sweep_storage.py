@@ -56,12 +56,9 @@ def _parse(url: str):
 
 def masked(url: str) -> str:
     """The URL with its password hidden, for messages, MLflow tags and the results."""
-    try:
-        import sqlalchemy
+    from cnnbench.tracking import masked as mask
 
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
+    return mask(url)
 
 
 def sqlite_path(url: str) -> Path | None:

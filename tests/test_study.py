@@ -21,7 +21,7 @@ def _runs(uri, experiment):
 
 @pytest.mark.slow
 def test_lr_study_end_to_end(workdir):
-    out = cli("study", str(REPO / "studies" / "lr.yaml"), *QUICK, cwd=workdir)
+    out = cli("study", str(REPO / "studies" / "lr.yaml"), *QUICK, "--seeds", "0", cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| lr | n | ours epoch 1 | ours final" in out.stdout
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -66,7 +66,7 @@ def test_lr_study_end_to_end(workdir):
         "results/summary.csv", "results/table.md", "results/curves.png"}
 
     # the same command again trains nothing: every trial is found finished by its config
-    again = cli("study", str(REPO / "studies" / "lr.yaml"), *QUICK, cwd=workdir)
+    again = cli("study", str(REPO / "studies" / "lr.yaml"), *QUICK, "--seeds", "0", cwd=workdir)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "0 run(s) trained, 5 already finished" in again.stdout
     _, runs = _runs(uri, "lr")
