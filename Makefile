@@ -13,7 +13,7 @@ MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_TRACKING_URI
 
 .DEFAULT_GOAL := help
-.PHONY: help install test study-lr study-batch study-activation study-epochs study-models study-alexnet \
+.PHONY: help install test bench study-lr study-batch study-activation study-epochs study-models study-alexnet \
         studies ui clean-state report ui-screenshot notebooks-clean
 
 help:  ## list the targets
@@ -35,6 +35,27 @@ test: $(BIN)/.installed  ## the test suite (what CI runs)
 study-lr: $(BIN)/.installed  ## document 003: learning rate 0.001..0.1 (LeNet-5, 10 epochs)
 	$(BIN)/cnnbench study studies/lr.yaml $(ARGS)
 
+study-batch: $(BIN)/.installed  ## document 003: training batch size 32..512 (LeNet-5, 10 epochs)
+	$(BIN)/cnnbench study studies/batch.yaml $(ARGS)
+
+study-activation: $(BIN)/.installed  ## document 003: sigmoid/tanh vs ReLU in LeNet-5
+	$(BIN)/cnnbench study studies/activation.yaml $(ARGS)
+
+study-epochs: $(BIN)/.installed  ## documents 000 and 002: accuracy against training length, best epoch
+	$(BIN)/cnnbench study studies/epochs-lenet.yaml $(ARGS)
+	$(BIN)/cnnbench study studies/epochs.yaml $(ARGS)
+
+study-models: $(BIN)/.installed  ## LeNet-5, AlexNet, Inception, ResNet under one budget
+	$(BIN)/cnnbench study studies/models.yaml $(ARGS)
+
+study-alexnet: $(BIN)/.installed  ## document 000: AlexNet, augmentation x batch size, 20 epochs
+	$(BIN)/cnnbench study studies/alexnet.yaml $(ARGS)
+
+studies: study-lr study-batch study-activation study-epochs study-models study-alexnet  ## every document study
+
+bench: $(BIN)/.installed  ## naive loop vs cnnbench vs fused K trials; writes results/bench/
+	$(BIN)/cnnbench bench $(ARGS)
+
 ui: $(BIN)/.installed  ## MLflow UI on the tracking store (http://127.0.0.1:$(PORT))
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(PORT)
 
@@ -49,3 +70,19 @@ notebooks-clean: $(BIN)/.installed  ## strip outputs from notebooks/*.ipynb befo
 
 clean-state:  ## delete run state (.cnnbench/: checkpoints, locks); MLflow runs are kept
 	rm -rf .cnnbench
+
+.PHONY: summary
+summary: $(BIN)/.installed  ## per-layer shapes, params, MACs, memory of every model + the documents' arithmetic checked (results/summary/)
+	$(BIN)/cnnbench summary --all --documents --results-dir results
+
+# -- Optuna sweeps (cnnbench/sweep.py) --------------------------------------------------
+STORAGE ?=
+DASHBOARD_PORT ?= 8080
+.PHONY: sweep dashboard
+
+sweep: $(BIN)/.installed  ## Optuna sweep of SPEC (studies/sweep-lenet.yaml); ARGS="--n-trials 50 --workers 4 --storage URL"
+	$(BIN)/cnnbench sweep $(SPEC) $(ARGS)
+
+dashboard: $(BIN)/.installed  ## optuna-dashboard on SPEC's sweep storage, or STORAGE=URL (http://127.0.0.1:$(DASHBOARD_PORT))
+	storage="$(if $(STORAGE),$(STORAGE),$$($(BIN)/cnnbench sweep $(SPEC) --print-storage))" && \
+	    $(BIN)/optuna-dashboard --host 127.0.0.1 --port $(DASHBOARD_PORT) "$$storage"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -64,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     _state(p)
     p.add_argument("--experiment", default="cnnbench-run", help="MLflow experiment name (default: cnnbench-run)")
     p.add_argument("--no-track", action="store_true", help="do not record the trial in MLflow")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last epoch checkpoint of an interrupted run of the same settings "
+                        "(default: start afresh)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("study", help="run a study spec (studies/*.yaml)", formatter_class=raw,
@@ -93,6 +98,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--test-batch-size", type=int, default=1024, help="evaluation batch size (default: 1024)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bench", help="time cnnbench's loop against the naive loop", formatter_class=raw,
+                       description="Time, in one process on one device: the naive loop (torchvision MNIST, "
+                                   "ToTensor+Normalize, a shuffled DataLoader, .to(device) and loss.item() every "
+                                   "step), cnnbench's loop one trial at a time, and K fused trials for K = 1, 2, "
+                                   "4, 5, 8, ... until throughput stops rising. Prints model-images/s, ratios to "
+                                   "the naive loop and the learning-rate study's projected time; writes "
+                                   "results/bench/ (bench.csv, bench.md, throughput.png).")
+    _common(p, sets=False)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--model", default="lenet5", help="registry name (default: lenet5)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per measurement (default: 200)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per measurement; the median is shown (default: 3)")
+    p.add_argument("--max-k", type=int, default=None, help="largest K tried (default: 64 on CUDA, 16 elsewhere)")
+    p.add_argument("--options", action="store_true",
+                   help="also time channels_last, bf16 autocast, torch.compile and (CUDA) CUDA graphs, fused")
+    p.add_argument("--lr-study", action="store_true",
+                   help="also train the learning-rate study's 5 trials for real, naive vs cnnbench (slow)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs for --lr-study (default: 10)")
+    p.add_argument("--results-dir", default="results", help="writes RESULTS_DIR/bench/ (default: results)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("sweep", help="run an Optuna sweep over a spec's search space", formatter_class=raw,
+                       epilog=_settings_epilog(),
+                       description="Find the best settings over a spec's search block with Optuna: every trial is "
+                                   "scored on a validation split (never the test set), recorded as a child of the "
+                                   "sweep's MLflow run, and may be pruned. The same command resumes an interrupted "
+                                   "sweep; workers on other machines join it with the same --storage. At the end the "
+                                   "best trial is re-run over sweep.final_seeds and tested once, and "
+                                   "results/<sweep>/ is written (trials.csv, best.yaml, final.md, plots).")
+    p.add_argument("spec", help="the sweep's YAML file, e.g. studies/sweep-lenet.yaml")
+    _common(p)
+    p.add_argument("--n-trials", type=int, default=None, metavar="N",
+                   help="finished (complete + pruned) trials the sweep must reach in all, across restarts and "
+                        "workers (default: the spec's sweep.n_trials)")
+    p.add_argument("--storage", metavar="URL", default=None,
+                   help="Optuna storage: sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB for workers on "
+                        "many machines (default: sqlite:///<state dir>/optuna/<sweep>.db)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes on this machine, one per GPU where there are GPUs (default: 1)")
+    p.add_argument("--sampler-seed", type=int, default=None, metavar="S",
+                   help="seed of the sampler, for a reproducible single-worker sweep (default: random)")
+    p.add_argument("--results-dir", metavar="DIR", default="results", help="where results/<sweep>/ goes (default: results)")
+    _tracking(p)
+    _state(p)
+    p.add_argument("--no-final", action="store_true",
+                   help="only train trials; leave the final re-run and the results to another worker")
+    p.add_argument("--print-storage", action="store_true",
+                   help="print the sweep's default storage URL and exit (make dashboard uses it)")
+    p.add_argument("--worker-label", default="", help=argparse.SUPPRESS)  # set by --workers for its children
+    p.set_defaults(func=cmd_sweep)
 
     for register in _EXTRA_COMMANDS:
         register(sub)
@@ -193,6 +250,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         recorder = tracker.recorder(config, parent="", name=run_name(config, ("model", "lr", "batch_size")),
                                     tags={})
     ckpt = state_dir(args.state_dir) / "checkpoints" / "run" / config.key()
+    if not args.resume:
+        shutil.rmtree(ckpt, ignore_errors=True)
     result = run_trial(config, data_root=args.data_dir, recorder=recorder, checkpoint_dir=ckpt)
     _print_history(result)
     if getattr(recorder, "run_id", None):
@@ -241,6 +300,58 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cnnbench.config import ConfigError, load_spec
+
+    spec = load_spec(args.spec)
+    if args.print_storage:
+        from cnnbench.study import state_dir
+        from cnnbench.sweep_storage import default_url
+
+        print(args.storage or default_url(spec.name, state_dir(args.state_dir)))
+        return 0
+    from cnnbench.sweep import run_sweep, with_overrides
+
+    spec = with_overrides(spec, _overrides(args.sets))
+    if args.n_trials is not None and args.n_trials < 1:
+        raise ConfigError(f"--n-trials: must be >= 1, got {args.n_trials}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
+    # recorded in MLflow and results/: database passwords stay out
+    command = "cnnbench " + " ".join(shlex.quote(_masked_arg(a)) for a in sys.argv[1:]) if sys.argv[1:] else "cnnbench sweep"
+    # what a worker process started by --workers needs to join this sweep
+    worker_argv = [args.spec, *[f"--set={s}" for s in args.sets], "--results-dir", args.results_dir]
+    for flag, value in (("--data-dir", args.data_dir), ("--tracking-uri", args.tracking_uri),
+                        ("--state-dir", args.state_dir), ("--n-trials", args.n_trials),
+                        ("--sampler-seed", args.sampler_seed)):
+        if value is not None:
+            worker_argv += [flag, str(value)]
+    sweep, report, outcome = run_sweep(
+        spec, workers=args.workers, final=not args.no_final, worker_argv=worker_argv, storage=args.storage,
+        tracking=args.tracking_uri, state=args.state_dir, results_root=args.results_dir, n_trials=args.n_trials,
+        sampler_seed=args.sampler_seed, data_root=args.data_dir, command=command, worker=args.worker_label)
+    if outcome is not None:
+        print(Path(outcome.files[2]).read_text())
+        print(f"results in {sweep.out_dir}/, MLflow parent run {sweep.parent} in experiment {spec.name!r}, "
+              f"Optuna study {spec.name!r} in {_masked(sweep.url)}")
+    if report.stopped:
+        print(f"cnnbench: sweep {spec.name}: {report.stopped}; run the same command to go on", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _masked(url: str) -> str:
+    from cnnbench.sweep_storage import masked
+
+    return masked(url)
+
+
+def _masked_arg(arg: str) -> str:
+    """A command-line word with any database password in it hidden (URL or --flag=URL)."""
+    flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    return f"{flag}{eq}{_masked(value)}" if "://" in value else arg
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from cnnbench.models import get_model, list_models, model_entry
 
@@ -278,18 +389,135 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cnnbench.bench import run_bench, time_lr_study
+    from cnnbench.config import ConfigError
+    from cnnbench.models import list_models
+    from cnnbench.train import resolve_device
+
+    for name, value, low in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 20),
+                             ("--repeats", args.repeats, 1), ("--epochs", args.epochs, 1),
+                             ("--max-k", args.max_k or 1, 1)):
+        if value < low:
+            raise ConfigError(f"{name}: must be >= {low}, got {value}")
+    if args.model not in list_models():
+        raise ConfigError(f"--model: unknown value {args.model!r}; known: {', '.join(list_models())}")
+    resolve_device(args.device)
+    out = Path(args.results_dir) / "bench"
+    run_bench(data_root=args.data_dir, device=args.device, model=args.model, batch_size=args.batch_size,
+              steps=args.steps, repeats=args.repeats, max_k=args.max_k, options=args.options, out_dir=out)
+    if args.lr_study:
+        time_lr_study(data_root=args.data_dir, device=args.device, epochs=args.epochs)
+    print(f"wrote {out}/bench.csv, bench.md, throughput.png")
+    return 0
+
+
+def _add_summary(sub: Any) -> None:
+    p = sub.add_parser("summary", help="per-layer shapes, parameters, MACs and memory of a model",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.dedent("""\
+                           Per layer: output shape, own parameters, multiply-accumulates (MACs = FLOPs / 2,
+                           counted by torch.utils.flop_counter: convolutions and matrix products) and the
+                           activation memory of one image (new output values, input included, forward only),
+                           then totals, as document 004's VGG16 table. --documents checks the documents'
+                           hand counts against these counts and says where their arithmetic is off."""),
+                       epilog="examples:\n  cnnbench summary lenet5\n  cnnbench summary vgg16 --classes 1000\n"
+                              "  cnnbench summary alexnet_paper --input 1x28x28   # as trained on MNIST: resized\n"
+                              "  cnnbench summary --documents\n"
+                              "  cnnbench summary --all --documents --results-dir results")
+    p.add_argument("model", nargs="?", help="a registered model (see `cnnbench models`)")
+    p.add_argument("--input", metavar="CxHxW", default=None,
+                   help="input of one image, e.g. 1x28x28 or 3x224x224 (default: the model's natural input: "
+                        "the native size of the ImageNet architectures, else 1x28x28)")
+    p.add_argument("--classes", type=int, default=10, metavar="N",
+                   help="outputs of the last layer (default: 10; 1000 for the published ImageNet heads)")
+    p.add_argument("--format", choices=("table", "markdown", "csv"), default="table", help="default: table")
+    p.add_argument("--all", action="store_true", help="every registered model")
+    p.add_argument("--documents", action="store_true",
+                   help="the documents' hand counts beside ours, and where their arithmetic is off")
+    p.add_argument("--results-dir", metavar="DIR", default=None,
+                   help="write markdown under DIR/summary/ (<model>.md, models.csv, documents.md) instead of printing")
+    p.set_defaults(func=cmd_summary)
+
+
+_EXTRA_COMMANDS.append(_add_summary)
+
+
+def _input_shape(text: str | None) -> tuple[int, int, int] | None:
+    from cnnbench.config import ConfigError
+
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if not m or min(int(g) for g in m.groups()) < 1:
+        raise ConfigError(f"--input: expected CxHxW with positive sizes, such as 1x28x28 or 3x224x224; got {text!r}")
+    return tuple(int(g) for g in m.groups())  # type: ignore[return-value]
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from cnnbench.config import ConfigError
+    from cnnbench.models import list_models
+
+    if args.model and args.all:
+        raise ConfigError("summary: give a MODEL or --all, not both")
+    if not (args.model or args.all or args.documents):
+        raise ConfigError("summary: give a MODEL (one of " + ", ".join(list_models()) + "), --all or --documents")
+    if args.model and args.model not in list_models():
+        raise ConfigError(f"summary: unknown model {args.model!r}; known: {', '.join(list_models())}")
+    if args.classes < 1:
+        raise ConfigError(f"--classes: must be >= 1, got {args.classes}")
+    shape = _input_shape(args.input)
+
+    from cnnbench import summary
+
+    summaries = []
+    for name in list_models() if args.all else [args.model] if args.model else []:
+        try:
+            summaries.append(summary.summarize(name, shape, num_classes=args.classes))
+        except (ValueError, RuntimeError) as err:
+            if shape is None:
+                raise  # the model's own input failing is a bug, not bad input
+            raise ConfigError(f"summary: {name} cannot take input {args.input}: {_one_line(err)}") from None
+    counts = None
+    if args.documents:
+        from cnnbench import summary_documents as sd
+
+        counts = sd.Counts()
+        verdicts = sd.check(counts)
+
+    if args.results_dir is None:
+        parts = [summary.render_csv(summaries)] if args.format == "csv" and summaries else \
+            [summary.render(s, args.format) for s in summaries]
+        if counts is not None:
+            parts.append(sd.render(verdicts, counts, "csv" if args.format == "csv" else "markdown"))
+        print("\n".join(parts), end="")
+        return 0
+
+    from cnnbench import fileio
+
+    out = Path(args.results_dir) / "summary"
+    fileio.check_writable(out)
+    written = []
+    for s in summaries:
+        fileio.write_text(out / f"{s.model}.md", summary.render(s, "markdown"))
+        written.append(out / f"{s.model}.md")
+    if len(summaries) > 1:
+        fileio.write_text(out / "models.csv", summary.costs_csv(summaries))
+        written.append(out / "models.csv")
+    if counts is not None:
+        fileio.write_text(out / "documents.md", sd.render(verdicts, counts, "markdown"))
+        written.append(out / "documents.md")
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from cnnbench.errors import ConfigError, DataError, StudyBusy, TrackingError
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    from cnnbench.config import ConfigError
-    from cnnbench.data import DataError
-
-    bad_input: tuple[type[BaseException], ...] = (ConfigError, DataError, PermissionError)
+    bad_input = (ConfigError, DataError, TrackingError, PermissionError)
     try:
-        from cnnbench.study import StudyBusy
-        from cnnbench.tracking import TrackingError
-
-        bad_input += (TrackingError,)
         return args.func(args)
     except bad_input as err:
         print(f"cnnbench: error: {_one_line(err)}", file=sys.stderr)

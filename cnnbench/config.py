@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from cnnbench.errors import ConfigError  # noqa: F401  (re-exported here)
 
 
 @functools.cache
@@ -32,10 +33,6 @@ def _names() -> dict[str, tuple[str, ...]]:
     return {"model": tuple(list_models()), "activation": tuple(ACTIVATIONS),
             "dataset": tuple(DATASETS), "augment": tuple(AUGMENTATIONS),
             **{f"settings:{m}": model_entry(m).settings for m in list_models()}}
-
-
-class ConfigError(ValueError):
-    """Bad input. The message is one line naming the file (if any) and the field."""
 
 
 # Settings that change how a run is executed or recorded but not what it computes:

@@ -10,6 +10,7 @@ whole batches. There is no per-image PIL path and no DataLoader.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from cnnbench.errors import DataError  # noqa: F401  (re-exported here)
+
 DATA_ENV = "CNNBENCH_DATA"
 VAL_SPLIT_SEED = 20240601  # the validation split is fixed: the same images for every trial and seed
-
-
-class DataError(RuntimeError):
-    """Missing, truncated or corrupt data. The message names the directory or file."""
 
 
 @dataclass(frozen=True)
@@ -83,11 +82,11 @@ def _read(info: DatasetInfo, root: Path, *, train: bool) -> tuple[Tensor, Tensor
         ds = cls(root=str(root), train=train, download=False)
     except RuntimeError as err:
         if "not found" not in str(err).lower():
-            raise DataError(f"{root / info.folder}: cannot read the {info.name} {split} set ({_one_line(err)})") from None
+            raise DataError(f"{root / info.folder}: cannot read the {info.name} {split} set ({_describe(err)})") from None
         ds = _download(cls, info, root, train)
     except Exception as err:  # truncated or corrupt files fail inside torchvision's readers
         raise DataError(f"{root / info.folder}: cannot read the {info.name} {split} set "
-                        f"({type(err).__name__}: {_one_line(err)}); delete the files to download them again") from None
+                        f"({_describe(err)}); delete the files to download them again") from None
     x, y = _as_tensors(ds.data, ds.targets, info)
     expected = info.n_train if train else info.n_test
     if x.shape != (expected, info.channels, info.size, info.size) or y.shape != (expected,):
@@ -100,13 +99,22 @@ def _read(info: DatasetInfo, root: Path, *, train: bool) -> tuple[Tensor, Tensor
 
 
 def _download(cls, info: DatasetInfo, root: Path, train: bool):
+    # folders the download creates are removed again if it fails: nothing half-written
+    created = [p for p in (root, root / info.folder) if not p.exists()]
     try:
         return cls(root=str(root), train=train, download=True)
     except Exception as err:
+        for path in reversed(created):
+            shutil.rmtree(path, ignore_errors=True)
         raise DataError(
-            f"{info.name} is not in {root.resolve()} and could not be downloaded "
-            f"({type(err).__name__}: {_one_line(err)}); set {DATA_ENV} or --data-dir to a folder "
-            f"that holds {info.folder}/ (offline here: ../shared/data)") from None
+            f"{info.name} is not in {root.resolve()} and could not be downloaded ({_describe(err, 120)}); "
+            f"set {DATA_ENV} or --data-dir to a folder that holds {info.folder}/") from None
+
+
+def _describe(err: BaseException, limit: int = 200) -> str:
+    text = _one_line(err)
+    text = text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(err).__name__}: {text}" if text and text != type(err).__name__ else type(err).__name__
 
 
 def _as_tensors(data, targets, info: DatasetInfo) -> tuple[Tensor, Tensor]:
@@ -118,8 +126,7 @@ def _as_tensors(data, targets, info: DatasetInfo) -> tuple[Tensor, Tensor]:
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:200] or type(err).__name__
+    return " ".join(str(err).split())
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are for everyone to read
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -24,6 +25,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -38,17 +45,20 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], Any]) -> None:
 
 
 def check_writable(folder: str | os.PathLike) -> None:
-    """Raise PermissionError (naming the folder) unless files can be created in `folder`."""
+    """Raise PermissionError (naming the folder) unless files can be created in `folder`.
+
+    Probes by creating and removing a file in the folder or, when it does not exist
+    yet, in its nearest existing ancestor; permission bits alone would not do (root
+    ignores them, a read-only mount or /proc does not). Creates nothing that stays."""
     folder = Path(folder)
     probe = folder
-    while not probe.exists():
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise PermissionError(f"{folder}: not writable")
-    if folder.exists():
-        try:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".probe.")
-        except OSError as err:
-            raise PermissionError(f"{folder}: not writable ({err.strerror})") from None
-        os.close(fd)
-        os.unlink(tmp)
+    if not probe.is_dir():
+        raise PermissionError(f"{folder}: not writable ({probe} is not a folder)")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".cnnbench-probe.")
+    except OSError as err:
+        raise PermissionError(f"{folder}: not writable ({err.strerror})") from None
+    os.close(fd)
+    os.unlink(tmp)

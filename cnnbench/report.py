@@ -89,6 +89,9 @@ def summary_frame(spec: StudySpec, rows: Sequence[TrialRow]) -> pd.DataFrame:
             rec[f"epoch{e}_test_acc"] = r.metric("test/acc", e)
         if any("val/acc" in h for h in r.history):
             rec["best_val_acc"], rec["best_val_epoch"] = r.best("val/acc")
+        if "model" in spec.varied:  # architectures side by side: their size and cost
+            cost = _model_cost(c)
+            rec.update({"params": cost["params"], "macs_per_image": cost["macs"]})
         rec.update({"train_seconds": round(r.train_seconds, 3), "images_per_second": round(r.images_per_second, 1),
                     "fused_with": r.fused_with, "device": r.device, "mlflow_run_id": row.run_id,
                     "trial_key": c.key(), "reason": r.reason})
@@ -96,13 +99,22 @@ def summary_frame(spec: StudySpec, rows: Sequence[TrialRow]) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def _fmt(values: pd.Series) -> str:
+def _model_cost(config: TrialConfig) -> dict[str, int]:
+    from cnnbench.data import DATASETS
+    from cnnbench.summary import model_cost
+
+    info = DATASETS[config.dataset]
+    return model_cost(config.model, (info.channels, info.size, info.size), num_classes=info.classes)
+
+
+def _fmt(values: pd.Series, digits: int = 2) -> str:
+    """One value, or mean ± sample std over seeds."""
     v = values.dropna()
     if v.empty:
         return "–"
     if len(v) == 1:
-        return f"{v.iloc[0]:.2f}"
-    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+        return f"{v.iloc[0]:,.{digits}f}"
+    return f"{v.mean():,.{digits}f} ± {v.std(ddof=1):,.{digits}f}"
 
 
 def _key(value: Any) -> str:
@@ -132,7 +144,10 @@ def table_markdown(spec: StudySpec, frame: pd.DataFrame, *, command: str = "", d
     labels = {"epoch1_test_acc": "epoch 1", "final_test_acc": "final", **{f"epoch{e}_test_acc": f"epoch {e}" for e in extra}}
     have_doc = [k for k in doc_keys if any(k in r for r in spec.reported)]
 
+    costs = "params" in frame
     head = sci + nui + ["n"] + [f"ours {labels[k]}" for k in doc_keys] + ["best (epoch)"]
+    if costs:
+        head += ["params", "MACs / image", "train s", "images/s"]
     if have_doc:
         head += [f"doc {labels[k]}" for k in have_doc] + [f"Δ {labels[k]}" for k in have_doc]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -145,8 +160,14 @@ def table_markdown(spec: StudySpec, frame: pd.DataFrame, *, command: str = "", d
             cells.append(_fmt(group[k]) if k in group else "–")
         best_epochs = group["best_epoch"].dropna().astype(int).tolist()
         cells.append(f"{_fmt(group['best_test_acc'])} ({', '.join(map(str, best_epochs)) or '–'})")
-        if div:
-            cells[len(values) + 2 + len(doc_keys) - 1] = f"diverged ({div}/{n})"
+        failed = int((~group["status"].isin(["finished", DIVERGED])).sum())
+        final = len(values) + 1 + len(doc_keys)  # the "ours final" cell
+        for count, word in ((div, "diverged"), (failed, "failed")):
+            if count:
+                cells[final] = f"{word} ({count}/{n})" if cells[final] == "–" else f"{cells[final]}, {word} ({count}/{n})"
+        if costs:
+            cells += [f"{int(group['params'].iloc[0]):,}", f"{int(group['macs_per_image'].iloc[0]):,}",
+                      _fmt(group["train_seconds"], 1), _fmt(group["images_per_second"], 0)]
         if have_doc:
             doc = reported.get(tuple(_key(v) for v in values[:len(sci)]), {})
             cells += [f"{doc[k]:.2f}" if k in doc else "–" for k in have_doc]
@@ -173,14 +194,23 @@ def table_markdown(spec: StudySpec, frame: pd.DataFrame, *, command: str = "", d
 # -- figures ---------------------------------------------------------------------------------
 
 
-def _label(spec: StudySpec, config: TrialConfig) -> str:
-    return " ".join(f"{k}={_key(getattr(config, k))}" for k in spec.varied)
+def _label(keys: Sequence[str], config: TrialConfig) -> str:
+    return " ".join(f"{k}={_key(getattr(config, k))}" for k in keys) or config.model
 
 
 def curves_frame(spec: StudySpec, rows: Sequence[TrialRow], n_train: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Long frames of the first epoch's loss and of test accuracy per epoch, one line per
+    varied value (epochs left out when several epoch counts read one run)."""
+    shared = len({r.run_id for r in rows}) < len(rows)
+    keys = [k for k in spec.varied if not (k == "epochs" and shared)]
+    seen, unique = set(), []
+    for row in rows:  # one row per distinct run
+        if row.run_id not in seen or not row.run_id:
+            seen.add(row.run_id)
+            unique.append(row)
     loss, acc = [], []
-    for row in rows:
-        label = _label(spec, row.config)
+    for row in unique:
+        label = _label(keys, row.config)
         for samples, value in row.result.curve:
             if samples <= n_train:
                 loss.append({"value": label, "seed": row.config.seed, "samples": samples, "loss": value})
@@ -212,13 +242,7 @@ def draw_accuracy(ax, acc: pd.DataFrame, *, zoom: bool = False) -> None:
 
 
 def save_figures(spec: StudySpec, rows: Sequence[TrialRow], out_dir: Path, n_train: int) -> list[Path]:
-    # one row per distinct run (epoch-reuse rows share their run's curves)
-    seen, unique = set(), []
-    for row in rows:
-        if row.run_id not in seen or not row.run_id:
-            seen.add(row.run_id)
-            unique.append(row)
-    loss, acc = curves_frame(spec, unique, n_train)
+    loss, acc = curves_frame(spec, rows, n_train)
     sns.set_theme(style="whitegrid", context="notebook")
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     draw_loss(axes[0], loss)

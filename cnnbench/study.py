@@ -26,6 +26,7 @@ from typing import Any, Iterator
 from cnnbench import fileio
 from cnnbench.config import ConfigError, StudySpec, TrialConfig
 from cnnbench.data import data_dir, load_arrays
+from cnnbench.errors import StudyBusy  # noqa: F401  (re-exported here)
 from cnnbench.fused import fuse_groups
 from cnnbench.report import TrialRow, truncate, write_results
 from cnnbench.tracking import (TAG_SCIENTIFIC, Tracker, check_reachable, quiet_mlflow, run_name,
@@ -33,10 +34,6 @@ from cnnbench.tracking import (TAG_SCIENTIFIC, Tracker, check_reachable, quiet_m
 from cnnbench.train import DIVERGED, FINISHED, TrialResult, load_data, resolve_device, resume_epoch, train_group
 
 STATE_ENV = "CNNBENCH_HOME"
-
-
-class StudyBusy(RuntimeError):
-    """Another process is running this study on this machine."""
 
 
 def state_dir(explicit: str | os.PathLike | None = None) -> Path:

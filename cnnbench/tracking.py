@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,6 +28,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE, MLFLOW_SOURCE_NAME
 
 from cnnbench.config import TrialConfig
+from cnnbench.errors import TrackingError  # noqa: F401  (re-exported here)
 from cnnbench.train import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, Recorder, TrialResult
 
 TAG_STUDY = "cnnbench.study"
@@ -43,37 +45,45 @@ MLFLOW_STATUS = {FINISHED: "FINISHED", PRUNED: "FINISHED", DIVERGED: "FAILED", F
 DONE = (FINISHED, DIVERGED)  # outcomes that a resumed study does not train again
 
 
-class TrackingError(RuntimeError):
-    """The tracking store cannot be reached or written. One line, naming the URI."""
-
-
 def tracking_uri(explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
+def masked(uri: str) -> str:
+    """`uri` with any password replaced by ***, for messages, tags and results."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, before any training, when the store cannot be used."""
+    shown = masked(uri)
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:
                 resp.read(1)
         except urllib.error.HTTPError as err:
-            raise TrackingError(f"MLflow tracking URI {uri}: server answered HTTP {err.code}") from None
+            raise TrackingError(f"MLflow tracking URI {shown}: server answered HTTP {err.code}") from None
         except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise TrackingError(f"MLflow tracking URI {uri} cannot be reached ({reason}); "
+            raise TrackingError(f"MLflow tracking URI {shown} cannot be reached ({reason}); "
                                 "start the server or fix MLFLOW_TRACKING_URI") from None
         return
     if uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise TrackingError(f"MLflow tracking URI {uri}: folder {folder} is missing or not writable")
+            raise TrackingError(f"MLflow tracking URI {shown}: folder {folder} is missing or not writable")
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:
-        raise TrackingError(f"MLflow tracking URI {uri} cannot be used ({type(err).__name__}: "
-                            f"{' '.join(str(err).split())[:200]})") from None
+        secret = urllib.parse.urlsplit(uri).password
+        detail = " ".join(str(err).split())[:200]
+        detail = detail.replace(secret, "***") if secret else detail
+        raise TrackingError(f"MLflow tracking URI {shown} cannot be used ({type(err).__name__}: {detail})") from None
 
 
 @functools.cache
@@ -176,10 +186,12 @@ class Tracker:
                     done[key] = run
         return done
 
-    def close_orphans(self, reason: str) -> list[str]:
-        """Runs left RUNNING by a process that died (SIGKILL, power cut) become KILLED."""
+    def close_orphans(self, reason: str, *, extra: str = "") -> list[str]:
+        """Runs left RUNNING by a process that died (SIGKILL, power cut) become KILLED.
+        `extra` narrows the search (a sweep closes only its own parent's children)."""
         closed = []
-        for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        query = "attributes.status = 'RUNNING'" + (f" and {extra}" if extra else "")
+        for run in self.client.search_runs([self.experiment_id], query, max_results=1000):
             tags = run.data.tags
             # a run of another machine, or of a live process here, is not ours to close
             if tags.get(TAG_HOST) != socket.gethostname() or _alive(tags.get(TAG_PID)):

@@ -149,10 +149,12 @@ class SingleEngine:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.names = [n for n, _ in self.model.named_parameters()]
         params = [p for _, p in self.model.named_parameters()]
+        # one fused kernel per step on CUDA; foreach (a few kernels for all tensors) elsewhere
+        kernels = {"fused": True} if device.type == "cuda" else {"foreach": True}
         if c.optimizer == "sgd":
-            self.opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, foreach=True)
+            self.opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, **kernels)
         else:
-            self.opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay, foreach=True)
+            self.opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay, **kernels)
         self.forward = self.model if c.compile == "none" else torch.compile(self.model, mode=c.compile)
         self.lrs: list[list[float]] = [[c.lr]]
 
@@ -270,8 +272,11 @@ def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike 
                 recorders: Sequence[Recorder] | None = None,
                 checkpoint_dirs: Sequence[Path | None] | None = None,
                 data: DeviceData | None = None, evaluate_test: bool = True,
-                progress: Any = None) -> list[TrialResult]:
+                progress: Any = None, fused: bool | None = None) -> list[TrialResult]:
     """Train `configs` together (they must be fusable, see fused.group_key) or one alone.
+
+    `fused`: None trains K > 1 trials with the FusedEngine and one trial with the
+    SingleEngine; True uses the FusedEngine even for one trial (the benchmark's K = 1).
 
     Every trial's outcome is returned, failures included: an exception inside training
     (out of memory, say) marks the trials failed with the reason and does not propagate.
@@ -289,7 +294,7 @@ def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike 
     results = [TrialResult(config=c, device=str(device), fused_with=k_trials) for c in configs]
     started = [False] * k_trials
     try:
-        if k_trials == 1:
+        if k_trials == 1 and not fused:
             engine: Any = SingleEngine(configs, device, data.info)
         else:
             from cnnbench.fused import FusedEngine, check_fusable
@@ -344,6 +349,8 @@ def _fit(engine, configs, data: DeviceData, recorders, ckpt_dirs, results, start
             r = results[k]
             r.history, r.curve = list(state["history"]), [tuple(p) for p in state["curve"]]
             r.train_seconds, r.images, r.best_epoch = state["train_seconds"], state["images"], state["best_epoch"]
+            r.final_checkpoint = d / "last.pt"
+            r.best_checkpoint = d / "best.pt" if (d / "best.pt").exists() else None
             start_epoch = int(state["epoch"])
             resumed = r
         recorders[k].start(c, {"device": str(data.device), "fused_with": k_trials,

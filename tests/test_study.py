@@ -21,7 +21,7 @@ def _runs(uri, experiment):
 
 @pytest.mark.slow
 def test_lr_study_end_to_end(workdir):
-    out = cli("study", str(REPO / "studies" / "lr.yaml"), *QUICK, cwd=workdir)
+    out = cli("study", str(REPO / "studies" / "lr.yaml"), *QUICK, "--seeds", "0", cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| lr | n | ours epoch 1 | ours final" in out.stdout
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -66,7 +66,7 @@ def test_lr_study_end_to_end(workdir):
         "results/summary.csv", "results/table.md", "results/curves.png"}
 
     # the same command again trains nothing: every trial is found finished by its config
-    again = cli("study", str(REPO / "studies" / "lr.yaml"), *QUICK, cwd=workdir)
+    again = cli("study", str(REPO / "studies" / "lr.yaml"), *QUICK, "--seeds", "0", cwd=workdir)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "0 run(s) trained, 5 already finished" in again.stdout
     _, runs = _runs(uri, "lr")
@@ -103,3 +103,19 @@ def test_bad_input_exits_2_and_writes_nothing(workdir, args, message):
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cnnbench: error:") and message in err[0], out.stderr
     assert tree(workdir) == before  # no mlflow.db, no results, no checkpoints
+
+
+def test_evaluate_retests_an_epoch_checkpoint(workdir, data_root):
+    """Document 000's `python mnist.py --net model/net_008.pth`: re-test a saved epoch."""
+    from cnnbench.train import run_trial
+
+    from conftest import quick
+
+    ckpt = workdir / "ckpt"
+    result = run_trial(quick(epochs=2, checkpoints="all", activation="relu", lr=0.05), data_root=data_root,
+                       checkpoint_dir=ckpt)
+    out = cli("evaluate", str(ckpt / "epoch_001.pt"), cwd=workdir)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"test accuracy {result.history[0]['test/acc']:.2f}% on 500 images" in out.stdout
+    bad = cli("evaluate", str(workdir / "nope.pt"), cwd=workdir)
+    assert bad.returncode == 2 and "no such checkpoint" in bad.stderr

@@ -9,7 +9,8 @@ first two (document 001, and torchvision's `AlexNet`).
   since an 11x11 stride-4 filter would leave a 5x5 map that the three pools cannot halve;
 - widths divided by about six (96-256-384-384-256 -> 16-32-48-48-32) and the hidden
   linear layers 4096 -> 256, so that a 10-epoch MNIST run takes minutes on 2 CPU cores
-  (about 2.9 M multiply-adds per image, against 0.42 M for LeNet-5 and 1.1 G for the paper);
+  (4.3 M multiply-adds per image by `cnnbench summary`, against 0.42 M for LeNet-5 and
+  1.1 G for the paper);
 - no local response normalisation (document 004: "not common anymore") and no split of
   the filters over two GPUs.
 `alexnet_paper` keeps the paper's sizes (with LRN, filters in one group), for

@@ -1,0 +1,317 @@
+"""`cnnbench bench`: what a study costs through cnnbench's loop against the naive loop.
+
+In one process, on one device, it times
+  naive   the loop a user writes from the documents: torchvision MNIST with ToTensor and
+          Normalize, a shuffled DataLoader, `.to(device)` per batch, `loss.item()` every
+          step, trials one after another;
+  single  cnnbench's loop (device-resident data, no per-step sync), one trial at a time;
+  fused   cnnbench's loop with K trials stacked and vmapped, K = 1, 2, 4, 5, 8, ... until
+          the throughput stops rising (5 is the learning-rate study's K);
+and, with --options, each GPU option (bf16 autocast, channels_last, torch.compile, CUDA
+graphs through compile's reduce-overhead mode) on the fused loop. Throughput is in
+model-images per second (K models each seeing an image count K times). Measurements are
+interleaved over several repeats after an untimed warm-up, and the median is shown with
+the ratio to the naive loop measured in the same run: these machines are noisy.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from cnnbench import fileio
+from cnnbench.config import TrialConfig
+from cnnbench.data import DATASETS, data_dir, load_arrays
+from cnnbench.models import get_model
+from cnnbench.train import _sync, load_data, resolve_device, train_group
+
+LR_STUDY = (0.001, 0.005, 0.01, 0.05, 0.1)
+LR_STUDY_IMAGES = len(LR_STUDY) * 10 * 60_000  # 5 trials x 10 epochs of 60,000 training images
+
+# FP32 (non-tensor-core) peak of common accelerators, TFLOP/s, for the fraction reached
+FP32_PEAK_TFLOPS = {"H100 SXM": 67.0, "H100 PCIe": 51.0, "H100": 67.0, "H200": 67.0, "A100": 19.5,
+                    "L40S": 91.6, "L4": 30.3, "A10G": 31.2, "V100": 15.7, "T4": 8.1, "RTX 4090": 82.6}
+
+
+@dataclass
+class Measurement:
+    method: str
+    k: int
+    samples: list[float] = field(default_factory=list)  # model-images/s per repeat
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else math.nan
+
+
+def naive_trial(config: TrialConfig, root: Path, device: torch.device, *, epochs: int = 1,
+                max_steps: int | None = None, evaluate: bool = False, warm: int = 10) -> tuple[float, float]:
+    """The documents' loop. Returns (training images/s after `warm` untimed steps, total seconds)."""
+    import torchvision
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import transforms
+
+    start = time.perf_counter()
+    info = DATASETS[config.dataset]
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
+    cls = getattr(torchvision.datasets, info.torchvision_class)
+    train, test = cls(root=str(root), train=True, transform=tf), cls(root=str(root), train=False, transform=tf)
+    if max_steps is not None:
+        train = Subset(train, range(min(len(train), (max_steps + warm) * config.batch_size)))
+    loader = DataLoader(train, batch_size=config.batch_size, shuffle=True)
+    torch.manual_seed(config.seed)
+    model = get_model(config.model, in_channels=info.channels, num_classes=info.classes, image_size=info.size,
+                      activation=config.activation).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    running, seen, t0 = 0.0, 0, time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        for i, (x, y) in enumerate(loader):
+            if epoch == 0 and i == warm:
+                _sync(device)
+                t0, seen = time.perf_counter(), 0
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            running += loss.item()  # as the documents print the running loss
+            seen += x.shape[0]
+        if evaluate:
+            model.eval()
+            correct = 0
+            with torch.no_grad():
+                for x, y in DataLoader(test, batch_size=config.test_batch_size):
+                    x, y = x.to(device), y.to(device)
+                    correct += (model(x).argmax(1) == y).sum().item()
+    _sync(device)
+    end = time.perf_counter()
+    return seen / (end - t0), end - start
+
+
+def naive_loop(config: TrialConfig, root: Path, device: torch.device, steps: int) -> float:
+    return naive_trial(config, root, device, max_steps=steps)[0]
+
+
+def cnnbench_loop(configs: list[TrialConfig], data, fused: bool = False) -> float:
+    """cnnbench's training throughput (model-images/s) over one epoch of `data`."""
+    results = train_group(configs, data=data, evaluate_test=False, fused=fused)
+    r = results[0]
+    if r.status != "finished":
+        raise RuntimeError(f"benchmark trial {r.status}: {r.reason}")
+    return len(configs) * r.images / r.train_seconds
+
+
+def flops_per_image(config: TrialConfig, device: torch.device) -> float:
+    """Training FLOPs per image (forward + backward), counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    info = DATASETS[config.dataset]
+    model = get_model(config.model, in_channels=info.channels, num_classes=info.classes, image_size=info.size,
+                      activation=config.activation).to(device)
+    x = torch.randn(config.batch_size, info.channels, info.size, info.size, device=device)
+    y = torch.randint(0, info.classes, (config.batch_size,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops() / config.batch_size
+
+
+def fp32_peak(device: torch.device) -> tuple[float, str]:
+    """(TFLOP/s, how it was found) for the fraction-of-peak figure."""
+    if device.type != "cuda":
+        return math.nan, "n/a on this device"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in sorted(FP32_PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if key in name:
+            return tflops, f"{name} datasheet"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randn(8192, 8192, device=device)
+    for _ in range(3):
+        a @ a
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    _sync(device)
+    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12, f"{name}, measured FP32 matmul"
+
+
+def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", batch_size: int = 64,
+              steps: int = 200, repeats: int = 3, max_k: int | None = None, options: bool = False,
+              out_dir: Path | None = Path("results/bench"), say: Callable[[str], None] = print) -> dict[str, Any]:
+    dev = resolve_device(device)
+    root = data_dir(data_root)
+    load_arrays("mnist", root)
+    if out_dir is not None:
+        fileio.check_writable(out_dir)
+    max_k = max_k or (64 if dev.type == "cuda" else 16)
+    base = TrialConfig(model=model, batch_size=batch_size, epochs=1, train_subset=steps * batch_size,
+                       test_subset=1000, log_every=50, progress=False, device=str(dev), checkpoints="final")
+    say(f"device {dev} ({_device_name(dev)}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"python {platform.python_version()}; {model}, batch {batch_size}, {steps} steps per measurement, "
+        f"{repeats} repeats, median shown")
+    data = load_data(base, root, dev)
+
+    def lrs(k: int) -> list[TrialConfig]:
+        return [base.replace(lr=LR_STUDY[i % len(LR_STUDY)], seed=i // len(LR_STUDY)) for i in range(k)]
+
+    measures: dict[tuple[str, int], Measurement] = {}
+    plan: list[tuple[str, int, Callable[[], float]]] = [
+        ("naive", 1, lambda: naive_loop(base, root, dev, steps)),
+        ("single", 1, lambda: cnnbench_loop([base], data)),
+    ]
+    ks = [k for k in (1, 2, 4, 5, 8, 16, 32, 64) if k <= max_k]
+
+    # untimed warm-up of every path (lazy init, cuDNN autotuning, first allocations)
+    naive_loop(base, root, dev, 5)
+    cnnbench_loop([base], data)
+    cnnbench_loop(lrs(2), data, fused=True)
+
+    for rep in range(repeats):  # interleaved so that drifting machine load hits every method alike
+        for method, k, fn in plan:
+            measures.setdefault((method, k), Measurement(method, k)).samples.append(fn())
+        say(f"  repeat {rep + 1}/{repeats}: naive {measures[('naive', 1)].samples[-1]:,.0f}, "
+            f"single {measures[('single', 1)].samples[-1]:,.0f} images/s")
+
+    # fused: K upward until the throughput stops rising (< 5% over the previous K)
+    previous = 0.0
+    for k in ks:
+        m = Measurement("fused", k)
+        configs = lrs(k)
+        cnnbench_loop(configs, data, fused=True)  # warm-up for this K
+        for _ in range(repeats):
+            m.samples.append(cnnbench_loop(configs, data, fused=True))
+        measures[("fused", k)] = m
+        say(f"  fused K={k:<3} {m.median:>12,.0f} model-images/s")
+        if k >= 5 and m.median < previous * 1.05:
+            break
+        previous = max(previous, m.median)
+
+    if options:
+        for label, change in _option_variants(dev):
+            k = 16 if dev.type == "cuda" else 5
+            configs = [c.replace(**change) for c in lrs(k)]
+            m = Measurement(f"fused+{label}", k)
+            try:
+                variant_data = load_data(configs[0], root, dev)
+                cnnbench_loop(configs, variant_data, fused=True)  # includes compilation
+                for _ in range(repeats):
+                    m.samples.append(cnnbench_loop(configs, variant_data, fused=True))
+            except Exception as err:  # an option this device lacks is reported, not fatal
+                m.note = f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
+            measures[(m.method, k)] = m
+            say(f"  {m.method:<22} K={k:<3} {m.median:>12,.0f} model-images/s {m.note}")
+
+    naive = measures[("naive", 1)].median
+    flops = flops_per_image(base, dev)
+    peak, peak_source = fp32_peak(dev)
+    rows = []
+    for m in measures.values():
+        rows.append({"method": m.method, "k": m.k, "model_images_per_s": round(m.median, 1),
+                     "ratio_to_naive": round(m.median / naive, 2), "repeats": len(m.samples),
+                     "min": round(min(m.samples), 1) if m.samples else math.nan,
+                     "max": round(max(m.samples), 1) if m.samples else math.nan,
+                     "fraction_of_fp32_peak": m.median * flops / (peak * 1e12) if peak == peak else math.nan,
+                     "note": m.note})
+    fused = {k: m.median for (method, k), m in measures.items() if method == "fused"}
+    k_lr = 5 if 5 in fused else max(fused)
+    projection = {
+        "naive, sequential": LR_STUDY_IMAGES / naive,
+        "cnnbench, one trial at a time": LR_STUDY_IMAGES / measures[("single", 1)].median,
+        f"cnnbench fused (K={k_lr})": LR_STUDY_IMAGES / fused[k_lr],
+    }
+    summary = {"device": str(dev), "device_name": _device_name(dev), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "model": model, "batch_size": batch_size, "steps": steps,
+               "repeats": repeats, "flops_per_training_image": flops, "fp32_peak_tflops": peak,
+               "peak_source": peak_source, "rows": rows, "projection_seconds": projection}
+    say(_report(summary))
+    if out_dir is not None:
+        _write(summary, out_dir)
+    return summary
+
+
+def _option_variants(dev: torch.device) -> list[tuple[str, dict[str, Any]]]:
+    variants = [("channels_last", {"channels_last": True}), ("bf16", {"amp": "bf16"})]
+    variants += [("compile", {"compile": "default"})]
+    if dev.type == "cuda":
+        variants += [("cudagraphs", {"compile": "reduce-overhead"}),
+                     ("bf16+cudagraphs", {"amp": "bf16", "compile": "reduce-overhead"})]
+    return variants
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return platform.processor() or platform.machine()
+
+
+def _report(s: dict[str, Any]) -> str:
+    lines = ["", f"{'method':<24}{'K':>4}{'model-images/s':>16}{'x naive':>9}{'fp32 peak':>11}"]
+    for r in s["rows"]:
+        frac = r["fraction_of_fp32_peak"]
+        lines.append(f"{r['method']:<24}{r['k']:>4}{r['model_images_per_s']:>16,.0f}{r['ratio_to_naive']:>9.2f}"
+                     f"{(f'{frac:.2%}' if frac == frac else '–'):>11} {r['note']}")
+    lines.append("")
+    lines.append(f"learning-rate study (5 trials x 10 epochs x 60,000 images), projected training time "
+                 f"({s['flops_per_training_image'] / 1e6:.2f} MFLOP per training image):")
+    naive = s["projection_seconds"]["naive, sequential"]
+    for name, sec in s["projection_seconds"].items():
+        lines.append(f"  {name:<32} {sec:>9.1f} s  ({naive / sec:.2f}x)")
+    return "\n".join(lines)
+
+
+def _write(s: dict[str, Any], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    frame = pd.DataFrame(s["rows"])
+    fileio.write_text(out_dir / "bench.csv", frame.to_csv(index=False))
+    fileio.write_text(out_dir / "bench.md", "```\n" + _report(s).strip() + "\n```\n\n"
+                      f"device: {s['device']} ({s['device_name']}), torch {s['torch']}, {s['threads']} threads\n")
+    fused = frame[frame["method"] == "fused"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(fused["k"], fused["model_images_per_s"], marker="o", label="cnnbench fused")
+    for method, style in (("single", "--"), ("naive", ":")):
+        row = frame[frame["method"] == method]
+        if not row.empty:
+            ax.axhline(row["model_images_per_s"].iloc[0], linestyle=style, color="grey", label=f"{method} (K=1)")
+    ax.set(xscale="log", xlabel="trials trained together (K)", ylabel="model-images / s",
+           title=f"{s['model']}, batch {s['batch_size']} on {s['device']}")
+    ax.set_xticks(fused["k"].tolist(), [str(k) for k in fused["k"]])
+    ax.legend()
+    fig.tight_layout()
+    fileio.write_with(out_dir / "throughput.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def time_lr_study(*, data_root=None, device: str = "auto", epochs: int = 10, say=print) -> dict[str, float]:
+    """Train the learning-rate study's five trials for real, with a test pass after every
+    epoch, through the naive loop and through cnnbench's default path; wall time each."""
+    from cnnbench.fused import fuse_groups
+
+    dev = resolve_device(device)
+    root = data_dir(data_root)
+    base = TrialConfig(model="lenet5", activation="sigmoid", batch_size=64, epochs=epochs, progress=False,
+                       device=str(dev), checkpoints="final")
+    configs = [base.replace(lr=lr) for lr in LR_STUDY]
+    t0 = time.perf_counter()
+    data = load_data(base, root, dev)
+    for group in fuse_groups(configs):
+        train_group([configs[i] for i in group], data=data)
+    ours = time.perf_counter() - t0
+    say(f"cnnbench, 5 trials x {epochs} epochs, test set after each epoch: {ours:.1f} s")
+    naive = sum(naive_trial(c, root, dev, epochs=epochs, evaluate=True)[1] for c in configs)
+    say(f"naive loop, the same: {naive:.1f} s; cnnbench is {naive / ours:.2f}x faster")
+    return {"naive_seconds": naive, "cnnbench_seconds": ours, "ratio": naive / ours}

@@ -1,0 +1,18 @@
+"""The errors a user can cause, in one light module (the CLI catches them without
+importing torch or MLflow first). Each message is one line naming the file or field."""
+
+
+class ConfigError(ValueError):
+    """Bad input: a spec, a setting or an option. The message names the file and the field."""
+
+
+class DataError(RuntimeError):
+    """Missing, truncated or corrupt data. The message names the directory or file."""
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or written. The message names the URI."""
+
+
+class StudyBusy(RuntimeError):
+    """Another process is running this study on this machine."""

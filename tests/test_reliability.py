@@ -1,0 +1,393 @@
+"""Interrupted studies resume, bad input is refused cleanly, nothing is lost.
+
+Each test fails without the behaviour it names: SIGKILL and Ctrl-C in the middle of a
+trial, a diverging trial, an out-of-memory trial, a second process on a running study,
+a table of bad inputs plus a property-based test of invalid specs, corrupt data files,
+an unreachable tracking server, atomic result files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlflow import MlflowClient
+
+from cnnbench import fileio
+from cnnbench.cli import main
+from cnnbench.config import SPEC_KEYS
+
+from conftest import tree
+
+SPEC = """
+name: {name}
+scientific: {{lr: [0.02, 0.05]}}
+fixed: {{activation: relu, epochs: {epochs}, train_subset: {subset}, test_subset: 500, log_every: 5, progress: false}}
+"""
+
+
+def write_spec(folder: Path, name: str = "rel", epochs: int = 6, subset: int = 5000, extra: str = "") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(SPEC.format(name=name, epochs=epochs, subset=subset) + extra)
+    return path
+
+
+def start(folder: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cnnbench", *args], cwd=folder, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def finish(proc: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def runs(folder: Path, experiment: str):
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([exp.experiment_id], max_results=1000) if exp else [])
+
+
+def trial_runs(folder: Path, experiment: str):
+    client, all_runs = runs(folder, experiment)
+    return client, [r for r in all_runs if r.data.tags.get("cnnbench.kind") == "trial"]
+
+
+def checkpoints(folder: Path, study: str) -> list[Path]:
+    return sorted((folder / ".cnnbench" / "checkpoints" / study).glob("*/last.pt"))
+
+
+def acc_history(folder: Path, experiment: str) -> dict[str, list[float]]:
+    client, trials = trial_runs(folder, experiment)
+    return {r.data.params["lr"]: [m.value for m in client.get_metric_history(r.info.run_id, "test/acc")]
+            for r in trials if r.info.status == "FINISHED"}
+
+
+def cli_run(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    return finish(start(folder, *args))
+
+
+@pytest.fixture
+def reference(tmp_path_factory, data_root, monkeypatch):
+    """The same study run once without interruption, for comparison."""
+    folder = tmp_path_factory.mktemp("reference")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+    monkeypatch.setenv("CNNBENCH_HOME", str(folder / ".cnnbench"))
+    monkeypatch.setenv("CNNBENCH_DATA", str(data_root))
+    out = cli_run(folder, "study", str(write_spec(folder)), "--no-fuse")
+    assert out.returncode == 0, out.stderr[-2000:]
+    return acc_history(folder, "rel")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_trial_resumes_and_loses_nothing(workdir, reference, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    monkeypatch.setenv("CNNBENCH_HOME", str(workdir / ".cnnbench"))
+    spec = write_spec(workdir)
+    proc = start(workdir, "study", str(spec), "--no-fuse")
+    wait_for(lambda: checkpoints(workdir, "rel") or proc.poll() is not None, what="a first epoch checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    _, left = runs(workdir, "rel")
+    assert any(r.info.status == "RUNNING" for r in left), "the kill did not land mid-trial"
+
+    again = cli_run(workdir, "study", str(spec), "--no-fuse")
+    assert again.returncode == 0, again.stderr[-2000:]
+    client, trials = trial_runs(workdir, "rel")
+    _, every = runs(workdir, "rel")
+    assert not [r for r in every if r.info.status == "RUNNING"]
+    finished = [r for r in trials if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["cnnbench.trial_key"] for r in finished) == sorted(
+        {r.data.tags["cnnbench.trial_key"] for r in trials})  # exactly one finished run per trial
+    assert len(finished) == 2
+    killed = [r for r in trials if r.info.status == "KILLED"]
+    assert killed and all(r.data.tags["cnnbench.status"] == "interrupted" for r in killed)
+    assert any(r.data.tags.get("cnnbench.resumed_from_epoch") for r in finished)
+    # the resumed trial holds its whole history and the same numbers as an uninterrupted run
+    assert acc_history(workdir, "rel") == reference
+    summary = pd.read_csv(workdir / "results" / "rel" / "summary.csv")
+    assert set(summary["mlflow_run_id"]) == {r.info.run_id for r in finished}
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_after_saving(workdir):
+    spec = write_spec(workdir, name="ctrlc")
+    proc = start(workdir, "study", str(spec), "--no-fuse")
+    wait_for(lambda: checkpoints(workdir, "ctrlc") or proc.poll() is not None, what="a first epoch checkpoint")
+    proc.send_signal(signal.SIGINT)
+    out = finish(proc)
+    assert out.returncode == 130, out.stderr[-2000:]
+    assert "run the same command to resume" in out.stderr
+    _, every = runs(workdir, "ctrlc")
+    assert every and not [r for r in every if r.info.status == "RUNNING"]
+    assert {r.info.status for r in every} == {"KILLED"}
+    assert checkpoints(workdir, "ctrlc")
+    assert not (workdir / "results" / "ctrlc").exists()  # no results for an unfinished study
+    again = cli_run(workdir, "study", str(spec), "--no-fuse")
+    assert again.returncode == 0, again.stderr[-2000:]
+    _, trials = trial_runs(workdir, "ctrlc")
+    assert len([r for r in trials if r.info.status == "FINISHED"]) == 2
+
+
+def test_a_diverging_trial_is_recorded_and_the_study_goes_on(workdir):
+    spec = write_spec(workdir, name="div", epochs=2, subset=640)
+    spec.write_text(spec.read_text().replace("[0.02, 0.05]", "[0.05, 10.0]"))
+    out = cli_run(workdir, "study", str(spec))
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = pd.read_csv(workdir / "results" / "div" / "summary.csv").set_index("lr")
+    assert bool(summary.loc[10.0, "diverged"]) and summary.loc[10.0, "status"] == "diverged"
+    assert not bool(summary.loc[0.05, "diverged"]) and summary.loc[0.05, "status"] == "finished"
+    assert "diverged (1/1)" in (workdir / "results" / "div" / "table.md").read_text()
+    _, trials = trial_runs(workdir, "div")
+    bad = [r for r in trials if float(r.data.params["lr"]) == 10.0][0]
+    assert bad.info.status == "FAILED" and bad.data.tags["cnnbench.status"] == "diverged"
+    assert bad.data.tags["diverged"] == "true" and "nan" in bad.data.tags["cnnbench.reason"].lower()
+    again = cli_run(workdir, "study", str(spec))  # a diverged trial is an outcome: not trained again
+    assert "0 run(s) trained, 2 already finished" in again.stdout
+
+
+def test_an_out_of_memory_trial_is_recorded_failed_and_the_study_goes_on(workdir):
+    # alexnet_paper resizes a 60,000-image batch to 3x227x227: one 37 GB allocation, refused at once
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if total > 30e9:
+        pytest.skip("this machine might satisfy the allocation")
+    path = workdir / "oom.yaml"
+    path.write_text(textwrap.dedent("""
+        name: oom
+        scientific: {model: [lenet5, alexnet_paper]}
+        fixed: {batch_size: 60000, epochs: 1, test_subset: 500, progress: false}
+    """))
+    out = cli_run(workdir, "study", str(path))
+    assert out.returncode == 1, out.stderr[-2000:]
+    summary = pd.read_csv(workdir / "results" / "oom" / "summary.csv").set_index("model")
+    assert summary.loc["lenet5", "status"] == "finished"
+    assert summary.loc["alexnet_paper", "status"] == "failed"
+    assert "out of memory" in summary.loc["alexnet_paper", "reason"]
+    assert "failed (1/1)" in (workdir / "results" / "oom" / "table.md").read_text()
+    _, trials = trial_runs(workdir, "oom")
+    failed = [r for r in trials if r.data.params["model"] == "alexnet_paper"][0]
+    assert failed.info.status == "FAILED" and "out of memory" in failed.data.tags["cnnbench.reason"]
+
+
+@pytest.mark.slow
+def test_a_second_process_does_not_train_the_same_study(workdir):
+    spec = write_spec(workdir, name="twice")
+    first = start(workdir, "study", str(spec))
+    wait_for(lambda: (workdir / ".cnnbench" / "locks" / "twice.lock").exists()
+             and (workdir / ".cnnbench" / "locks" / "twice.lock").read_text(), what="the study lock")
+    second = cli_run(workdir, "study", str(spec))
+    assert second.returncode == 3 and "already running here" in second.stderr
+    assert finish(first).returncode == 0
+    _, trials = trial_runs(workdir, "twice")
+    assert len(trials) == 2 and {r.info.status for r in trials} == {"FINISHED"}
+
+
+# -- bad input: exit 2, one line naming file and field, nothing written -----------------------
+
+
+@pytest.fixture
+def corrupt_data(tmp_path_factory, data_root) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("data")
+    out = {}
+    for kind in ("truncated", "labels"):
+        raw = base / kind / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for f in (data_root / "MNIST" / "raw").iterdir():
+            shutil.copy(f, raw / f.name)
+        out[kind] = base / kind
+    victim = out["truncated"] / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    victim.write_bytes(victim.read_bytes()[:1_000_000])
+    labels = out["labels"] / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    data = bytearray(labels.read_bytes())
+    data[8:20] = bytes([42] * 12)  # labels outside 0..9
+    labels.write_bytes(bytes(data))
+    out["missing"] = base / "nowhere"
+    return out
+
+
+GOOD = textwrap.dedent("""
+    name: ok
+    scientific: {lr: [0.01, 0.05]}
+    fixed: {epochs: 1, train_subset: 256, test_subset: 100, progress: false}
+""")
+
+
+BAD_SPECS = {
+    "malformed": ("name: ok\nscientific: {lr: [0.01\n", "malformed YAML"),
+    "unknown_key": (GOOD + "colour: blue\n", "unknown key 'colour'"),
+    "unknown_setting": (GOOD.replace("epochs: 1", "epoch: 1"), "unknown setting 'epoch'"),
+    "wrong_type": (GOOD.replace("epochs: 1", "epochs: ten"), "epochs: expected an integer"),
+    "lr_zero": (GOOD.replace("[0.01, 0.05]", "[0.0, 0.05]"), "lr: must be > 0"),
+    "batch_zero": (GOOD.replace("epochs: 1", "epochs: 1, batch_size: 0"), "batch_size: must be >= 1"),
+    "epochs_zero": (GOOD.replace("epochs: 1", "epochs: 0"), "epochs: must be >= 1"),
+    "momentum_negative": (GOOD.replace("epochs: 1", "epochs: 1, momentum: -0.5"), "momentum: must be in [0, 1)"),
+    "model": (GOOD.replace("epochs: 1", "epochs: 1, model: lenet9"), "model: unknown value 'lenet9'"),
+    "dataset": (GOOD.replace("epochs: 1", "epochs: 1, dataset: imagenet"), "dataset: unknown value 'imagenet'"),
+    "activation": (GOOD.replace("epochs: 1", "epochs: 1, activation: swish"), "activation: unknown value 'swish'"),
+    "optimizer": (GOOD.replace("epochs: 1", "epochs: 1, optimizer: lbfgs"), "optimizer: unknown value 'lbfgs'"),
+    "empty_search": (GOOD + "search: {}\n", "search: expected a non-empty mapping"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_specs_exit_2_and_write_nothing(workdir, capsys, case):
+    text, message = BAD_SPECS[case]
+    path = workdir / f"{case}.yaml"
+    path.write_text(text)
+    before = tree(workdir)
+    assert main(["study", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and message in err[0], err
+    assert tree(workdir) == before
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "could not be downloaded"),
+    ("truncated", "cannot read the mnist train set"),
+    ("labels", "labels lie outside 0..9"),
+])
+def test_missing_or_corrupt_data_exits_2_and_writes_nothing(workdir, capsys, corrupt_data, case, message):
+    path = workdir / "ok.yaml"
+    path.write_text(GOOD)
+    before = tree(workdir)
+    assert main(["study", str(path), "--data-dir", str(corrupt_data[case])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and str(corrupt_data[case]) in err[0], err
+    assert tree(workdir) == before
+    assert not corrupt_data["missing"].exists()  # a failed download leaves no folders behind
+
+
+def test_unreachable_tracking_server_is_refused_before_training(workdir, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
+    path = workdir / "ok.yaml"
+    path.write_text(GOOD)
+    before = tree(workdir)
+    t0 = time.time()
+    assert main(["study", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "http://127.0.0.1:9 cannot be reached" in err[0], err
+    assert time.time() - t0 < 30 and tree(workdir) == before
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_unwritable_results_folder_is_refused_before_training(workdir, capsys, where):
+    path = workdir / "ok.yaml"
+    path.write_text(GOOD)
+    blocker = workdir / "results.txt"
+    blocker.write_text("a file where a folder should be")
+    results = str(blocker / "results") if where == "file" else "/proc/cnnbench-results"
+    before = tree(workdir)
+    assert main(["study", str(path), "--results-dir", results]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not writable" in err[0], err
+    assert tree(workdir) == before
+
+
+# a valid spec, then one thing made invalid: the property is that every such spec is
+# refused with exit 2, one line naming the file, and nothing written
+VALID = {"name": "prop", "scientific": {"lr": [0.01, 0.05]},
+         "fixed": {"epochs": 1, "train_subset": 256, "test_subset": 100, "progress": False}, "seeds": [0]}
+INT_SETTINGS = ["epochs", "batch_size", "test_batch_size", "step_size"]
+POSITIVE_FLOATS = ["lr"]
+CHOICE_SETTINGS = ["model", "dataset", "optimizer", "schedule", "activation", "amp", "checkpoints", "device"]
+
+junk_text = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
+
+
+@st.composite
+def invalid_specs(draw) -> dict:
+    spec = yaml.safe_load(yaml.safe_dump(VALID))
+    kind = draw(st.sampled_from(["top_key", "setting", "int_type", "int_range", "float_range", "choice",
+                                 "seeds", "scientific_empty", "scientific_type", "momentum"]))
+    if kind == "top_key":
+        spec[draw(junk_text.filter(lambda k: k not in SPEC_KEYS))] = draw(st.integers())
+    elif kind == "setting":
+        from cnnbench.config import TrialConfig
+
+        known = set(TrialConfig.__dataclass_fields__)
+        spec["fixed"][draw(junk_text.filter(lambda k: k not in known))] = 1
+    elif kind == "int_type":
+        spec["fixed"][draw(st.sampled_from(INT_SETTINGS))] = draw(
+            st.one_of(st.floats(allow_nan=False).filter(lambda f: not f.is_integer()), junk_text, st.booleans(),
+                      st.lists(st.integers(), max_size=2)))
+    elif kind == "int_range":
+        spec["fixed"][draw(st.sampled_from(INT_SETTINGS))] = draw(st.integers(max_value=0))
+    elif kind == "float_range":
+        spec["scientific"]["lr"] = [0.01, draw(st.floats(max_value=0, allow_nan=False))]
+    elif kind == "choice":
+        spec["fixed"][draw(st.sampled_from(CHOICE_SETTINGS))] = draw(junk_text.map(lambda t: "x" + t))
+    elif kind == "seeds":
+        spec["seeds"] = draw(st.one_of(st.just([]), st.lists(st.integers(max_value=-1), min_size=1, max_size=3),
+                                       junk_text))
+    elif kind == "scientific_empty":
+        spec["scientific"] = {}
+    elif kind == "scientific_type":
+        spec["scientific"]["lr"] = draw(st.one_of(st.floats(allow_nan=False), junk_text))
+    else:
+        spec["fixed"]["momentum"] = draw(st.one_of(st.floats(max_value=-1e-9, allow_nan=False),
+                                                   st.floats(min_value=1.0, allow_nan=False, allow_infinity=False)))
+    return spec
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=invalid_specs())
+def test_any_invalid_spec_exits_2_and_writes_nothing(workdir, capsys, spec):
+    path = workdir / "prop.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    before = tree(workdir)
+    code = main(["study", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, (spec, err)
+    assert len(err) == 1 and str(path) in err[0], err
+    assert tree(workdir) == before
+
+
+# -- atomic result files -------------------------------------------------------------------------
+
+
+def test_a_failing_writer_leaves_the_previous_file_and_no_temporary(tmp_path):
+    target = tmp_path / "summary.csv"
+    fileio.write_text(target, "a,b\n1,2\n")
+
+    def broken(tmp: Path) -> None:
+        tmp.write_text("a,b\n1,")
+        raise RuntimeError("crash in the middle of a write")
+
+    with pytest.raises(RuntimeError):
+        fileio.write_with(target, broken)
+    assert target.read_text() == "a,b\n1,2\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.csv"]
+
+
+def test_a_process_killed_while_writing_never_leaves_a_partial_file(tmp_path):
+    target = tmp_path / "table.md"
+    fileio.write_text(target, "old\n")
+    code = ("import sys; from cnnbench import fileio; "
+            f"fileio.write_text({str(target)!r}, 'x' * 400_000_000)")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    wait_for(lambda: any(p.name.startswith(".table.md.") for p in tmp_path.iterdir()) or proc.poll() is not None,
+             what="the temporary file")
+    proc.kill()
+    proc.wait()
+    assert target.read_text() == "old\n"  # either the old file or, had it finished, the whole new one

@@ -1,0 +1,447 @@
+"""`cnnbench sweep` on real MNIST subsets, checked through Optuna's API and MLflow's:
+pruning, resume after SIGKILL, several workers on SQLite and on a real PostgreSQL
+server, and bad input that writes nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from cnnbench.config import ConfigError, load_spec
+from conftest import cli, tree
+
+TINY = {"train_subset": 2000, "val_size": 500, "test_subset": 500, "batch_size": 32, "epochs": 3,
+        "log_every": 10, "progress": False}
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One CPU thread per process, here and in the sweeps these tests start: on a shared
+    CPU, two threads per tiny LeNet step make it several times slower, not faster."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_spec(folder: Path, name: str, search: dict, sweep: dict, **fixed) -> Path:
+    path = folder / f"{name}.yaml"
+    base = {k: v for k, v in TINY.items() if k not in search}
+    path.write_text(yaml.safe_dump({"name": name, "search": search, "fixed": {**base, **fixed}, "sweep": sweep}))
+    return path
+
+
+def storage_of(workdir: Path, name: str) -> str:
+    return f"sqlite:///{(workdir / '.cnnbench' / 'optuna' / f'{name}.db').resolve()}"
+
+
+def mlflow_runs(uri: str, experiment: str) -> tuple[MlflowClient, list]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def by_kind(runs: list) -> tuple[list, list, list]:
+    parents = [r for r in runs if r.data.tags.get("cnnbench.kind") == "sweep"]
+    search = [r for r in runs if r.data.tags.get("cnnbench.phase") == "search"]
+    final = [r for r in runs if r.data.tags.get("cnnbench.phase") == "final"]
+    return parents, search, final
+
+
+# ----------------------------------------------------------------------------------------
+# the search space, without training
+
+
+def test_suggest_turns_every_kind_of_dimension_into_optuna_distributions(tmp_path):
+    spec = load_spec(write_spec(tmp_path, "space", {
+        "lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+        "momentum": {"type": "float", "low": 0.5, "high": 0.9, "step": 0.1},
+        "batch_size": {"type": "int", "low": 32, "high": 512, "log": True},
+        "epochs": {"type": "int", "low": 2, "high": 6, "step": 2},
+        "activation": ["sigmoid", "relu"]}, {"sampler": "random"}))
+    from cnnbench.sweep import suggest, trial_config
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        params = suggest(trial, spec)
+        d = trial.distributions
+        assert d["lr"].log and (d["lr"].low, d["lr"].high) == (1e-3, 1e-1)
+        assert d["momentum"].step == pytest.approx(0.1) and not d["momentum"].log
+        assert d["batch_size"].log and isinstance(params["batch_size"], int) and 32 <= params["batch_size"] <= 512
+        assert params["epochs"] in (2, 4, 6)
+        assert d["activation"].choices == ("sigmoid", "relu")
+        config = trial_config(spec, params)  # the fixed settings under the suggested ones
+        assert config.val_size == 500 and config.train_subset == 2000 and config.seed == 0
+        assert config.lr == params["lr"] and config.activation == params["activation"]
+        study.tell(trial, 0.0)
+
+
+def test_grid_points_enumerate_choices_and_stepped_ranges(tmp_path):
+    from cnnbench.sweep import grid_points
+
+    spec = load_spec(write_spec(tmp_path, "g", {"lr": [0.1, 0.01], "momentum": {"type": "float", "low": 0.8,
+                                                "high": 0.9, "step": 0.05}, "epochs": {"type": "int", "low": 1, "high": 2}},
+                                {"sampler": "grid"}))
+    points = grid_points(spec)
+    assert len(points) == 2 * 3 * 2 and len({tuple(sorted(p.items())) for p in points}) == 12
+    assert {p["momentum"] for p in points} == {0.8, 0.85, 0.9} and {p["epochs"] for p in points} == {1, 2}
+    spec = load_spec(write_spec(tmp_path, "g2", {"lr": {"type": "float", "low": 0.01, "high": 0.1}}, {"sampler": "grid"}))
+    with pytest.raises(ConfigError, match="a grid needs a step"):
+        grid_points(spec)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "qmc", "grid"])
+@pytest.mark.parametrize("pruner", ["none", "median", "successive_halving", "hyperband"])
+def test_every_sampler_and_pruner_of_the_spec_format_is_built(tmp_path, sampler, pruner):
+    from cnnbench.sweep import make_pruner, make_sampler
+
+    spec = load_spec(write_spec(tmp_path, "s", {"lr": [0.1, 0.01]}, {"sampler": sampler, "pruner": pruner}))
+    kinds = {"tpe": "TPESampler", "random": "RandomSampler", "qmc": "QMCSampler", "grid": "RandomSampler"}
+    assert type(make_sampler(spec, seed=0)).__name__ == kinds[sampler]
+    names = {"none": "NopPruner", "median": "MedianPruner", "successive_halving": "SuccessiveHalvingPruner",
+             "hyperband": "HyperbandPruner"}
+    assert type(make_pruner(spec)).__name__ == names[pruner]
+
+
+# ----------------------------------------------------------------------------------------
+# a small sweep with pruning
+
+
+@pytest.mark.slow
+def test_small_sweep_prunes_and_records_every_trial(workdir, capsys):
+    from cnnbench.cli import main
+
+    # grid order is queue order: the good trial completes first, the median pruner then
+    # stops the bad ones at epoch 2 (lr 0.0002 stays near chance on this subset)
+    spec = write_spec(workdir, "prune", {"lr": [0.02, 0.0002], "activation": ["relu", "sigmoid"]},
+                      {"sampler": "grid", "pruner": "median", "startup_trials": 1, "final_seeds": [0, 1]})
+    assert main(["sweep", str(spec)]) == 0
+    out = capsys.readouterr().out
+
+    study = optuna.load_study(study_name="prune", storage=storage_of(workdir, "prune"))
+    trials = study.get_trials()
+    states = [t.state for t in trials]
+    assert len(trials) == 4 and TrialState.RUNNING not in states and TrialState.WAITING not in states
+    params = [(t.params["lr"], t.params["activation"]) for t in trials]
+    assert sorted(params) == sorted([(0.02, "relu"), (0.02, "sigmoid"), (0.0002, "relu"), (0.0002, "sigmoid")])
+    by_params = {(t.params["lr"], t.params["activation"]): t for t in trials}
+    assert by_params[(0.02, "relu")].state == TrialState.COMPLETE
+    assert by_params[(0.0002, "relu")].state == TrialState.PRUNED
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    for t in pruned:  # stopped at epoch 2 of 3, below the completed trial
+        assert max(t.intermediate_values) == 2 and t.intermediate_values[2] < study.best_value
+    assert study.best_trial.params == {"lr": 0.02, "activation": "relu"}
+    best = study.best_trial
+    assert best.value == max(best.intermediate_values.values())  # the objective: best val acc over epochs
+    assert f"{len(pruned)} pruned" in out
+
+    client, runs = mlflow_runs(os.environ["MLFLOW_TRACKING_URI"], "prune")
+    parents, search, final = by_kind(runs)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    assert study.user_attrs["cnnbench.mlflow_parent_run_id"] == parent
+    assert len(search) == 4 and {r.data.tags["mlflow.parentRunId"] for r in search + final} == {parent}
+    run_of = {r.info.run_id: r for r in search}
+    for t in trials:
+        run = run_of[t.user_attrs["mlflow_run_id"]]
+        tags = run.data.tags
+        assert tags["optuna.trial_number"] == str(t.number) and tags["optuna.state"] == t.state.name
+        assert tags["cnnbench.status"] == ("pruned" if t.state == TrialState.PRUNED else "finished")
+        assert run.info.status == "FINISHED" and run.data.params["lr"] == str(t.params["lr"])
+        val = client.get_metric_history(run.info.run_id, "val/acc")
+        assert [m.step for m in val] == sorted(t.intermediate_values)
+        assert [m.value for m in val] == pytest.approx([t.intermediate_values[s] for s in sorted(t.intermediate_values)])
+        assert "test/acc" not in run.data.metrics  # tuning never reads the test set
+        assert {"result.json", "config.json", "curves.png", "checkpoints"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    # the best trial over the final seeds, each tested once with its best-validation checkpoint
+    assert sorted(r.data.tags["seed"] for r in final) == ["0", "1"]
+    for r in final:
+        assert r.data.tags["optuna.trial_number"] == str(best.number) and r.data.params["lr"] == "0.02"
+        acc = client.get_metric_history(r.info.run_id, "test/acc")
+        assert len(acc) == 1 and 50 < acc[0].value <= 100
+    seed0 = next(r for r in final if r.data.tags["seed"] == "0")
+    # the sweep's own seed again (fused with seed 1: the same maths, other float rounding)
+    assert seed0.data.metrics["best/acc"] == pytest.approx(best.value, abs=2.0)
+
+    results = workdir / "results" / "prune"
+    expected = {"trials.csv", "best.yaml", "final.md", "history.png", "parallel_coordinate.png", "slice.png",
+                "intermediate.png"}
+    assert expected <= {p.name for p in results.iterdir()}
+    best_yaml = yaml.safe_load((results / "best.yaml").read_text())
+    assert best_yaml["trial"] == best.number and best_yaml["params"] == {"lr": 0.02, "activation": "relu"}
+    assert best_yaml["final"]["n"] == 2 and best_yaml["config"]["val_size"] == 500
+    assert "± " in (results / "final.md").read_text()
+    logged = {a.path for a in client.list_artifacts(parent, "results")}
+    assert {"results/trials.csv", "results/best.yaml", "results/final.md", "results/history.png"} <= logged
+
+    # the same command again trains nothing and rewrites nothing
+    assert main(["sweep", str(spec)]) == 0
+    assert "the results are up to date" in capsys.readouterr().out
+    _, again = mlflow_runs(os.environ["MLFLOW_TRACKING_URI"], "prune")
+    assert len(again) == len(runs) and len(optuna.load_study(study_name="prune", storage=storage_of(workdir, "prune")).trials) == 4
+    # a third seed: the final re-run trains that one only and rewrites the results
+    doc = yaml.safe_load(spec.read_text())
+    doc["sweep"]["final_seeds"] = [0, 1, 2]
+    spec.write_text(yaml.safe_dump(doc))
+    assert main(["sweep", str(spec)]) == 0
+    _, third = mlflow_runs(os.environ["MLFLOW_TRACKING_URI"], "prune")
+    assert len(third) == len(runs) + 1 and "n=3" in (results / "final.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------
+# resume after SIGKILL
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the sweep ended (status {proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_sweep_killed_mid_trial_resumes_with_exactly_the_requested_trials(workdir):
+    spec = write_spec(workdir, "killed", {"lr": {"type": "float", "low": 0.01, "high": 0.05, "log": True}},
+                      {"sampler": "tpe", "pruner": "none", "n_trials": 3, "startup_trials": 2, "final_seeds": [0]},
+                      activation="relu", train_subset=1000)
+    url = storage_of(workdir, "killed")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "sweep", str(spec)], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def second_trial_mid_way():
+        if not Path(url[len("sqlite:///"):]).exists():
+            return None
+        try:
+            trials = optuna.load_study(study_name="killed", storage=url).get_trials()
+        except Exception:  # the study is not created yet
+            return None
+        return next((t for t in trials if t.number == 1 and t.state == TrialState.RUNNING
+                     and t.intermediate_values), None)
+
+    try:
+        killed = _wait_for(second_trial_mid_way, 240, proc, "trial 1 had run an epoch")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+
+    # what the killed process left behind: a RUNNING trial and a RUNNING MLflow run
+    study = optuna.load_study(study_name="killed", storage=url)
+    assert study.trials[1].state == TrialState.RUNNING and study.trials[0].state == TrialState.COMPLETE
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri)
+    orphan = study.trials[1].user_attrs["mlflow_run_id"]
+    assert client.get_run(orphan).info.status == "RUNNING"
+
+    again = cli("sweep", str(spec), cwd=workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "trial 1 lost" in again.stdout
+
+    trials = optuna.load_study(study_name="killed", storage=url).get_trials()
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == 3  # exactly the requested number
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == [1]
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 1)
+    assert retry.state == TrialState.COMPLETE and retry.params == killed.params  # the same point, again
+
+    _, runs = mlflow_runs(uri, "killed")
+    assert not [r for r in runs if r.info.status == "RUNNING"]  # no orphan runs
+    dead = client.get_run(orphan)
+    assert dead.info.status == "KILLED" and dead.data.tags["optuna.state"] == "FAIL"
+    redo = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert redo.data.tags["optuna.retry_of"] == "1" and int(redo.data.tags["cnnbench.resumed_from_epoch"]) >= 1
+    assert [m.step for m in client.get_metric_history(redo.info.run_id, "val/acc")] == [1, 2, 3]  # the whole history
+    parents, search, final = by_kind(runs)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(search) == 4 and len(final) == 1
+    assert (workdir / "results" / "killed" / "final.md").exists()
+
+
+def test_a_trial_whose_worker_stops_beating_on_another_machine_is_queued_again(workdir, monkeypatch):
+    from cnnbench import sweep_storage
+    from cnnbench.sweep import suggest
+    from cnnbench.sweep_worker import open_sweep, recover
+
+    monkeypatch.setattr(sweep_storage, "GRACE_S", 1)  # seconds without a heartbeat (60 in use)
+    spec = load_spec(write_spec(workdir, "stale", {"lr": [0.1, 0.01]}, {"sampler": "random"}))
+    sweep = open_sweep(spec)
+    trial = sweep.study.ask()
+    suggest(trial, spec)
+    run = sweep.tracker.client.create_run(sweep.tracker.experiment_id, tags={"mlflow.parentRunId": sweep.parent})
+    for key, value in {"worker_host": "another-machine", "worker_boot": "?", "worker_pid": 1,
+                       "mlflow_run_id": run.info.run_id}.items():
+        trial.set_user_attr(key, value)
+    sweep.storage.record_heartbeat(trial._trial_id)
+    with sweep.lock():
+        recover(sweep)  # a fresh heartbeat: its worker is alive
+    assert [t.state for t in sweep.study.get_trials()] == [TrialState.RUNNING]
+    time.sleep(2.5)
+    with sweep.lock():
+        recover(sweep)
+    lost, again = sweep.study.get_trials()
+    assert lost.state == TrialState.FAIL and again.state == TrialState.WAITING
+    assert again.params == lost.params and again.system_attrs["failed_trial"] == 0
+    closed = sweep.tracker.client.get_run(run.info.run_id)
+    assert closed.info.status == "KILLED" and closed.data.tags["optuna.state"] == "FAIL"
+
+
+# ----------------------------------------------------------------------------------------
+# several workers
+
+
+def _grid_check(trials: list, grid: dict) -> None:
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    points = [(t.params["lr"], t.params["batch_size"]) for t in complete]
+    expected = [(lr, b) for lr in grid["lr"] for b in grid["batch_size"]]
+    assert sorted(points) == sorted(expected), "every grid point exactly once"
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    workers = {(t.user_attrs["worker_host"], t.user_attrs["worker_pid"]) for t in trials}
+    assert len(workers) >= 2, f"the trials were all trained by one worker: {workers}"
+
+
+GRID = {"lr": [0.02, 0.01, 0.005], "batch_size": [32, 64]}
+
+
+@pytest.mark.slow
+def test_workers_option_shares_one_study_on_sqlite(workdir):
+    grid = {"lr": [0.02, 0.01], "batch_size": [32, 64]}
+    # two epochs per trial: long enough that the worker which starts second still finds work
+    spec = write_spec(workdir, "local", grid, {"sampler": "grid", "pruner": "none", "final_seeds": [0]},
+                      epochs=2, train_subset=1000)
+    out = cli("sweep", str(spec), "--workers", "2", cwd=workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _grid_check(optuna.load_study(study_name="local", storage=storage_of(workdir, "local")).get_trials(), grid)
+    _, runs = mlflow_runs(os.environ["MLFLOW_TRACKING_URI"], "local")
+    parents, search, final = by_kind(runs)
+    assert len(parents) == 1 and len(search) == 4 and len(final) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in search + final} == {parents[0].info.run_id}
+
+
+@pytest.fixture
+def postgres():
+    """Two fresh databases on the PostgreSQL server that .ci/run starts: Optuna's, MLflow's."""
+    url = os.environ.get("CNNBENCH_TEST_POSTGRES")
+    if not url:
+        if os.environ.get("CNNBENCH_REQUIRE_POSTGRES"):
+            pytest.fail("CNNBENCH_REQUIRE_POSTGRES is set but CNNBENCH_TEST_POSTGRES is not (see .ci/postgres)")
+        pytest.skip("no PostgreSQL server: set CNNBENCH_TEST_POSTGRES (.ci/run does)")
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
+    names = [f"cnnbench_{uuid.uuid4().hex[:10]}_{kind}" for kind in ("optuna", "mlflow")]
+    with admin.connect() as conn:
+        for name in names:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    base = sqlalchemy.engine.make_url(url)
+    yield [base.set(database=name).render_as_string(hide_password=False) for name in names]
+    with admin.connect() as conn:
+        for name in names:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_two_processes_share_one_grid_study_on_postgresql(workdir, postgres):
+    optuna_url, mlflow_url = postgres
+    spec = write_spec(workdir, "pg", GRID, {"sampler": "grid", "pruner": "none", "final_seeds": [0]},
+                      epochs=2, train_subset=1000)
+    args = [sys.executable, "-m", "cnnbench", "sweep", str(spec), "--storage", optuna_url, "--tracking-uri", mlflow_url]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # two workers as if on two machines: started together, nothing shared but the servers
+    procs = [subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert sum("# Sweep pg" in out for out, _ in outs) == 1  # one of them wrote the results
+
+    assert optuna.get_all_study_names(optuna_url) == ["pg"]
+    study = optuna.load_study(study_name="pg", storage=optuna_url)
+    _grid_check(study.get_trials(), GRID)
+    _, runs = mlflow_runs(mlflow_url, "pg")
+    parents, search, final = by_kind(runs)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(search) == 6 and len(final) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in search + final} == {parents[0].info.run_id}
+    assert {r.info.run_id for r in search} == {t.user_attrs["mlflow_run_id"] for t in study.trials}
+    assert len({r.data.tags["cnnbench.pid"] for r in search}) == 2
+    import sqlalchemy
+
+    password = sqlalchemy.engine.make_url(optuna_url).password
+    written = (workdir / "results" / "pg" / "final.md").read_text() + parents[0].data.tags["cnnbench.command"]
+    assert f":{password}@" not in written and "***@" in written  # the command is recorded, its password not
+
+
+# ----------------------------------------------------------------------------------------
+# bad input
+
+
+BAD = [
+    ({"sampler": "annealing"}, {}, [], "sweep.sampler: unknown value 'annealing'"),
+    ({"search": {}}, {}, [], "search: expected a non-empty mapping"),
+    ({"objective": "val_loss"}, {}, [], "objective val_loss is minimized"),
+    ({}, {"val_size": 0}, [], "set val_size"),
+    ({}, {}, ["--set", "lr=0.1"], "--set lr: lr is searched"),
+    ({}, {}, ["--storage", "mysql://u@h/db"], "unsupported database 'mysql'"),
+    ({}, {}, ["--storage", "not a url"], "not a database URL"),
+    ({}, {}, ["--storage", "postgresql://nobody:secret@127.0.0.1:1/none"], "cannot connect"),
+    ({}, {}, ["--tracking-uri", "http://127.0.0.1:1"], "cannot be reached"),
+    ({}, {}, ["--n-trials", "0"], "--n-trials: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("sweep, fixed, args, message", BAD)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(workdir, capsys, sweep, fixed, args, message):
+    from cnnbench.cli import main
+
+    search = sweep.pop("search", {"lr": [0.1, 0.01]})
+    spec = write_spec(workdir, "bad", search, sweep, **fixed)
+    before = tree(workdir)
+    assert main(["sweep", str(spec), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert "secret" not in err  # passwords stay out of messages
+    assert tree(workdir) == before  # no Optuna study, no MLflow store, no results
+
+
+def test_a_study_spec_is_not_a_sweep(workdir, capsys):
+    from cnnbench.cli import main
+
+    spec = workdir / "grid.yaml"
+    spec.write_text(yaml.safe_dump({"name": "grid", "scientific": {"lr": [0.1, 0.01]}, "fixed": TINY}))
+    assert main(["sweep", str(spec)]) == 2
+    assert "needs a non-empty search block" in capsys.readouterr().err
+
+
+def test_print_storage_names_the_default_sqlite_file(workdir, capsys):
+    from cnnbench.cli import main
+
+    spec = write_spec(workdir, "where", {"lr": [0.1, 0.01]}, {})
+    assert main(["sweep", str(spec), "--print-storage"]) == 0
+    assert capsys.readouterr().out.strip() == storage_of(workdir, "where")
