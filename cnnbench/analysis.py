@@ -448,6 +448,7 @@ def describe(frame: pd.DataFrame, spec: StudySpec) -> str:
 
 
 # -- sweeps: the Optuna study, and the MLflow runs of its best trials ------------------------
+# (its trials table and importances are cnnbench.sweep_report's, as in results/<sweep>/)
 
 
 def optuna_storage(sweep: str, storage: str | None = None) -> str:
@@ -472,34 +473,6 @@ def load_sweep(sweep: str, storage: str | None = None):
     if name is None:
         raise NoRuns(f"{url} holds no Optuna study named {sweep!r} (it holds: {', '.join(names) or 'none'})")
     return optuna.load_study(study_name=name, storage=url)
-
-
-def sweep_trials(study) -> pd.DataFrame:
-    """One row per Optuna trial: number, state, value, params_*, duration, and
-    `best_so_far` (the best complete value up to that trial, in the study's direction)."""
-    import optuna
-
-    frame = study.trials_dataframe()
-    if frame.empty:
-        return frame
-    frame["duration_s"] = frame["duration"].dt.total_seconds() if "duration" in frame else math.nan
-    complete = frame["value"].where(frame["state"] == "COMPLETE")
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    frame["best_so_far"] = complete.cummax() if maximize else complete.cummin()
-    return frame
-
-
-def importance(study) -> pd.Series | None:
-    """Optuna's parameter importances (fANOVA), or None with fewer than two complete trials."""
-    import optuna
-
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if len(complete) < 2 or not study.best_trial.params:
-        return None
-    try:
-        return pd.Series(optuna.importance.get_param_importances(study), name="importance")
-    except (RuntimeError, ValueError):  # e.g. every trial has the same parameters
-        return None
 
 
 def sweep_objective(study, tracking_uri: str | None = None) -> str:
@@ -546,33 +519,26 @@ def best_trial_runs(sweep: str, study, tracking_uri: str | None = None, *, top: 
     return frame
 
 
-# -- architectures: parameters and FLOPs -------------------------------------------------------
+# -- architectures: parameters and MACs -------------------------------------------------------
 
 
 def model_costs(models: list[str] | None = None, dataset: str = "mnist") -> pd.DataFrame:
-    """Parameters and forward FLOPs per image of each model (all registered when None),
-    built for `dataset`'s images. FLOPs as torch's FlopCounterMode counts them: two per
-    multiply-accumulate; `macs` is what document 000 calls FLOPs (multiplications)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """Parameters and multiply-accumulates per image (forward) of each model (all registered
+    when None), built for `dataset`'s images: `cnnbench.summary.model_cost`, the same
+    numbers `cnnbench summary` and the models study's table show."""
     from cnnbench.data import DATASETS
-    from cnnbench.models import get_model, list_models
+    from cnnbench.models import list_models
+    from cnnbench.summary import model_cost
 
     info = DATASETS[dataset]
     records = []
     for name in models or list_models():
-        model = get_model(name, in_channels=info.channels, num_classes=info.classes, image_size=info.size).eval()
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(torch.zeros(1, info.channels, info.size, info.size))
-        flops = counter.get_total_flops()
-        records.append({"model": name, "parameters": sum(p.numel() for p in model.parameters()),
-                        "flops": flops, "macs": flops // 2})
+        cost = model_cost(name, (info.channels, info.size, info.size), num_classes=info.classes)
+        records.append({"model": name, "params": cost["params"], "macs_per_image": cost["macs"],
+                        "activation_bytes": cost["activation_bytes"]})
     return pd.DataFrame.from_records(records)
 
 
 __all__ = ["NoRuns", "load_runs", "load_loss_curve", "trial_runs", "study_spec", "summary", "table", "isolated",
-           "trial_rows", "typed", "describe", "load_sweep", "sweep_trials", "importance", "best_trial_runs",
-           "sweep_objective",
+           "trial_rows", "typed", "describe", "load_sweep", "best_trial_runs", "sweep_objective",
            "model_costs"]

@@ -147,46 +147,25 @@ def heatmap(trials: pd.DataFrame, spec: StudySpec, metric: str = "final_test_acc
 # -- sweeps --------------------------------------------------------------------------------------
 
 
-def sweep_history(trials: pd.DataFrame, objective: str = "objective"):
-    """Every trial's value by trial number (colour: its state) and the best so far."""
-    if trials.empty:
+def optuna_plot(study, function: str):
+    """One of Optuna's matplotlib plots of the sweep (`plot_optimization_history`,
+    `plot_param_importances`, `plot_slice`, ...: the ones `results/<sweep>/` saves), as a
+    Figure; None, with the reason printed, when Optuna cannot draw it (too few trials)."""
+    import warnings
+
+    import optuna.visualization.matplotlib as ovm
+
+    try:  # Optuna switches matplotlib to its ggplot style: keep that to its own figure
+        with warnings.catch_warnings(), plt.rc_context():
+            warnings.simplefilter("ignore")  # "experimental": nothing the reader can act on
+            axes = getattr(ovm, function)(study)
+    except Exception as err:  # e.g. importances of a single complete trial
+        print(f"{function}: not drawn ({' '.join(str(err).split())[:160]})")
         return None
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    sns.scatterplot(trials, x="number", y="value", hue="state", ax=ax, s=40)
-    ax.step(trials["number"], trials["best_so_far"], where="post", color="C3", label="best so far")
-    ax.legend()
-    ax.set(title=f"Optimisation history ({len(trials)} trials)", xlabel="trial", ylabel=objective)
-    fig.tight_layout()
-    return fig
-
-
-def importance_bars(importances: pd.Series | None):
-    """Optuna's fANOVA importance of each searched hyperparameter."""
-    if importances is None or importances.empty:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(importances) + 1.5))
-    sns.barplot(x=importances.values, y=importances.index, ax=ax, color="C0")
-    ax.set(title="Hyperparameter importance (fANOVA)", xlabel="importance", ylabel="")
-    fig.tight_layout()
-    return fig
-
-
-def slices(trials: pd.DataFrame, study, objective: str = "objective"):
-    """One panel per searched hyperparameter: each complete trial's value against it."""
-    params = [c for c in trials if c.startswith("params_")]
-    done = trials[trials["state"] == "COMPLETE"]
-    if not params or done.empty:
-        return None
-    dists = {k: d for t in study.trials for k, d in t.distributions.items()}
-    fig, axes = plt.subplots(1, len(params), figsize=(4.5 * len(params), 4), squeeze=False, sharey=True)
-    for ax, col in zip(axes[0], params):
-        name = col[len("params_"):]
-        sns.scatterplot(done, x=col, y="value", hue="number", palette="viridis", ax=ax, legend=ax is axes[0][-1])
-        if getattr(dists.get(name), "log", False):
-            ax.set_xscale("log")
-        ax.set(xlabel=name, ylabel=objective)
-    fig.suptitle("Slices: the objective against each hyperparameter (colour: trial number)")
-    fig.tight_layout()
+    axes = np.atleast_1d(axes).flat
+    fig = axes[0].figure
+    if function == "plot_slice":
+        fig.set_size_inches(4.5 * max(1, len(axes)), 4)
     return fig
 
 
@@ -208,13 +187,14 @@ def sweep_curves(frame: pd.DataFrame):
 
 
 def tradeoffs(models: pd.DataFrame):
-    """Parameters and FLOPs against final test accuracy (mean ± sd over seeds) and
-    training time, one labelled point per architecture. Needs the columns model,
-    parameters, flops, and (from the models study) final_test_acc, final_test_acc_sd,
-    train_seconds."""
+    """Parameters and MACs per image against final test accuracy (mean ± sd over seeds)
+    and training time, one labelled point per architecture. Columns: model, params,
+    macs_per_image, final_test_acc, final_test_acc_sd, train_seconds."""
     if models.empty or "final_test_acc" not in models:
         return None
-    panels = [("parameters", "final_test_acc"), ("flops", "final_test_acc"), ("flops", "train_seconds")]
+    panels = [("params", "final_test_acc"), ("macs_per_image", "final_test_acc"), ("macs_per_image", "train_seconds")]
+    labels = {"params": "parameters", "macs_per_image": "multiply-accumulates per image",
+              "final_test_acc": "final test accuracy (%)", "train_seconds": "training time (s)"}
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     for ax, (x, y) in zip(axes, panels):
         sd = models.get(f"{y}_sd")
@@ -223,12 +203,11 @@ def tradeoffs(models: pd.DataFrame):
         for _, row in models.iterrows():
             ax.annotate(row["model"], (row[x], row[y]), textcoords="offset points", xytext=(4, 4), fontsize=9)
         ax.set_xscale("log")
-        ax.set(xlabel=f"{x} (per image, forward)" if x == "flops" else x,
-               ylabel={"final_test_acc": "final test accuracy (%)", "train_seconds": "training time (s)"}[y])
-    fig.suptitle("Architectures: size and compute against accuracy and training time")
+        ax.set(xlabel=labels[x], ylabel=labels[y])
+    fig.suptitle("Architectures: size and compute against accuracy and training time (mean over seeds, ±1 sd)")
     fig.tight_layout()
     return fig
 
 
-__all__ = ["theme", "curves", "isolation", "heatmap", "has_heatmap", "score_column", "sweep_history",
-           "importance_bars", "slices", "sweep_curves", "tradeoffs"]
+__all__ = ["theme", "curves", "isolation", "heatmap", "has_heatmap", "score_column", "optuna_plot",
+           "sweep_curves", "tradeoffs"]

@@ -3,7 +3,7 @@
 For every study folder in `results/` (it holds `summary.csv`) whose study has runs in
 the tracking store, `notebooks/analysis.ipynb` runs through papermill with that study
 and becomes `results/<study>/report.html`; every sweep folder (`trials.csv` or
-`best.yaml`) gets `notebooks/sweep.ipynb` the same way; `notebooks/models.ipynb` runs
+`best.yaml`) whose Optuna storage is here gets `notebooks/sweep.ipynb` the same way; `notebooks/models.ipynb` runs
 once into `results/models.html`; `results/index.html` links them all. Each HTML file is
 written atomically, so a notebook that fails leaves the previous report in place.
 """
@@ -79,6 +79,11 @@ def discover(results_dir: Path, *, names: list[str] | None = None, tracking_uri:
             continue
         common = {"tracking_uri": tracking_uri, "results_dir": str(results_dir.resolve())}
         if (folder / "trials.csv").is_file() or (folder / "best.yaml").is_file():
+            try:
+                analysis.load_sweep(name)
+            except analysis.NoRuns as err:
+                skipped.append(f"{name}: {err}")
+                continue
             jobs.append(Job("sweep.ipynb", name, "sweep", {"sweep": name, **common}, folder / "report.html"))
         elif (folder / "summary.csv").is_file():
             try:

@@ -2,7 +2,7 @@
 
 One module-wide lab (a working folder with its own MLflow store) holds the lr study over
 two seeds, a batch-size study with the learning rate as nuisance, a models study and a
-small Optuna sweep; the tests read it back through `cnnbench.analysis` and compare with
+three-trial `cnnbench sweep`; the tests read it back through `cnnbench.analysis` and compare with
 what `cnnbench study` wrote to `results/`, then run every notebook headless.
 """
 
@@ -27,6 +27,9 @@ SPECS = {
                "nuisance:\n  lr: [0.05, 0.1]\nfixed:\n  model: lenet\n  epochs: 2\n" + TINY + "seeds: [0]\n",
     "models": "name: models\ntitle: Architectures\nscientific:\n  model: [lenet, resnet]\nfixed:\n  epochs: 1\n"
               "  lr: 0.05\n" + TINY + "seeds: [0]\n",
+    "sweep-tiny": "name: sweep-tiny\nsearch:\n  lr: {type: float, low: 0.01, high: 0.2, log: true}\n"
+                  "  batch_size: [32, 64]\nfixed:\n  model: lenet\n  epochs: 2\n  val_size: 200\n" + TINY +
+                  "sweep: {sampler: random, pruner: none, n_trials: 3, final_seeds: [0]}\n",
 }
 NOTEBOOKS = REPO / "notebooks"
 
@@ -36,51 +39,20 @@ def figures_in(html: str) -> int:
     return len(re.findall(r'<img [^>]*src="data:image/png', html))
 
 
-def study(*args: str) -> None:
+def study(*args: str, command: str = "study") -> None:
     """`cnnbench study ...` in this process (the command's own code path, one torch import)."""
     from cnnbench.cli import main
 
-    assert main(["study", *args]) == 0
-
-
-def _tiny_sweep(root: Path, data_root: Path) -> None:
-    """Three real trials of an Optuna sweep, recorded as `cnnbench sweep` records them:
-    storage .cnnbench/optuna/<name>.db, study name = sweep name, trials as child runs of a
-    `sweep` run, the run id in the trial's user attribute `mlflow_run_id`."""
-    import optuna
-
-    from cnnbench.tracking import Tracker
-    from cnnbench.train import run_trial
-
-    name = "sweep-tiny"
-    tracker = Tracker(name)
-    parent = tracker.start_parent(f"{name} (sweep)", kind="sweep", tags={}, params={"sweep.objective": "val_acc"})
-    storage = root / ".cnnbench" / "optuna" / f"{name}.db"
-    storage.parent.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(study_name=name, storage=f"sqlite:///{storage}", direction="maximize",
-                                sampler=optuna.samplers.RandomSampler(seed=0))
-    study.set_user_attr("cnnbench.mlflow_parent_run_id", parent)
-    study.set_user_attr("cnnbench.mlflow_experiment", name)
-
-    def objective(trial):
-        config = quick(model="lenet", lr=trial.suggest_float("lr", 0.01, 0.2, log=True),
-                       batch_size=trial.suggest_categorical("batch_size", [32, 64]), val_size=200,
-                       train_subset=640, test_subset=300, log_every=2)
-        recorder = tracker.recorder(config, parent=parent, name=f"trial {trial.number}", tags={})
-        result = run_trial(config, data_root=data_root, recorder=recorder)
-        trial.set_user_attr("mlflow_run_id", recorder.run_id)
-        return result.best("val/acc")[0]
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=3)
-    tracker.end(parent)
-    (root / "results" / name).mkdir(parents=True)
-    study.trials_dataframe().to_csv(root / "results" / name / "trials.csv", index=False)
+    assert main([command, *args]) == 0
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, data_root):
+    import torch
+
     root = tmp_path_factory.mktemp("lab")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny LeNets on a shared CPU: one thread is faster
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
@@ -92,7 +64,8 @@ def lab(tmp_path_factory, data_root):
         study(str(REPO / "studies" / "lr.yaml"), *QUICK, "--seeds", "0,1")
         study("studies/lrbatch.yaml")
         study("studies/models.yaml")
-        _tiny_sweep(root, data_root)
+        study("studies/sweep-tiny.yaml", command="sweep")  # 3 trials and the best one's final seed
+        torch.set_num_threads(threads)
         yield root
 
 
@@ -206,13 +179,16 @@ def test_report_writes_html_for_every_study_and_sweep(lab):
     stored = {p.name: p.read_bytes() for p in NOTEBOOKS.glob("*.ipynb")}
     (lab / "results" / "ghost").mkdir()
     (lab / "results" / "ghost" / "summary.csv").write_text("study,trial\n")  # results without runs here
+    (lab / "results" / "ghost-sweep").mkdir()
+    (lab / "results" / "ghost-sweep" / "trials.csv").write_text("number,value\n")  # a sweep run elsewhere
     out = cli("report", cwd=lab)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "skipped ghost: no MLflow experiment 'ghost'" in out.stdout
+    assert "skipped ghost-sweep: no Optuna storage for sweep 'ghost-sweep'" in out.stdout
     results = lab / "results"
     pages = {p: (results / p).read_text() for p in ("lr/report.html", "lrbatch/report.html", "models/report.html",
                                                      "sweep-tiny/report.html", "models.html", "index.html")}
-    assert not (results / "ghost" / "report.html").exists()
+    assert not (results / "ghost" / "report.html").exists() and not (results / "ghost-sweep" / "report.html").exists()
     images = {p: figures_in(text) for p, text in pages.items()}
 
     lr = pages["lr/report.html"]
@@ -226,7 +202,8 @@ def test_report_writes_html_for_every_study_and_sweep(lab):
     assert "maximize <code>val_acc</code>" in sweep
     assert images["sweep-tiny/report.html"] == 4  # history, importance, slices, the best trials' curves
     models = pages["models.html"]
-    assert "61,706" in models and "resnet" in models and "No runs" not in models
+    assert "61,706" in models and "416,520" in models and "No runs" not in models  # lenet: params, MACs
+    assert "resnet" in models and "vgg16" in models  # every registered model's size, the studied ones' accuracy
     assert images["models.html"] == 1  # size and compute against accuracy and time
     for link in ("lr/report.html", "lrbatch/report.html", "sweep-tiny/report.html", "models.html"):
         assert f'href="{link}"' in pages["index.html"]
