@@ -68,7 +68,8 @@ def check_results(results_dir: Path, names: list[str] | None = None) -> dict[str
     return folders
 
 
-def discover(results_dir: Path, *, names: list[str] | None = None, tracking_uri: str | None = None) -> tuple[list[Job], list[str]]:
+def discover(results_dir: Path, *, names: list[str] | None = None,
+             tracking_uri: str | None = None) -> tuple[list[Job], list[str]]:
     """The notebooks to run for `results_dir` (all its studies and sweeps, or `names`)."""
     from cnnbench import analysis
 
