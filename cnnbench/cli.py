@@ -286,7 +286,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     spec = spec.with_overrides(_overrides(args.sets), seeds)
     if args.max_fuse < 1:
         raise ConfigError(f"--max-fuse: must be >= 1, got {args.max_fuse}")
-    command = "cnnbench " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "cnnbench study"
+    command = _command(args)
     outcome = run_study(spec, data_root=args.data_dir, results_root=args.results_dir, tracking=args.tracking_uri,
                         state=args.state_dir, fuse=not args.no_fuse, max_fuse=args.max_fuse, wait=args.wait,
                         command=command)
@@ -318,7 +318,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
     # recorded in MLflow and results/: database passwords stay out
-    command = "cnnbench " + " ".join(shlex.quote(_masked_arg(a)) for a in sys.argv[1:]) if sys.argv[1:] else "cnnbench sweep"
+    command = _command(args)
     # what a worker process started by --workers needs to join this sweep
     worker_argv = [args.spec, *[f"--set={s}" for s in args.sets], "--results-dir", args.results_dir]
     for flag, value in (("--data-dir", args.data_dir), ("--tracking-uri", args.tracking_uri),
@@ -344,6 +344,11 @@ def _masked(url: str) -> str:
     from cnnbench.sweep_storage import masked
 
     return masked(url)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command as typed, for MLflow and results/, with database passwords hidden."""
+    return "cnnbench " + " ".join(shlex.quote(_masked_arg(a)) for a in args.argv)
 
 
 def _masked_arg(arg: str) -> str:
@@ -516,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     bad_input = (ConfigError, DataError, TrackingError, PermissionError)
     try:
         return args.func(args)
