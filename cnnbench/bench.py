@@ -297,21 +297,30 @@ def _write(s: dict[str, Any], out_dir: Path) -> None:
 
 
 def time_lr_study(*, data_root=None, device: str = "auto", epochs: int = 10, say=print) -> dict[str, float]:
-    """Train the learning-rate study's five trials for real, with a test pass after every
-    epoch, through the naive loop and through cnnbench's default path; wall time each."""
-    from cnnbench.fused import fuse_groups
+    """The learning-rate study for real, both ways: cnnbench's study runner with its
+    defaults for this device (MLflow logging, checkpoints and results included, into a
+    throwaway store), and the naive loop trial after trial with a test pass per epoch."""
+    import tempfile
+
+    from cnnbench.config import StudySpec
+    from cnnbench.study import run_study
 
     dev = resolve_device(device)
     root = data_dir(data_root)
-    base = TrialConfig(model="lenet5", activation="sigmoid", batch_size=64, epochs=epochs, progress=False,
-                       device=str(dev), checkpoints="final")
-    configs = [base.replace(lr=lr) for lr in LR_STUDY]
-    t0 = time.perf_counter()
-    data = load_data(base, root, dev)
-    for group in fuse_groups(configs):
-        train_group([configs[i] for i in group], data=data)
-    ours = time.perf_counter() - t0
-    say(f"cnnbench, 5 trials x {epochs} epochs, test set after each epoch: {ours:.1f} s")
-    naive = sum(naive_trial(c, root, dev, epochs=epochs, evaluate=True)[1] for c in configs)
-    say(f"naive loop, the same: {naive:.1f} s; cnnbench is {naive / ours:.2f}x faster")
+    fixed = {"model": "lenet5", "activation": "sigmoid", "batch_size": 64, "momentum": 0.9, "epochs": epochs,
+             "test_batch_size": 1024, "device": str(dev), "progress": False, "log_every": 10}
+    spec = StudySpec(name="bench-lr", path="(cnnbench bench --lr-study)", title="lr study, timed",
+                     source="document 003", description="", scientific={"lr": LR_STUDY}, nuisance={},
+                     fixed=fixed, seeds=(0,), reported=())
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        run_study(spec, data_root=root, results_root=Path(tmp) / "results", tracking=f"sqlite:///{tmp}/mlflow.db",
+                  state=Path(tmp) / "state")
+        ours = time.perf_counter() - t0
+    say(f"cnnbench study runner, 5 trials x {epochs} epochs (test set after each epoch, MLflow, checkpoints, "
+        f"results): {ours:.1f} s")
+    base = TrialConfig.from_dict(fixed)
+    naive = sum(naive_trial(base.replace(lr=lr), root, dev, epochs=epochs, evaluate=True)[1] for lr in LR_STUDY)
+    say(f"naive loop, 5 trials one after another, the same epochs and test passes: {naive:.1f} s; "
+        f"cnnbench is {naive / ours:.2f}x faster")
     return {"naive_seconds": naive, "cnnbench_seconds": ours, "ratio": naive / ours}

@@ -81,8 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", metavar="DIR", default="results", help="where results/<study>/ goes (default: results)")
     _tracking(p)
     _state(p)
-    p.add_argument("--no-fuse", action="store_true", help="train every trial alone (no fused groups)")
+    fuse = p.add_mutually_exclusive_group()
+    fuse.add_argument("--fuse", dest="fuse", action="store_true", default=None,
+                      help="train compatible trials fused (K models in one vmapped step); default on CUDA/MPS")
+    fuse.add_argument("--no-fuse", dest="fuse", action="store_false",
+                      help="train every trial alone; default on the CPU, where fusing measured slower")
     p.add_argument("--max-fuse", type=int, default=16, metavar="K", help="largest fused group (default: 16)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="trials trained at once in N worker processes (default: one per core on the CPU, each "
+                        "with one thread; 1 on CUDA/MPS)")
     p.add_argument("--wait", action="store_true", help="if the study is already running here, wait for it")
     p.set_defaults(func=cmd_study)
 
@@ -286,9 +293,12 @@ def cmd_study(args: argparse.Namespace) -> int:
     spec = spec.with_overrides(_overrides(args.sets), seeds)
     if args.max_fuse < 1:
         raise ConfigError(f"--max-fuse: must be >= 1, got {args.max_fuse}")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
     command = _command(args)
     outcome = run_study(spec, data_root=args.data_dir, results_root=args.results_dir, tracking=args.tracking_uri,
-                        state=args.state_dir, fuse=not args.no_fuse, max_fuse=args.max_fuse, wait=args.wait,
+                        state=args.state_dir, fuse=args.fuse, workers=args.workers, max_fuse=args.max_fuse,
+                        wait=args.wait,
                         command=command)
     print(Path(outcome.files[1]).read_text())
     print(f"{outcome.trained} run(s) trained, {outcome.skipped} already finished; results in "

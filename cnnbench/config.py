@@ -71,7 +71,7 @@ class TrialConfig:
     # execution (no effect on the maths beyond float rounding)
     device: str = field(default="auto", metadata={"doc": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"})
     amp: str = field(default="none", metadata={"doc": "autocast precision: none or bf16"})
-    channels_last: bool = field(default=False, metadata={"doc": "channels-last memory format for convolutions"})
+    channels_last: bool | None = field(default=None, metadata={"doc": "channels-last memory format; null: on for the CPU, where `cnnbench bench` measured it faster for every model, off elsewhere"})
     compile: str = field(default="none", metadata={"doc": "torch.compile mode: none, default, reduce-overhead (CUDA graphs) or max-autotune"})
     deterministic: bool = field(default=False, metadata={"doc": "deterministic kernels (torch.use_deterministic_algorithms)"})
     # recording

@@ -213,6 +213,8 @@ class Tracker:
 
 
 def _alive(pid: str | None) -> bool:
+    """Whether process `pid` on this machine still runs (a zombie, killed but not yet
+    reaped, does not: a container's init may leave one for a while)."""
     if not pid or not pid.isdigit():
         return False
     try:
@@ -221,7 +223,11 @@ def _alive(pid: str | None) -> bool:
         return False
     except PermissionError:  # someone else's process: alive
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 class MlflowRecorder(Recorder):

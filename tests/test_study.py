@@ -21,7 +21,8 @@ def _runs(uri, experiment):
 
 @pytest.mark.slow
 def test_lr_study_end_to_end(workdir):
-    out = cli("study", str(REPO / "studies" / "lr.yaml"), *QUICK, "--seeds", "0", cwd=workdir)
+    # --fuse: the five learning rates train as one group, as they do by default on a GPU
+    out = cli("study", str(REPO / "studies" / "lr.yaml"), *QUICK, "--seeds", "0", "--fuse", cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| lr | n | ours epoch 1 | ours final" in out.stdout
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -38,6 +39,7 @@ def test_lr_study_end_to_end(workdir):
         assert c.info.status == "FINISHED" and c.data.tags["cnnbench.status"] == "finished"
         assert c.data.params["lr"] == c.data.tags["scientific.lr"] and c.data.params["batch_size"] == "64"
         assert set(c.data.params) >= {"model", "activation", "momentum", "epochs", "seed", "test_batch_size"}
+        assert c.data.tags["fused_with"] == "5"
         for tag in ("model", "dataset", "seed", "device", "torch_version", "mlflow.source.git.commit"):
             assert c.data.tags.get(tag), tag
         loss = client.get_metric_history(c.info.run_id, "train/loss")
