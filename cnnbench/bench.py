@@ -1,12 +1,13 @@
 """`cnnbench bench`: what a study costs through cnnbench's loop against the naive loop.
 
-In one process, on one device, it times
+In one run, on one device, it times
   naive   the loop a user writes from the documents: torchvision MNIST with ToTensor and
           Normalize, a shuffled DataLoader, `.to(device)` per batch, `loss.item()` every
           step, trials one after another;
   single  cnnbench's loop (device-resident data, no per-step sync), one trial at a time;
   fused   cnnbench's loop with K trials stacked and vmapped, K = 1, 2, 4, 5, 8, ... until
           the throughput stops rising (5 is the learning-rate study's K);
+  workers the study runner's CPU default: one single-trial process per core at once;
 and, with --options, each GPU option (bf16 autocast, channels_last, torch.compile, CUDA
 graphs through compile's reduce-overhead mode) on the fused loop. Throughput is in
 model-images per second (K models each seeing an image count K times). Measurements are
@@ -17,6 +18,7 @@ the ratio to the naive loop measured in the same run: these machines are noisy.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import statistics
 import time
@@ -111,6 +113,31 @@ def cnnbench_loop(configs: list[TrialConfig], data, fused: bool = False) -> floa
     return len(configs) * r.images / r.train_seconds
 
 
+def _worker_throughput(args: tuple[TrialConfig, str, int, Any]) -> float:
+    """In a worker process with `threads` threads: one trial's throughput, warmed up."""
+    config, root, threads, barrier = args
+    torch.set_num_threads(threads)
+    data = load_data(config, root, resolve_device(config.device))
+    cnnbench_loop([config], data)
+    barrier.wait()  # every worker measures at the same time
+    return cnnbench_loop([config], data)
+
+
+def parallel_workers(config: TrialConfig, root: Path, workers: int) -> float:
+    """Model-images/s of `workers` single-trial processes training at once with
+    cores // workers threads each: what the study runner does on the CPU."""
+    import multiprocessing
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(workers)
+        with ctx.Pool(workers) as pool:
+            rates = pool.map(_worker_throughput, [(config.replace(lr=LR_STUDY[i % 5]), str(root),
+                                                   max(1, cores // workers), barrier) for i in range(workers)])
+    return sum(rates)
+
+
 def flops_per_image(config: TrialConfig, device: torch.device) -> float:
     """Training FLOPs per image (forward + backward), counted by torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -169,6 +196,12 @@ def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", ba
         ("naive", 1, lambda: naive_loop(base, root, dev, steps)),
         ("single", 1, lambda: cnnbench_loop([base], data)),
     ]
+    if dev.type == "cpu":
+        from cnnbench.study import execution
+
+        _, workers, _ = execution(str(dev), None, None)
+        if workers > 1:  # the study runner's default on the CPU
+            plan.append(("workers", workers, lambda: parallel_workers(base, root, workers)))
     ks = [k for k in (1, 2, 4, 5, 8, 16, 32, 64) if k <= max_k]
 
     # untimed warm-up of every path (lazy init, cuDNN autotuning, first allocations)
@@ -179,8 +212,9 @@ def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", ba
     for rep in range(repeats):  # interleaved so that drifting machine load hits every method alike
         for method, k, fn in plan:
             measures.setdefault((method, k), Measurement(method, k)).samples.append(fn())
-        say(f"  repeat {rep + 1}/{repeats}: naive {measures[('naive', 1)].samples[-1]:,.0f}, "
-            f"single {measures[('single', 1)].samples[-1]:,.0f} images/s")
+        say(f"  repeat {rep + 1}/{repeats}: " + ", ".join(
+            f"{m.method}{'' if m.k == 1 else f' x{m.k}'} {m.samples[-1]:,.0f}" for m in measures.values())
+            + " model-images/s")
 
     # fused: K upward until the throughput stops rising (< 5% over the previous K)
     previous = 0.0
@@ -196,16 +230,16 @@ def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", ba
             break
         previous = max(previous, m.median)
 
-    if options:
+    if options:  # on the device's default path: K=16 fused on CUDA, one trial elsewhere
+        k = 16 if dev.type == "cuda" else 1
         for label, change in _option_variants(dev):
-            k = 16 if dev.type == "cuda" else 5
             configs = [c.replace(**change) for c in lrs(k)]
-            m = Measurement(f"fused+{label}", k)
+            m = Measurement(f"{'fused' if k > 1 else 'single'}+{label}", k)
             try:
                 variant_data = load_data(configs[0], root, dev)
-                cnnbench_loop(configs, variant_data, fused=True)  # includes compilation
+                cnnbench_loop(configs, variant_data, fused=k > 1)  # includes compilation
                 for _ in range(repeats):
-                    m.samples.append(cnnbench_loop(configs, variant_data, fused=True))
+                    m.samples.append(cnnbench_loop(configs, variant_data, fused=k > 1))
             except Exception as err:  # an option this device lacks is reported, not fatal
                 m.note = f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
             measures[(m.method, k)] = m
@@ -229,6 +263,9 @@ def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", ba
         "cnnbench, one trial at a time": LR_STUDY_IMAGES / measures[("single", 1)].median,
         f"cnnbench fused (K={k_lr})": LR_STUDY_IMAGES / fused[k_lr],
     }
+    for (method, k), m in measures.items():
+        if method == "workers":
+            projection[f"cnnbench, {k} worker processes"] = LR_STUDY_IMAGES / m.median
     summary = {"device": str(dev), "device_name": _device_name(dev), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "model": model, "batch_size": batch_size, "steps": steps,
                "repeats": repeats, "flops_per_training_image": flops, "fp32_peak_tflops": peak,
@@ -240,7 +277,8 @@ def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", ba
 
 
 def _option_variants(dev: torch.device) -> list[tuple[str, dict[str, Any]]]:
-    variants = [("channels_last", {"channels_last": True}), ("bf16", {"amp": "bf16"})]
+    variants = [("nchw", {"channels_last": False}), ("channels_last", {"channels_last": True}),
+                ("bf16", {"amp": "bf16"})]
     variants += [("compile", {"compile": "default"})]
     if dev.type == "cuda":
         variants += [("cudagraphs", {"compile": "reduce-overhead"}),
