@@ -422,8 +422,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     run_bench(data_root=args.data_dir, device=args.device, model=args.model, batch_size=args.batch_size,
               steps=args.steps, repeats=args.repeats, max_k=args.max_k, options=args.options, out_dir=out)
     if args.lr_study:
-        time_lr_study(data_root=args.data_dir, device=args.device, epochs=args.epochs)
-    print(f"wrote {out}/bench.csv, bench.md, throughput.png")
+        time_lr_study(data_root=args.data_dir, device=args.device, epochs=args.epochs, out_dir=out)
+    print(f"wrote {out}/bench.csv, bench.md, throughput.png" + (", lr_study.md" if args.lr_study else ""))
     return 0
 
 
