@@ -51,7 +51,10 @@ study-models: $(BIN)/.installed  ## LeNet-5, AlexNet, Inception, ResNet under on
 study-alexnet: $(BIN)/.installed  ## document 000: AlexNet, augmentation x batch size, 20 epochs
 	$(BIN)/cnnbench study studies/alexnet.yaml $(ARGS)
 
-studies: study-lr study-batch study-activation study-epochs study-models study-alexnet  ## every document study
+study-models-gpu: $(BIN)/.installed  ## torchvision AlexNet, GoogLeNet, ResNet-18, VGG16 at 224x224 (needs a GPU)
+	$(BIN)/cnnbench study studies/models-imagenet.yaml $(ARGS)
+
+studies: study-lr study-batch study-activation study-epochs study-models study-alexnet  ## every document study (CPU-sized)
 
 bench: $(BIN)/.installed  ## naive loop vs cnnbench vs fused K trials; writes results/bench/
 	$(BIN)/cnnbench bench $(ARGS)
