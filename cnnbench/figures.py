@@ -84,12 +84,12 @@ def isolation(trials: pd.DataFrame, spec: StudySpec):
         others = trials.groupby(list(spec.varied), dropna=False)[score].mean().reset_index()
         xs = others[x] if numeric else others[x].astype(str).map({v: i for i, v in enumerate(order)})
         ax.scatter(xs, others[score], marker="x", color="0.55", s=30, zorder=1, label="other nuisance settings")
+    # with a hue the legend names its levels; a label as well makes seaborn pass it twice
+    label = {} if hue else {"label": "best setting: mean ± sd"}
     if numeric:
-        sns.lineplot(data, x=x, y=score, hue=hue, errorbar="sd", err_style="bars", marker="o", ax=ax,
-                     label=None if hue else "best setting: mean ± sd")
+        sns.lineplot(data, x=x, y=score, hue=hue, errorbar="sd", err_style="bars", marker="o", ax=ax, **label)
     else:
-        sns.pointplot(data, x=x, y=score, hue=hue, order=order, errorbar="sd", capsize=0.1, ax=ax,
-                      label=None if hue else "best setting: mean ± sd")
+        sns.pointplot(data, x=x, y=score, hue=hue, order=order, errorbar="sd", capsize=0.1, ax=ax, **label)
     sns.stripplot(data, x=x, y=score, hue=hue, order=order, native_scale=numeric, jitter=False, alpha=0.45, size=4,
                   ax=ax, legend=False, **({} if hue else {"color": "0.25"}))
     if numeric and (best[x] > 0).all():

@@ -27,6 +27,9 @@ SPECS = {
                "nuisance:\n  lr: [0.05, 0.1]\nfixed:\n  model: lenet\n  epochs: 2\n" + TINY + "seeds: [0]\n",
     "models": "name: models\ntitle: Architectures\nscientific:\n  model: [lenet, resnet]\nfixed:\n  epochs: 1\n"
               "  lr: 0.05\n" + TINY + "seeds: [0]\n",
+    # two scientific hyperparameters, the first categorical: the isolation plot draws a hue
+    "twoway": "name: twoway\ntitle: Augmentation x batch size\nscientific:\n  augment: [none, hflip]\n"
+              "  batch_size: [32, 64]\nfixed:\n  model: lenet\n  epochs: 1\n  lr: 0.05\n" + TINY + "seeds: [0]\n",
     "sweep-tiny": "name: sweep-tiny\nsearch:\n  lr: {type: float, low: 0.01, high: 0.2, log: true}\n"
                   "  batch_size: [32, 64]\nfixed:\n  model: lenet\n  epochs: 2\n  val_size: 200\n" + TINY +
                   "sweep: {sampler: random, pruner: none, n_trials: 3, final_seeds: [0]}\n",
@@ -64,6 +67,7 @@ def lab(tmp_path_factory, data_root):
         study(str(REPO / "studies" / "lr.yaml"), *QUICK, "--seeds", "0,1")
         study("studies/lrbatch.yaml")
         study("studies/models.yaml")
+        study("studies/twoway.yaml")
         study("studies/sweep-tiny.yaml", command="sweep")  # 3 trials and the best one's final seed
         torch.set_num_threads(threads)
         yield root
@@ -187,7 +191,8 @@ def test_report_writes_html_for_every_study_and_sweep(lab):
     assert "skipped ghost-sweep: no Optuna storage for sweep 'ghost-sweep'" in out.stdout
     results = lab / "results"
     pages = {p: (results / p).read_text() for p in ("lr/report.html", "lrbatch/report.html", "models/report.html",
-                                                     "sweep-tiny/report.html", "models.html", "index.html")}
+                                                     "twoway/report.html", "sweep-tiny/report.html", "models.html",
+                                                     "index.html")}
     assert not (results / "ghost" / "report.html").exists() and not (results / "ghost-sweep" / "report.html").exists()
     images = {p: figures_in(text) for p, text in pages.items()}
 
@@ -196,6 +201,7 @@ def test_report_writes_html_for_every_study_and_sweep(lab):
     assert "lr=0.01 seed=1" in lr and "does not vary both" in lr and "These are the same runs as" in lr
     assert images["lr/report.html"] == 2  # curves, isolation; no heatmap
     assert images["lrbatch/report.html"] == 3  # curves, isolation, heatmap
+    assert images["twoway/report.html"] == 2  # curves, isolation with batch size as hue
     assert "load_runs(" not in lr  # the code is left out of the report
     sweep = pages["sweep-tiny/report.html"]
     assert "Optuna study <code>sweep-tiny</code>" in sweep and "3 complete" in sweep
