@@ -69,12 +69,6 @@ def _py(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def quiet() -> None:
-    """No artifact-download progress bars in notebooks, fewer MLflow log lines."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    quiet_mlflow()
-
-
 def typed(name: str, text: Any) -> Any:
     """A param's string (as `tracking` logs it) back to the setting's Python type."""
     if text is None or (isinstance(text, float) and math.isnan(text)):
@@ -113,7 +107,7 @@ def _experiment(client: MlflowClient, study: str, uri: str):
 def trial_runs(study: str, uri: str | None = None, *, run_ids: list[str] | None = None) -> pd.DataFrame:
     """One row per trial run of `study` (the `mlflow.search_runs` frame, selected as the
     module docstring says), with `frame.attrs` naming the study's hyperparameters."""
-    quiet()
+    quiet_mlflow()
     uri = resolve_uri(uri)
     client = MlflowClient(uri)
     exp = _experiment(client, study, uri)

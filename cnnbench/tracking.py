@@ -9,7 +9,6 @@ log side by side. Metrics are buffered and sent with `log_batch` once per epoch.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -208,25 +207,9 @@ class Tracker:
 
     def load_result(self, run) -> TrialResult:
         """A finished trial's result, from its `result.json` artifact."""
-        with tempfile.TemporaryDirectory() as tmp, _quiet_artifact_downloads():
+        with tempfile.TemporaryDirectory() as tmp:
             path = self.client.download_artifacts(run.info.run_id, "result.json", tmp)
             return result_from_json(json.loads(Path(path).read_text()))
-
-
-@contextlib.contextmanager
-def _quiet_artifact_downloads():
-    """No MLflow progress bar for fetching one small JSON file (a resumed study fetches
-    one per finished trial; the bars would bury the study's own progress)."""
-    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(name)
-    os.environ[name] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
 
 
 def _alive(pid: str | None) -> bool:
@@ -357,9 +340,12 @@ def result_from_json(d: dict[str, Any]) -> TrialResult:
 
 
 def quiet_mlflow() -> None:
-    """No retries with long back-off against a server that is down, and less chatter."""
+    """No retries with long back-off against a server that is down, and less chatter: no
+    progress bar per artifact fetched (a resumed study fetches each finished trial's small
+    result.json; the bars would bury the study's own progress)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
