@@ -18,7 +18,6 @@ the ratio to the naive loop measured in the same run: these machines are noisy.
 from __future__ import annotations
 
 import math
-import os
 import platform
 import statistics
 import time
@@ -123,18 +122,17 @@ def _worker_throughput(args: tuple[TrialConfig, str, int, Any]) -> float:
     return cnnbench_loop([config], data)
 
 
-def parallel_workers(config: TrialConfig, root: Path, workers: int) -> float:
-    """Model-images/s of `workers` single-trial processes training at once with
-    cores // workers threads each: what the study runner does on the CPU."""
+def parallel_workers(config: TrialConfig, root: Path, workers: int, threads: int) -> float:
+    """Model-images/s of `workers` single-trial processes training at once with `threads`
+    threads each: what the study runner does on the CPU (`study.execution`)."""
     import multiprocessing
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         barrier = manager.Barrier(workers)
         with ctx.Pool(workers) as pool:
             rates = pool.map(_worker_throughput, [(config.replace(lr=LR_STUDY[i % 5]), str(root),
-                                                   max(1, cores // workers), barrier) for i in range(workers)])
+                                                   threads, barrier) for i in range(workers)])
     return sum(rates)
 
 
@@ -199,9 +197,9 @@ def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", ba
     if dev.type == "cpu":
         from cnnbench.study import execution
 
-        _, workers, _ = execution(str(dev), None, None)
+        _, workers, threads = execution(str(dev), None, None)
         if workers > 1:  # the study runner's default on the CPU
-            plan.append(("workers", workers, lambda: parallel_workers(base, root, workers)))
+            plan.append(("workers", workers, lambda: parallel_workers(base, root, workers, threads)))
     ks = [k for k in (1, 2, 4, 5, 8, 16, 32, 64) if k <= max_k]
 
     # untimed warm-up of every path (lazy init, cuDNN autotuning, first allocations)

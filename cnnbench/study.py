@@ -33,7 +33,8 @@ from cnnbench.fused import fuse_groups
 from cnnbench.report import TrialRow, truncate, write_results
 from cnnbench.tracking import (TAG_SCIENTIFIC, Tracker, check_reachable, quiet_mlflow, run_name,
                                tracking_uri)
-from cnnbench.train import DIVERGED, FINISHED, TrialResult, load_data, resolve_device, resume_epoch, train_group
+from cnnbench.train import (DIVERGED, FINISHED, TrialResult, load_data, resolve_device, resume_epoch, train_group,
+                             usable_cores)
 
 STATE_ENV = "CNNBENCH_HOME"
 
@@ -143,7 +144,7 @@ def execution(device: str, fuse: bool | None, workers: int | None) -> tuple[bool
     same for every trial, whatever is left to run, since the thread count changes float
     rounding); elsewhere fused groups in one process."""
     on_cpu = resolve_device(device).type == "cpu"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     fuse = (not on_cpu) if fuse is None else fuse
     workers = (cores if on_cpu else 1) if workers is None else workers
     return fuse, workers, max(1, cores // workers) if on_cpu else None

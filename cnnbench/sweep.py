@@ -30,7 +30,7 @@ from typing import Any
 
 from cnnbench import sweep_storage
 from cnnbench.config import ConfigError, SearchDim, StudySpec, TrialConfig
-from cnnbench.train import Recorder, TrialResult
+from cnnbench.train import Recorder, TrialResult, usable_cores
 
 OBJECTIVES = {"val_acc": "val/acc", "val_loss": "val/loss"}  # spec name -> per-epoch metric
 DIRECTION_OF = {"val_acc": "maximize", "val_loss": "minimize"}
@@ -272,7 +272,7 @@ def launch_workers(sweep: Any, n: int, argv: list[str]) -> Any:
     gpus = torch.cuda.device_count()
     # on the CPU the workers share the cores: N workers with every core each spend their
     # time waiting for each other's threads (measured: 6x slower for LeNet with 2 on 2)
-    threads = str(max(1, (os.cpu_count() or 1) // n))
+    threads = str(max(1, usable_cores() // n))
     procs = []
     for i in range(n):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

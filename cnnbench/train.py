@@ -89,6 +89,12 @@ class Recorder:
 # devices and models
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which a container or
+    `taskset` may narrow below the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
