@@ -312,11 +312,10 @@ def load_loss_curve(frame: pd.DataFrame, *, first_epoch: bool = True) -> pd.Data
 
 def _n_train(row: dict[str, Any]) -> int:
     """Training images per epoch of a trial (its subset, less its validation split)."""
-    from cnnbench.data import DATASETS
+    from cnnbench.data import train_size
 
-    n = DATASETS[row["dataset"]].n_train - int(row.get("val_size") or 0)
-    subset = int(row.get("train_subset") or 0)
-    return min(n, subset) if subset else n
+    return train_size(row["dataset"], val_size=int(row.get("val_size") or 0),
+                      train_subset=int(row.get("train_subset") or 0))
 
 
 # -- the study's spec, summary and table, through cnnbench.report ---------------------------
@@ -450,8 +449,9 @@ def optuna_storage(sweep: str, storage: str | None = None) -> str:
     if storage:
         return storage
     from cnnbench.study import state_dir
+    from cnnbench.sweep_storage import default_url
 
-    return f"sqlite:///{(state_dir() / 'optuna' / f'{sweep}.db').resolve()}"
+    return default_url(sweep, state_dir())
 
 
 def load_sweep(sweep: str, storage: str | None = None):

@@ -48,6 +48,13 @@ DATASETS: dict[str, DatasetInfo] = {
 AUGMENTATIONS = ("hflip", "grayscale", "crop")
 
 
+def train_size(dataset: str, *, val_size: int = 0, train_subset: int = 0) -> int:
+    """Training images per epoch: the training split less the `val_size` images held out,
+    cut to `train_subset` when set (what `DeviceData.load` keeps)."""
+    n = DATASETS[dataset].n_train - val_size
+    return min(n, train_subset) if train_subset else n
+
+
 def data_dir(explicit: str | os.PathLike | None = None) -> Path:
     """--data-dir, else $CNNBENCH_DATA, else ./data (where torchvision downloads)."""
     return Path(explicit or os.environ.get(DATA_ENV) or "data")

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 from cnnbench import fileio
 from cnnbench.config import ConfigError, StudySpec, TrialConfig
-from cnnbench.data import data_dir, load_arrays
+from cnnbench.data import data_dir, load_arrays, train_size
 from cnnbench.errors import StudyBusy  # noqa: F401  (re-exported here)
 from cnnbench.fused import fuse_groups
 from cnnbench.report import TrialRow, truncate, write_results
@@ -275,7 +275,8 @@ def _run_locked(spec: StudySpec, p: Plan, *, data_root, out_dir: Path, uri: str,
         for r, run_id in _run_tasks(tasks, workers, threads, bar):
             results[r.config.key()] = (r, run_id)
         bar.close()
-        n_train = _n_train(p.runs[0])
+        c0 = p.runs[0]
+        n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset)
         rows = []
         for i, (trial, run_index) in enumerate(zip(p.trials, p.run_of)):
             run_cfg = p.runs[run_index]
@@ -291,13 +292,6 @@ def _run_locked(spec: StudySpec, p: Plan, *, data_root, out_dir: Path, uri: str,
         return outcome
     finally:
         tracker.end(parent, status)
-
-
-def _n_train(config: TrialConfig) -> int:
-    from cnnbench.data import DATASETS
-
-    n = DATASETS[config.dataset].n_train - config.val_size
-    return min(n, config.train_subset) if config.train_subset else n
 
 
 def _trial_tags(spec: StudySpec, c: TrialConfig) -> dict[str, str]:
