@@ -17,13 +17,9 @@ from matplotlib.ticker import MaxNLocator
 
 from cnnbench.analysis import isolated
 from cnnbench.config import StudySpec
-from cnnbench.report import draw_accuracy, draw_loss, isolate
+from cnnbench.report import draw_accuracy, draw_loss, isolate, theme
 
 HEATMAP_AXES = ("batch_size", "lr")  # (columns, rows) of the heatmap
-
-
-def theme() -> None:
-    sns.set_theme(style="whitegrid", context="notebook")
 
 
 def _count(per: pd.Series, *, band: bool = True, what: str = "") -> str:
@@ -151,21 +147,11 @@ def optuna_plot(study, function: str):
     """One of Optuna's matplotlib plots of the sweep (`plot_optimization_history`,
     `plot_param_importances`, `plot_slice`, ...: the ones `results/<sweep>/` saves), as a
     Figure; None, with the reason printed, when Optuna cannot draw it (too few trials)."""
-    import warnings
+    from cnnbench.sweep_report import plot
 
-    import optuna.visualization.matplotlib as ovm
-
-    try:  # Optuna switches matplotlib to its ggplot style: keep that to its own figure
-        with warnings.catch_warnings(), plt.rc_context():
-            warnings.simplefilter("ignore")  # "experimental": nothing the reader can act on
-            axes = getattr(ovm, function)(study)
-    except Exception as err:  # e.g. importances of a single complete trial
-        print(f"{function}: not drawn ({' '.join(str(err).split())[:160]})")
-        return None
-    axes = np.atleast_1d(axes).flat
-    fig = axes[0].figure
-    if function == "plot_slice":
-        fig.set_size_inches(4.5 * max(1, len(axes)), 4)
+    fig, why_not = plot(study, function)
+    if fig is None:
+        print(f"{function}: not drawn ({why_not})")
     return fig
 
 

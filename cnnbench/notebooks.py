@@ -74,12 +74,12 @@ def discover(results_dir: Path, *, names: list[str] | None = None,
     from cnnbench import analysis
 
     folders = check_results(results_dir, names)
+    common = {"tracking_uri": tracking_uri, "results_dir": str(results_dir.resolve())}
     jobs, skipped = [], []
     for name, folder in folders.items():
         if names and name not in names:
             continue
-        common = {"tracking_uri": tracking_uri, "results_dir": str(results_dir.resolve())}
-        if (folder / "trials.csv").is_file() or (folder / "best.yaml").is_file():
+        if _is_sweep(folder):
             try:
                 analysis.load_sweep(name)
             except analysis.NoRuns as err:
@@ -94,10 +94,13 @@ def discover(results_dir: Path, *, names: list[str] | None = None,
                 continue
             jobs.append(Job("analysis.ipynb", name, "study", {"study": name, **common}, folder / "report.html"))
     if not names or "models" in names:
-        jobs.append(Job("models.ipynb", "models", "models", {"study": "models", "tracking_uri": tracking_uri,
-                                                              "results_dir": str(results_dir.resolve())},
-                        results_dir / "models.html"))
+        jobs.append(Job("models.ipynb", "models", "models", {"study": "models", **common}, results_dir / "models.html"))
     return jobs, skipped
+
+
+def _is_sweep(folder: Path) -> bool:
+    """A sweep's results folder (`cnnbench sweep` writes trials.csv and best.yaml there)."""
+    return (folder / "trials.csv").is_file() or (folder / "best.yaml").is_file()
 
 
 @contextlib.contextmanager
@@ -176,8 +179,7 @@ def write_index(results_dir: Path) -> Path:
     for page in sorted(results_dir.glob("*/report.html")) + sorted(results_dir.glob("models.html")):
         folder = page.parent if page.name == "report.html" else None
         name = folder.name if folder else "models"
-        kind = "sweep" if folder and ((folder / "trials.csv").is_file() or (folder / "best.yaml").is_file()) else (
-            "study" if folder else "architectures")
+        kind = ("sweep" if _is_sweep(folder) else "study") if folder else "architectures"
         extra = [f'<a href="{html.escape(str(p.relative_to(results_dir)))}">{html.escape(p.name)}</a>'
                  for p in sorted(folder.iterdir()) if folder and p.is_file() and p.name != "report.html"
                  and not p.name.startswith(".")] if folder else []

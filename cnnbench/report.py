@@ -241,9 +241,14 @@ def draw_accuracy(ax, acc: pd.DataFrame, *, zoom: bool = False) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
 
 
+def theme() -> None:
+    """The look of every cnnbench figure (results/ and the notebooks)."""
+    sns.set_theme(style="whitegrid", context="notebook")
+
+
 def save_figures(spec: StudySpec, rows: Sequence[TrialRow], out_dir: Path, n_train: int) -> list[Path]:
     loss, acc = curves_frame(spec, rows, n_train)
-    sns.set_theme(style="whitegrid", context="notebook")
+    theme()
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     draw_loss(axes[0], loss)
     draw_accuracy(axes[1], acc)

@@ -78,26 +78,38 @@ def importance(study: Any) -> tuple[dict[str, float], str]:
         return {}, " ".join(str(err).split())[:200] or type(err).__name__
 
 
+def plot(study: Any, function: str) -> tuple[Any, str]:
+    """One of Optuna's matplotlib plots (`plot_slice`, ...) as a Figure and ""; or None and
+    the reason when Optuna cannot draw it (e.g. importances of a single complete trial)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import optuna.visualization.matplotlib as ovm
+
+    try:  # Optuna switches matplotlib to its ggplot style: keep that to its own figure
+        with _quiet(), plt.rc_context():
+            axes = getattr(ovm, function)(study)
+    except Exception as err:
+        return None, " ".join(str(err).split())[:160]
+    axes = np.atleast_1d(axes).flat
+    fig = axes[0].figure
+    if function == "plot_slice":
+        fig.set_size_inches(4.5 * max(1, len(axes)), 4)
+    return fig, ""
+
+
 def save_plots(study: Any, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-    import optuna.visualization.matplotlib as ovm
 
     files = []
     for name, function in PLOTS.items():
         plt.close("all")
-        try:
-            with _quiet():
-                axes = getattr(ovm, function)(study)
-        except Exception as err:  # e.g. importance with one complete trial: skip that plot
-            print(f"results: {name} skipped ({' '.join(str(err).split())[:120]})")
+        fig, why_not = plot(study, function)
+        if fig is None:
+            print(f"results: {name} skipped ({why_not})")
             continue
-        fig = np.atleast_1d(axes).flat[0].figure
-        if function == "plot_slice":
-            fig.set_size_inches(4 * max(1, len(np.atleast_1d(axes).flat)), 4)
         fileio.write_with(out / name, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
         plt.close(fig)
         files.append(out / name)
