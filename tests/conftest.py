@@ -45,6 +45,11 @@ def quick(**overrides):
     return TrialConfig.from_dict({**base, **overrides})
 
 
+# `--set` arguments that shrink a study to trials of a second or so (640 training images)
+TINY_STUDY = ["--set", "epochs=2", "--set", "train_subset=640", "--set", "test_subset=300", "--set", "log_every=2",
+              "--set", "progress=false"]
+
+
 def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real `cnnbench` command in a subprocess."""
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}

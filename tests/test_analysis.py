@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import nbformat
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, cli, quick
+from conftest import REPO, TINY_STUDY, cli
 
-QUICK = ["--set", "epochs=2", "--set", "train_subset=640", "--set", "test_subset=300", "--set", "log_every=2",
-         "--set", "progress=false"]
 TINY = "  train_subset: 640\n  test_subset: 300\n  log_every: 2\n  progress: false\n"
 SPECS = {
     "lrbatch": "name: lrbatch\ntitle: Batch size, lr tuned per batch size\nscientific:\n  batch_size: [32, 128]\n"
@@ -64,7 +61,7 @@ def lab(tmp_path_factory, data_root):
         (root / "studies").mkdir()
         for name, text in SPECS.items():
             (root / "studies" / f"{name}.yaml").write_text(text)
-        study(str(REPO / "studies" / "lr.yaml"), *QUICK, "--seeds", "0,1")
+        study(str(REPO / "studies" / "lr.yaml"), *TINY_STUDY, "--seeds", "0,1")
         study("studies/lrbatch.yaml")
         study("studies/models.yaml")
         study("studies/twoway.yaml")

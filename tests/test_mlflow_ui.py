@@ -10,12 +10,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO
+from conftest import REPO, TINY_STUDY
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
-
-QUICK = ["--set", "epochs=2", "--set", "train_subset=640", "--set", "test_subset=300", "--set", "log_every=2",
-         "--set", "progress=false"]
 NAMES = [f"lr={lr} seed=0" for lr in ("0.001", "0.005", "0.01", "0.05", "0.1")]
 IN_CI = os.environ.get("CNNBENCH_CI") == "1"  # set by .ci/run: there the browser test must run
 
@@ -35,7 +32,7 @@ def server(tmp_path_factory, data_root):
         for key, value in {"MLFLOW_TRACKING_URI": url, "CNNBENCH_DATA": str(data_root),
                            "CNNBENCH_HOME": str(root / ".cnnbench")}.items():
             mp.setenv(key, value)
-        status = main(["study", str(REPO / "studies" / "lr.yaml"), *QUICK, "--seeds", "0"])
+        status = main(["study", str(REPO / "studies" / "lr.yaml"), *TINY_STUDY, "--seeds", "0"])
         assert status == 0, (root / "server.log").read_text()[-2000:]
         yield url, root
 

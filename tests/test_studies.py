@@ -1,7 +1,5 @@
 """The document studies: epoch reuse, seed aggregation, and their specs and make targets."""
 
-import math
-import re
 import subprocess
 import textwrap
 

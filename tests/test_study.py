@@ -1,7 +1,5 @@
 """`cnnbench study` end to end on real MNIST: MLflow experiment, runs, metrics, results."""
 
-import json
-
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
