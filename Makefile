@@ -13,7 +13,7 @@ MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_TRACKING_URI
 
 .DEFAULT_GOAL := help
-.PHONY: help install test bench study-lr study-batch study-activation study-epochs study-models study-alexnet \
+.PHONY: help install test bench gpu-check study-lr study-batch study-activation study-epochs study-models study-alexnet \
         studies ui clean-state report ui-screenshot notebooks-clean
 
 help:  ## list the targets
@@ -58,6 +58,9 @@ studies: study-lr study-batch study-activation study-epochs study-models study-a
 
 bench: $(BIN)/.installed  ## naive loop vs cnnbench vs fused K trials; writes results/bench/
 	$(BIN)/cnnbench bench $(ARGS)
+
+gpu-check: $(BIN)/.installed  ## on a CUDA machine: CUDA tests, bench, studies, timed (at most 8 min on an H100); ARGS=--dry-run tries it on the CPU
+	$(BIN)/cnnbench gpu-check --out $(if $(OUT),$(OUT),results/gpu) $(ARGS)
 
 ui: $(BIN)/.installed  ## MLflow UI on the tracking store (http://127.0.0.1:$(PORT))
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(PORT)

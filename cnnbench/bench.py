@@ -32,7 +32,8 @@ from cnnbench import fileio
 from cnnbench.config import TrialConfig
 from cnnbench.data import DATASETS, data_dir, load_arrays
 from cnnbench.models import get_model
-from cnnbench.train import _sync, load_data, resolve_device, train_group
+from cnnbench.train import (SingleEngine, _sync, configure_backends, evaluate, load_data, resolve_device, set_tf32,
+                            train_group)
 
 LR_STUDY = (0.001, 0.005, 0.01, 0.05, 0.1)
 LR_STUDY_IMAGES = len(LR_STUDY) * 10 * 60_000  # 5 trials x 10 epochs of 60,000 training images
@@ -158,7 +159,7 @@ def fp32_peak(device: torch.device) -> tuple[float, str]:
     for key, tflops in sorted(FP32_PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
         if key in name:
             return tflops, f"{name} datasheet"
-    torch.backends.cuda.matmul.allow_tf32 = False
+    set_tf32(False)
     a = torch.randn(8192, 8192, device=device)
     for _ in range(3):
         a @ a
@@ -178,7 +179,7 @@ def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", ba
     load_arrays("mnist", root)
     if out_dir is not None:
         fileio.check_writable(out_dir)
-    max_k = max_k or (64 if dev.type == "cuda" else 16)
+    max_k = max_k or (1024 if dev.type == "cuda" else 16)
     base = TrialConfig(model=model, batch_size=batch_size, epochs=1, train_subset=steps * batch_size,
                        test_subset=1000, log_every=50, progress=False, device=str(dev), checkpoints="final")
     say(f"device {dev} ({_device_name(dev)}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -200,7 +201,7 @@ def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", ba
         _, workers, threads = execution(str(dev), None, None)
         if workers > 1:  # the study runner's default on the CPU
             plan.append(("workers", workers, lambda: parallel_workers(base, root, workers, threads)))
-    ks = [k for k in (1, 2, 4, 5, 8, 16, 32, 64) if k <= max_k]
+    ks = [k for k in (1, 2, 4, 5, 8, 16, 32, 64, 128, 256, 512, 1024) if k <= max_k]
 
     # untimed warm-up of every path (lazy init, cuDNN autotuning, first allocations)
     naive_loop(base, root, dev, 5)
@@ -228,20 +229,24 @@ def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", ba
             break
         previous = max(previous, m.median)
 
-    if options:  # on the device's default path: K=16 fused on CUDA, one trial elsewhere
-        k = 16 if dev.type == "cuda" else 1
-        for label, change in _option_variants(dev):
-            configs = [c.replace(**change) for c in lrs(k)]
-            m = Measurement(f"{'fused' if k > 1 else 'single'}+{label}", k)
-            try:
-                variant_data = load_data(configs[0], root, dev)
-                cnnbench_loop(configs, variant_data, fused=k > 1)  # includes compilation
-                for _ in range(repeats):
-                    m.samples.append(cnnbench_loop(configs, variant_data, fused=k > 1))
-            except Exception as err:  # an option this device lacks is reported, not fatal
-                m.note = f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
-            measures[(m.method, k)] = m
-            say(f"  {m.method:<22} K={k:<3} {m.median:>12,.0f} model-images/s {m.note}")
+    if options:  # each option flipped alone from the device's defaults, one engine reused per option
+        for k in _option_ks(dev, max_k):
+            base_m = Measurement("fused+defaults" if k > 1 else "single+defaults", k)
+            variants = [("defaults", {})] + _option_variants(dev, k)
+            for label, change in variants:
+                configs = [c.replace(**change) for c in lrs(k)]
+                m = base_m if label == "defaults" else Measurement(f"{'fused' if k > 1 else 'single'}+{label}", k)
+                try:
+                    variant_data = load_data(configs[0], root, dev)
+                    m.samples = step_throughput(configs, variant_data, steps=steps, repeats=repeats,
+                                                step_graph=label == "step_graph")
+                except Exception as err:  # an option this device lacks is reported, not fatal
+                    m.note = f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
+                if m.samples and base_m.samples and m is not base_m:
+                    m.note = (m.note + " " if m.note else "") + f"{m.median / base_m.median:.2f}x the defaults"
+                measures[(m.method, k)] = m
+                say(f"  {m.method:<26} K={k:<4} {m.median:>12,.0f} model-images/s {m.note}")
+        set_tf32(False)
 
     naive = measures[("naive", 1)].median
     flops = flops_per_image(base, dev)
@@ -274,14 +279,150 @@ def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", ba
     return summary
 
 
-def _option_variants(dev: torch.device) -> list[tuple[str, dict[str, Any]]]:
-    variants = [("nchw", {"channels_last": False}), ("channels_last", {"channels_last": True}),
-                ("bf16", {"amp": "bf16"})]
-    variants += [("compile", {"compile": "default"})]
+def _option_ks(dev: torch.device, max_k: int) -> list[int]:
+    """The paths the options are timed on: one trial, and on an accelerator a fused group
+    the size of the 3-seed learning-rate study (15 trials, max_fuse 16)."""
+    return [1, min(16, max_k)] if dev.type == "cuda" and max_k > 1 else [1]
+
+
+def _option_variants(dev: torch.device, k: int = 1) -> list[tuple[str, dict[str, Any]]]:
+    """Each speed option flipped from the device's default (channels_last: on for the
+    CPU, off elsewhere; everything else off, cuDNN autotuning on). On CUDA the single
+    trial skips the slow-to-compile variants that the fused group times."""
+    on_cpu = dev.type == "cpu"
+    variants = [("nchw", {"channels_last": False}) if on_cpu else ("channels_last", {"channels_last": True}),
+                ("bf16", {"amp": "bf16"}), ("compile", {"compile": "default"})]
     if dev.type == "cuda":
-        variants += [("cudagraphs", {"compile": "reduce-overhead"}),
-                     ("bf16+cudagraphs", {"amp": "bf16", "compile": "reduce-overhead"})]
+        variants += [("tf32", {"tf32": True}), ("no_cudnn_benchmark", {"cudnn_benchmark": False}),
+                     ("cudagraphs", {"compile": "reduce-overhead"}),
+                     ("bf16+cudagraphs", {"amp": "bf16", "compile": "reduce-overhead"}),
+                     ("step_graph", {})]  # the whole step as one CUDA graph (see step_throughput)
+        if k == 1:
+            variants = [v for v in variants if v[0] not in ("compile", "bf16+cudagraphs")]
     return variants
+
+
+def make_engine(configs: list[TrialConfig], data) -> Any:
+    """The engine train_group would use for `configs` (one trial: SingleEngine)."""
+    configure_backends(configs[0], data.device)
+    if len(configs) == 1:
+        return SingleEngine(configs, data.device, data.info)
+    from cnnbench.fused import FusedEngine
+
+    return FusedEngine(configs, data.device, data.info)
+
+
+def step_throughput(configs: list[TrialConfig], data, *, steps: int, repeats: int, warm: int = 30,
+                    step_graph: bool = False) -> list[float]:
+    """Model-images/s of one engine's training steps, as the loop makes them (a batch
+    gathered and normalised on the device, one step, no host sync inside the timed
+    steps): `warm` untimed steps first (compilation, CUDA-graph capture, cuDNN
+    autotuning), then `repeats` timings of `steps` steps on the same engine.
+
+    `step_graph` (CUDA, SGD): the whole step (gather, normalise, forward, backward,
+    update) captured once as one CUDA graph and replayed with a new batch index: the
+    floor of what launch overhead leaves, a bench figure only (the study loop does not
+    do this: capture's warm-up steps would change the trial)."""
+    engine = make_engine(configs, data)
+    engine.begin_epoch([[c.lr for c in configs]])
+    engine.train(True)
+    batch = configs[0].batch_size
+    order = data.epoch_order(configs[0].seed, 0)
+    n = len(data.train) - batch
+    idx = order[:batch].clone()
+
+    def one() -> None:
+        engine.train_step(data.to_float(data.train.x[idx]), data.train.y[idx], 0)
+
+    replay = one
+    if step_graph:
+        if data.device.type != "cuda" or configs[0].optimizer != "sgd":
+            raise ValueError("step_graph needs CUDA and SGD")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs asks
+            for _ in range(3):
+                one()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            one()
+        replay = graph.replay
+
+    def run(count: int, offset: int) -> None:
+        for step in range(count):
+            lo = ((offset + step) * batch) % max(n, 1)
+            idx.copy_(order[lo:lo + batch])
+            replay()
+
+    run(warm, 0)
+    _sync(data.device)
+    out = []
+    for rep in range(repeats):
+        t0 = time.perf_counter()
+        run(steps, warm + rep * steps)
+        _sync(data.device)
+        out.append(len(configs) * steps * batch / (time.perf_counter() - t0))
+    return out
+
+
+def time_evaluation(base: TrialConfig, data, *, k: int, sizes: tuple[int, ...], repeats: int = 3) -> list[dict[str, Any]]:
+    """Seconds for one pass over the test set by K fused models, per test batch size
+    (the setting changes no result, only speed)."""
+    configs = [base.replace(lr=LR_STUDY[i % len(LR_STUDY)], seed=i // len(LR_STUDY)) for i in range(k)]
+    engine = make_engine(configs, data)
+    engine.train(False)
+    rows = []
+    for size in sizes:
+        evaluate(engine, data, data.test, size)  # warm-up (cuDNN autotuning per shape)
+        times = []
+        for _ in range(repeats):
+            _sync(data.device)
+            t0 = time.perf_counter()
+            evaluate(engine, data, data.test, size)
+            _sync(data.device)
+            times.append(time.perf_counter() - t0)
+        rows.append({"k": k, "test_batch_size": size, "seconds": statistics.median(times),
+                     "model_images_per_s": k * len(data.test) / statistics.median(times)})
+    return rows
+
+
+def profile_steps(configs: list[TrialConfig], data, *, steps: int = 50) -> dict[str, Any]:
+    """Where a training step's time goes: torch.profiler over `steps` warm steps; on CUDA
+    the GPU's busy time (the sum of kernel times) against the wall time, the rest being
+    launch gaps and host work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step_throughput(configs, data, steps=5, repeats=1, warm=10)  # compile, autotune outside the profile
+    engine = make_engine(configs, data)
+    engine.begin_epoch([[c.lr for c in configs]])
+    engine.train(True)
+    batch = configs[0].batch_size
+    order = data.epoch_order(configs[0].seed, 0)
+    for step in range(10):
+        idx = order[step * batch:(step + 1) * batch]
+        engine.train_step(data.to_float(data.train.x[idx]), data.train.y[idx], 0)
+    _sync(data.device)
+    cuda = data.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for step in range(steps):
+            idx = order[step * batch:(step + 1) * batch]
+            engine.train_step(data.to_float(data.train.x[idx]), data.train.y[idx], 0)
+        _sync(data.device)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    out = {"k": len(configs), "steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
+           "table": events.table(sort_by=sort, row_limit=25)}
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_us = sum(e.device_time for e in kernels) if kernels and hasattr(kernels[0], "device_time") \
+            else sum(e.cuda_time for e in kernels)
+        out.update({"kernels_per_step": len(kernels) / steps, "gpu_busy_ms_per_step": busy_us / 1e3 / steps,
+                    "gpu_busy_fraction": busy_us / 1e6 / wall})
+    return out
 
 
 def _device_name(dev: torch.device) -> str:

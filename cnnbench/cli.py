@@ -378,10 +378,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     from cnnbench.config import ConfigError, TrialConfig
-    from cnnbench.train import SingleEngine, evaluate, load_checkpoint, load_data, resolve_device
+    from cnnbench.train import evaluate_checkpoint, load_checkpoint
 
     path = Path(args.checkpoint)
     if not path.is_file():
@@ -390,17 +388,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         payload = load_checkpoint(path)
     except Exception as err:
         raise ConfigError(f"{path}: cannot read checkpoint ({' '.join(str(err).split())[:200]})") from None
-    config = TrialConfig.from_dict({**payload["config"], "device": args.device, "test_batch_size": args.test_batch_size,
-                                    "compile": "none"}, where=str(path))
-    device = resolve_device(config.device)
-    data = load_data(config, args.data_dir, device)
-    engine = SingleEngine([config], device, data.info)
-    engine.load_trial_state(0, payload)
-    engine.train(False)
-    with torch.no_grad():
-        loss, acc = evaluate(engine, data, data.test, config.test_batch_size)
+    config = TrialConfig.from_dict(payload["config"], where=str(path))
+    loss, acc, n = evaluate_checkpoint(payload, device=args.device, data_root=args.data_dir,
+                                       test_batch_size=args.test_batch_size)
     print(f"{path}: epoch {payload['epoch']} of {config.model} (lr={config.lr:g}, seed={config.seed}): "
-          f"test loss {loss[0]:.4f}, test accuracy {acc[0]:.2f}% on {len(data.test)} images")
+          f"test loss {loss:.4f}, test accuracy {acc:.2f}% on {n} images")
     return 0
 
 
@@ -456,6 +448,59 @@ def _add_summary(sub: Any) -> None:
 
 
 _EXTRA_COMMANDS.append(_add_summary)
+
+
+def _add_gpu_check(sub: Any) -> None:
+    p = sub.add_parser("gpu-check", help="every GPU measurement in one command (tests, bench, studies)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.dedent("""\
+                           On a CUDA machine, in one command that writes everything into one folder: the CUDA
+                           tests (pytest -m cuda); `cnnbench bench --options` (naive loop, one trial, fused K
+                           until throughput stops rising, each speed option on and off), the test pass per test
+                           batch size and a torch.profiler profile; the lr, batch and activation studies end to
+                           end (3 seeds, all of MNIST, 10 epochs, MLflow on a SQLite file in the folder), the lr
+                           study again in bf16 and in TF32, then the other document studies while the budget
+                           lasts. --dry-run runs the same path on the CPU at toy sizes."""),
+                       epilog="examples:\n  cnnbench gpu-check --out results/gpu\n  cnnbench gpu-check --dry-run --out /tmp/gpu")
+    p.add_argument("--out", metavar="DIR", default="results/gpu",
+                   help="folder for everything the check writes (default: results/gpu)")
+    p.add_argument("--dry-run", action="store_true", help="the same path on the CPU, at toy sizes (under two minutes)")
+    p.add_argument("--budget", type=float, default=480.0, metavar="SECONDS",
+                   help="time for the whole check; the later studies are skipped when it runs out (default: 480)")
+    p.add_argument("--parts", default="tests,bench,studies", metavar="LIST",
+                   help="which parts to run, comma-separated: tests, bench, studies (default: all three)")
+    p.add_argument("--studies", default=None, metavar="LIST",
+                   help="studies to run, comma-separated, each NAME or NAME:KEY=VALUE (a variant, in its own "
+                        "results-KEY-VALUE/ folder), e.g. lr,lr:amp=bf16 (default: lr, batch, activation, lr in bf16 "
+                        "and in TF32, then the other document studies and models-imagenet for one epoch)")
+    _common(p, sets=False)
+    p.set_defaults(func=cmd_gpu_check)
+
+
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    from cnnbench.config import ConfigError
+    from cnnbench.gpu_check import run_gpu_check
+
+    if args.budget <= 0:
+        raise ConfigError(f"--budget: must be > 0, got {args.budget:g}")
+    from cnnbench.gpu_check import PARTS
+
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ConfigError(f"--parts: unknown part {unknown[0] if unknown else '(none)'!r}; known: {', '.join(PARTS)}")
+    studies = tuple(s.strip() for s in args.studies.split(",") if s.strip()) if args.studies else None
+    for entry in studies or ():
+        name = entry.partition(":")[0]
+        spec_file = Path(__file__).resolve().parents[1] / "studies" / f"{name}.yaml"
+        if not spec_file.is_file():
+            raise ConfigError(f"--studies: no study {name!r} (no {spec_file})")
+    steps = run_gpu_check(Path(args.out), dry_run=args.dry_run, data_root=args.data_dir, budget=args.budget,
+                          parts=parts, studies=studies)
+    return EXIT_FAILED if any(s.status == "failed" for s in steps) else 0
+
+
+_EXTRA_COMMANDS.append(_add_gpu_check)
 
 
 def _input_shape(text: str | None) -> tuple[int, int, int] | None:
@@ -527,12 +572,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cnnbench.errors import ConfigError, DataError, StudyBusy, TrackingError
+    from cnnbench.errors import ConfigError, DataError, DeviceError, StudyBusy, TrackingError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    bad_input = (ConfigError, DataError, TrackingError, PermissionError)
+    bad_input = (ConfigError, DataError, DeviceError, TrackingError, PermissionError)
     try:
         return args.func(args)
     except bad_input as err:
@@ -541,11 +586,6 @@ def main(argv: list[str] | None = None) -> int:
     except StudyBusy as err:
         print(f"cnnbench: {err}", file=sys.stderr)
         return EXIT_BUSY
-    except RuntimeError as err:
-        if str(err).startswith("device "):
-            print(f"cnnbench: error: {_one_line(err)}", file=sys.stderr)
-            return EXIT_INPUT
-        raise
     except KeyboardInterrupt:
         print("\ncnnbench: interrupted; finished trials are saved, run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -37,7 +37,10 @@ def _names() -> dict[str, tuple[str, ...]]:
 
 # Settings that change how a run is executed or recorded but not what it computes:
 # they are left out of a trial's identity, so a study resumes on another device.
-RUNTIME_FIELDS = ("device", "log_every", "checkpoints", "progress")
+RUNTIME_FIELDS = ("device", "log_every", "checkpoints", "progress", "cudnn_benchmark")
+# Settings added after trials were first recorded: at these values they are left out of a
+# trial's identity, so the keys of trials recorded before them (and their resume) stay.
+LATER_FIELDS = {"tf32": False}
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class TrialConfig:
     amp: str = field(default="none", metadata={"doc": "autocast precision: none or bf16"})
     channels_last: bool | None = field(default=None, metadata={"doc": "channels-last memory format; null: on for the CPU, where `cnnbench bench` measured it faster for every model, off elsewhere"})
     compile: str = field(default="none", metadata={"doc": "torch.compile mode: none, default, reduce-overhead (CUDA graphs) or max-autotune"})
+    tf32: bool = field(default=False, metadata={"doc": "CUDA: TF32 tensor-core math for float32 convolutions and matrix products (PyTorch's own default turns it on for convolutions; off here: plain fp32)"})
+    cudnn_benchmark: bool = field(default=True, metadata={"doc": "CUDA: let cuDNN time its convolution algorithms and keep the fastest (off with deterministic)"})
     deterministic: bool = field(default=False, metadata={"doc": "deterministic kernels (torch.use_deterministic_algorithms)"})
     # recording
     log_every: int = field(default=50, metadata={"doc": "steps between points of the train/loss curve"})
@@ -106,7 +111,8 @@ class TrialConfig:
 
     # -- identity -----------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in RUNTIME_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     def key(self) -> str:
         """Stable hash of what the trial computes (resolved settings and seed)."""

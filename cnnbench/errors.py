@@ -16,3 +16,7 @@ class TrackingError(RuntimeError):
 
 class StudyBusy(RuntimeError):
     """Another process is running this study on this machine."""
+
+
+class DeviceError(RuntimeError):
+    """The device asked for (CUDA, MPS) is not on this machine. The message names it."""

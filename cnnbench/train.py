@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from cnnbench import fileio
 from cnnbench.config import TrialConfig
+from cnnbench.errors import DeviceError
 from cnnbench.data import DATASETS, DatasetInfo, DeviceData, _mix, data_dir
 from cnnbench.models import get_model
 from cnnbench.schedule import LRSchedule
@@ -104,19 +105,35 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name}: CUDA is not available on this machine")
+        raise DeviceError(f"device {name}: CUDA is not available on this machine")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"device {name}: MPS is not available on this machine")
+        raise DeviceError(f"device {name}: MPS is not available on this machine")
     return device
 
 
 def configure_backends(config: TrialConfig, device: torch.device) -> None:
-    """Deterministic kernels when asked; otherwise let cuDNN pick the fastest ones."""
+    """Deterministic kernels when asked; otherwise let cuDNN pick the fastest ones
+    (`cudnn_benchmark`). TF32 for float32 convolutions and matrix products only when
+    `tf32` asks for it: PyTorch's own default runs convolutions in TF32 on Ampere and
+    later, which is not the fp32 a study reports."""
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(config.deterministic)
     torch.backends.cudnn.deterministic = config.deterministic
-    torch.backends.cudnn.benchmark = device.type == "cuda" and not config.deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and config.cudnn_benchmark and not config.deterministic
+    set_tf32(config.tf32)
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 on or off for cuBLAS and cuDNN convolutions, through the precision API that
+    torch 2.9 introduced (mixing it with the older allow_tf32 flags is an error there)."""
+    precision = "tf32" if enabled else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:  # torch before 2.9
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def build_model(config: TrialConfig, info: DatasetInfo) -> nn.Module:
@@ -243,6 +260,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(payload, dict) or payload.get("format") != "cnnbench-checkpoint-1":
         raise ValueError(f"{path}: not a cnnbench checkpoint")
     return payload
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], *, device: str = "auto",
+                        data_root: str | os.PathLike | None = None,
+                        test_batch_size: int = 1024) -> tuple[float, float, int]:
+    """Re-test a checkpoint saved on any device (a path or a loaded payload) on `device`:
+    (test loss, test accuracy in percent, test images)."""
+    payload = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location="cpu")
+    config = TrialConfig.from_dict({**payload["config"], "device": device, "test_batch_size": test_batch_size,
+                                    "compile": "none"}, where=str(payload.get("key", "checkpoint")))
+    dev = resolve_device(config.device)
+    data = load_data(config, data_root, dev)
+    engine = SingleEngine([config], dev, data.info)
+    engine.load_trial_state(0, payload)
+    engine.train(False)
+    loss, acc = evaluate(engine, data, data.test, config.test_batch_size)
+    return loss[0], acc[0], len(data.test)
 
 
 def _resume_state(ckpt_dir: Path | None, config: TrialConfig) -> dict[str, Any] | None:

@@ -1,0 +1,128 @@
+"""The CUDA path, on a real GPU: device choice, data on the device, fused = alone in fp32,
+each speed option trains, checkpoints move to the CPU, out of memory fails one trial.
+
+Every test here is marked `cuda` and skips on a machine without CUDA (CI has none):
+`pytest -m cuda` runs them where there is a GPU, and `cnnbench gpu-check` runs them first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cnnbench.config import StudySpec
+from cnnbench.data import DeviceData
+from cnnbench.study import run_study
+from cnnbench.train import (FAILED, FINISHED, Recorder, evaluate_checkpoint, load_data, resolve_device, set_tf32,
+                            train_group)
+
+from conftest import quick
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+class Losses(Recorder):
+    def __init__(self):
+        self.loss = []
+
+    def train_loss(self, samples, loss):
+        self.loss.append(loss)
+
+
+@pytest.fixture(autouse=True)
+def plain_fp32():
+    """Each test starts from fp32 (TF32 off) and leaves it so."""
+    set_tf32(False)
+    yield
+    set_tf32(False)
+
+
+def test_auto_picks_cuda():
+    assert resolve_device("auto").type == "cuda"
+    assert quick().device == "auto"
+
+
+def test_data_lives_on_the_gpu_as_uint8_and_batches_are_made_there(data_root):
+    config = quick(device="cuda")
+    data = load_data(config, data_root, resolve_device("cuda"))
+    assert isinstance(data, DeviceData)
+    assert data.train.x.is_cuda and data.train.x.dtype == torch.uint8
+    assert data.test.x.is_cuda and data.train.y.is_cuda
+    order = data.epoch_order(0, 0)
+    assert order.is_cuda
+    batch = data.to_float(data.train.x[order[:64]])
+    assert batch.is_cuda and batch.dtype == torch.float32 and batch.shape == (64, 1, 28, 28)
+    # the same order as on the CPU: a study resumes on another device with the same batches
+    cpu = load_data(config.replace(device="cpu"), data_root, torch.device("cpu"))
+    assert torch.equal(cpu.epoch_order(0, 0), order.cpu())
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(seed=1), dict(optimizer="adam", lr=0.001)])
+def test_fused_trial_follows_the_same_trial_alone_on_cuda_in_fp32(data_root, variant):
+    """The CPU test's rule on the GPU: 1e-4 relative over the first 200 steps, TF32 off."""
+    settings = dict(train_subset=200 * 64, test_subset=500, epochs=1, log_every=1, device="cuda",
+                    cudnn_benchmark=False)
+    target = quick(**settings, **variant)
+    others = [target.replace(lr=target.lr * 2), target.replace(lr=target.lr / 2, seed=target.seed + 1)]
+    alone, fused = Losses(), Losses()
+    train_group([target], data_root=data_root, recorders=[alone])
+    results = train_group([target, *others], data_root=data_root, recorders=[fused, Losses(), Losses()])
+    assert results[0].fused_with == 3 and results[0].device.startswith("cuda")
+    assert len(alone.loss) == len(fused.loss) == 200
+    worst = max(abs(a - f) / abs(a) for a, f in zip(alone.loss, fused.loss))
+    assert worst < 1e-4, worst
+
+
+@pytest.mark.parametrize("option, k", [
+    (dict(amp="bf16"), 1), (dict(amp="bf16"), 3), (dict(channels_last=True), 1), (dict(channels_last=True), 3),
+    (dict(tf32=True), 3), (dict(compile="default"), 3),
+    (dict(compile="reduce-overhead"), 1), (dict(compile="reduce-overhead"), 3),  # CUDA graphs
+], ids=["bf16-single", "bf16-fused", "channels_last-single", "channels_last-fused", "tf32-fused",
+        "compile-fused", "cudagraphs-single", "cudagraphs-fused"])
+def test_each_speed_option_trains_with_a_finite_falling_loss(data_root, option, k):
+    config = quick(device="cuda", activation="relu", lr=0.05, train_subset=80 * 64, epochs=1, log_every=10,
+                   **option)
+    configs = [config.replace(lr=0.05 * (1 + i / 4)) for i in range(k)]
+    recorders = [Losses() for _ in configs]
+    results = train_group(configs, data_root=data_root, recorders=recorders)
+    for r, rec in zip(results, recorders):
+        assert r.status == FINISHED, r.reason
+        assert len(rec.loss) == 8 and all(math.isfinite(x) for x in rec.loss)
+        assert rec.loss[-1] < 0.8 * rec.loss[0], rec.loss
+        assert r.history[-1]["test/acc"] > 50
+
+
+def test_a_checkpoint_saved_on_cuda_loads_and_evaluates_on_the_cpu(data_root, tmp_path):
+    config = quick(device="cuda", activation="relu", lr=0.05)
+    result = train_group([config], data_root=data_root, checkpoint_dirs=[tmp_path / "ckpt"])[0]
+    assert result.status == FINISHED and result.final_checkpoint is not None
+    gpu_acc = result.history[-1]["test/acc"]
+    loss, acc, n = evaluate_checkpoint(result.final_checkpoint, device="cpu", data_root=data_root)
+    assert n == config.test_subset and math.isfinite(loss)
+    assert abs(acc - gpu_acc) <= 0.5, (acc, gpu_acc)  # fp32 on another device: a handful of images at most
+
+
+def test_out_of_memory_on_the_gpu_fails_that_trial_and_the_study_goes_on(data_root, tmp_path):
+    """A trial whose batch does not fit is recorded as failed (out of memory); the next
+    trial of the study trains. The GPU is narrowed to 256 MB for this process."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    spec = StudySpec(name="oom", path="(test)", title="out of memory", source="test", description="",
+                     scientific={"batch_size": (20_000, 64)}, nuisance={},
+                     fixed={"model": "lenet5", "epochs": 1, "train_subset": 20_000, "test_subset": 500,
+                            "device": "cuda", "progress": False, "log_every": 10},
+                     seeds=(0,), reported=())
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(256 * 2**20 / total)
+    try:
+        outcome = run_study(spec, data_root=data_root, results_root=tmp_path / "results",
+                            tracking=f"sqlite:///{tmp_path / 'mlflow.db'}", state=tmp_path / "state")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    status = {row.result.config.batch_size: row.result for row in outcome.rows}
+    assert status[20_000].status == FAILED and "out of memory" in status[20_000].reason
+    assert status[64].status == FINISHED and status[64].history[-1]["test/acc"] > 20
+    assert (tmp_path / "results" / "oom" / "summary.csv").exists()
