@@ -468,7 +468,9 @@ def _add_gpu_check(sub: Any) -> None:
     p.add_argument("--budget", type=float, default=480.0, metavar="SECONDS",
                    help="time for the whole check; the later studies are skipped when it runs out (default: 480)")
     p.add_argument("--parts", default="tests,bench,studies", metavar="LIST",
-                   help="which parts to run, comma-separated: tests, bench, studies (default: all three)")
+                   help="which parts to run, comma-separated: tests, bench (with every option, the test pass per "
+                        "batch size, a profile), kbench (the K sweep alone, short), studies (default: "
+                        "tests,bench,studies)")
     p.add_argument("--studies", default=None, metavar="LIST",
                    help="studies to run, comma-separated, each NAME or NAME:KEY=VALUE (a variant, in its own "
                         "results-KEY-VALUE/ folder), e.g. lr,lr:amp=bf16 (default: lr, batch, activation, lr in bf16 "

@@ -37,7 +37,7 @@ def _names() -> dict[str, tuple[str, ...]]:
 
 # Settings that change how a run is executed or recorded but not what it computes:
 # they are left out of a trial's identity, so a study resumes on another device.
-RUNTIME_FIELDS = ("device", "log_every", "checkpoints", "progress", "cudnn_benchmark")
+RUNTIME_FIELDS = ("device", "log_every", "checkpoints", "progress", "cudnn_benchmark", "cuda_graphs")
 # Settings added after trials were first recorded: at these values they are left out of a
 # trial's identity, so the keys of trials recorded before them (and their resume) stay.
 LATER_FIELDS = {"tf32": False}
@@ -77,6 +77,7 @@ class TrialConfig:
     channels_last: bool | None = field(default=None, metadata={"doc": "channels-last memory format; null: on for the CPU, where `cnnbench bench` measured it faster for every model, off elsewhere"})
     compile: str = field(default="none", metadata={"doc": "torch.compile mode: none, default, reduce-overhead (CUDA graphs) or max-autotune"})
     tf32: bool = field(default=False, metadata={"doc": "CUDA: TF32 tensor-core math for float32 convolutions and matrix products (PyTorch's own default turns it on for convolutions; off here: plain fp32)"})
+    cuda_graphs: bool | None = field(default=None, metadata={"doc": "CUDA: replay each whole training step as one captured CUDA graph (the same kernels, one launch); null: on for CUDA where the step allows it (SGD, a per-epoch rate, no augmentation, no compile)"})
     cudnn_benchmark: bool = field(default=True, metadata={"doc": "CUDA: let cuDNN time its convolution algorithms and keep the fastest (off with deterministic)"})
     deterministic: bool = field(default=False, metadata={"doc": "deterministic kernels (torch.use_deterministic_algorithms)"})
     # recording

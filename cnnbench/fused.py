@@ -182,6 +182,11 @@ class FusedEngine:
         correct = (logits.argmax(-1) == y).sum(1)
         return loss, correct
 
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor a training step changes (weights, buffers, optimizer state)."""
+        opt = [*self.exp_avg, *self.exp_avg_sq] if self.adam else list(self.bufs)
+        return [*self.params, *self.buffers.values(), *opt]
+
     # -- per-trial state, in SingleEngine's format ------------------------------------------
     def trial_state(self, k: int) -> dict[str, Any]:
         model = {n: p[k].detach().clone() for n, p in zip(self.names, self.params)}

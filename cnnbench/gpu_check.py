@@ -55,11 +55,11 @@ def _studies_dir() -> Path:
 DEFAULT_STUDIES = ("lr", "batch", "activation", "lr:amp=bf16", "lr:tf32=true", "epochs-lenet", "models", "epochs",
                    "alexnet", "models-imagenet:epochs=1")
 REQUIRED_STUDIES = ("lr", "batch", "activation")  # run whatever the budget says
-PARTS = ("tests", "bench", "studies")
+PARTS = ("tests", "bench", "kbench", "studies")  # kbench: the K sweep alone, no options (quick)
 
 
 def run_gpu_check(out: Path, *, dry_run: bool = False, data_root: str | os.PathLike | None = None,
-                  budget: float = 480.0, parts: tuple[str, ...] = PARTS, studies: tuple[str, ...] | None = None,
+                  budget: float = 480.0, parts: tuple[str, ...] = ("tests", "bench", "studies"), studies: tuple[str, ...] | None = None,
                   say: Callable[[str], None] = print) -> list[Step]:
     """Run the check into `out`; returns its steps (also written to out/check.json).
 
@@ -98,6 +98,23 @@ def run_gpu_check(out: Path, *, dry_run: bool = False, data_root: str | os.PathL
     if "bench" in parts:  # 2. the bench, the test pass per batch size, a profile
         steps.append(_bench(out / "bench", device, dry_run=dry_run, data_root=data_root, say=say))
         say(_line(steps[-1]))
+
+    if "kbench" in parts:  # 2b. only naive, single and fused K (the device's defaults), short
+        from cnnbench.bench import run_bench
+
+        step = Step("bench, K sweep", command="cnnbench bench --steps 50 --repeats 2")
+        t0 = time.perf_counter()
+        try:
+            sizes = dict(steps=20, repeats=1, max_k=2) if dry_run else dict(steps=50, repeats=2, max_k=None)
+            summary = run_bench(data_root=data_root, device=str(device), out_dir=out / "bench-k", say=say, **sizes)
+            best = max((r for r in summary["rows"] if r["method"] == "fused"), key=lambda r: r["model_images_per_s"])
+            step.status, step.extra = "ok", {"rows": summary["rows"]}
+            step.detail = f"best fused K={best['k']}: {best['model_images_per_s']:,.0f} model-images/s"
+        except Exception as err:
+            step.status, step.detail = "failed", f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        step.seconds = time.perf_counter() - t0
+        steps.append(step)
+        say(_line(step))
 
     if "studies" in parts:  # 3. the studies, end to end through the command
         chosen = studies or (("lr", "activation", "lr:amp=bf16") if dry_run else DEFAULT_STUDIES)
@@ -253,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--budget", type=float, default=480.0)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--parts", default=",".join(PARTS))
+    p.add_argument("--parts", default="tests,bench,studies")
     p.add_argument("--studies", default=None)
     a = p.parse_args(argv)
     steps = run_gpu_check(Path(a.out), dry_run=a.dry_run, data_root=a.data_dir, budget=a.budget,
