@@ -92,7 +92,7 @@ def run_gpu_check(out: Path, *, dry_run: bool = False, data_root: str | os.PathL
         cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", "-rs",
                f"--junitxml={out / 'cuda_tests.xml'}", str(repo / "tests" / "test_cuda.py")]
         steps.append(_subprocess("cuda tests", cmd, out / "cuda_tests.log", env=env, cwd=repo,
-                                 timeout=max(60.0, min(left() * 0.3, 240.0))))
+                                 timeout=max(60.0, min(left() * 0.35, 240.0))))
         say(_line(steps[-1]))
 
     if "bench" in parts:  # 2. the bench, the test pass per batch size, a profile
