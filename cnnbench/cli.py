@@ -125,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-study", action="store_true",
                    help="also train the learning-rate study's 5 trials for real, naive vs cnnbench (slow)")
     p.add_argument("--epochs", type=int, default=10, help="epochs for --lr-study (default: 10)")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead: time one Optuna sweep of LeNet-5 (TPE, sampler seed 0, fixed epochs, no pruning) "
+                        "through the real sweep worker, one trial at a time and --fuse-k at a time; writes "
+                        "RESULTS_DIR/bench/sweep.md (sweep-cuda.md, sweep-mps.md)")
+    p.add_argument("--fuse-k", type=int, default=None, metavar="K",
+                   help="with --sweep: trials trained fused (default: 16 on CUDA and MPS, 8 on the CPU)")
+    p.add_argument("--sweep-trials", type=int, default=32, metavar="N", help="with --sweep: trials (default: 32)")
+    p.add_argument("--sweep-epochs", type=int, default=3, metavar="E", help="with --sweep: epochs per trial (default: 3)")
+    p.add_argument("--sweep-train-subset", type=int, default=None, metavar="N",
+                   help="with --sweep: training images per epoch (default: all 50,000 left after the 10,000 "
+                        "validation images)")
     p.add_argument("--results-dir", default="results", help="writes RESULTS_DIR/bench/ (default: results)")
     p.set_defaults(func=cmd_bench)
 
@@ -413,16 +424,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cnnbench.bench import run_bench, time_lr_study
+    from cnnbench.bench import run_bench, time_lr_study, time_sweep
     from cnnbench.config import ConfigError
     from cnnbench.models import list_models
     from cnnbench.train import resolve_device
 
     for name, value, low in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 20),
                              ("--repeats", args.repeats, 1), ("--epochs", args.epochs, 1),
-                             ("--max-k", args.max_k or 1, 1)):
+                             ("--max-k", args.max_k or 1, 1), ("--fuse-k", args.fuse_k or 1, 1),
+                             ("--sweep-trials", args.sweep_trials, 1), ("--sweep-epochs", args.sweep_epochs, 1),
+                             ("--sweep-train-subset", args.sweep_train_subset or 64, 64)):
         if value < low:
             raise ConfigError(f"{name}: must be >= {low}, got {value}")
+    if args.sweep:
+        resolve_device(args.device)
+        summary = time_sweep(data_root=args.data_dir, device=args.device, n_trials=args.sweep_trials,
+                             epochs=args.sweep_epochs, fuse_k=args.fuse_k, train_subset=args.sweep_train_subset,
+                             out_dir=Path(args.results_dir) / "bench")
+        print(f"wrote {summary['file']}")
+        return 0
     if args.model not in list_models():
         raise ConfigError(f"--model: unknown value {args.model!r}; known: {', '.join(list_models())}")
     resolve_device(args.device)

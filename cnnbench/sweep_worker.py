@@ -397,7 +397,8 @@ def _conclude(sweep: Sweep, trial: Any, inner: Any, result: Any, ckpt: Path, lab
     else:
         state, shown = TrialState.FAIL, math.nan
     for key, v in {"status": result.status, "best_epoch": result.best(sweep.metric)[1] or 0,
-                   "train_seconds": round(result.train_seconds, 3), "reason": result.reason[:500]}.items():
+                   "train_seconds": round(result.train_seconds, 3), "reason": result.reason[:500],
+                   "fused_with": result.fused_with}.items():
         trial.set_user_attr(key, v)
     _tell(sweep, trial, inner, state, value if state == TrialState.COMPLETE else None, result.reason)
     shutil.rmtree(ckpt, ignore_errors=True)  # MLflow holds the checkpoints; .cnnbench is for resuming
