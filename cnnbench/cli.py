@@ -429,11 +429,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from cnnbench.models import list_models
     from cnnbench.train import resolve_device
 
+    def given(value: int | None, default: int) -> int:  # 0 is given, and refused below
+        return default if value is None else value
+
     for name, value, low in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 20),
                              ("--repeats", args.repeats, 1), ("--epochs", args.epochs, 1),
-                             ("--max-k", args.max_k or 1, 1), ("--fuse-k", args.fuse_k or 1, 1),
+                             ("--max-k", args.max_k or 1, 1), ("--fuse-k", given(args.fuse_k, 1), 1),
                              ("--sweep-trials", args.sweep_trials, 1), ("--sweep-epochs", args.sweep_epochs, 1),
-                             ("--sweep-train-subset", args.sweep_train_subset or 64, 64)):
+                             ("--sweep-train-subset", given(args.sweep_train_subset, 64), 64)):
         if value < low:
             raise ConfigError(f"{name}: must be >= {low}, got {value}")
     if args.sweep:

@@ -540,6 +540,7 @@ BAD = [
     ({}, {}, ["--storage", "postgresql://nobody:secret@127.0.0.1:1/none"], "cannot connect"),
     ({}, {}, ["--tracking-uri", "http://127.0.0.1:1"], "cannot be reached"),
     ({}, {}, ["--n-trials", "0"], "--n-trials: must be >= 1"),
+    ({}, {}, ["--fuse-k", "0"], "--fuse-k: must be >= 1"),
 ]
 
 
