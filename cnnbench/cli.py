@@ -125,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-study", action="store_true",
                    help="also train the learning-rate study's 5 trials for real, naive vs cnnbench (slow)")
     p.add_argument("--epochs", type=int, default=10, help="epochs for --lr-study (default: 10)")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead: time one Optuna sweep of LeNet-5 (TPE, sampler seed 0, fixed epochs, no pruning) "
+                        "through the real sweep worker, one trial at a time and --fuse-k at a time; writes "
+                        "RESULTS_DIR/bench/sweep.md (sweep-cuda.md, sweep-mps.md)")
+    p.add_argument("--fuse-k", type=int, default=None, metavar="K",
+                   help="with --sweep: trials trained fused (default: 16 on CUDA and MPS, 8 on the CPU)")
+    p.add_argument("--sweep-trials", type=int, default=32, metavar="N", help="with --sweep: trials (default: 32)")
+    p.add_argument("--sweep-epochs", type=int, default=3, metavar="E", help="with --sweep: epochs per trial (default: 3)")
+    p.add_argument("--sweep-train-subset", type=int, default=None, metavar="N",
+                   help="with --sweep: training images per epoch (default: all 50,000 left after the 10,000 "
+                        "validation images)")
     p.add_argument("--results-dir", default="results", help="writes RESULTS_DIR/bench/ (default: results)")
     p.set_defaults(func=cmd_bench)
 
@@ -148,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes on this machine, one per GPU where there are GPUs (default: 1)")
     p.add_argument("--sampler-seed", type=int, default=None, metavar="S",
                    help="seed of the sampler, for a reproducible single-worker sweep (default: random)")
+    p.add_argument("--fuse-k", type=int, default=None, metavar="K",
+                   help="trials each worker asks for at once and trains fused (K models in one vmapped step) where "
+                        "they share architecture, batch size, epochs and data; each is still its own trial, reported, "
+                        "pruned and recorded alone. 1 trains one trial at a time (default: 16 on CUDA and MPS, "
+                        "1 on the CPU)")
     p.add_argument("--results-dir", metavar="DIR", default="results", help="where results/<sweep>/ goes (default: results)")
     _tracking(p)
     _state(p)
@@ -327,19 +343,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n-trials: must be >= 1, got {args.n_trials}")
     if args.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
+    if args.fuse_k is not None and args.fuse_k < 1:
+        raise ConfigError(f"--fuse-k: must be >= 1, got {args.fuse_k}")
     # recorded in MLflow and results/: database passwords stay out
     command = _command(args)
     # what a worker process started by --workers needs to join this sweep
     worker_argv = [args.spec, *[f"--set={s}" for s in args.sets], "--results-dir", args.results_dir]
     for flag, value in (("--data-dir", args.data_dir), ("--tracking-uri", args.tracking_uri),
                         ("--state-dir", args.state_dir), ("--n-trials", args.n_trials),
-                        ("--sampler-seed", args.sampler_seed)):
+                        ("--sampler-seed", args.sampler_seed), ("--fuse-k", args.fuse_k)):
         if value is not None:
             worker_argv += [flag, str(value)]
     sweep, report, outcome = run_sweep(
         spec, workers=args.workers, final=not args.no_final, worker_argv=worker_argv, storage=args.storage,
         tracking=args.tracking_uri, state=args.state_dir, results_root=args.results_dir, n_trials=args.n_trials,
-        sampler_seed=args.sampler_seed, data_root=args.data_dir, command=command, worker=args.worker_label)
+        sampler_seed=args.sampler_seed, data_root=args.data_dir, command=command, worker=args.worker_label,
+        fuse_k=args.fuse_k)
     if outcome is not None:
         print(Path(outcome.files[2]).read_text())
         print(f"results in {sweep.out_dir}/, MLflow parent run {sweep.parent} in experiment {spec.name!r}, "
@@ -397,16 +416,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cnnbench.bench import run_bench, time_lr_study
+    from cnnbench.bench import run_bench, time_lr_study, time_sweep
     from cnnbench.config import ConfigError
     from cnnbench.models import list_models
     from cnnbench.train import resolve_device
 
+    def given(value: int | None, default: int) -> int:  # 0 is given, and refused below
+        return default if value is None else value
+
     for name, value, low in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 20),
                              ("--repeats", args.repeats, 1), ("--epochs", args.epochs, 1),
-                             ("--max-k", args.max_k or 1, 1)):
+                             ("--max-k", args.max_k or 1, 1), ("--fuse-k", given(args.fuse_k, 1), 1),
+                             ("--sweep-trials", args.sweep_trials, 1), ("--sweep-epochs", args.sweep_epochs, 1),
+                             ("--sweep-train-subset", given(args.sweep_train_subset, 64), 64)):
         if value < low:
             raise ConfigError(f"{name}: must be >= {low}, got {value}")
+    if args.sweep:
+        resolve_device(args.device)
+        summary = time_sweep(data_root=args.data_dir, device=args.device, n_trials=args.sweep_trials,
+                             epochs=args.sweep_epochs, fuse_k=args.fuse_k, train_subset=args.sweep_train_subset,
+                             out_dir=Path(args.results_dir) / "bench")
+        print(f"wrote {summary['file']}")
+        return 0
     if args.model not in list_models():
         raise ConfigError(f"--model: unknown value {args.model!r}; known: {', '.join(list_models())}")
     resolve_device(args.device)

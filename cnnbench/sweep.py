@@ -128,7 +128,8 @@ def make_sampler(spec: StudySpec, seed: int | None):
     s = spec.sweep
     assert s is not None
     if s.sampler == "tpe":  # Optuna 5: multivariate with the constant liar by default, good with many workers
-        return optuna.samplers.TPESampler(n_startup_trials=s.startup_trials, seed=seed)
+        # (constant_liar: K trials asked at once by a fused worker are K different points)
+        return optuna.samplers.TPESampler(n_startup_trials=s.startup_trials, seed=seed, constant_liar=True)
     if s.sampler == "qmc":
         # every worker must walk the same scrambled sequence: one seed per sweep
         fixed = seed if seed is not None else int(hashlib.sha256(spec.name.encode()).hexdigest()[:8], 16)

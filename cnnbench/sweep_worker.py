@@ -1,4 +1,4 @@
-"""A sweep's workers: open or join the sweep, then train its trials one by one.
+"""A sweep's workers: open or join the sweep, then train its trials, one or K at a time.
 
 The first worker creates the Optuna study, queues a grid's points and creates the MLflow
 parent run; later ones, here or on other machines, join them (the study's user
@@ -6,6 +6,13 @@ attributes hold the parent run's id and a hash of the spec). Each worker loops: 
 the claim lock, recover the trials of lost workers, count, and take the next trial (a
 queued one first: retries and grid points); then train it outside the lock while its
 heartbeat beats, tell Optuna the outcome and tag the MLflow run with it.
+
+With `fuse_k` K > 1 (the default on CUDA and MPS) a worker claims up to K trials at once
+(batched ask-and-tell: each is suggested before the next is asked, so that TPE's constant
+liar sees it), splits them into groups that can train fused (fused.group_key: the same
+architecture, batch size, epochs and data; lr, momentum, weight decay may differ) and
+trains each group as one FusedEngine. Every member stays its own trial: its own reports,
+pruning (only it stops), outcome, MLflow child run and checkpoints.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from cnnbench.sweep import (ATTR, OBJECTIVES, TAG_OPTUNA_STUDY, TAG_PHASE, TAG_S
                             spec_hash, suggest, trial_config)
 from cnnbench.train import DIVERGED, FINISHED, INTERRUPTED, PRUNED
 
+FUSE_K = 16  # trials a worker trains fused on CUDA and MPS by default (a study's --max-fuse default too)
 MAX_RETRY = 3  # a trial whose worker is lost this many times is given up
 MAX_FAILURES_IN_A_ROW = 3  # a worker whose trials keep failing (a broken device, say) stops
 POLL_S = 5.0  # an idle worker looks for work (or lost trials) this often
@@ -52,6 +60,7 @@ class Sweep:
     command: str
     worker: str = ""  # a label for this process's lines
     grid_size: int = 0
+    fuse_k: int = 1  # trials claimed and trained fused at once (1: one at a time)
 
     @property
     def metric(self) -> str:
@@ -82,8 +91,9 @@ def preflight(spec: StudySpec, *, url: str, uri: str, data_root: Any, out_dir: P
 def open_sweep(spec: StudySpec, *, storage: str | None = None, tracking: str | None = None,
                state: Any = None, results_root: Any = "results", n_trials: int | None = None,
                sampler_seed: int | None = None, data_root: Any = None, command: str = "",
-               worker: str = "") -> Sweep:
-    """Check everything, then create or join the sweep's study and MLflow parent run."""
+               worker: str = "", fuse_k: int | None = None) -> Sweep:
+    """Check everything, then create or join the sweep's study and MLflow parent run.
+    `fuse_k` None: `default_fuse_k` of the spec's device."""
     import optuna
 
     from cnnbench.study import state_dir
@@ -115,7 +125,8 @@ def open_sweep(spec: StudySpec, *, storage: str | None = None, tracking: str | N
     sweep = Sweep(spec=spec, url=url, storage=store, study=study, lock=sweep_storage.ClaimLock(url, spec.name),
                   tracker=tracker, parent="", target=target, out_dir=out_dir,
                   ckpt_root=root / "checkpoints" / spec.name, data_root=data_root, command=command,
-                  worker=worker or sweep_storage.describe(sweep_storage.identity()), grid_size=grid)
+                  worker=worker or sweep_storage.describe(sweep_storage.identity()), grid_size=grid,
+                  fuse_k=fuse_k or default_fuse_k(spec.base_config().device))
     holder["sweep"] = sweep
     with sweep.lock():
         sweep.parent = _initialise(sweep)
@@ -283,16 +294,21 @@ def work(sweep: Sweep) -> WorkerReport:
     data_cache: dict[tuple, Any] = {}
     while True:
         with sweep.lock():
-            trial, counts = _next_trial(sweep)
-        if trial is None:
+            if sweep.fuse_k > 1:
+                batch, counts = next_batch(sweep, sweep.fuse_k)
+            else:
+                trial, counts = _next_trial(sweep)
+                batch = [trial] if trial is not None else []
+        if not batch:
             if _finished(sweep, counts):
                 return report
             time.sleep(POLL_S)  # the rest runs elsewhere: wait, in case a worker is lost
             continue
-        state = _train(sweep, trial, data_cache)
-        report.trained += 1
-        report.states[state] = report.states.get(state, 0) + 1
-        report.failed_in_a_row = report.failed_in_a_row + 1 if state == "FAIL" else 0
+        states = train_batch(sweep, batch, data_cache) if sweep.fuse_k > 1 else [_train(sweep, batch[0], data_cache)]
+        for state in states:
+            report.trained += 1
+            report.states[state] = report.states.get(state, 0) + 1
+            report.failed_in_a_row = report.failed_in_a_row + 1 if state == "FAIL" else 0
         if report.failed_in_a_row >= MAX_FAILURES_IN_A_ROW:
             report.stopped = f"{report.failed_in_a_row} trials failed in a row"
             return report
@@ -328,13 +344,7 @@ def _train(sweep: Sweep, trial: Any, data_cache: dict[tuple, Any]) -> str:
         sweep.study.tell(trial, state=TrialState.FAIL)
         print(f"[{sweep.worker}] trial {trial.number} failed: {err}", flush=True)
         return "FAIL"
-    # a retried trial resumes from the checkpoints of the trial it repeats
-    origin = sweep.storage.get_trial(trial._trial_id).system_attrs.get("failed_trial", trial.number)
-    ckpt = sweep.ckpt_root / f"trial-{origin:05d}"
-    inner = sweep.tracker.recorder(config, parent=sweep.parent, name=f"trial {trial.number}: {run_name(config, names)}",
-                                   tags={TAG_PHASE: "search", TAG_TRIAL: str(trial.number), TAG_STATE: "RUNNING",
-                                         TAG_OPTUNA_STUDY: spec.name, "cnnbench.searched": ",".join(names),
-                                         **({"optuna.retry_of": str(origin)} if origin != trial.number else {})})
+    ckpt, inner = _checkpoints_and_run(sweep, trial, config)
     recorder = PruningRecorder(inner, trial, sweep.metric)
     t0 = time.perf_counter()
     try:
@@ -353,6 +363,30 @@ def _train(sweep: Sweep, trial: Any, data_cache: dict[tuple, Any]) -> str:
         _tell(sweep, trial, inner, TrialState.FAIL, None, f"{type(err).__name__}: {err}")
         raise
 
+    return _conclude(sweep, trial, inner, result, ckpt, run_name(config, names), t0)
+
+
+def _checkpoints_and_run(sweep: Sweep, trial: Any, config: TrialConfig) -> tuple[Path, Any]:
+    """A trial's checkpoint folder (a retried trial resumes from the checkpoints of the
+    trial it repeats) and its MLflow recorder (the child run is created when it starts)."""
+    from cnnbench.tracking import run_name
+
+    names = [d.name for d in sweep.spec.search]
+    origin = sweep.storage.get_trial(trial._trial_id).system_attrs.get("failed_trial", trial.number)
+    inner = sweep.tracker.recorder(config, parent=sweep.parent, name=f"trial {trial.number}: {run_name(config, names)}",
+                                   tags={TAG_PHASE: "search", TAG_TRIAL: str(trial.number), TAG_STATE: "RUNNING",
+                                         TAG_OPTUNA_STUDY: sweep.spec.name, "cnnbench.searched": ",".join(names),
+                                         **({"optuna.retry_of": str(origin)} if origin != trial.number else {})})
+    return sweep.ckpt_root / f"trial-{origin:05d}", inner
+
+
+def _conclude(sweep: Sweep, trial: Any, inner: Any, result: Any, ckpt: Path, label: str, t0: float) -> str:
+    """A trained trial's outcome to Optuna and MLflow; its resume checkpoints removed.
+    Returns the state."""
+    from optuna.trial import TrialState
+
+    s = sweep.spec.sweep
+    assert s is not None
     value = objective_value(result, s.objective)
     if result.status == PRUNED:
         state, shown = TrialState.PRUNED, value
@@ -363,14 +397,16 @@ def _train(sweep: Sweep, trial: Any, data_cache: dict[tuple, Any]) -> str:
     else:
         state, shown = TrialState.FAIL, math.nan
     for key, v in {"status": result.status, "best_epoch": result.best(sweep.metric)[1] or 0,
-                   "train_seconds": round(result.train_seconds, 3), "reason": result.reason[:500]}.items():
+                   "train_seconds": round(result.train_seconds, 3), "reason": result.reason[:500],
+                   "fused_with": result.fused_with}.items():
         trial.set_user_attr(key, v)
     _tell(sweep, trial, inner, state, value if state == TrialState.COMPLETE else None, result.reason)
     shutil.rmtree(ckpt, ignore_errors=True)  # MLflow holds the checkpoints; .cnnbench is for resuming
-    label = "val acc" if s.objective == "val_acc" else "val loss"
-    value_text = f"{label} {shown:.4g}" if math.isfinite(shown) else result.status
+    name = "val acc" if s.objective == "val_acc" else "val loss"
+    value_text = f"{name} {shown:.4g}" if math.isfinite(shown) else result.status
+    fused = f" (fused with {result.fused_with - 1} other(s))" if result.fused_with > 1 else ""
     print(f"[{sweep.worker}] trial {trial.number} {state.name.lower()}: {value_text} after "
-          f"{len(result.history)} epoch(s), {time.perf_counter() - t0:.1f} s; {run_name(config, names)}", flush=True)
+          f"{len(result.history)} epoch(s), {time.perf_counter() - t0:.1f} s{fused}; {label}", flush=True)
     return state.name
 
 
@@ -380,9 +416,142 @@ def _tell(sweep: Sweep, trial: Any, recorder: Any, state: Any, value: float | No
     if state == TrialState.FAIL and reason:
         trial.set_user_attr("reason", reason[:500])
     sweep.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-    if recorder.run_id:
+    if getattr(recorder, "run_id", None):  # None: a member of a batch that never started
         with contextlib.suppress(Exception):  # the run's own record is complete without these tags
             sweep.tracker.client.set_tag(recorder.run_id, TAG_STATE, state.name)
             if value is not None:
                 sweep.tracker.client.log_metric(recorder.run_id, "optuna/value", float(value))
 
+
+
+# ----------------------------------------------------------------------------------------
+# fused sweeps: up to K trials claimed at once, trained as fused groups, each its own trial
+
+
+def default_fuse_k(device: str) -> int:
+    """Trials a worker trains at once by default: FUSE_K on CUDA and MPS, where K fused
+    LeNets take little longer per step than one; 1 on the CPU, where they take about K
+    times as long and one trial at a time is as fast (see study.execution)."""
+    from cnnbench.train import resolve_device
+
+    return 1 if resolve_device(device).type == "cpu" else FUSE_K
+
+
+def next_batch(sweep: Sweep, k: int) -> tuple[list[Any], dict[str, int]]:
+    """Under the claim lock: up to `k` trials to train (a group is claimed as a unit),
+    none when the target is reached or the remaining trials run elsewhere.
+
+    Batched ask-and-tell: each trial is suggested before the next is asked, so that TPE's
+    constant liar sees the running ones and K asks are K different points; queued trials
+    (retries, grid points) come first, in order, and a QMC sweep takes K consecutive points.
+    Every trial carries this worker's identity and a heartbeat from the start, so that a
+    worker killed mid-group leaves all K to be recovered."""
+    import warnings
+
+    recover(sweep)
+    counts = _counts(sweep.study.get_trials(deepcopy=False))
+    room = sweep.target - counts["done"] - counts["RUNNING"]  # never more than --n-trials
+    if sweep.grid_size:
+        room = min(room, counts["WAITING"])  # every grid point is taken once
+    me = {**sweep_storage.identity(), "mlflow_run_id": ""}
+    batch = []
+    for _ in range(max(0, min(k, room))):
+        with warnings.catch_warnings():  # "heartbeat is meant for optimize()": we beat ourselves
+            warnings.simplefilter("ignore")
+            trial = sweep.study.ask()
+        for key, value in me.items():
+            trial.set_user_attr(key, value)
+        sweep.storage.record_heartbeat(trial._trial_id)
+        suggest(trial, sweep.spec)  # now, before the next ask
+        batch.append(trial)
+    return batch, counts
+
+
+@dataclass
+class Member:
+    """One trial of a claimed batch."""
+    trial: Any
+    config: TrialConfig
+    ckpt: Path
+    inner: Any  # its MLflow recorder
+    told: bool = False
+
+
+def fused_groups(members: list[Member], max_k: int) -> list[list[Member]]:
+    """Members that can train as one FusedEngine together (fused.group_key), split by
+    what breaks fusing (batch size, model, activation, epochs...) and by the epoch their
+    checkpoints resume from (a group starts at one epoch); order kept, nothing dropped."""
+    from cnnbench.fused import fuse_groups
+    from cnnbench.train import resume_epoch
+
+    out = []
+    for idx in fuse_groups([m.config for m in members], max_k=max_k):
+        by_epoch: dict[int, list[Member]] = {}
+        for i in idx:
+            by_epoch.setdefault(resume_epoch(members[i].ckpt, members[i].config), []).append(members[i])
+        out.extend(by_epoch.values())
+    return out
+
+
+def train_batch(sweep: Sweep, batch: list[Any], data_cache: dict[tuple, Any]) -> list[str]:
+    """Train a claimed batch group by group; tell Optuna each member's outcome. Returns
+    the states. Every member's heartbeat beats until the whole batch is done."""
+    import optuna
+    from optuna.trial import TrialState
+
+    members: list[Member] = []
+    states: list[str] = []
+    for trial in batch:
+        try:
+            config = trial_config(sweep.spec, trial.params)
+        except ConfigError as err:  # a combination of values that no trial can take
+            trial.set_user_attr("reason", str(err)[:500])
+            sweep.study.tell(trial, state=TrialState.FAIL)
+            print(f"[{sweep.worker}] trial {trial.number} failed: {err}", flush=True)
+            states.append("FAIL")
+            continue
+        ckpt, inner = _checkpoints_and_run(sweep, trial, config)
+        members.append(Member(trial, config, ckpt, inner))
+    try:
+        with contextlib.ExitStack() as beats:
+            for m in members:
+                beats.enter_context(sweep_storage.Heartbeat(sweep.storage, m.trial._trial_id))
+            for group in fused_groups(members, sweep.fuse_k):
+                states += train_fused(sweep, group, data_cache)
+    except KeyboardInterrupt:  # Ctrl-C: fail every member not told yet, queue it again
+        import warnings
+
+        for m in members:
+            if not m.told:
+                _tell(sweep, m.trial, m.inner, TrialState.FAIL, None, "interrupted (Ctrl-C)")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(
+                        sweep.study, sweep.storage.get_trial(m.trial._trial_id))
+        raise
+    except BaseException as err:
+        for m in members:
+            if not m.told:
+                _tell(sweep, m.trial, m.inner, TrialState.FAIL, None, f"{type(err).__name__}: {err}")
+        raise
+    return states
+
+
+def train_fused(sweep: Sweep, group: list[Member], data_cache: dict[tuple, Any]) -> list[str]:
+    """One group through train_group: one FusedEngine (a lone member: the SingleEngine),
+    one PruningRecorder per member reporting to its own trial and MLflow run. A pruned or
+    diverging member stops alone (FusedEngine.deactivate); the group ends when none is left."""
+    from cnnbench.tracking import run_name
+    from cnnbench.train import train_group
+
+    names = [d.name for d in sweep.spec.search]
+    configs = [m.config for m in group]
+    t0 = time.perf_counter()
+    results = train_group(configs, recorders=[PruningRecorder(m.inner, m.trial, sweep.metric) for m in group],
+                          checkpoint_dirs=[m.ckpt for m in group], evaluate_test=False,
+                          data=_data(sweep, configs[0], data_cache))
+    states = []
+    for m, result in zip(group, results):
+        states.append(_conclude(sweep, m.trial, m.inner, result, m.ckpt, run_name(m.config, names), t0))
+        m.told = True
+    return states

@@ -23,3 +23,20 @@ def test_bench_refuses_bad_options(workdir):
     out = cli("bench", "--steps", "0", cwd=workdir)
     assert out.returncode == 2 and "--steps: must be >= 20" in out.stderr
     assert not (workdir / "results").exists()
+
+
+def test_bench_sweep_times_one_sweep_both_ways_and_writes_sweep_md(workdir):
+    out = cli("bench", "--sweep", "--sweep-trials", "2", "--sweep-epochs", "1", "--sweep-train-subset", "640",
+              "--fuse-k", "2", "--device", "cpu", cwd=workdir, env={"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = (workdir / "results" / "bench" / "sweep.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| one at a time") or line.startswith("| fused, K=2")]
+    assert len(rows) == 2 and all(row.split("|")[2].strip() == "2" for row in rows)  # 2 trials each way
+    assert "fused with 1 other(s)" in out.stdout and "trials/hour" in text
+    assert "cnnbench bench --sweep --sweep-trials 2 --sweep-epochs 1 --sweep-train-subset 640 --fuse-k 2" in text
+
+
+def test_bench_sweep_refuses_bad_options(workdir):
+    out = cli("bench", "--sweep", "--fuse-k", "0", cwd=workdir)
+    assert out.returncode == 2 and "--fuse-k: must be >= 1" in out.stderr
+    assert not (workdir / "results").exists()

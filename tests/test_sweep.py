@@ -311,6 +311,133 @@ def test_a_trial_whose_worker_stops_beating_on_another_machine_is_queued_again(w
 
 
 # ----------------------------------------------------------------------------------------
+# fused sweeps: K trials trained as one group, each its own trial
+
+
+def _curve(client, run_id: str, key: str = "train/loss") -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+@pytest.mark.slow
+def test_fused_sweep_prunes_one_member_while_the_others_finish(workdir):
+    from cnnbench.sweep_worker import open_sweep, work
+    from cnnbench.train import run_trial
+
+    # one fused group of three grid points; the threshold pruner must stop lr 0.0002 (near
+    # chance after two epochs) and let the other two (well above 30 %) run all three epochs
+    spec = load_spec(write_spec(workdir, "fprune", {"lr": [0.02, 0.01, 0.0002]},
+                                {"sampler": "grid", "pruner": "none", "final_seeds": [0]}, activation="relu"))
+    sweep = open_sweep(spec, fuse_k=3)
+    assert sweep.fuse_k == 3 and sweep.target == 3
+    sweep.study.pruner = optuna.pruners.ThresholdPruner(lower=30.0, n_warmup_steps=2)
+    report = work(sweep)
+    assert report.trained == 3 and report.states == {"COMPLETE": 2, "PRUNED": 1}
+
+    trials = optuna.load_study(study_name="fprune", storage=storage_of(workdir, "fprune")).get_trials()
+    assert len(trials) == 3  # exactly the requested number, each its own trial
+    by_lr = {t.params["lr"]: t for t in trials}
+    assert by_lr[0.0002].state == TrialState.PRUNED and sorted(by_lr[0.0002].intermediate_values) == [1, 2]
+    for lr in (0.02, 0.01):
+        assert by_lr[lr].state == TrialState.COMPLETE and sorted(by_lr[lr].intermediate_values) == [1, 2, 3]
+        assert by_lr[lr].value == max(by_lr[lr].intermediate_values.values()) > 30
+    assert len({t.user_attrs["worker_pid"] for t in trials}) == 1
+
+    client, runs = mlflow_runs(os.environ["MLFLOW_TRACKING_URI"], "fprune")
+    parents, search, _ = by_kind(runs)
+    assert len(parents) == 1 and len(search) == 3
+    run_of = {r.info.run_id: r for r in search}
+    for t in trials:  # its own child run: params, per-epoch history, outcome, artifacts
+        run = run_of[t.user_attrs["mlflow_run_id"]]
+        tags = run.data.tags
+        assert tags["fused_with"] == "3" and tags["optuna.trial_number"] == str(t.number)
+        assert tags["optuna.state"] == t.state.name and run.data.params["lr"] == str(t.params["lr"])
+        assert tags["cnnbench.status"] == ("pruned" if t.state == TrialState.PRUNED else "finished")
+        val = _curve(client, run.info.run_id, "val/acc")
+        assert [s for s, _ in val] == sorted(t.intermediate_values)
+        assert [v for _, v in val] == pytest.approx([t.intermediate_values[s] for s, _ in val])
+        assert {"result.json", "config.json", "curves.png", "checkpoints"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    pruned_curve = _curve(client, by_lr[0.0002].user_attrs["mlflow_run_id"])
+    assert max(s for s, _ in pruned_curve) == 2 * 2000  # stopped after epoch 2 (2000 training images each)
+
+    # a fused member follows the curve of the same parameters trained alone (fp32: 1e-4)
+    fused = _curve(client, by_lr[0.02].user_attrs["mlflow_run_id"])
+    alone = run_trial(trial_config_of(spec, {"lr": 0.02}), evaluate_test=False)
+    assert [s for s, _ in fused] == [s for s, _ in alone.curve] and len(fused) > 10
+    worst = max(abs(f - a) / abs(a) for (_, f), (_, a) in zip(fused, alone.curve))
+    assert worst < 1e-4, worst
+
+
+def trial_config_of(spec, params):
+    from cnnbench.sweep import trial_config
+
+    return trial_config(spec, params)
+
+
+@pytest.mark.slow
+def test_fused_sweep_killed_mid_group_resumes_to_exactly_the_requested_trials(workdir):
+    spec = write_spec(workdir, "fkilled", {"lr": {"type": "float", "low": 0.01, "high": 0.05, "log": True}},
+                      {"sampler": "tpe", "pruner": "none", "n_trials": 4, "startup_trials": 2, "final_seeds": [0]},
+                      activation="relu", train_subset=1000)
+    url = storage_of(workdir, "fkilled")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "sweep", str(spec), "--fuse-k", "2"], cwd=workdir,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def group_mid_way():
+        if not Path(url[len("sqlite:///"):]).exists():
+            return None
+        try:
+            trials = optuna.load_study(study_name="fkilled", storage=url).get_trials()
+        except Exception:  # the study is not created yet
+            return None
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
+        return running if len(running) == 2 else None
+
+    try:
+        killed = _wait_for(group_mid_way, 240, proc, "both members of the first group had run an epoch")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+
+    study = optuna.load_study(study_name="fkilled", storage=url)
+    assert [t.state for t in study.trials] == [TrialState.RUNNING] * 2  # the group was claimed as a unit
+    assert killed[0].params != killed[1].params  # the constant liar: two asks, two points
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri)
+    orphans = [t.user_attrs["mlflow_run_id"] for t in study.trials]
+    assert [client.get_run(r).info.status for r in orphans] == ["RUNNING"] * 2
+
+    again = cli("sweep", str(spec), "--fuse-k", "2", cwd=workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "trial 0 lost" in again.stdout and "trial 1 lost" in again.stdout
+
+    trials = optuna.load_study(study_name="fkilled", storage=url).get_trials()
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == 4  # exactly the requested number
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == [0, 1]
+    for lost in killed:  # the same point again, resumed from its checkpoint, its whole history kept
+        retry = next(t for t in trials if t.system_attrs.get("failed_trial") == lost.number)
+        assert retry.state == TrialState.COMPLETE and retry.params == lost.params
+        redo = client.get_run(retry.user_attrs["mlflow_run_id"])
+        assert redo.data.tags["optuna.retry_of"] == str(lost.number)
+        assert int(redo.data.tags["cnnbench.resumed_from_epoch"]) >= 1
+    _, runs = mlflow_runs(uri, "fkilled")
+    assert not [r for r in runs if r.info.status == "RUNNING"]  # no orphan runs
+    assert [client.get_run(r).info.status for r in orphans] == ["KILLED"] * 2
+    parents, search, final = by_kind(runs)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(search) == 6 and len(final) == 1
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            run = client.get_run(t.user_attrs["mlflow_run_id"])
+            assert run.data.tags["fused_with"] == "2"
+            assert [s for s, _ in _curve(client, run.info.run_id, "val/acc")] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------
 # several workers
 
 
@@ -413,6 +540,7 @@ BAD = [
     ({}, {}, ["--storage", "postgresql://nobody:secret@127.0.0.1:1/none"], "cannot connect"),
     ({}, {}, ["--tracking-uri", "http://127.0.0.1:1"], "cannot be reached"),
     ({}, {}, ["--n-trials", "0"], "--n-trials: must be >= 1"),
+    ({}, {}, ["--fuse-k", "0"], "--fuse-k: must be >= 1"),
 ]
 
 
