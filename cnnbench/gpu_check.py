@@ -71,7 +71,7 @@ def run_gpu_check(out: Path, *, dry_run: bool = False, data_root: str | os.PathL
     from cnnbench.train import resolve_device
 
     t_start = time.perf_counter()
-    out = Path(out)
+    out = Path(out).resolve()  # the test step runs in the repository, the studies in `out`
     device = resolve_device("cpu" if dry_run else "auto")
     if not dry_run and device.type != "cuda":
         raise DeviceError("gpu-check: no CUDA device on this machine (--dry-run tries the check on the CPU)")
