@@ -11,7 +11,7 @@ from conftest import cli
 
 @pytest.mark.slow
 def test_the_gpu_check_dry_run_runs_every_step_on_the_cpu(workdir):
-    out = cli("gpu-check", "--dry-run", "--out", "gpu", "--budget", "300", cwd=workdir)
+    out = cli("gpu-check", "--dry-run", "--out", "gpu", "--budget", "1200", cwd=workdir, timeout=1500)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     steps = {s["name"]: s for s in json.loads((workdir / "gpu" / "check.json").read_text())}
     assert {"environment", "cuda tests", "bench", "study lr", "study activation", "study lr (amp=bf16)"} <= set(steps)
