@@ -3,7 +3,9 @@
 `summary.csv` has one row per trial; `table.md` aggregates the seeds of each scientific
 value (mean ± std, n), picks the best nuisance setting per scientific value (the
 tuning playbook's isolation), and puts the document's figures and the difference beside
-ours; the figures are seaborn line plots with a band over seeds. Every file is written
+ours; `stats.csv` holds the statistics of `cnnbench.stats` (intervals, verdicts against the
+best value and the document); the figures are seaborn line plots with a band over seeds
+(the 95% interval of the mean for accuracy). Every file is written
 to a temporary name and renamed, so a crash leaves the previous version intact.
 """
 
@@ -331,10 +333,12 @@ def draw_loss(ax, loss: pd.DataFrame) -> None:
 
 
 def draw_accuracy(ax, acc: pd.DataFrame, *, zoom: bool = False) -> None:
-    """Test accuracy per epoch, one line per value, ±1 sd band over seeds; columns value,
+    """Test accuracy per epoch, one line per value, its band the 95% Student-t interval of
+    the mean over seeds (`stats.mean_interval`; none where n = 1); columns value,
     epoch, test_acc. `zoom` narrows the y axis to the top of the curves (and drops the legend)."""
     if not acc.empty:
-        sns.lineplot(acc, x="epoch", y="test_acc", hue="value", errorbar="sd", marker="o", ax=ax, legend=not zoom)
+        sns.lineplot(acc, x="epoch", y="test_acc", hue="value", errorbar=stats.mean_interval, marker="o", ax=ax,
+                     legend=not zoom)
         if zoom:
             top = acc.groupby("value", observed=True)["test_acc"].max()
             ax.set_ylim(max(0.0, min(top.min(), top.max() - 3) - 1), min(100.0, top.max() + 0.5))
@@ -356,7 +360,7 @@ def save_figures(spec: StudySpec, rows: Sequence[TrialRow], out_dir: Path, n_tra
     draw_accuracy(axes[1], acc)
     draw_accuracy(axes[2], acc, zoom=True)
     n = len(spec.seeds)
-    fig.suptitle(f"{spec.title} (n={n} seed{'s' if n > 1 else ''} per line" + (", band: ±1 sd)" if n > 1 else ")"))
+    fig.suptitle(f"{spec.title} (n={n} seed{'s' if n > 1 else ''} per line" + (", band: 95% CI of the mean; loss: ±1 sd)" if n > 1 else ")"))
     fig.tight_layout()
     path = out_dir / "curves.png"
     fileio.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

@@ -94,8 +94,8 @@ def difference(x: Sequence[float], y: Sequence[float], *, paired: bool,
     out = {"diff": diff, "diff_ci_low": math.nan, "diff_ci_high": math.nan, "p": math.nan, "test": test}
     if len(x) < 2 or len(y) < 2:
         return out
-    spread = np.std(np.round(x - y, 9)) if paired else max(np.std(np.round(x, 9)), np.std(np.round(y, 9)))
-    if spread == 0:
+    spread = np.std(x - y) if paired else max(np.std(x), np.std(y))
+    if spread < EXACT:  # accuracies are given to 0.01: anything smaller is float rounding
         exact = 0.0 if abs(diff) < EXACT else diff
         return {**out, "diff": exact, "diff_ci_low": exact, "diff_ci_high": exact, "p": 1.0 if exact == 0 else 0.0}
     with warnings.catch_warnings():
@@ -141,7 +141,7 @@ def seeds_needed(x: Sequence[float], y: Sequence[float], *, paired: bool, alpha:
         return math.nan
     diff = abs(x.mean() - y.mean())
     sd = np.std(x - y, ddof=1) if paired else math.sqrt((x.var(ddof=1) + y.var(ddof=1)) / 2)
-    if diff < EXACT or sd == 0:
+    if diff < EXACT or sd < EXACT:
         return math.nan
     for n in range(2, MAX_SEEDS + 1):
         if power(diff / sd, n, paired=paired, alpha=alpha) >= target:
