@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -164,11 +165,12 @@ class Tracker:
     def log_stats(self, run_id: str, table: Any, keys: list[str]) -> None:
         """A study's statistics (`report.statistics`, one row per value and accuracy) on its
         parent run: metrics `stats/<accuracy>/<value>/{n,mean,std,ci_low,ci_high,diff,p_holm}`
-        (percent; the value as `lr:0.01`, since MLflow keys cannot hold `=`) and tags
+        (percent; the value as `lr:0.01`, since MLflow keys cannot hold `=` or `,`) and tags
         `stats/<accuracy>/<value>/verdict` and `.../doc_verdict`."""
         metrics, tags, now = [], [], _now_ms()
         for row in table.to_dict("records"):
-            value = " ".join(f"{k}:{_fmt(row[k])}" for k in keys)
+            # MLflow keys hold letters, digits and _ - . : / and spaces only: `augment:hflip_grayscale`
+            value = re.sub(r"[^\w.\- :]", "_", " ".join(f"{k}:{_fmt(row[k])}" for k in keys))
             base = f"stats/{row['metric']}/{value}"
             for name in ("n", "mean", "std", "ci_low", "ci_high", "diff", "p_holm", "seeds_needed"):
                 v = row.get(name)

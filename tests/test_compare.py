@@ -154,3 +154,22 @@ def test_compare_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cnnbench: error:") and message in err[0], out.stderr
     assert tree(tmp_path) == before
+
+
+def test_parent_run_stats_take_any_value_as_a_key(tmp_path):
+    """Values with commas and spaces (augment `hflip,grayscale`) become valid MLflow keys."""
+    from cnnbench import stats
+    from cnnbench.tracking import Tracker
+
+    tracker = Tracker("keys", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = tracker.start_parent("keys", kind="study", tags={})
+    trials = pd.DataFrame({"augment": ["none", "hflip,grayscale"] * 3, "batch_size": [64] * 6,
+                           "seed": [0, 0, 1, 1, 2, 2], "final_test_acc": [98.0, 97.0, 98.2, 97.1, 98.1, 96.9]})
+    table = stats.study_stats(trials, ["augment", "batch_size"], ["final_test_acc"], paired_seeds=True)
+    tracker.log_stats(run, table, ["augment", "batch_size"])
+    data = tracker.client.get_run(run).data
+    flipped = np.array([97.0, 97.1, 96.9])
+    assert data.metrics["stats/final_test_acc/augment:hflip_grayscale batch_size:64/mean"] == pytest.approx(flipped.mean())
+    assert data.tags["stats/final_test_acc/augment:none batch_size:64/verdict"] == "best"
+    assert data.tags["stats/final_test_acc/augment:hflip_grayscale batch_size:64/verdict"] == (
+        "worse" if st.ttest_rel(flipped, [98.0, 98.2, 98.1]).pvalue < 0.05 else "within noise of best")
