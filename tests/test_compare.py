@@ -103,8 +103,9 @@ def test_a_three_seed_study_has_intervals_and_verdicts_and_compare_runs_on_two_e
                     tuple(res.confidence_interval()))
             else:
                 assert rows.loc[lr, "verdict"] == ("identical" if abs(d.mean()) < 1e-9 else "differs")
-        for lr, p in ps.items():  # Holm over the configs with a test
-            adjusted = min(1.0, p * len(ps)) if p == min(ps.values()) else max(min(1.0, p), min(1.0, min(ps.values()) * len(ps)))
+        order = sorted(ps, key=ps.get)  # Holm over the configs with a test, from its definition
+        for rank, lr in enumerate(order):
+            adjusted = max(min(1.0, (len(ps) - r) * ps[order[r]]) for r in range(rank + 1))
             assert rows.loc[lr, "p_holm"] == pytest.approx(adjusted)
             assert rows.loc[lr, "verdict"] == ("differs" if adjusted < 0.05 else "within seed noise")
 
