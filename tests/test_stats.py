@@ -228,3 +228,48 @@ def test_compare_executions_verdicts():
     assert got.loc[0.05, "diff"] == pytest.approx(shift.mean())
     assert (got.loc[0.05, "diff_ci_low"], got.loc[0.05, "diff_ci_high"]) == pytest.approx(tuple(res.confidence_interval()))
     assert got.loc[0.05, "std_a"] == pytest.approx(np.std([98.2, 98.4, 98.3, 98.1], ddof=1))
+
+
+def test_the_figures_draw_the_student_t_interval(tmp_path):
+    """The isolation plot's error bars and the per-epoch bands are the 95% t interval of the
+    mean, computed here with scipy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cnnbench.config import StudySpec
+    from cnnbench.figures import isolation
+    from cnnbench.report import draw_accuracy
+
+    spec = StudySpec(name="t", path="t.yaml", title="t", source="", description="", scientific={"lr": (0.01, 0.1)},
+                     nuisance={}, fixed={}, seeds=(0, 1, 2), reported=())
+    acc = {0.01: [98.1, 98.6, 98.3], 0.1: [97.2, 97.9, 97.4]}
+    trials = pd.DataFrame([{"lr": lr, "seed": s, "best_test_acc": a, "final_test_acc": a}
+                           for lr, values in acc.items() for s, a in enumerate(values)])
+
+    def t_interval(x):
+        x = np.asarray(x)
+        return st.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=st.sem(x))
+
+    fig = isolation(trials, spec)
+    segments = [seg for c in fig.axes[0].collections if hasattr(c, "get_segments") for seg in c.get_segments()]
+    drawn = sorted((float(seg[0][0]), *sorted((float(seg[0][1]), float(seg[-1][1])))) for seg in segments)
+    want = sorted((lr, *t_interval(v)) for lr, v in acc.items())
+    assert len(drawn) == len(want)
+    for got, expected in zip(drawn, want):
+        assert list(got) == pytest.approx([float(v) for v in expected])
+    plt.close(fig)
+
+    epochs = pd.DataFrame([{"value": f"lr={lr:g}", "seed": s, "epoch": e, "test_acc": a - (2 - e)}
+                           for lr, values in acc.items() for s, a in enumerate(values) for e in (1, 2)])
+    fig, ax = plt.subplots()
+    draw_accuracy(ax, epochs)
+    bands = [p for c in ax.collections if type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection")
+             for p in c.get_paths()]
+    assert len(bands) == 2
+    ys = sorted(round(float(y), 6) for p in bands for y in p.vertices[:, 1])
+    for (value, epoch), group in epochs.groupby(["value", "epoch"]):
+        low, high = t_interval(group["test_acc"])
+        assert round(low, 6) in ys and round(high, 6) in ys, (value, epoch)
+    plt.close(fig)
