@@ -248,12 +248,7 @@ def study_stats(frame: pd.DataFrame, by: Sequence[str], metrics: Sequence[str], 
     columns = [*by, "metric", "n", "diverged", "mean", "std", "ci_low", "ci_high", "best", "diff", "diff_ci_low",
                "diff_ci_high", "test", "p", "p_holm", "verdict", "seeds_needed", "doc", "pi_low", "pi_high",
                "doc_verdict"]
-    result = pd.DataFrame.from_records(out, columns=columns)
-    order = {m: i for i, m in enumerate(metrics)}
-    position = {key: i for i, (key, _) in enumerate(groups)}
-    result["_m"] = result["metric"].map(order)
-    result["_v"] = [position.get(tuple(r[k] for k in by), 0) for r in result.to_dict("records")]
-    return result.sort_values(["_m", "_v"], kind="stable").drop(columns=["_m", "_v"]).reset_index(drop=True)
+    return pd.DataFrame.from_records(out, columns=columns)  # metric by metric, values in the frame's order
 
 
 def label(by: Sequence[str], key: Sequence[Any]) -> str:
