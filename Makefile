@@ -77,6 +77,11 @@ notebooks-clean: $(BIN)/.installed  ## strip outputs from notebooks/*.ipynb befo
 clean-state:  ## delete run state (.cnnbench/: checkpoints, locks); MLflow runs are kept
 	rm -rf .cnnbench
 
+.PHONY: compare
+compare: $(BIN)/.installed  ## does execution B of a study reproduce A? make compare A=results/lr B=other/results/lr ARGS="--labels fp32,bf16"
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare A=<results folder or study run id> B=<...> [ARGS=...]" >&2; exit 2; }
+	$(BIN)/cnnbench compare $(A) $(B) $(ARGS)
+
 .PHONY: summary
 summary: $(BIN)/.installed  ## per-layer shapes, params, MACs, memory of every model + the documents' arithmetic checked (results/summary/)
 	$(BIN)/cnnbench summary --all --documents --results-dir results

@@ -7,8 +7,9 @@ per trial × epoch: the trial's hyperparameters as typed columns (`lr` a float,
 metrics (`test_acc`, `test_loss`, `val_acc`, `val_loss`, `train_epoch_loss`, `epoch_lr`:
 the rate in effect that epoch, ...). Which hyperparameters are scientific, nuisance and
 fixed travels in `frame.attrs`. `load_loss_curve` reads the first epoch's `train/loss`
-(step = samples seen). `study_spec`, `summary` and `table` hand the frame to
-`cnnbench.report`, so a notebook shows the numbers `results/<study>/` shows.
+(step = samples seen). `study_spec`, `summary`, `table`, `statistics` and `verdicts` hand
+the frame to `cnnbench.report` (whose statistics are `cnnbench.stats`'), so a notebook
+shows the numbers `results/<study>/` shows; `compare` is `cnnbench compare` without files.
 
 Which runs: the trials of the study as it was last executed (the newest study run's
 fixed settings, values and seeds), one run per trial; with epoch reuse (`epochs`
@@ -411,6 +412,51 @@ def table(frame: pd.DataFrame, spec: StudySpec | None = None, *, title: bool = F
     return text if title else text.split("\n", 2)[2].lstrip("\n").removeprefix(f"Source: {spec.source}.\n\n")
 
 
+def statistics(frame: pd.DataFrame, spec: StudySpec | None = None) -> pd.DataFrame:
+    """The study's statistics as `results/<study>/stats.csv` (`report.statistics`, computed
+    by `cnnbench.stats`): per value and accuracy, n, mean, std, the 95% interval of the mean,
+    the difference to the best value with its interval, Holm p, verdict, seeds needed, and
+    the document's figure against our prediction interval."""
+    from cnnbench.report import statistics as study_statistics
+
+    spec = spec or study_spec(frame)
+    return study_statistics(spec, summary(frame, spec))
+
+
+def verdicts(frame: pd.DataFrame, spec: StudySpec | None = None) -> pd.DataFrame:
+    """The table's verdicts, readable: per value, the headline accuracy (final, else best)
+    with its interval, the difference to the best value, Holm p, the verdict and the seeds
+    that would settle it; then each document figure and whether our prediction interval
+    holds it."""
+    from cnnbench.report import headline
+
+    spec = spec or study_spec(frame)
+    trials = summary(frame, spec)
+    table = statistics(frame, spec)
+    keys = list(spec.scientific) + list(spec.nuisance)
+    main = table[table["metric"] == headline(trials)]
+    out = main[keys + ["n", "mean", "ci_low", "ci_high", "diff", "diff_ci_low", "diff_ci_high", "test", "p_holm",
+                       "verdict", "seeds_needed"]].reset_index(drop=True)
+    docs = table[table["doc_verdict"].fillna("") != ""]
+    for metric, rows in docs.groupby("metric", sort=False):
+        name = metric.replace("_test_acc", "")
+        rows = rows.set_index(keys)[["doc", "pi_low", "pi_high", "doc_verdict"]].add_prefix(f"{name}_")
+        out = out.merge(rows, left_on=keys, right_index=True, how="left")
+    out.attrs["metric"] = headline(trials)
+    return out
+
+
+def compare(a: str, b: str, *, labels: tuple[str, str] | None = None,
+            tracking_uri: str | None = None) -> pd.DataFrame:
+    """Two executions of one study, trial by trial, as `cnnbench compare A B` computes them
+    (without writing files): A and B are results/<study>/ folders or MLflow study run ids."""
+    from cnnbench import compare as comparing
+
+    la, lb = labels or (None, None)
+    return comparing.compare(comparing.load_execution(a, label=la, tracking_uri=tracking_uri),
+                             comparing.load_execution(b, label=lb, tracking_uri=tracking_uri))
+
+
 def isolated(frame: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
     """The rows of the best nuisance setting per scientific value (the tuning playbook's
     isolation, `report.isolate`); every row when the study has no nuisance hyperparameter."""
@@ -533,6 +579,7 @@ def model_costs(models: list[str] | None = None, dataset: str = "mnist") -> pd.D
     return pd.DataFrame.from_records(records)
 
 
-__all__ = ["NoRuns", "load_runs", "load_loss_curve", "trial_runs", "study_spec", "summary", "table", "isolated",
+__all__ = ["NoRuns", "load_runs", "load_loss_curve", "trial_runs", "study_spec", "summary", "table", "statistics",
+           "verdicts", "compare", "isolated",
            "trial_rows", "typed", "describe", "load_sweep", "best_trial_runs", "sweep_objective",
            "model_costs"]

@@ -205,8 +205,50 @@ def _add_report(sub: Any) -> None:
     p.set_defaults(func=cmd_ui_screenshot)
 
 
-# extra subcommands register themselves here (summary, sweep, bench, report)
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = [_add_report]
+def _add_compare(sub: Any) -> None:
+    p = sub.add_parser("compare", help="does execution B of a study reproduce execution A within seed noise?",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Match two executions of the same study (fp32 against bf16, CPU against GPU, two "
+                                   "torch versions, two commits) trial by trial on the varied settings and the seed, "
+                                   "and per trial config give the paired difference B - A over the seeds with its "
+                                   "95% interval, a Holm-corrected p-value and a verdict (identical, within seed "
+                                   "noise, differs, untested). Writes OUT/compare-NAME/compare.md and compare.csv.",
+                       epilog="examples:\n"
+                              "  cnnbench compare results/lr /tmp/bf16/results/lr --labels fp32,bf16\n"
+                              "  cnnbench compare 3f2c...e1 9ab0...77     # two MLflow study runs (32-hex ids)")
+    p.add_argument("a", metavar="A", help="the reference execution: a results/<study>/ folder holding summary.csv, "
+                                          "or the MLflow run id of a study run (its results/summary.csv artifact)")
+    p.add_argument("b", metavar="B", help="the execution to check against A, in the same forms")
+    p.add_argument("--labels", metavar="A,B", default=None,
+                   help="what the tables call A and B, e.g. fp32,bf16 (default: the folder names, or the first 8 "
+                        "characters of the run ids)")
+    p.add_argument("--name", default=None,
+                   help="the output folder is OUT/compare-NAME (default: from the labels, e.g. lr-fp32-bf16, or "
+                        "from the folder names)")
+    p.add_argument("--out", metavar="DIR", default="results", help="where compare-NAME/ goes (default: results)")
+    _tracking(p)
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cnnbench.compare import load_execution, write_compare
+    from cnnbench.config import ConfigError
+
+    labels: list[str | None] = [None, None]
+    if args.labels is not None:
+        labels = [x.strip() for x in args.labels.split(",")]
+        if len(labels) != 2 or not all(labels) or labels[0] == labels[1]:
+            raise ConfigError(f"--labels: expected two different labels separated by a comma, got {args.labels!r}")
+    a = load_execution(args.a, label=labels[0], tracking_uri=args.tracking_uri)
+    b = load_execution(args.b, label=labels[1], tracking_uri=args.tracking_uri)
+    md, csv, _ = write_compare(a, b, args.out, name=args.name, command=_command(args))
+    print(md.read_text())
+    print(f"wrote {md} and {csv}")
+    return 0
+
+
+# extra subcommands register themselves here (summary, sweep, bench, report, compare)
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = [_add_report, _add_compare]
 
 
 def cmd_report(args: argparse.Namespace) -> int:

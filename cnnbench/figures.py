@@ -15,6 +15,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 
+from cnnbench import stats
 from cnnbench.analysis import isolated
 from cnnbench.config import StudySpec
 from cnnbench.report import draw_accuracy, draw_loss, isolate, theme
@@ -23,10 +24,10 @@ HEATMAP_AXES = ("batch_size", "lr")  # (columns, rows) of the heatmap
 
 
 def _count(per: pd.Series, *, band: bool = True, what: str = "") -> str:
-    """`n=3 seeds, ±1 sd`, `n=1 seed`, `n=2..3 seeds, ±1 sd` from seeds per value."""
+    """`n=3 seeds, 95% CI`, `n=1 seed`, `n=2..3 seeds, 95% CI` from seeds per value."""
     lo, hi = int(per.min()), int(per.max())
     count = f"n={lo}" if lo == hi else f"n={lo}..{hi}"
-    return f"{count} seed{'s' if hi > 1 else ''}{what}" + (", ±1 sd" if band and hi > 1 else "")
+    return f"{count} seed{'s' if hi > 1 else ''}{what}" + (", 95% CI" if band and hi > 1 else "")
 
 
 def _seeds(frame: pd.DataFrame) -> str:
@@ -35,7 +36,8 @@ def _seeds(frame: pd.DataFrame) -> str:
 
 def curves(frame: pd.DataFrame, curve: pd.DataFrame, spec: StudySpec):
     """Three panels: the first epoch's training loss against samples seen; test accuracy
-    per epoch, one line per scientific value with a ±1 sd band over seeds; the same zoomed."""
+    per epoch, one line per scientific value with the 95% interval of the mean over seeds as
+    its band (the loss: ±1 sd); the same zoomed."""
     best = isolated(frame, spec)
     keep = set(best["run_id"])
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
@@ -60,7 +62,8 @@ def _numeric(values: pd.Series) -> bool:
 
 def isolation(trials: pd.DataFrame, spec: StudySpec):
     """The playbook's isolation plot: per value of the first scientific hyperparameter, the
-    best trial's score (mean ± sd over seeds, each seed a dot); with nuisance
+    best trial's score (mean over seeds with its 95% Student-t interval, `stats.mean_interval`,
+    each seed a dot); with nuisance
     hyperparameters, every other setting's mean as a grey cross behind it."""
     if trials.empty:
         return None
@@ -81,11 +84,13 @@ def isolation(trials: pd.DataFrame, spec: StudySpec):
         xs = others[x] if numeric else others[x].astype(str).map({v: i for i, v in enumerate(order)})
         ax.scatter(xs, others[score], marker="x", color="0.55", s=30, zorder=1, label="other nuisance settings")
     # with a hue the legend names its levels; a label as well makes seaborn pass it twice
-    label = {} if hue else {"label": "best setting: mean ± sd"}
+    label = {} if hue else {"label": "best setting: mean, 95% CI"}
     if numeric:
-        sns.lineplot(data, x=x, y=score, hue=hue, errorbar="sd", err_style="bars", marker="o", ax=ax, **label)
+        sns.lineplot(data, x=x, y=score, hue=hue, errorbar=stats.mean_interval, err_style="bars", marker="o", ax=ax,
+                     **label)
     else:
-        sns.pointplot(data, x=x, y=score, hue=hue, order=order, errorbar="sd", capsize=0.1, ax=ax, **label)
+        sns.pointplot(data, x=x, y=score, hue=hue, order=order, errorbar=stats.mean_interval, capsize=0.1, ax=ax,
+                      **label)
     sns.stripplot(data, x=x, y=score, hue=hue, order=order, native_scale=numeric, jitter=False, alpha=0.45, size=4,
                   ax=ax, legend=False, **({} if hue else {"color": "0.25"}))
     if numeric and (best[x] > 0).all():

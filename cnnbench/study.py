@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import pandas as pd
+
 from cnnbench import fileio
 from cnnbench.config import ConfigError, StudySpec, TrialConfig
 from cnnbench.data import data_dir, load_arrays, train_size
@@ -287,6 +289,7 @@ def _run_locked(spec: StudySpec, p: Plan, *, data_root, out_dir: Path, uri: str,
         device = sorted({r.result.device for r in rows if r.result.device})
         files = write_results(spec, rows, out_dir, n_train=n_train, command=command, device=", ".join(device))
         tracker.log_artifacts(parent, files, "results")
+        tracker.log_stats(parent, pd.read_csv(files[2]), list(spec.scientific) + list(spec.nuisance))
         outcome = StudyOutcome(spec, rows, parent, files, trained=len(pending), skipped=skipped)
         status = "FINISHED" if not outcome.failed else "FAILED"
         return outcome

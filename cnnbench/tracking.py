@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -160,6 +161,26 @@ class Tracker:
         for p in paths:
             if Path(p).exists():
                 self.client.log_artifact(run_id, str(p), artifact_path)
+
+    def log_stats(self, run_id: str, table: Any, keys: list[str]) -> None:
+        """A study's statistics (`report.statistics`, one row per value and accuracy) on its
+        parent run: metrics `stats/<accuracy>/<value>/{n,mean,std,ci_low,ci_high,diff,p_holm}`
+        (percent; the value as `lr:0.01`, since MLflow keys cannot hold `=` or `,`) and tags
+        `stats/<accuracy>/<value>/verdict` and `.../doc_verdict`."""
+        metrics, tags, now = [], [], _now_ms()
+        for row in table.to_dict("records"):
+            # MLflow keys hold letters, digits and _ - . : / and spaces only: `augment:hflip_grayscale`
+            value = re.sub(r"[^\w.\- :]", "_", " ".join(f"{k}:{_fmt(row[k])}" for k in keys))
+            base = f"stats/{row['metric']}/{value}"
+            for name in ("n", "mean", "std", "ci_low", "ci_high", "diff", "p_holm", "seeds_needed"):
+                v = row.get(name)
+                if v is not None and v == v:
+                    metrics.append(Metric(f"{base}/{name}", float(v), now, 0))
+            for name in ("verdict", "doc_verdict"):
+                if isinstance(row.get(name), str) and row[name]:
+                    tags.append(RunTag(f"{base}/{name}", row[name]))
+        for i in range(0, max(len(metrics), len(tags)), 500):
+            self.client.log_batch(run_id, metrics=metrics[i:i + 500], tags=tags[i:i + 500], synchronous=True)
 
     def trial_runs(self, *, parent: str | None = None, extra: str = "") -> list[Any]:
         """Child runs of this experiment (optionally of one parent), every page."""

@@ -197,6 +197,12 @@ def test_report_writes_html_for_every_study_and_sweep(lab):
     assert "Learning rate: LeNet-5 (sigmoid) on MNIST" in lr and "93.42" in lr and "98.70" in lr  # beside the document
     assert "lr=0.01 seed=1" in lr and "does not vary both" in lr and "These are the same runs as" in lr
     assert images["lr/report.html"] == 2  # curves, isolation; no heatmap
+    # the verdicts (seeds 0 and 1): one best value, the others judged, the document's figures against our PI
+    assert "Is the difference real?" in lr and "Accuracy judged: <code>final_test_acc</code>" in lr
+    assert len(re.findall(r">best</td>", lr)) == 1
+    # four values judged against the best, in table.md's verdict column and again in the verdict table
+    assert len(re.findall(r">(?:within noise of best|worse|untested)</td>", lr)) == 2 * 4
+    assert len(re.findall(r">(?:consistent|outside)</td>", lr)) == 2 * 5  # epoch 1 and final, five rates
     assert images["lrbatch/report.html"] == 3  # curves, isolation, heatmap
     assert images["twoway/report.html"] == 2  # curves, isolation with batch size as hue
     assert "load_runs(" not in lr  # the code is left out of the report

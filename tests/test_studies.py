@@ -3,9 +3,11 @@
 import subprocess
 import textwrap
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from scipy import stats as st
 
 from cnnbench.config import StudySpec, load_spec
 from cnnbench.report import table_markdown
@@ -59,12 +61,31 @@ def test_seeds_are_aggregated_as_mean_std_and_n(tmp_path):
     table = table_markdown(spec, pd.DataFrame(rows))
     line = next(l for l in table.splitlines() if l.startswith("| 0.01 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    # lr, n, epoch 1, final, best, doc epoch 1, doc final, delta epoch 1, delta final
+    # lr, n, epoch 1, final, best, Δ final vs best, p, verdict, seeds, doc epoch 1, doc final, delta epoch 1,
+    # delta final, doc epoch 1 vs PI, doc final vs PI
     assert cells[1] == "3"
-    assert cells[2] == "93.00 ± 2.65" and cells[3] == "98.00 ± 1.00"
-    assert cells[5:] == ["90.00", "98.00", "+3.00", "+0.00"]
+
+    def ci(values):  # mean ± std [95% t interval of the mean], computed here
+        x = np.array(values)
+        low, high = st.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=st.sem(x))
+        return f"{x.mean():.2f} ± {x.std(ddof=1):.2f} [{low:.2f}, {high:.2f}]"
+
+    assert cells[2] == ci([91.0, 92.0, 96.0]) and cells[2].startswith("93.00 ± 2.65 [")
+    assert cells[3] == ci([97.0, 98.0, 99.0]) and cells[3].startswith("98.00 ± 1.00 [")
+    # lr 0.1 is best in final accuracy (98.5); lr 0.01 against it, paired over seeds 0-2
+    paired = st.ttest_rel([97.0, 98.0, 99.0], [98.5] * 3)
+    low, high = paired.confidence_interval()
+    assert cells[5] == f"-0.50 [{low:+.2f}, {high:+.2f}]" and cells[6] == f"{paired.pvalue:.3f}"
+    assert cells[7] == ("worse" if paired.pvalue < 0.05 else "within noise of best")
+    assert cells[9:13] == ["90.00", "98.00", "+3.00", "+0.00"]
+    pi = {k: st.t.interval(0.95, 2, loc=np.mean(v), scale=np.std(v, ddof=1) * np.sqrt(4 / 3))
+          for k, v in {"e1": [91.0, 92.0, 96.0], "final": [97.0, 98.0, 99.0]}.items()}
+    for cell, (k, doc) in zip(cells[13:], (("e1", 90.0), ("final", 98.0))):
+        word = "consistent" if pi[k][0] <= doc <= pi[k][1] else "outside"
+        assert cell == f"{word} [{pi[k][0]:.2f}, {pi[k][1]:.2f}]"
     other = next(l for l in table.splitlines() if l.startswith("| 0.1 |"))
-    assert "95.00 ± 0.00" in other and other.rstrip().endswith("– | – | – | – |")
+    assert "95.00 ± 0.00 [95.00, 95.00]" in other and "| **best** |" in other
+    assert other.rstrip().endswith("– | – | – | – | – | – |")
 
 
 def test_every_document_study_has_a_make_target_listed_by_make_help():
