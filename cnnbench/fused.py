@@ -114,6 +114,8 @@ def fuse_groups(configs: Sequence[TrialConfig], *, max_k: int = 16, enabled: boo
     out: list[list[int]] = []
     for i, c in enumerate(configs):
         if not enabled or not fusable(c, wide_only=wide_only):
+            if enabled:
+                log.info("model %s trains one trial at a time: %s", c.model, model_traits(c)[1])
             out.append([i])
             continue
         key = group_key(c)
