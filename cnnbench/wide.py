@@ -266,12 +266,18 @@ class WideEngine:
         out = self.forward(self.wide_input(x))  # B x K*classes
         return out.view(out.shape[0], self.k, -1)
 
+    def losses(self, logits: Tensor, y: Tensor) -> Tensor:
+        """B x K cross-entropies of `logits` (B x K x classes) against the shared labels
+        `y` (B) or per-trial ones (K x B)."""
+        b, k, n = logits.shape
+        target = y.unsqueeze(1).expand(b, k) if y.dim() == 1 else y.t()  # B x K
+        return F.cross_entropy(logits.reshape(b * k, n), target.reshape(b * k), reduction="none").view(b, k)
+
     def train_step(self, x: Tensor, y: Tensor, step: int) -> Tensor:
         lr = self.opt.lr(step)
         with autocast(self.config, self.device):
             logits = self.logits(x)
-        target = y.unsqueeze(1).expand(-1, self.k) if y.dim() == 1 else y.t()  # B x K
-        losses = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none").mean(0)  # K
+        losses = self.losses(logits.float(), y).mean(0)  # K
         losses.sum().backward()  # trial k's loss depends on trial k's weights only
         grads = [p.grad.reshape(v.shape) for p, v in zip(self.params, self.views)]
         self.opt.step(grads, lr)
@@ -283,9 +289,8 @@ class WideEngine:
     def eval_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         with autocast(self.config, self.device):
             logits = self.logits(x).float()  # B x K x classes
-        target = y.unsqueeze(1).expand(-1, self.k)
-        loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(0)
-        correct = (logits.argmax(-1) == target).sum(0)
+        loss = self.losses(logits, y).sum(0)
+        correct = (logits.argmax(-1) == y.unsqueeze(1)).sum(0)
         return loss, correct
 
     # -- per-trial state, in SingleEngine's format ------------------------------------------
