@@ -468,11 +468,15 @@ def wide_projection(measures: dict[tuple[str, int], Measurement]) -> dict[str, f
 
 def wide_vs_vmap(device: str = "auto", ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), steps: int = 200,
                  repeats: int = 3, *, model: str = "lenet5", batch_size: int = 64, data_root=None,
-                 say: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                 threads: int | None = None, say: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Model-images/s of the wide engine against vmap's for K trials of `model` (lr varied,
     one seed: a shared batch) at each K in `ks`, on `device`, through cnnbench's loop
-    (`steps` steps per measurement, median of `repeats`, the two engines interleaved per K).
-    One row per K: {k, vmap, wide, wide_over_vmap, notes}. `cnnbench bench --engines`."""
+    (`steps` steps per measurement, median of `repeats`, the engines and one trial alone
+    interleaved per K). One row per K: {k, single, vmap, wide, wide_over_vmap,
+    wide_over_single, notes}. `threads`: torch's CPU threads for the run (the study
+    runner's workers use 1). `cnnbench bench --engines`."""
+    if threads:
+        torch.set_num_threads(threads)
     dev = resolve_device(device)
     root = data_dir(data_root)
     base = TrialConfig(model=model, batch_size=batch_size, epochs=1, train_subset=steps * batch_size,
@@ -485,25 +489,29 @@ def wide_vs_vmap(device: str = "auto", ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32
     rows = []
     for k in ks:
         configs = [base.replace(lr=LR_STUDY[i % len(LR_STUDY)] * (1 + i // len(LR_STUDY))) for i in range(k)]
-        measured = {e: Measurement(e, k) for e in ("vmap", "wide")}
+        measured = {e: Measurement(e, k) for e in ("single", "vmap", "wide")}
+        runs = {"single": lambda: cnnbench_loop([base], data),
+                "vmap": lambda: cnnbench_loop(configs, data, fused=True, engine="vmap"),
+                "wide": lambda: cnnbench_loop(configs, data, fused=True, engine="wide")}
         notes = []
         for e, m in measured.items():
             try:
-                cnnbench_loop(configs, data, fused=True, engine=e)  # warm-up for this K
-            except Exception as err:
+                runs[e]()  # warm-up for this K
+            except Exception as err:  # out of memory at large K, say
                 m.note = f"{e}: {type(err).__name__}: {' '.join(str(err).split())[:100]}"
                 notes.append(m.note)
-        for _ in range(repeats):  # interleaved: drifting load hits both engines alike
+        for _ in range(repeats):  # interleaved: drifting load hits every path alike
             for e, m in measured.items():
                 if not m.note:
-                    m.samples.append(cnnbench_loop(configs, data, fused=True, engine=e))
-        vmap, wide = measured["vmap"].median, measured["wide"].median
-        row = {"device": str(dev), "device_name": _device_name(dev), "model": model, "k": k,
-               "vmap": round(vmap, 1), "wide": round(wide, 1), "wide_over_vmap": round(wide / vmap, 3),
+                    m.samples.append(runs[e]())
+        single, vmap, wide = (measured[e].median for e in ("single", "vmap", "wide"))
+        row = {"device": str(dev), "device_name": _device_name(dev), "threads": torch.get_num_threads(),
+               "model": model, "k": k, "single": round(single, 1), "vmap": round(vmap, 1), "wide": round(wide, 1),
+               "wide_over_vmap": round(wide / vmap, 3), "wide_over_single": round(wide / single, 3),
                "notes": "; ".join(notes)}
         rows.append(row)
-        say(f"  K={k:<3} vmap {vmap:>12,.0f}  wide {wide:>12,.0f} model-images/s  wide/vmap {wide / vmap:.2f} "
-            f"{row['notes']}")
+        say(f"  K={k:<3} single {single:>10,.0f}  vmap {vmap:>10,.0f}  wide {wide:>10,.0f} model-images/s  "
+            f"wide/vmap {wide / vmap:.2f}  wide/single {wide / single:.2f} {row['notes']}")
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return rows

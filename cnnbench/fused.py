@@ -5,9 +5,10 @@
 convolutions become grouped convolutions), one backward pass gives every trial its own
 gradient (the losses are summed, and trial k's loss depends only on trial k's weights),
 and the optimizer step is a handful of foreach kernels with per-trial learning rate,
-momentum and weight decay as `(K, 1, ...)` tensors. The update is torch.optim's SGD
-(momentum, dampening 0, L2 weight decay) and Adam, written out, so that a fused trial
-follows the same path as the trial trained alone by `SingleEngine`.
+momentum and weight decay as `(K, 1, ...)` tensors (`per_trial.PerTrialOptimizer`,
+torch.optim's SGD and Adam written out, shared with the wide engine), so that a fused
+trial follows the same path as the trial trained alone by `SingleEngine`. Which groups
+form, and which engine trains them, is decided here too (`fuse_groups`, `engine_for`).
 
 Trials fuse when they share everything but lr, momentum, weight decay and seed
 (`group_key`). Trials with different seeds get their own weight init and data order:

@@ -62,13 +62,15 @@ SETTINGS = {
     "resnet": dict(activation="tanh", lr=0.01),
     "resnet_bn": dict(lr=1e-4),
 }
-# (steps, bound, bound over all 200 steps). Batch norm amplifies rounding: resnet_bn trained
-# alone in channels-last and in channels-first (the same maths, other rounding) differed by
-# 1.7% within 12 steps at lr 0.02, and the wide trial parts from the single one likewise at
-# any lr measured (0.02, 0.01, 0.002, 1e-4). At lr 1e-4 it stays within 1e-4 for the first
-# 20 steps (8e-6 after 10; 9.5e-4 at most over 200, bounded here by 1e-2): a trial whose
-# batch statistics mixed with its partner's would be off by far more from the first step.
-BOUNDS = {"resnet_bn": (20, 1e-4, 1e-2)}
+# (steps, bound, bound over all 200 steps) where the 1e-4 rule cannot hold for 200 steps:
+# residual nets amplify rounding. resnet_bn trained alone in channels-last and in
+# channels-first (the same maths, other rounding) differed by 1.7% within 12 steps at lr
+# 0.02, and the wide trial parts from the single one likewise at every lr measured (0.02,
+# 0.01, 0.002, 1e-4); at lr 1e-4 it stays within 1e-4 for the first 20 steps (8e-6 after
+# 10) and reached 9.5e-4 over 200. resnet (tanh, lr 0.01): 2.1e-7 for 50 steps, 8.5e-5 at
+# 100, 1.1e-3 at 200. A trial whose channels or batch statistics mixed with its partner's
+# would be off by far more from the first steps.
+BOUNDS = {"resnet_bn": (20, 1e-4, 1e-2), "resnet": (100, 1e-4, 1e-2)}
 
 
 @pytest.mark.parametrize("device", DEVICES)
