@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     _state(p)
     fuse = p.add_mutually_exclusive_group()
     fuse.add_argument("--fuse", dest="fuse", action="store_true", default=None,
-                      help="train compatible trials fused (K models in one vmapped step); default on CUDA/MPS")
+                      help="train compatible trials fused (one wide model, vmap where the model does not "
+                           "widen) in groups of up to --max-fuse; default on CUDA/MPS")
     fuse.add_argument("--no-fuse", dest="fuse", action="store_false",
-                      help="train every trial alone; default on the CPU, where fusing measured slower")
+                      help="train every trial alone (default on the CPU: wide groups, one per worker, only "
+                           "for models that widen)")
     p.add_argument("--max-fuse", type=int, default=16, metavar="K", help="largest fused group (default: 16)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="trials trained at once in N worker processes (default: one per core on the CPU, each "
