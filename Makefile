@@ -13,7 +13,7 @@ MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_TRACKING_URI
 
 .DEFAULT_GOAL := help
-.PHONY: help install test bench gpu-check study-lr study-batch study-activation study-epochs study-models study-alexnet \
+.PHONY: help install test bench gpu-check study-lr study-batch study-activation study-epochs study-models study-alexnet study-resnet-bn \
         studies ui clean-state report ui-screenshot notebooks-clean
 
 help:  ## list the targets
@@ -50,6 +50,9 @@ study-models: $(BIN)/.installed  ## LeNet-5, AlexNet, Inception, ResNet under on
 
 study-alexnet: $(BIN)/.installed  ## document 000: AlexNet, augmentation x batch size, 20 epochs
 	$(BIN)/cnnbench study studies/alexnet.yaml $(ARGS)
+
+study-resnet-bn: $(BIN)/.installed  ## document 002's ResNet with batch norm: lr 0.001..0.1, trained fused (wide)
+	$(BIN)/cnnbench study studies/resnet-bn.yaml $(ARGS)
 
 study-models-gpu: $(BIN)/.installed  ## torchvision AlexNet, GoogLeNet, ResNet-18, VGG16 at 224x224 (needs a GPU)
 	$(BIN)/cnnbench study studies/models-imagenet.yaml $(ARGS)

@@ -7,6 +7,9 @@ In one run, on one device, it times
   single  cnnbench's loop (device-resident data, no per-step sync), one trial at a time;
   fused   cnnbench's loop with K trials stacked and vmapped, K = 1, 2, 4, 5, 8, ... until
           the throughput stops rising (5 is the learning-rate study's K);
+  wide    the same K trials as one wide model (wide.py), K = 1, 2, 4, 5, 8, ...; on the CPU
+          also `wide-workers`: one single-thread process per core, each training a wide
+          group (the study runner's CPU default where the model widens);
   workers the study runner's CPU default: one single-trial process per core at once;
 and, with --options, each GPU option (bf16 autocast, channels_last, torch.compile, CUDA
 graphs through compile's reduce-overhead mode) on the fused loop. Throughput is in
@@ -105,9 +108,10 @@ def naive_loop(config: TrialConfig, root: Path, device: torch.device, steps: int
     return naive_trial(config, root, device, max_steps=steps)[0]
 
 
-def cnnbench_loop(configs: list[TrialConfig], data, fused: bool = False) -> float:
-    """cnnbench's training throughput (model-images/s) over one epoch of `data`."""
-    results = train_group(configs, data=data, evaluate_test=False, fused=fused)
+def cnnbench_loop(configs: list[TrialConfig], data, fused: bool = False, engine: str | None = None) -> float:
+    """cnnbench's training throughput (model-images/s) over one epoch of `data`
+    (`engine`: the fused engine, "wide" or "vmap"; None: train_group's choice)."""
+    results = train_group(configs, data=data, evaluate_test=False, fused=fused, engine=engine)
     r = results[0]
     if r.status != "finished":
         raise RuntimeError(f"benchmark trial {r.status}: {r.reason}")
@@ -207,7 +211,7 @@ def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", ba
     # untimed warm-up of every path (lazy init, cuDNN autotuning, first allocations)
     naive_loop(base, root, dev, 5)
     cnnbench_loop([base], data)
-    cnnbench_loop(lrs(2), data, fused=True)
+    cnnbench_loop(lrs(2), data, fused=True, engine="vmap")
 
     for rep in range(repeats):  # interleaved so that drifting machine load hits every method alike
         for method, k, fn in plan:
@@ -221,14 +225,17 @@ def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", ba
     for k in ks:
         m = Measurement("fused", k)
         configs = lrs(k)
-        cnnbench_loop(configs, data, fused=True)  # warm-up for this K
+        cnnbench_loop(configs, data, fused=True, engine="vmap")  # warm-up for this K
         for _ in range(repeats):
-            m.samples.append(cnnbench_loop(configs, data, fused=True))
+            m.samples.append(cnnbench_loop(configs, data, fused=True, engine="vmap"))
         measures[("fused", k)] = m
         say(f"  fused K={k:<3} {m.median:>12,.0f} model-images/s")
         if k >= 5 and m.median < previous * 1.05:
             break
         previous = max(previous, m.median)
+
+    # the wide engine, by K, and (CPU) worker processes each training a wide group
+    measures.update(wide_measures(base, data, root, ks, repeats, say))
 
     if options:  # each option flipped alone from the device's defaults, one engine reused per option
         for k in _option_ks(dev, max_k):
@@ -270,6 +277,7 @@ def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", ba
     for (method, k), m in measures.items():
         if method == "workers":
             projection[f"cnnbench, {k} worker processes"] = LR_STUDY_IMAGES / m.median
+    projection.update(wide_projection(measures))
     summary = {"device": str(dev), "device_name": _device_name(dev), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "model": model, "batch_size": batch_size, "steps": steps,
                "repeats": repeats, "flops_per_training_image": flops, "fp32_peak_tflops": peak,
@@ -460,7 +468,10 @@ def _write(s: dict[str, Any], out_dir: Path) -> None:
                       f"device: {s['device']} ({s['device_name']}), torch {s['torch']}, {s['threads']} threads\n")
     fused = frame[frame["method"] == "fused"]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(fused["k"], fused["model_images_per_s"], marker="o", label="cnnbench fused")
+    ax.plot(fused["k"], fused["model_images_per_s"], marker="o", label="cnnbench fused (vmap)")
+    wide = frame[frame["method"] == "wide"]
+    if not wide.empty:
+        ax.plot(wide["k"], wide["model_images_per_s"], marker="s", label="cnnbench fused (wide)")
     for method, style in (("single", "--"), ("naive", ":")):
         row = frame[frame["method"] == method]
         if not row.empty:
@@ -642,3 +653,146 @@ def _sweep_report(s: dict[str, Any]) -> str:
               + (f" --sweep-train-subset {s['n_train']}" if s['n_train'] != 60_000 - s['val_size'] else "")
               + f" --fuse-k {s['fuse_k']} --device {s['device']}`"]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# the wide engine (wide.py): its rows in `run_bench`, `wide_vs_vmap` for any device
+
+
+def _engine_measure(method: str, k: int, configs: list[TrialConfig], data, engine: str,
+                    repeats: int) -> Measurement:
+    m = Measurement(method, k)
+    try:
+        cnnbench_loop(configs, data, fused=True, engine=engine)  # warm-up for this K
+        for _ in range(repeats):
+            m.samples.append(cnnbench_loop(configs, data, fused=True, engine=engine))
+    except Exception as err:  # out of memory at large K, say: reported, not fatal
+        m.note = f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
+    return m
+
+
+def _wide_worker_throughput(args: tuple[list[TrialConfig], str, int, Any]) -> float:
+    """In a worker process with `threads` threads: one wide group's throughput, warmed up."""
+    configs, root, threads, barrier = args
+    torch.set_num_threads(threads)
+    data = load_data(configs[0], root, resolve_device(configs[0].device))
+    cnnbench_loop(configs, data, fused=True, engine="wide")
+    barrier.wait()  # every worker measures at the same time
+    return cnnbench_loop(configs, data, fused=True, engine="wide")
+
+
+def parallel_wide_workers(config: TrialConfig, root: Path, workers: int, threads: int, k: int) -> float:
+    """Model-images/s of `workers` processes with `threads` threads each, each training a
+    wide group of `k` trials (the learning-rate study's rates) at once."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    groups = [[config.replace(lr=LR_STUDY[(w * k + i) % len(LR_STUDY)]) for i in range(k)] for w in range(workers)]
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(workers)
+        with ctx.Pool(workers) as pool:
+            rates = pool.map(_wide_worker_throughput, [(g, str(root), threads, barrier) for g in groups])
+    return sum(rates)
+
+
+def wide_measures(base: TrialConfig, data, root: Path, ks: list[int], repeats: int,
+                  say: Callable[[str], None] = print) -> dict[tuple[str, int], Measurement]:
+    """`run_bench`'s wide rows: K trials (lr varied, seeds as in `run_bench`) as one wide
+    model for each K in `ks`, and on the CPU `wide-workers`: one process per core, one
+    thread each, each training a wide group of ceil(5 / workers) trials (the learning-rate
+    study split over the workers, as the study runner does)."""
+    from cnnbench.fused import fusable
+
+    out: dict[tuple[str, int], Measurement] = {}
+    if not fusable(base, wide_only=True):
+        say(f"  wide: {base.model} is not widened")
+        return out
+    for k in ks:
+        configs = [base.replace(lr=LR_STUDY[i % len(LR_STUDY)], seed=i // len(LR_STUDY)) for i in range(k)]
+        m = out[("wide", k)] = _engine_measure("wide", k, configs, data, "wide", repeats)
+        say(f"  wide  K={k:<3} {m.median:>12,.0f} model-images/s {m.note}")
+    if data.device.type == "cpu":
+        from cnnbench.study import execution
+
+        _, workers, threads = execution("cpu", None, None)
+        if workers > 1:
+            k = math.ceil(len(LR_STUDY) / workers)
+            m = Measurement("wide-workers", workers, note=f"{workers} processes x {threads} thread, K={k} each")
+            for _ in range(repeats):
+                m.samples.append(parallel_wide_workers(base, root, workers, threads or 1, k))
+            out[("wide-workers", workers)] = m
+            say(f"  wide-workers x{workers} (K={k} each) {m.median:>12,.0f} model-images/s")
+    return out
+
+
+def wide_projection(measures: dict[tuple[str, int], Measurement]) -> dict[str, float]:
+    """The learning-rate study's projected training time through the wide engine."""
+    out = {}
+    wide = {k: m.median for (method, k), m in measures.items() if method == "wide" and m.samples}
+    if wide:
+        k = 5 if 5 in wide else max(wide)
+        out[f"cnnbench wide (K={k})"] = LR_STUDY_IMAGES / wide[k]
+    for (method, k), m in measures.items():
+        if method == "wide-workers" and m.samples:
+            out[f"cnnbench, {k} workers x wide group"] = LR_STUDY_IMAGES / m.median
+    return out
+
+
+def wide_vs_vmap(device: str = "auto", ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), steps: int = 200,
+                 repeats: int = 3, *, model: str = "lenet5", batch_size: int = 64, data_root=None,
+                 threads: int | None = None, say: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Model-images/s of the wide engine against vmap's for K trials of `model` (lr varied,
+    one seed: a shared batch) at each K in `ks`, on `device`, through cnnbench's loop
+    (`steps` steps per measurement, median of `repeats`, the engines and one trial alone
+    interleaved per K). One row per K: {k, single, vmap, wide, wide_over_vmap,
+    wide_over_single, notes}. `threads`: torch's CPU threads for the run (the study
+    runner's workers use 1). `cnnbench bench --engines`."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    root = data_dir(data_root)
+    base = TrialConfig(model=model, batch_size=batch_size, epochs=1, train_subset=steps * batch_size,
+                       test_subset=1000, log_every=50, progress=False, device=str(dev), checkpoints="final")
+    data = load_data(base, root, dev)
+    say(f"wide vs vmap on {dev} ({_device_name(dev)}), torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads; {model}, batch {batch_size}, {steps} steps, median of {repeats}")
+    cnnbench_loop([base, base.replace(lr=0.02)], data, fused=True, engine="vmap")  # untimed warm-up
+    cnnbench_loop([base, base.replace(lr=0.02)], data, fused=True, engine="wide")
+    rows = []
+    for k in ks:
+        configs = [base.replace(lr=LR_STUDY[i % len(LR_STUDY)] * (1 + i // len(LR_STUDY))) for i in range(k)]
+        measured = {e: Measurement(e, k) for e in ("single", "vmap", "wide")}
+        runs = {"single": lambda: cnnbench_loop([base], data),
+                "vmap": lambda: cnnbench_loop(configs, data, fused=True, engine="vmap"),
+                "wide": lambda: cnnbench_loop(configs, data, fused=True, engine="wide")}
+        notes = []
+        for e, m in measured.items():
+            try:
+                runs[e]()  # warm-up for this K
+            except Exception as err:  # out of memory at large K, say
+                m.note = f"{e}: {type(err).__name__}: {' '.join(str(err).split())[:100]}"
+                notes.append(m.note)
+        for _ in range(repeats):  # interleaved: drifting load hits every path alike
+            for e, m in measured.items():
+                if not m.note:
+                    m.samples.append(runs[e]())
+        single, vmap, wide = (measured[e].median for e in ("single", "vmap", "wide"))
+        row = {"device": str(dev), "device_name": _device_name(dev), "threads": torch.get_num_threads(),
+               "model": model, "k": k, "single": round(single, 1), "vmap": round(vmap, 1), "wide": round(wide, 1),
+               "wide_over_vmap": round(wide / vmap, 3), "wide_over_single": round(wide / single, 3),
+               "notes": "; ".join(notes)}
+        rows.append(row)
+        say(f"  K={k:<3} single {single:>10,.0f}  vmap {vmap:>10,.0f}  wide {wide:>10,.0f} model-images/s  "
+            f"wide/vmap {wide / vmap:.2f}  wide/single {wide / single:.2f} {row['notes']}")
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def write_engine_rows(rows: list[dict[str, Any]], out_dir: Path) -> Path:
+    """`rows` of `wide_vs_vmap` as out_dir/engines_<device type>.csv."""
+    import pandas as pd
+
+    path = out_dir / f"engines_{rows[0]['device'].split(':')[0]}.csv"
+    fileio.write_text(path, pd.DataFrame(rows).to_csv(index=False))
+    return path

@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     _state(p)
     fuse = p.add_mutually_exclusive_group()
     fuse.add_argument("--fuse", dest="fuse", action="store_true", default=None,
-                      help="train compatible trials fused (K models in one vmapped step); default on CUDA/MPS")
+                      help="train compatible trials fused (one wide model, vmap where the model does not "
+                           "widen) in groups of up to --max-fuse; default on CUDA/MPS")
     fuse.add_argument("--no-fuse", dest="fuse", action="store_false",
-                      help="train every trial alone; default on the CPU, where fusing measured slower")
+                      help="train every trial alone (default on the CPU: wide groups, one per worker, only "
+                           "for models that widen)")
     p.add_argument("--max-fuse", type=int, default=16, metavar="K", help="largest fused group (default: 16)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="trials trained at once in N worker processes (default: one per core on the CPU, each "
@@ -136,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-train-subset", type=int, default=None, metavar="N",
                    help="with --sweep: training images per epoch (default: all 50,000 left after the 10,000 "
                         "validation images)")
+    p.add_argument("--engines", action="store_true",
+                   help="only compare the fused engines: wide against vmap, K = 1, 2, 4, ... --max-k "
+                        "(default 64), writes RESULTS_DIR/bench/engines_<device>.csv")
     p.add_argument("--results-dir", default="results", help="writes RESULTS_DIR/bench/ (default: results)")
     p.set_defaults(func=cmd_bench)
 
@@ -484,11 +489,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--model: unknown value {args.model!r}; known: {', '.join(list_models())}")
     resolve_device(args.device)
     out = Path(args.results_dir) / "bench"
+    if args.engines:
+        return _bench_engines(args, out)
     run_bench(data_root=args.data_dir, device=args.device, model=args.model, batch_size=args.batch_size,
               steps=args.steps, repeats=args.repeats, max_k=args.max_k, options=args.options, out_dir=out)
     if args.lr_study:
         time_lr_study(data_root=args.data_dir, device=args.device, epochs=args.epochs, out_dir=out)
     print(f"wrote {out}/bench.csv, bench.md, throughput.png" + (", lr_study.md" if args.lr_study else ""))
+    return 0
+
+
+def _bench_engines(args: argparse.Namespace, out: Path) -> int:
+    """`cnnbench bench --engines`: the wide engine against vmap (bench.wide_vs_vmap)."""
+    from cnnbench.bench import wide_vs_vmap, write_engine_rows
+
+    ks = tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k <= (args.max_k or 64))
+    rows = wide_vs_vmap(args.device, ks, args.steps, args.repeats, model=args.model, batch_size=args.batch_size,
+                        data_root=args.data_dir)
+    print(f"wrote {write_engine_rows(rows, out)}")
     return 0
 
 

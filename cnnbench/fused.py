@@ -5,19 +5,26 @@
 convolutions become grouped convolutions), one backward pass gives every trial its own
 gradient (the losses are summed, and trial k's loss depends only on trial k's weights),
 and the optimizer step is a handful of foreach kernels with per-trial learning rate,
-momentum and weight decay as `(K, 1, ...)` tensors. The update is torch.optim's SGD
-(momentum, dampening 0, L2 weight decay) and Adam, written out, so that a fused trial
-follows the same path as the trial trained alone by `SingleEngine`.
+momentum and weight decay as `(K, 1, ...)` tensors (`per_trial.PerTrialOptimizer`,
+torch.optim's SGD and Adam written out, shared with the wide engine), so that a fused
+trial follows the same path as the trial trained alone by `SingleEngine`. Which groups
+form, and which engine trains them, is decided here too (`fuse_groups`, `engine_for`).
 
 Trials fuse when they share everything but lr, momentum, weight decay and seed
 (`group_key`). Trials with different seeds get their own weight init and data order:
-the batch becomes `(K, B, ...)`. Models with batch norm (running statistics mutated in
-place) do not fuse and run alone.
+the batch becomes `(K, B, ...)`.
+
+Two fused engines: `FusedEngine` here (vmap) and `wide.WideEngine` (the K models as one
+wide model: grouped convolutions, batched linears, one batch norm over K*C channels).
+`engine_for` picks the wide one wherever the model widens (`wide.widen_reason`), vmap
+otherwise; a model with batch norm (running statistics mutated in place, which vmap
+cannot do) that does not widen trains alone.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any, Sequence
 
 import torch
@@ -27,11 +34,15 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from cnnbench.config import TrialConfig
 from cnnbench.data import DATASETS, DatasetInfo
-from cnnbench.train import autocast, build_model
+from cnnbench.per_trial import PerTrialOptimizer
+from cnnbench.train import autocast, build_model, resolve_device
+from cnnbench.wide import WideEngine, widen_reason
+
+log = logging.getLogger(__name__)
+ENGINES = ("wide", "vmap")
 
 # settings a fused group may vary per trial
 PER_TRIAL = ("lr", "momentum", "weight_decay", "seed")
-ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
 
 def group_key(config: TrialConfig) -> tuple:
@@ -40,17 +51,47 @@ def group_key(config: TrialConfig) -> tuple:
     return tuple((k, v) for k, v in sorted(d.items()) if k not in PER_TRIAL)
 
 
-_fusable_cache: dict[tuple, bool] = {}
+_traits_cache: dict[tuple, tuple[bool, str | None]] = {}
 
 
-def fusable(config: TrialConfig) -> bool:
-    """No batch norm (vmap cannot update running statistics in place)."""
-    key = (config.model, config.activation, config.dataset)
-    if key not in _fusable_cache:
+def model_traits(config: TrialConfig) -> tuple[bool, str | None]:
+    """(has batch norm, why it cannot be widened or None) for the trial's model."""
+    key = (config.model, config.activation, config.dataset, config.dropout)
+    if key not in _traits_cache:
         with torch.device("meta"):  # shapes only: no memory, no init cost
             model = build_model(config, DATASETS[config.dataset])
-        _fusable_cache[key] = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return _fusable_cache[key]
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        _traits_cache[key] = (has_bn, widen_reason(model))
+    return _traits_cache[key]
+
+
+def fusable(config: TrialConfig, *, wide_only: bool = False) -> bool:
+    """Can trials of this config train fused: widened, or (unless `wide_only`) through vmap,
+    which cannot fuse batch norm."""
+    has_bn, reason = model_traits(config)
+    return reason is None or (not wide_only and not has_bn)
+
+
+def engine_for(config: TrialConfig, requested: str | None = None) -> str:
+    """The fused engine for trials of `config`: `requested` ("wide" or "vmap") if it can
+    train them, else a ValueError saying why. None: on CUDA vmap wherever it can (measured
+    there with whole steps as CUDA graphs, which the wide engine does not do yet), else
+    wide where the model widens, vmap otherwise."""
+    has_bn, reason = model_traits(config)
+    if requested not in (None, *ENGINES):
+        raise ValueError(f"unknown fused engine {requested!r}; known: {', '.join(ENGINES)}")
+    if requested == "wide" and reason:
+        raise ValueError(f"model {config.model} cannot be widened: {reason}")
+    if requested == "vmap" and has_bn:
+        raise ValueError(f"model {config.model} has batch norm, which vmap cannot fuse")
+    if requested is None and reason:
+        if has_bn:
+            raise ValueError(f"model {config.model} has batch norm and cannot be widened ({reason}): "
+                             "it trains alone")
+        log.info("model %s fuses through vmap, not widened: %s", config.model, reason)
+    if requested is None and not has_bn and resolve_device(config.device).type == "cuda":
+        return "vmap"
+    return requested or ("wide" if reason is None else "vmap")
 
 
 def check_fusable(configs: Sequence[TrialConfig]) -> None:
@@ -58,15 +99,28 @@ def check_fusable(configs: Sequence[TrialConfig]) -> None:
     if len(keys) != 1:
         raise ValueError("fused trials must share every setting but " + ", ".join(PER_TRIAL))
     if not fusable(configs[0]):
-        raise ValueError(f"model {configs[0].model} has batch norm and cannot be trained fused")
+        raise ValueError(f"model {configs[0].model} has batch norm and cannot be widened "
+                         f"({model_traits(configs[0])[1]}): it trains alone")
 
 
-def fuse_groups(configs: Sequence[TrialConfig], *, max_k: int = 16, enabled: bool = True) -> list[list[int]]:
-    """Indices of `configs`, grouped into runs of at most `max_k` fusable trials (order kept)."""
+def fused_engine(configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo,
+                 engine: str | None = None):
+    """The engine that trains `configs` (fusable, see `group_key`) as one: wide or vmap."""
+    check_fusable(configs)
+    name = engine_for(configs[0], engine)
+    return (WideEngine if name == "wide" else FusedEngine)(configs, device, info)
+
+
+def fuse_groups(configs: Sequence[TrialConfig], *, max_k: int = 16, enabled: bool = True,
+                wide_only: bool = False) -> list[list[int]]:
+    """Indices of `configs`, grouped into runs of at most `max_k` fusable trials (order kept).
+    `wide_only`: fuse only models that widen (the CPU, where vmap is slower than alone)."""
     groups: dict[tuple, list[int]] = {}
     out: list[list[int]] = []
     for i, c in enumerate(configs):
-        if not enabled or not fusable(c):
+        if not enabled or not fusable(c, wide_only=wide_only):
+            if enabled:
+                log.info("model %s trains one trial at a time: %s", c.model, model_traits(c)[1])
             out.append([i])
             continue
         key = group_key(c)
@@ -91,25 +145,7 @@ class FusedEngine:
         self.names = list(params)
         self.params = [params[n].detach().to(device).requires_grad_(True) for n in self.names]
         self.buffers = {n: b.to(device) for n, b in buffers.items()}
-        shapes = [(self.k,) + (1,) * (p.dim() - 1) for p in self.params]
-
-        def per_trial(values: list[float]) -> list[Tensor]:
-            t = torch.tensor(values, device=device, dtype=torch.float32)
-            return [t.view(s) for s in shapes]
-
-        self._shapes = shapes
-        self.momentum = per_trial([c.momentum for c in configs])
-        self.weight_decay = per_trial([c.weight_decay for c in configs])
-        self.use_wd = any(c.weight_decay for c in configs)
-        self.adam = c0.optimizer == "adam"
-        self.steps = 0
-        if self.adam:
-            self.exp_avg = [torch.zeros_like(p) for p in self.params]
-            self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        else:
-            self.bufs = [torch.zeros_like(p) for p in self.params]
-        self.active = torch.ones(self.k, device=device)
-        self.lr_table = torch.zeros(1, self.k, device=device)
+        self.opt = PerTrialOptimizer(self.params, configs, device)
 
         base = self.base
 
@@ -129,49 +165,26 @@ class FusedEngine:
 
     # -- the engine interface ---------------------------------------------------------------
     def begin_epoch(self, lrs: list[list[float]]) -> None:
-        self.lr_table = torch.tensor(lrs, device=self.device, dtype=torch.float32) * self.active
+        self.opt.begin_epoch(lrs)
 
     def deactivate(self, k: int) -> None:
         """Stop trial k (diverged or pruned): its rate becomes 0, the others go on."""
-        self.active[k] = 0.0
-        self.lr_table[:, k] = 0.0
+        self.opt.deactivate(k)
 
     def train(self, mode: bool) -> None:
         self.base.train(mode)
 
     def train_step(self, x: Tensor, y: Tensor, step: int) -> Tensor:
-        lr = self.lr_table[step if self.lr_table.shape[0] > 1 else 0]
+        lr = self.opt.lr(step)
         shared = x.dim() == 4
         with autocast(self.config, self.device):
             losses = self._loss[shared](tuple(self.params), self.buffers, x, y)
         losses.sum().backward()
         grads = [p.grad for p in self.params]
-        with torch.no_grad():
-            self._update(grads, lr)
+        self.opt.step(grads, lr)
         for p in self.params:
             p.grad = None
         return losses.detach().float()
-
-    def _update(self, grads: list[Tensor], lr: Tensor) -> None:
-        if self.use_wd:  # L2 weight decay, as torch.optim: g <- g + wd * p
-            grads = torch._foreach_add(grads, torch._foreach_mul(self.params, self.weight_decay))
-        neg_lr = [(-lr).view(s) for s in self._shapes]
-        self.steps += 1
-        if not self.adam:  # buf <- momentum * buf + g;  p <- p - lr * buf
-            torch._foreach_mul_(self.bufs, self.momentum)
-            torch._foreach_add_(self.bufs, grads)
-            torch._foreach_addcmul_(self.params, neg_lr, self.bufs)
-            return
-        b1, b2 = ADAM_BETAS
-        torch._foreach_lerp_(self.exp_avg, grads, 1 - b1)
-        torch._foreach_mul_(self.exp_avg_sq, b2)
-        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1 - b2)
-        bc1, bc2_sqrt = 1 - b1 ** self.steps, (1 - b2 ** self.steps) ** 0.5
-        denom = torch._foreach_sqrt(self.exp_avg_sq)
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, ADAM_EPS)
-        step = torch._foreach_div(self.exp_avg, denom)
-        torch._foreach_addcmul_(self.params, [t / bc1 for t in neg_lr], step)
 
     @torch.no_grad()
     def eval_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,11 +204,7 @@ class FusedEngine:
     def trial_state(self, k: int) -> dict[str, Any]:
         model = {n: p[k].detach().clone() for n, p in zip(self.names, self.params)}
         model.update({n: b[k].clone() for n, b in self.buffers.items()})
-        if self.adam:
-            opt = {n: {"step": torch.tensor(float(self.steps)), "exp_avg": m[k].clone(), "exp_avg_sq": v[k].clone()}
-                   for n, m, v in zip(self.names, self.exp_avg, self.exp_avg_sq)}
-        else:
-            opt = {n: {"momentum_buffer": b[k].clone()} for n, b in zip(self.names, self.bufs)} if self.steps else {}
+        opt = self.opt.trial_state(k, self.names)
         return {"model": model, "optimizer": opt}
 
     @torch.no_grad()
@@ -204,16 +213,4 @@ class FusedEngine:
             p[k].copy_(state["model"][n])
         for n, b in self.buffers.items():
             b[k].copy_(state["model"][n])
-        opt = state["optimizer"]
-        if not opt:
-            return
-        if self.adam:
-            for n, m, v in zip(self.names, self.exp_avg, self.exp_avg_sq):
-                m[k].copy_(opt[n]["exp_avg"])
-                v[k].copy_(opt[n]["exp_avg_sq"])
-            self.steps = int(next(iter(opt.values()))["step"])
-        else:
-            for n, b in zip(self.names, self.bufs):
-                if "momentum_buffer" in opt.get(n, {}):
-                    b[k].copy_(opt[n]["momentum_buffer"])
-            self.steps = max(self.steps, 1)
+        self.opt.load_trial_state(k, self.names, state["optimizer"])

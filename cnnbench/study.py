@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import math
 import os
 import signal
 import time
@@ -139,17 +140,24 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
 def execution(device: str, fuse: bool | None, workers: int | None) -> tuple[bool, int, int | None]:
     """(fuse, worker processes, threads per trial) for a study on `device`.
 
-    Measured with `cnnbench bench` on a 2-core CPU: one trial at a time beats K fused
-    trials there (16-18k against 13.7k LeNet-5 images/s), and two single-thread worker
-    processes beat one two-thread process by about 1.3x; on an accelerator fusing is the
-    point. So by default: on the CPU no fusing, one worker per core, one thread each (the
-    same for every trial, whatever is left to run, since the thread count changes float
-    rounding); elsewhere fused groups in one process."""
+    Measured with `cnnbench bench` on a 2-core CPU: two single-thread worker processes
+    beat one two-thread process by about 1.3x, and a wide group (wide.py) in each worker
+    beats one trial per worker (see the README's Speed section), where vmap-fused trials
+    are slower than one at a time; on an accelerator fusing is the point. So by default:
+    on the CPU one worker per core, one thread each (the same for every trial, whatever is
+    left to run, since the thread count changes float rounding), each training a wide group
+    of the trials whose model widens (`cpu_groups`); elsewhere fused groups in one process."""
     on_cpu = resolve_device(device).type == "cpu"
     cores = usable_cores()
-    fuse = (not on_cpu) if fuse is None else fuse
+    fuse = True if fuse is None else fuse
     workers = (cores if on_cpu else 1) if workers is None else workers
     return fuse, workers, max(1, cores // workers) if on_cpu else None
+
+
+def cpu_groups(n_trials: int, workers: int, max_fuse: int) -> int:
+    """The largest wide group on the CPU: the trials shared out evenly over the workers
+    (5 trials on 2 workers: groups of 3 and 2), so that every worker has a group."""
+    return max(1, min(max_fuse, math.ceil(n_trials / max(1, workers))))
 
 
 @dataclass
@@ -250,7 +258,12 @@ def _run_locked(spec: StudySpec, p: Plan, *, data_root, out_dir: Path, uri: str,
             results[c.key()] = (tracker.load_result(run), run.info.run_id)
     pending = [c for c in p.runs if c.key() not in results]
     skipped = len(p.runs) - len(pending)
+    asked_to_fuse = fuse
     fuse, workers, threads = execution(p.runs[0].device, fuse, workers)
+    on_cpu = resolve_device(p.runs[0].device).type == "cpu"
+    wide_only = on_cpu and asked_to_fuse is None  # by default the CPU fuses only what widens,
+    if wide_only:  # in one group per worker
+        max_fuse = cpu_groups(len(pending), workers, max_fuse)
 
     parent = tracker.start_parent(
         f"{spec.name} ({len(p.trials)} trials)", kind="study",
@@ -271,7 +284,7 @@ def _run_locked(spec: StudySpec, p: Plan, *, data_root, out_dir: Path, uri: str,
                            checkpoint_dirs=[ckpt_root / c.key() for c in group], experiment=spec.name, uri=uri,
                            parent=parent, data_root=data_root,
                            label=", ".join(run_name(c, spec.varied) for c in group)[:60])
-                 for group in _groups(pending, ckpt_root, fuse=fuse, max_fuse=max_fuse)]
+                 for group in _groups(pending, ckpt_root, fuse=fuse, max_fuse=max_fuse, wide_only=wide_only)]
         bar = tqdm(total=len(p.runs), initial=skipped, desc=f"study {spec.name}", unit="trial",
                    disable=not p.runs[0].progress, dynamic_ncols=True)
         for r, run_id in _run_tasks(tasks, workers, threads, bar):
@@ -306,10 +319,11 @@ def _trial_tags(spec: StudySpec, c: TrialConfig) -> dict[str, str]:
     return tags
 
 
-def _groups(pending: list[TrialConfig], ckpt_root: Path, *, fuse: bool, max_fuse: int) -> list[list[TrialConfig]]:
+def _groups(pending: list[TrialConfig], ckpt_root: Path, *, fuse: bool, max_fuse: int,
+            wide_only: bool = False) -> list[list[TrialConfig]]:
     """Fusable trials together, split by the epoch their checkpoints resume from."""
     out = []
-    for idx in fuse_groups(pending, max_k=max_fuse, enabled=fuse):
+    for idx in fuse_groups(pending, max_k=max_fuse, enabled=fuse, wide_only=wide_only):
         by_epoch: dict[int, list[TrialConfig]] = {}
         for i in idx:
             by_epoch.setdefault(resume_epoch(ckpt_root / pending[i].key(), pending[i]), []).append(pending[i])

@@ -6,7 +6,7 @@ once, records the training loss every `log_every` steps (against samples seen) a
 test (and validation) loss and accuracy after each epoch, stops a trial that diverges or
 that its recorder prunes, and writes resumable epoch checkpoints. The engines:
 `SingleEngine` (an nn.Module and a torch.optim optimizer) here, `FusedEngine` (K models
-stacked and vmapped) in fused.py. The loop reports through the `Recorder` interface and
+stacked and vmapped) in fused.py, `WideEngine` (K models as one wide model) in wide.py. The loop reports through the `Recorder` interface and
 knows nothing of MLflow or Optuna.
 """
 
@@ -329,11 +329,13 @@ def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike 
                 recorders: Sequence[Recorder] | None = None,
                 checkpoint_dirs: Sequence[Path | None] | None = None,
                 data: DeviceData | None = None, evaluate_test: bool = True,
-                progress: Any = None, fused: bool | None = None) -> list[TrialResult]:
+                progress: Any = None, fused: bool | None = None, engine: str | None = None) -> list[TrialResult]:
     """Train `configs` together (they must be fusable, see fused.group_key) or one alone.
 
     `fused`: None trains K > 1 trials with the FusedEngine and one trial with the
     SingleEngine; True uses the FusedEngine even for one trial (the benchmark's K = 1).
+    `engine`: which fused engine, "wide" (wide.WideEngine) or "vmap" (fused.FusedEngine);
+    None: wide where the model widens, vmap otherwise (fused.engine_for).
 
     Every trial's outcome is returned, failures included: an exception inside training
     (out of memory, say) marks the trials failed with the reason and does not propagate.
@@ -352,13 +354,12 @@ def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike 
     started = [False] * k_trials
     try:
         if k_trials == 1 and not fused:
-            engine: Any = SingleEngine(configs, device, data.info)
+            trainer: Any = SingleEngine(configs, device, data.info)
         else:
-            from cnnbench.fused import FusedEngine, check_fusable
+            from cnnbench.fused import fused_engine  # fused imports this module
 
-            check_fusable(configs)
-            engine = FusedEngine(configs, device, data.info)
-        _fit(engine, configs, data, recorders, ckpt_dirs, results, started, evaluate_test, progress)
+            trainer = fused_engine(configs, device, data.info, engine)
+        _fit(trainer, configs, data, recorders, ckpt_dirs, results, started, evaluate_test, progress)
     except KeyboardInterrupt:
         _end(results, recorders, started, INTERRUPTED, "interrupted (Ctrl-C)", wall0)
         raise

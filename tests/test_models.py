@@ -14,6 +14,7 @@ EXPECTED_PARAMS = {
     "alexnet_tv": 57_044_810,  # torchvision's 61,100,840 less 990 classes of FC8
     "inception": 97_298,  # 260 + 19,104 + 44,020 + 19,824 + 14,090
     "resnet": 41_514,  # 416 + 4,640 + 12,832 + 18,496 + 5,130
+    "resnet_bn": 41_658,  # resnet less 144 conv biases, plus 288 batch-norm weights and shifts
     "resnet18": 11_181_642,
     "googlenet": 5_610_154,
     "vgg16": 134_301_514,

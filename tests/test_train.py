@@ -51,21 +51,23 @@ def test_same_config_and_seed_give_the_same_numbers(data_root):
     assert a.curve != c.curve
 
 
+@pytest.mark.parametrize("engine", ["vmap", "wide"])
 @pytest.mark.parametrize("variant", [
     dict(),  # document 003's settings
     dict(lr=0.005, momentum=0.5, weight_decay=5e-4),
     dict(seed=1),  # its own init and data order: the fused batch becomes (K, B, ...)
     dict(optimizer="adam", lr=0.001),
 ])
-def test_fused_trial_follows_the_same_loss_curve_as_alone(data_root, variant):
-    """fp32: a trial trained in a fused group of 3 matches itself trained alone within
-    1e-4 relative over the first 200 steps (same seed, same data order)."""
+def test_fused_trial_follows_the_same_loss_curve_as_alone(data_root, variant, engine):
+    """fp32: a trial trained in a fused group of 3 (either fused engine) matches itself
+    trained alone within 1e-4 relative over the first 200 steps (same seed, same data order)."""
     settings = dict(train_subset=200 * 64, test_subset=500, epochs=1, log_every=1)
     target = quick(**settings, **variant)
     others = [target.replace(lr=target.lr * 2), target.replace(lr=target.lr / 2, seed=target.seed + 1)]
     alone, fused = Points(), Points()
     train_group([target], data_root=data_root, recorders=[alone])
-    results = train_group([target, *others], data_root=data_root, recorders=[fused, Points(), Points()])
+    results = train_group([target, *others], data_root=data_root, recorders=[fused, Points(), Points()],
+                          engine=engine)
     assert results[0].fused_with == 3
     a = [loss for _, loss in alone.loss]
     f = [loss for _, loss in fused.loss]

@@ -1,4 +1,5 @@
-"""Small pieces shared by the architectures: activations by name, flattened sizes."""
+"""Small pieces shared by the architectures: activations by name, flattened sizes, and
+channel concatenation as a module (so that wide.py can keep each trial's channels together)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,12 @@ def flat_size(features: nn.Module, in_channels: int, image_size: int) -> int:
     if out.shape[-1] < 1 or out.numel() == 0:
         raise ValueError(f"input {in_channels}x{image_size}x{image_size} is too small for this model")
     return out.numel()
+
+
+class Concat(nn.Module):
+    """`torch.cat(xs, dim=1)`: branches joined on channels (Inception). A module, not a call
+    in `forward`, so that the widening transform (wide.py) can replace it with one that
+    joins the branches of each trial separately."""
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(xs, dim=1)

@@ -9,11 +9,11 @@ As in the document, the branches have no activation inside them.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnbench.models import register_model
+from cnnbench.models._layers import Concat
 from cnnbench.models._layers import activation as make_activation
 from cnnbench.models._layers import flat_size
 
@@ -30,13 +30,14 @@ class InceptionBlock(nn.Module):
         self.branch3x3_2 = nn.Conv2d(16, 24, kernel_size=3, padding=1)
         self.branch3x3_3 = nn.Conv2d(24, 24, kernel_size=3, padding=1)
         self.branch_pool = nn.Conv2d(in_channels, 24, kernel_size=1)
+        self.concat = Concat()
 
     def forward(self, x: Tensor) -> Tensor:
         b1 = self.branch1x1(x)  # N x 16 x H x W
         b5 = self.branch5x5_2(self.branch5x5_1(x))  # N x 24 x H x W
         b3 = self.branch3x3_3(self.branch3x3_2(self.branch3x3_1(x)))  # N x 24 x H x W
         bp = self.branch_pool(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1))  # N x 24 x H x W
-        return torch.cat([b1, b5, b3, bp], dim=1)  # N x 88 x H x W
+        return self.concat([b1, b5, b3, bp])  # N x 88 x H x W
 
 
 class InceptionNet(nn.Module):
