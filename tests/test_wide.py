@@ -7,7 +7,7 @@ import torch
 
 from cnnbench.fused import engine_for, fuse_groups, fusable
 from cnnbench.models import get_model, list_models
-from cnnbench.train import FINISHED, Recorder, load_checkpoint, train_group
+from cnnbench.train import FINISHED, Recorder, load_checkpoint, set_tf32, train_group
 from cnnbench.wide import widen, widen_reason
 
 from conftest import quick
@@ -35,11 +35,11 @@ class Losses(Recorder):
 
 @pytest.fixture
 def fp32():
-    """Plain fp32 matmuls on CUDA (no TF32), restored afterwards."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    """Plain fp32 matmuls and convolutions on CUDA (no TF32), as every trial starts
+    (train.configure_backends sets it from the trial's `tf32`, False by default)."""
+    set_tf32(False)
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    set_tf32(False)
 
 
 def test_the_registry_is_covered():
