@@ -24,11 +24,12 @@ import itertools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
 
-from cnnbench import sweep_storage
+from cnnbench import interrupt, sweep_storage
 from cnnbench.config import ConfigError, SearchDim, StudySpec, TrialConfig
 from cnnbench.train import Recorder, TrialResult, usable_cores
 
@@ -240,17 +241,15 @@ def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, worker_a
     from cnnbench.sweep_worker import open_sweep, work
 
     sweep = open_sweep(spec, **kwargs)
-    if workers > 1:
-        report = launch_workers(sweep, workers, worker_argv or [])
-    else:
-        try:
-            report = work(sweep)
-        except KeyboardInterrupt:
+    try:
+        report = launch_workers(sweep, workers, worker_argv or []) if workers > 1 else work(sweep)
+        if report.stopped:
+            return sweep, report, None
+        return sweep, report, finalize(sweep) if final else None
+    except KeyboardInterrupt:
+        with interrupt.shielded():
             _pause_parent(sweep)
-            raise
-    if report.stopped:
-        return sweep, report, None
-    return sweep, report, finalize(sweep) if final else None
+        raise
 
 
 def _pause_parent(sweep: Any) -> None:
@@ -259,7 +258,8 @@ def _pause_parent(sweep: Any) -> None:
 
     with contextlib.suppress(Exception):
         if not sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            sweep.tracker.end(sweep.parent, "KILLED")
+            if sweep.tracker.client.get_run(sweep.parent).info.status == "RUNNING":
+                sweep.tracker.end(sweep.parent, "KILLED")
 
 
 def launch_workers(sweep: Any, n: int, argv: list[str]) -> Any:
@@ -273,26 +273,32 @@ def launch_workers(sweep: Any, n: int, argv: list[str]) -> Any:
     # on the CPU the workers share the cores: N workers with every core each spend their
     # time waiting for each other's threads (measured: 6x slower for LeNet with 2 on 2)
     threads = str(max(1, usable_cores() // n))
-    procs = []
-    for i in range(n):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        else:
-            env.setdefault("OMP_NUM_THREADS", threads)
-        cmd = [sys.executable, "-m", "cnnbench", "sweep", *argv, "--storage", sweep.url, "--worker-label", f"w{i}",
-               "--no-final", "--set", "progress=false"]
-        procs.append(subprocess.Popen(cmd, env=env))
-    print(f"sweep {sweep.spec.name}: {n} workers started (pids {', '.join(str(p.pid) for p in procs)})"
-          + (f" on {gpus} GPU(s)" if gpus else ""), flush=True)
+    procs: list[subprocess.Popen] = []
     report = WorkerReport()
     try:
+        with interrupt.blocked():  # a Ctrl-C while they start is raised once all are started
+            for i in range(n):
+                env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+                else:
+                    env.setdefault("OMP_NUM_THREADS", threads)
+                cmd = [sys.executable, "-m", "cnnbench", "sweep", *argv, "--storage", sweep.url,
+                       "--worker-label", f"w{i}", "--no-final", "--set", "progress=false"]
+                procs.append(subprocess.Popen(cmd, env=env))
+        print(f"sweep {sweep.spec.name}: {n} workers started (pids {', '.join(str(p.pid) for p in procs)})"
+              + (f" on {gpus} GPU(s)" if gpus else ""), flush=True)
         codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:  # the terminal sent SIGINT to the workers too; let them fail cleanly
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=60)
-        _pause_parent(sweep)
+    except KeyboardInterrupt:
+        # Ctrl-C to this process alone: pass it on (a worker that has it already, from the
+        # terminal, holds the second one); each stops at its next safe point
+        with interrupt.shielded():
+            for p in procs:
+                if p.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.send_signal(signal.SIGINT)
+            for p in procs:
+                p.wait()
         raise
     bad = [c for c in codes if c != 0]
     if bad:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cnnbench import sweep_storage
+from cnnbench import interrupt, sweep_storage
 from cnnbench.config import ConfigError, StudySpec, TrialConfig
 from cnnbench.sweep import (ATTR, OBJECTIVES, TAG_OPTUNA_STUDY, TAG_PHASE, TAG_STATE, TAG_TRIAL, PruningRecorder,
                             _describe, check_spec, grid_points, make_pruner, make_sampler, objective_value,
@@ -73,10 +73,7 @@ def preflight(spec: StudySpec, *, url: str, uri: str, data_root: Any, out_dir: P
     resolve_device(base.device)
     load_arrays(base.dataset, data_dir(data_root))
     fileio.check_writable(out_dir)
-    # workers started together on a fresh tracking database race to create MLflow's
-    # tables; the loser's transaction fails with a duplicate, and a second look finds them
-    _again(lambda: check_reachable(uri), when=lambda err: any(
-        word in str(err) for word in ("already exists", "UniqueViolation", "IntegrityError")))
+    check_reachable(uri)  # workers started together on a fresh store: see stores.py
 
 
 def open_sweep(spec: StudySpec, *, storage: str | None = None, tracking: str | None = None,
@@ -99,11 +96,9 @@ def open_sweep(spec: StudySpec, *, storage: str | None = None, tracking: str | N
     s = spec.sweep
     assert s is not None
 
-    # workers started at the same moment on an empty database race to create its tables:
-    # the loser's transaction fails and a second attempt finds them
-    tracker = _again(lambda: Tracker(spec.name, uri))
+    tracker = Tracker(spec.name, uri)
     holder: dict[str, Sweep] = {}
-    store = _again(lambda: sweep_storage.open_storage(url, lambda study, trial: _lost(holder["sweep"], trial)))
+    store = sweep_storage.open_storage(url, lambda study, trial: _lost(holder["sweep"], trial))
     study = optuna.create_study(storage=store, study_name=spec.name, direction=s.direction,
                                 sampler=make_sampler(spec, sampler_seed), pruner=make_pruner(spec),
                                 load_if_exists=True)
@@ -122,19 +117,6 @@ def open_sweep(spec: StudySpec, *, storage: str | None = None, tracking: str | N
     # runs of this sweep whose process died here before Optuna knew their run id
     tracker.close_orphans("the process running it died", extra=f"tags.`mlflow.parentRunId` = '{sweep.parent}'")
     return sweep
-
-
-def _again(make: Any, attempts: int = 3, when: Any = lambda err: True) -> Any:
-    """`make()`, tried again after a short random pause when it fails (and `when(err)`)."""
-    import random
-
-    for attempt in range(attempts):
-        try:
-            return make()
-        except Exception as err:
-            if attempt == attempts - 1 or not when(err):
-                raise
-            time.sleep(1 + 2 * random.random())
 
 
 def _initialise(sweep: Sweep) -> str:
@@ -282,14 +264,22 @@ def work(sweep: Sweep) -> WorkerReport:
     report = WorkerReport()
     data_cache: dict[tuple, Any] = {}
     while True:
-        with sweep.lock():
-            trial, counts = _next_trial(sweep)
-        if trial is None:
-            if _finished(sweep, counts):
-                return report
-            time.sleep(POLL_S)  # the rest runs elsewhere: wait, in case a worker is lost
-            continue
-        state = _train(sweep, trial, data_cache)
+        trial = None
+        try:
+            with interrupt.shielded():  # a trial is taken whole (identity, heartbeat) or not at all
+                with sweep.lock():
+                    trial, counts = _next_trial(sweep)
+            if trial is None:
+                if _finished(sweep, counts):
+                    return report
+                time.sleep(POLL_S)  # the rest runs elsewhere: wait, in case a worker is lost
+                continue
+            state = _train(sweep, trial, data_cache)
+        except KeyboardInterrupt:  # Ctrl-C: fail the trial, queue it again, resume it next time
+            if trial is not None:
+                with interrupt.shielded():
+                    _interrupted(sweep, trial)
+            raise
         report.trained += 1
         report.states[state] = report.states.get(state, 0) + 1
         report.failed_in_a_row = report.failed_in_a_row + 1 if state == "FAIL" else 0
@@ -341,13 +331,7 @@ def _train(sweep: Sweep, trial: Any, data_cache: dict[tuple, Any]) -> str:
         with sweep_storage.Heartbeat(sweep.storage, trial._trial_id):
             result = run_trial(config, recorder=recorder, checkpoint_dir=ckpt, evaluate_test=False,
                                data=_data(sweep, config, data_cache))
-    except KeyboardInterrupt:  # Ctrl-C: fail it, queue it again, resume it next time
-        _tell(sweep, trial, inner, TrialState.FAIL, None, "interrupted (Ctrl-C)")
-        with sweep_storage._quiet():
-            import optuna
-
-            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(
-                sweep.study, sweep.storage.get_trial(trial._trial_id))
+    except KeyboardInterrupt:  # see work
         raise
     except BaseException as err:
         _tell(sweep, trial, inner, TrialState.FAIL, None, f"{type(err).__name__}: {err}")
@@ -365,13 +349,38 @@ def _train(sweep: Sweep, trial: Any, data_cache: dict[tuple, Any]) -> str:
     for key, v in {"status": result.status, "best_epoch": result.best(sweep.metric)[1] or 0,
                    "train_seconds": round(result.train_seconds, 3), "reason": result.reason[:500]}.items():
         trial.set_user_attr(key, v)
-    _tell(sweep, trial, inner, state, value if state == TrialState.COMPLETE else None, result.reason)
+    with interrupt.shielded():
+        _tell(sweep, trial, inner, state, value if state == TrialState.COMPLETE else None, result.reason)
     shutil.rmtree(ckpt, ignore_errors=True)  # MLflow holds the checkpoints; .cnnbench is for resuming
     label = "val acc" if s.objective == "val_acc" else "val loss"
     value_text = f"{label} {shown:.4g}" if math.isfinite(shown) else result.status
     print(f"[{sweep.worker}] trial {trial.number} {state.name.lower()}: {value_text} after "
           f"{len(result.history)} epoch(s), {time.perf_counter() - t0:.1f} s; {run_name(config, names)}", flush=True)
     return state.name
+
+
+def _interrupted(sweep: Sweep, trial: Any) -> None:
+    """Ctrl-C: a trial still running is failed and queued again (its checkpoints resume it);
+    its MLflow run, if it has one, is KILLED."""
+    import optuna
+    from optuna.trial import TrialState
+
+    frozen = sweep.storage.get_trial(trial._trial_id)
+    if frozen.state != TrialState.RUNNING:
+        return
+    trial.set_user_attr("reason", "interrupted (Ctrl-C)")
+    sweep.study.tell(trial, state=TrialState.FAIL)
+    run_id = frozen.user_attrs.get("mlflow_run_id")
+    if run_id:
+        client = sweep.tracker.client
+        with contextlib.suppress(Exception):
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, "cnnbench.status", INTERRUPTED)
+                client.set_terminated(run_id, status="KILLED")
+            client.set_tag(run_id, TAG_STATE, "FAIL")
+    with sweep_storage._quiet():
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(
+            sweep.study, sweep.storage.get_trial(trial._trial_id))
 
 
 def _tell(sweep: Sweep, trial: Any, recorder: Any, state: Any, value: float | None, reason: str) -> None:

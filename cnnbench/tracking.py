@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import mlflow
-from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE, MLFLOW_SOURCE_NAME
 
+from cnnbench import interrupt, stores
 from cnnbench.config import TrialConfig
 from cnnbench.errors import TrackingError  # noqa: F401  (re-exported here)
 from cnnbench.train import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, Recorder, TrialResult
@@ -78,7 +78,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"MLflow tracking URI {shown}: folder {folder} is missing or not writable")
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        client = stores.mlflow_client(uri)
+        stores.retry_busy(lambda: client.search_experiments(max_results=1))
     except Exception as err:
         secret = urllib.parse.urlsplit(uri).password
         detail = " ".join(str(err).split())[:200]
@@ -120,7 +121,7 @@ class Tracker:
 
     def __init__(self, experiment: str, uri: str | None = None) -> None:
         self.uri = tracking_uri(uri)
-        self.client = MlflowClient(self.uri)
+        self.client = stores.mlflow_client(self.uri)
         self.experiment_name = experiment
         self.experiment_id = self._experiment(experiment)
 
@@ -140,6 +141,11 @@ class Tracker:
 
     def start_parent(self, name: str, *, kind: str, tags: dict[str, str], params: dict[str, Any] | None = None,
                      note: str = "") -> str:
+        with interrupt.shielded():  # a Ctrl-C comes once the caller knows the run
+            return self._start_parent(name, kind=kind, tags=tags, params=params, note=note)
+
+    def _start_parent(self, name: str, *, kind: str, tags: dict[str, str], params: dict[str, Any] | None,
+                      note: str) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             TAG_STUDY: self.experiment_name, TAG_KIND: kind, MLFLOW_GIT_COMMIT: git_commit(),
             MLFLOW_SOURCE_NAME: "cnnbench", TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname(),

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import optuna
@@ -340,29 +339,6 @@ def test_workers_option_shares_one_study_on_sqlite(workdir):
     parents, search, final = by_kind(runs)
     assert len(parents) == 1 and len(search) == 4 and len(final) == 1
     assert {r.data.tags["mlflow.parentRunId"] for r in search + final} == {parents[0].info.run_id}
-
-
-@pytest.fixture
-def postgres():
-    """Two fresh databases on the PostgreSQL server that .ci/run starts: Optuna's, MLflow's."""
-    url = os.environ.get("CNNBENCH_TEST_POSTGRES")
-    if not url:
-        if os.environ.get("CNNBENCH_REQUIRE_POSTGRES"):
-            pytest.fail("CNNBENCH_REQUIRE_POSTGRES is set but CNNBENCH_TEST_POSTGRES is not (see .ci/postgres)")
-        pytest.skip("no PostgreSQL server: set CNNBENCH_TEST_POSTGRES (.ci/run does)")
-    import sqlalchemy
-
-    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
-    names = [f"cnnbench_{uuid.uuid4().hex[:10]}_{kind}" for kind in ("optuna", "mlflow")]
-    with admin.connect() as conn:
-        for name in names:
-            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    base = sqlalchemy.engine.make_url(url)
-    yield [base.set(database=name).render_as_string(hide_password=False) for name in names]
-    with admin.connect() as conn:
-        for name in names:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.mark.slow
