@@ -103,12 +103,17 @@ def shield_worker() -> None:
 @contextlib.contextmanager
 def blocked() -> Iterator[None]:
     """SIGINT blocked in this thread while child processes (which inherit the mask) and
-    helper threads are started; a Ctrl-C that came meanwhile is raised at the end."""
+    helper threads are started, and shielded (another thread of ours may still take the
+    signal); a Ctrl-C that came meanwhile is raised at the end."""
+    global _depth
     if not _main():
         yield
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    _depth += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending SIGINT runs the handler here
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending SIGINT is held here
+        _depth -= 1
+    _raise_pending()

@@ -238,7 +238,7 @@ def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, worker_a
     """Open (or join) the sweep, train trials here (or in `workers` processes), and
     finish it when this is the worker that ends it."""
     from cnnbench.sweep_final import finalize
-    from cnnbench.sweep_worker import open_sweep, work
+    from cnnbench.sweep_worker import open_sweep, pause_parent, work
 
     sweep = open_sweep(spec, **kwargs)
     try:
@@ -248,18 +248,8 @@ def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, worker_a
         return sweep, report, finalize(sweep) if final else None
     except KeyboardInterrupt:
         with interrupt.shielded():
-            _pause_parent(sweep)
+            pause_parent(sweep)
         raise
-
-
-def _pause_parent(sweep: Any) -> None:
-    """Ctrl-C: the parent run shows KILLED unless other workers go on with the sweep."""
-    from optuna.trial import TrialState
-
-    with contextlib.suppress(Exception):
-        if not sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if sweep.tracker.client.get_run(sweep.parent).info.status == "RUNNING":
-                sweep.tracker.end(sweep.parent, "KILLED")
 
 
 def launch_workers(sweep: Any, n: int, argv: list[str]) -> Any:

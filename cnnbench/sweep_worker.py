@@ -112,11 +112,32 @@ def open_sweep(spec: StudySpec, *, storage: str | None = None, tracking: str | N
                   ckpt_root=root / "checkpoints" / spec.name, data_root=data_root, command=command,
                   worker=worker or sweep_storage.describe(sweep_storage.identity()), grid_size=grid)
     holder["sweep"] = sweep
-    with sweep.lock():
-        sweep.parent = _initialise(sweep)
-    # runs of this sweep whose process died here before Optuna knew their run id
-    tracker.close_orphans("the process running it died", extra=f"tags.`mlflow.parentRunId` = '{sweep.parent}'")
+    try:
+        with interrupt.shielded():  # the parent run is created and recorded, or not created
+            with sweep.lock():
+                sweep.parent = _initialise(sweep)
+        # runs of this sweep whose process died here before Optuna knew their run id
+        tracker.close_orphans("the process running it died", extra=f"tags.`mlflow.parentRunId` = '{sweep.parent}'")
+        # parent runs of a start that died before the study recorded them (the sweep's own
+        # parent stays RUNNING while the sweep goes on, whoever created it)
+        tracker.close_orphans("a start of the sweep that died before it was recorded",
+                              extra="tags.`cnnbench.kind` = 'sweep'", keep=(sweep.parent,))
+    except KeyboardInterrupt:
+        if sweep.parent:
+            with interrupt.shielded():
+                pause_parent(sweep)
+        raise
     return sweep
+
+
+def pause_parent(sweep: Sweep) -> None:
+    """Ctrl-C: the parent run shows KILLED unless other workers go on with the sweep."""
+    from optuna.trial import TrialState
+
+    with contextlib.suppress(Exception):
+        if not sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if sweep.tracker.client.get_run(sweep.parent).info.status == "RUNNING":
+                sweep.tracker.end(sweep.parent, "KILLED")
 
 
 def _initialise(sweep: Sweep) -> str:
@@ -222,7 +243,10 @@ def recover(sweep: Sweep) -> None:
     with sweep_storage._quiet():
         optuna.storages.fail_stale_trials(sweep.study)  # other machines: by heartbeat
     for t in sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not sweep_storage.dead_here(t.user_attrs):  # this machine: the process is gone
+        # a trial is taken under this lock with its worker's identity: one without it was
+        # taken by a worker that died before it could say who it was
+        taken = "worker_pid" in t.user_attrs
+        if taken and not sweep_storage.dead_here(t.user_attrs):  # this machine: the process is gone
             continue
         try:
             changed = sweep.storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
@@ -230,7 +254,8 @@ def recover(sweep: Sweep) -> None:
             continue
         if changed:
             _lost(sweep, sweep.storage.get_trial(t._trial_id),
-                  f"its process {sweep_storage.describe(t.user_attrs)} is gone")
+                  f"its process {sweep_storage.describe(t.user_attrs)} is gone" if taken
+                  else "its worker died while taking it")
 
 
 def _next_trial(sweep: Sweep) -> tuple[Any | None, dict[str, int]]:

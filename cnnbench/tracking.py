@@ -192,13 +192,16 @@ class Tracker:
                     done[key] = run
         return done
 
-    def close_orphans(self, reason: str, *, extra: str = "") -> list[str]:
+    def close_orphans(self, reason: str, *, extra: str = "", keep: Iterable[str] = ()) -> list[str]:
         """Runs left RUNNING by a process that died (SIGKILL, power cut) become KILLED.
-        `extra` narrows the search (a sweep closes only its own parent's children)."""
+        `extra` narrows the search (a sweep closes only its own parent's children); the
+        runs in `keep` stay as they are."""
         closed = []
         query = "attributes.status = 'RUNNING'" + (f" and {extra}" if extra else "")
         for run in self.client.search_runs([self.experiment_id], query, max_results=1000):
             tags = run.data.tags
+            if run.info.run_id in set(keep):
+                continue
             # a run of another machine, or of a live process here, is not ours to close
             if tags.get(TAG_HOST) != socket.gethostname() or _alive(tags.get(TAG_PID)):
                 continue

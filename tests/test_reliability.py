@@ -150,7 +150,7 @@ def ctrl_c(proc: subprocess.Popen, how: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("how", sorted(CTRL_C))
 def test_ctrl_c_stops_cleanly_after_saving(workdir, how):
-    spec = write_spec(workdir, name="ctrlc")
+    spec = write_spec(workdir, name="ctrlc", subset=2000)  # six epochs: most of the study is left to stop
     proc = start(workdir, "study", str(spec), "--no-fuse", **CTRL_C[how])
     # the state waited for: a first epoch checkpoint (its trial is mid-way: 6 epochs)
     wait_for(lambda: checkpoints(workdir, "ctrlc") or proc.poll() is not None, timeout=600,
@@ -174,7 +174,7 @@ def test_ctrl_c_stops_cleanly_after_saving(workdir, how):
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["process", "group"])
 def test_ctrl_c_while_the_workers_start_stops_cleanly(workdir, how):
-    spec = write_spec(workdir, name="early")
+    spec = write_spec(workdir, name="early", epochs=2, subset=1000)
     proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2", **CTRL_C[how])
 
     def parent_created():  # the study lock is taken once the store exists; then the parent run
