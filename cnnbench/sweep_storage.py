@@ -24,7 +24,7 @@ import socket
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from cnnbench import fileio, stores
+from cnnbench import fileio, interrupt, stores
 from cnnbench.config import ConfigError
 
 HEARTBEAT_S = 10  # seconds between a running trial's heartbeats
@@ -149,7 +149,8 @@ class Heartbeat:
                 pass
 
     def __enter__(self) -> "Heartbeat":
-        self.storage.record_heartbeat(self.trial_id)
+        with interrupt.shielded():  # a Ctrl-C inside a database write would break the connection
+            self.storage.record_heartbeat(self.trial_id)
         self._thread.start()
         return self
 

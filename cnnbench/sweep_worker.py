@@ -362,6 +362,22 @@ def _train(sweep: Sweep, trial: Any, data_cache: dict[tuple, Any]) -> str:
         _tell(sweep, trial, inner, TrialState.FAIL, None, f"{type(err).__name__}: {err}")
         raise
 
+    with interrupt.shielded():  # the outcome is recorded whole (a Ctrl-C is raised after)
+        state, value, shown = _record(sweep, trial, inner, result)
+    shutil.rmtree(ckpt, ignore_errors=True)  # MLflow holds the checkpoints; .cnnbench is for resuming
+    label = "val acc" if s.objective == "val_acc" else "val loss"
+    value_text = f"{label} {shown:.4g}" if math.isfinite(shown) else result.status
+    print(f"[{sweep.worker}] trial {trial.number} {state.name.lower()}: {value_text} after "
+          f"{len(result.history)} epoch(s), {time.perf_counter() - t0:.1f} s; {run_name(config, names)}", flush=True)
+    return state.name
+
+
+def _record(sweep: Sweep, trial: Any, inner: Any, result: Any) -> tuple[Any, float, float]:
+    """Tell Optuna a trained trial's outcome and tag its MLflow run: (state, value, shown)."""
+    from optuna.trial import TrialState
+
+    s = sweep.spec.sweep
+    assert s is not None
     value = objective_value(result, s.objective)
     if result.status == PRUNED:
         state, shown = TrialState.PRUNED, value
@@ -374,14 +390,8 @@ def _train(sweep: Sweep, trial: Any, data_cache: dict[tuple, Any]) -> str:
     for key, v in {"status": result.status, "best_epoch": result.best(sweep.metric)[1] or 0,
                    "train_seconds": round(result.train_seconds, 3), "reason": result.reason[:500]}.items():
         trial.set_user_attr(key, v)
-    with interrupt.shielded():
-        _tell(sweep, trial, inner, state, value if state == TrialState.COMPLETE else None, result.reason)
-    shutil.rmtree(ckpt, ignore_errors=True)  # MLflow holds the checkpoints; .cnnbench is for resuming
-    label = "val acc" if s.objective == "val_acc" else "val loss"
-    value_text = f"{label} {shown:.4g}" if math.isfinite(shown) else result.status
-    print(f"[{sweep.worker}] trial {trial.number} {state.name.lower()}: {value_text} after "
-          f"{len(result.history)} epoch(s), {time.perf_counter() - t0:.1f} s; {run_name(config, names)}", flush=True)
-    return state.name
+    _tell(sweep, trial, inner, state, value if state == TrialState.COMPLETE else None, result.reason)
+    return state, value, shown
 
 
 def _interrupted(sweep: Sweep, trial: Any) -> None:

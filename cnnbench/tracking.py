@@ -292,6 +292,19 @@ class MlflowRecorder(Recorder):
     def finish(self, result: TrialResult) -> None:
         if self.run_id is None:
             return
+        status = MLFLOW_STATUS.get(result.status, "FAILED")
+        try:
+            self._finish(result)
+        except BaseException:
+            # the run is closed whatever happened; one whose record is incomplete (no
+            # result.json) is not a finished trial that a resumed study may skip
+            status = "KILLED" if status == "FINISHED" else status
+            raise
+        finally:
+            self.client.set_terminated(self.run_id, status=status)
+
+    def _finish(self, result: TrialResult) -> None:
+        assert self.run_id is not None
         self.flush()
         best, best_epoch = result.best("val/acc" if any("val/acc" in r for r in result.history) else "test/acc")
         summary = {"train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds,
@@ -307,10 +320,7 @@ class MlflowRecorder(Recorder):
         if result.status == DIVERGED:
             tags.append(RunTag("diverged", "true"))
         self.client.log_batch(self.run_id, metrics=metrics, tags=tags, synchronous=True)
-        try:
-            self._artifacts(result)
-        finally:
-            self.client.set_terminated(self.run_id, status=MLFLOW_STATUS.get(result.status, "FAILED"))
+        self._artifacts(result)
 
     def _artifacts(self, result: TrialResult) -> None:
         from cnnbench import report

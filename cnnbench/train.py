@@ -462,7 +462,9 @@ def _fit(engine, configs, data: DeviceData, recorders, ckpt_dirs, results, start
             if is_best:
                 r.best_epoch = epoch + 1
             _write_checkpoints(engine, k, configs[k], r, epoch + 1, schedules[k], ckpt_dirs[k], is_best)
-            if recorders[k].epoch(record) == "prune":
+            with interrupt.shielded():  # a Ctrl-C inside a database write would break the connection
+                verdict = recorders[k].epoch(record)
+            if verdict == "prune":
                 _stop(engine, k, active, results, PRUNED, f"pruned after epoch {epoch + 1}")
         if bar is not None:
             bar.set_postfix_str(_postfix(results, active))
