@@ -275,19 +275,22 @@ def _run_locked(spec: StudySpec, p: Plan, *, data_root, out_dir: Path, uri: str,
     skipped = len(p.runs) - len(pending)
     fuse, workers, threads = execution(p.runs[0].device, fuse, workers)
 
-    parent = tracker.start_parent(  # shielded: a Ctrl-C comes after the run exists, in the try below
-        f"{spec.name} ({len(p.trials)} trials)", kind="study",
-        tags={TAG_SCIENTIFIC: ",".join(spec.scientific), "cnnbench.nuisance": ",".join(spec.nuisance),
-              "cnnbench.spec": spec.path, "cnnbench.command": command[:500], "cnnbench.fuse": str(fuse),
-              "cnnbench.workers": str(workers), "cnnbench.threads": str(threads or "")},
-        params={**{f"fixed.{k}": v for k, v in spec.fixed.items()},
-                **{f"scientific.{k}": list(v) for k, v in spec.scientific.items()},
-                **{f"nuisance.{k}": list(v) for k, v in spec.nuisance.items()},
-                "seeds": list(spec.seeds), "trials": len(p.trials), "runs": len(p.runs)},
-        note=spec.description)
     ckpt_root = root / "checkpoints" / spec.name
     status = "KILLED"
+    parent = ""
     try:
+        # a Ctrl-C while the parent run is created is raised once `parent` holds it
+        with interrupt.shielded():
+            parent = tracker.start_parent(
+                f"{spec.name} ({len(p.trials)} trials)", kind="study",
+                tags={TAG_SCIENTIFIC: ",".join(spec.scientific), "cnnbench.nuisance": ",".join(spec.nuisance),
+                      "cnnbench.spec": spec.path, "cnnbench.command": command[:500], "cnnbench.fuse": str(fuse),
+                      "cnnbench.workers": str(workers), "cnnbench.threads": str(threads or "")},
+                params={**{f"fixed.{k}": v for k, v in spec.fixed.items()},
+                        **{f"scientific.{k}": list(v) for k, v in spec.scientific.items()},
+                        **{f"nuisance.{k}": list(v) for k, v in spec.nuisance.items()},
+                        "seeds": list(spec.seeds), "trials": len(p.trials), "runs": len(p.runs)},
+                note=spec.description)
         tracker.log_artifacts(parent, [Path(spec.path)], "spec")
         tasks = [GroupTask(configs=group, names=[run_name(c, spec.varied) for c in group],
                            tags=[{**_trial_tags(spec, c), "threads": str(threads or "")} for c in group],
@@ -320,8 +323,9 @@ def _run_locked(spec: StudySpec, p: Plan, *, data_root, out_dir: Path, uri: str,
             tracker.end(parent, status)
         return outcome
     except BaseException:
-        with interrupt.shielded():
-            tracker.end(parent, status)
+        if parent:
+            with interrupt.shielded():
+                tracker.end(parent, status)
         raise
 
 

@@ -141,7 +141,7 @@ class Tracker:
 
     def start_parent(self, name: str, *, kind: str, tags: dict[str, str], params: dict[str, Any] | None = None,
                      note: str = "") -> str:
-        with interrupt.shielded():  # a Ctrl-C comes once the caller knows the run
+        with interrupt.shielded():  # the caller holds a shield too, so that a Ctrl-C comes once it has the id
             return self._start_parent(name, kind=kind, tags=tags, params=params, note=note)
 
     def _start_parent(self, name: str, *, kind: str, tags: dict[str, str], params: dict[str, Any] | None,
