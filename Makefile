@@ -13,7 +13,7 @@ MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_TRACKING_URI
 
 .DEFAULT_GOAL := help
-.PHONY: help install test bench gpu-check study-lr study-batch study-activation study-epochs study-models study-alexnet study-resnet-bn \
+.PHONY: help install test chaos bench gpu-check study-lr study-batch study-activation study-epochs study-models study-alexnet study-resnet-bn \
         studies ui clean-state report ui-screenshot notebooks-clean
 
 help:  ## list the targets
@@ -29,8 +29,11 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed  ## create .venv and install cnnbench with its pinned stack
 
-test: $(BIN)/.installed  ## the test suite (what CI runs)
+test: $(BIN)/.installed  ## the test suite (what CI runs; the chaos test included)
 	$(BIN)/python -m pytest -q
+
+chaos: $(BIN)/.installed  ## the chaos test alone: random SIGKILLs, nothing lost; prints its seed (ARGS="--seed S" replays)
+	$(BIN)/python -m cnnbench.chaos $(ARGS)
 
 study-lr: $(BIN)/.installed  ## document 003: learning rate 0.001..0.1 (LeNet-5, 10 epochs)
 	$(BIN)/cnnbench study studies/lr.yaml $(ARGS)

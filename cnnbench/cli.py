@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -671,7 +672,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     bad_input = (ConfigError, DataError, DeviceError, TrackingError, PermissionError)
+    from cnnbench import interrupt
+
+    previous = None
     try:
+        previous = interrupt.install()  # Ctrl-C works even where the parent ignored SIGINT
         return args.func(args)
     except bad_input as err:
         print(f"cnnbench: error: {_one_line(err)}", file=sys.stderr)
@@ -682,6 +687,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ncnnbench: interrupted; finished trials are saved, run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _one_line(err: BaseException) -> str:

@@ -251,11 +251,23 @@ _Loader.add_implicit_resolver(
 
 
 def load_yaml(path: str | Path) -> Any:
+    """A YAML file's content. A file that cannot be read (a folder, no permission), is not
+    UTF-8 text or is empty is a ConfigError naming it, like malformed YAML."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a spec file")
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+        raise ConfigError(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at line {line}); "
+                          "save the spec as UTF-8") from None
+    if not text.strip():
+        raise ConfigError(f"{path}: empty file; a spec needs at least a scientific or a search block")
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from cnnbench import fileio
+from cnnbench import fileio, interrupt
 from cnnbench.config import ConfigError, StudySpec, TrialConfig
 from cnnbench.data import data_dir, load_arrays, train_size
 from cnnbench.errors import StudyBusy  # noqa: F401  (re-exported here)
@@ -196,15 +196,23 @@ def train_task(task: GroupTask) -> list[tuple[TrialResult, str]]:
 
 def _init_worker(threads: int | None) -> None:
     """In each worker process: die with the parent (so a killed study leaves no trainer
-    behind), quiet MLflow, and use the study's thread count."""
+    behind), Ctrl-C only while training a task (see interrupt.py), quiet MLflow, and use
+    the study's thread count."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    interrupt.shield_worker()
     quiet_mlflow()
     _init_threads(threads)
+
+
+def _pool_task(task: GroupTask) -> list[tuple[TrialResult, str]]:
+    """`train_task` in a worker: the one stretch of a worker that Ctrl-C cuts."""
+    with interrupt.unshielded():
+        return train_task(task)
 
 
 def _run_tasks(tasks: list[GroupTask], workers: int, threads: int | None, bar) -> list[tuple[TrialResult, str]]:
@@ -216,22 +224,39 @@ def _run_tasks(tasks: list[GroupTask], workers: int, threads: int | None, bar) -
             bar.update(len(task.configs))
         return out
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(threads,))
+    pool = None
     out = []
     try:
-        futures = {pool.submit(train_task, dataclasses.replace(
-            t, configs=[c.replace(progress=False) for c in t.configs])): t for t in tasks}
-        for future in as_completed(futures):
-            out.extend(future.result())
-            bar.update(len(futures[future].configs))
+        # the workers and the pool's threads start with SIGINT blocked: a Ctrl-C while they
+        # start is held until each worker can take it (and is raised here at the end)
+        with interrupt.blocked():
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)),
+                                       mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_init_worker, initargs=(threads,))
+            futures = {pool.submit(_pool_task, dataclasses.replace(
+                t, configs=[c.replace(progress=False) for c in t.configs])): t for t in tasks}
+        pending = set(futures)
+        while pending:
+            # a bounded wait: the main thread looks at its signals at least once a second
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            for future in done:
+                out.extend(future.result())
+                bar.update(len(futures[future].configs))
     except KeyboardInterrupt:
-        for proc in list(getattr(pool, "_processes", {}).values()):  # Ctrl-C reaches the workers too
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGINT)
-        pool.shutdown(wait=True, cancel_futures=True)
+        with interrupt.shielded():
+            if pool is not None:
+                # Ctrl-C to this process alone: pass it on (a worker that has it already, from
+                # the terminal, holds the second one while it records the interruption)
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGINT)
+                pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
     return out
@@ -265,20 +290,23 @@ def _run_locked(spec: StudySpec, p: Plan, *, data_root, out_dir: Path, uri: str,
     if wide_only:  # in one group per worker
         max_fuse = cpu_groups(len(pending), workers, max_fuse)
 
-    parent = tracker.start_parent(
-        f"{spec.name} ({len(p.trials)} trials)", kind="study",
-        tags={TAG_SCIENTIFIC: ",".join(spec.scientific), "cnnbench.nuisance": ",".join(spec.nuisance),
-              "cnnbench.spec": spec.path, "cnnbench.command": command[:500], "cnnbench.fuse": str(fuse),
-              "cnnbench.workers": str(workers), "cnnbench.threads": str(threads or "")},
-        params={**{f"fixed.{k}": v for k, v in spec.fixed.items()},
-                **{f"scientific.{k}": list(v) for k, v in spec.scientific.items()},
-                **{f"nuisance.{k}": list(v) for k, v in spec.nuisance.items()},
-                "seeds": list(spec.seeds), "trials": len(p.trials), "runs": len(p.runs)},
-        note=spec.description)
-    tracker.log_artifacts(parent, [Path(spec.path)], "spec")
     ckpt_root = root / "checkpoints" / spec.name
     status = "KILLED"
+    parent = ""
     try:
+        # a Ctrl-C while the parent run is created is raised once `parent` holds it
+        with interrupt.shielded():
+            parent = tracker.start_parent(
+                f"{spec.name} ({len(p.trials)} trials)", kind="study",
+                tags={TAG_SCIENTIFIC: ",".join(spec.scientific), "cnnbench.nuisance": ",".join(spec.nuisance),
+                      "cnnbench.spec": spec.path, "cnnbench.command": command[:500], "cnnbench.fuse": str(fuse),
+                      "cnnbench.workers": str(workers), "cnnbench.threads": str(threads or "")},
+                params={**{f"fixed.{k}": v for k, v in spec.fixed.items()},
+                        **{f"scientific.{k}": list(v) for k, v in spec.scientific.items()},
+                        **{f"nuisance.{k}": list(v) for k, v in spec.nuisance.items()},
+                        "seeds": list(spec.seeds), "trials": len(p.trials), "runs": len(p.runs)},
+                note=spec.description)
+        tracker.log_artifacts(parent, [Path(spec.path)], "spec")
         tasks = [GroupTask(configs=group, names=[run_name(c, spec.varied) for c in group],
                            tags=[{**_trial_tags(spec, c), "threads": str(threads or "")} for c in group],
                            checkpoint_dirs=[ckpt_root / c.key() for c in group], experiment=spec.name, uri=uri,
@@ -300,14 +328,21 @@ def _run_locked(spec: StudySpec, p: Plan, *, data_root, out_dir: Path, uri: str,
                 result = truncate(result, trial.epochs, n_train)
             rows.append(TrialRow(i, trial, result, run_id))
         device = sorted({r.result.device for r in rows if r.result.device})
-        files = write_results(spec, rows, out_dir, n_train=n_train, command=command, device=", ".join(device))
-        tracker.log_artifacts(parent, files, "results")
-        tracker.log_stats(parent, pd.read_csv(files[2]), list(spec.scientific) + list(spec.nuisance))
-        outcome = StudyOutcome(spec, rows, parent, files, trained=len(pending), skipped=skipped)
-        status = "FINISHED" if not outcome.failed else "FAILED"
+        # every trial is done: the results are written whole and the parent closed, and
+        # a Ctrl-C meanwhile is raised after that
+        with interrupt.shielded():
+            files = write_results(spec, rows, out_dir, n_train=n_train, command=command, device=", ".join(device))
+            tracker.log_artifacts(parent, files, "results")
+            tracker.log_stats(parent, pd.read_csv(files[2]), list(spec.scientific) + list(spec.nuisance))
+            outcome = StudyOutcome(spec, rows, parent, files, trained=len(pending), skipped=skipped)
+            status = "FINISHED" if not outcome.failed else "FAILED"
+            tracker.end(parent, status)
         return outcome
-    finally:
-        tracker.end(parent, status)
+    except BaseException:
+        if parent:
+            with interrupt.shielded():
+                tracker.end(parent, status)
+        raise
 
 
 def _trial_tags(spec: StudySpec, c: TrialConfig) -> dict[str, str]:

@@ -24,11 +24,12 @@ import itertools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
 
-from cnnbench import sweep_storage
+from cnnbench import interrupt, sweep_storage
 from cnnbench.config import ConfigError, SearchDim, StudySpec, TrialConfig
 from cnnbench.train import Recorder, TrialResult, usable_cores
 
@@ -238,29 +239,18 @@ def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, worker_a
     """Open (or join) the sweep, train trials here (or in `workers` processes), and
     finish it when this is the worker that ends it."""
     from cnnbench.sweep_final import finalize
-    from cnnbench.sweep_worker import open_sweep, work
+    from cnnbench.sweep_worker import open_sweep, pause_parent, work
 
     sweep = open_sweep(spec, **kwargs)
-    if workers > 1:
-        report = launch_workers(sweep, workers, worker_argv or [])
-    else:
-        try:
-            report = work(sweep)
-        except KeyboardInterrupt:
-            _pause_parent(sweep)
-            raise
-    if report.stopped:
-        return sweep, report, None
-    return sweep, report, finalize(sweep) if final else None
-
-
-def _pause_parent(sweep: Any) -> None:
-    """Ctrl-C: the parent run shows KILLED unless other workers go on with the sweep."""
-    from optuna.trial import TrialState
-
-    with contextlib.suppress(Exception):
-        if not sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            sweep.tracker.end(sweep.parent, "KILLED")
+    try:
+        report = launch_workers(sweep, workers, worker_argv or []) if workers > 1 else work(sweep)
+        if report.stopped:
+            return sweep, report, None
+        return sweep, report, finalize(sweep) if final else None
+    except KeyboardInterrupt:
+        with interrupt.shielded():
+            pause_parent(sweep)
+        raise
 
 
 def launch_workers(sweep: Any, n: int, argv: list[str]) -> Any:
@@ -274,26 +264,32 @@ def launch_workers(sweep: Any, n: int, argv: list[str]) -> Any:
     # on the CPU the workers share the cores: N workers with every core each spend their
     # time waiting for each other's threads (measured: 6x slower for LeNet with 2 on 2)
     threads = str(max(1, usable_cores() // n))
-    procs = []
-    for i in range(n):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        else:
-            env.setdefault("OMP_NUM_THREADS", threads)
-        cmd = [sys.executable, "-m", "cnnbench", "sweep", *argv, "--storage", sweep.url, "--worker-label", f"w{i}",
-               "--no-final", "--set", "progress=false"]
-        procs.append(subprocess.Popen(cmd, env=env))
-    print(f"sweep {sweep.spec.name}: {n} workers started (pids {', '.join(str(p.pid) for p in procs)})"
-          + (f" on {gpus} GPU(s)" if gpus else ""), flush=True)
+    procs: list[subprocess.Popen] = []
     report = WorkerReport()
     try:
+        with interrupt.blocked():  # a Ctrl-C while they start is raised once all are started
+            for i in range(n):
+                env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+                else:
+                    env.setdefault("OMP_NUM_THREADS", threads)
+                cmd = [sys.executable, "-m", "cnnbench", "sweep", *argv, "--storage", sweep.url,
+                       "--worker-label", f"w{i}", "--no-final", "--set", "progress=false"]
+                procs.append(subprocess.Popen(cmd, env=env))
+        print(f"sweep {sweep.spec.name}: {n} workers started (pids {', '.join(str(p.pid) for p in procs)})"
+              + (f" on {gpus} GPU(s)" if gpus else ""), flush=True)
         codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:  # the terminal sent SIGINT to the workers too; let them fail cleanly
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=60)
-        _pause_parent(sweep)
+    except KeyboardInterrupt:
+        # Ctrl-C to this process alone: pass it on (a worker that has it already, from the
+        # terminal, holds the second one); each stops at its next safe point
+        with interrupt.shielded():
+            for p in procs:
+                if p.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.send_signal(signal.SIGINT)
+            for p in procs:
+                p.wait()
         raise
     bad = [c for c in codes if c != 0]
     if bad:

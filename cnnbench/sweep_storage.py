@@ -19,14 +19,12 @@ many machines. Three things keep many workers honest:
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import os
 import socket
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from cnnbench import fileio
+from cnnbench import fileio, interrupt, stores
 from cnnbench.config import ConfigError
 
 HEARTBEAT_S = 10  # seconds between a running trial's heartbeats
@@ -98,17 +96,13 @@ def check(url: str) -> None:
 def open_storage(url: str, on_lost: Callable[[Any, Any], None]):
     """Optuna's RDB storage with the heartbeat on; `on_lost(study, frozen_trial)` is called
     for each trial failed because its worker stopped beating."""
-    import optuna
-
-    path = sqlite_path(url)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if sqlite_path(url) is not None:
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_S}}
     else:
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 30}}
     with _quiet():
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                                          grace_period=GRACE_S, heartbeat_stale_trial_callback=on_lost)
+        return stores.optuna_storage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                     grace_period=GRACE_S, heartbeat_stale_trial_callback=on_lost)
 
 
 @contextlib.contextmanager
@@ -125,42 +119,12 @@ def _quiet() -> Iterator[None]:
 # the claim lock
 
 
-class ClaimLock:
-    """Mutual exclusion of the workers of one sweep, on one machine or on many."""
+class ClaimLock(stores.StoreLock):
+    """Mutual exclusion of the workers of one sweep, on one machine or on many: a file
+    `<db>.<sweep>.lock` beside a SQLite file, an advisory lock on PostgreSQL."""
 
     def __init__(self, url: str, study_name: str) -> None:
-        self.url, self.name = url, study_name
-        self.path = sqlite_path(url)
-        self._engine = None
-        if self.path is None:
-            import sqlalchemy
-
-            self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
-                                                    connect_args={"connect_timeout": 30})
-        digest = hashlib.sha256(f"cnnbench-sweep:{study_name}".encode()).digest()
-        self._key = int.from_bytes(digest[:8], "big", signed=True)  # advisory locks take a bigint
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        if self.path is not None:
-            lock = self.path.with_name(self.path.name + f".{self.name}.lock")
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                os.close(fd)  # releases the lock
-            return
-        import sqlalchemy
-
-        assert self._engine is not None
-        with self._engine.connect() as conn:  # session-level lock: the server drops it if we die
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+        super().__init__(url, study_name, key=f"cnnbench-sweep:{study_name}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -185,7 +149,8 @@ class Heartbeat:
                 pass
 
     def __enter__(self) -> "Heartbeat":
-        self.storage.record_heartbeat(self.trial_id)
+        with interrupt.shielded():  # a Ctrl-C inside a database write would break the connection
+            self.storage.record_heartbeat(self.trial_id)
         self._thread.start()
         return self
 

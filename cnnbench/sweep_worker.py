@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cnnbench import sweep_storage
+from cnnbench import interrupt, sweep_storage
 from cnnbench.config import ConfigError, StudySpec, TrialConfig
 from cnnbench.sweep import (ATTR, OBJECTIVES, TAG_OPTUNA_STUDY, TAG_PHASE, TAG_STATE, TAG_TRIAL, PruningRecorder,
                             _describe, check_spec, grid_points, make_pruner, make_sampler, objective_value,
@@ -82,10 +82,7 @@ def preflight(spec: StudySpec, *, url: str, uri: str, data_root: Any, out_dir: P
     resolve_device(base.device)
     load_arrays(base.dataset, data_dir(data_root))
     fileio.check_writable(out_dir)
-    # workers started together on a fresh tracking database race to create MLflow's
-    # tables; the loser's transaction fails with a duplicate, and a second look finds them
-    _again(lambda: check_reachable(uri), when=lambda err: any(
-        word in str(err) for word in ("already exists", "UniqueViolation", "IntegrityError")))
+    check_reachable(uri)  # workers started together on a fresh store: see stores.py
 
 
 def open_sweep(spec: StudySpec, *, storage: str | None = None, tracking: str | None = None,
@@ -109,11 +106,9 @@ def open_sweep(spec: StudySpec, *, storage: str | None = None, tracking: str | N
     s = spec.sweep
     assert s is not None
 
-    # workers started at the same moment on an empty database race to create its tables:
-    # the loser's transaction fails and a second attempt finds them
-    tracker = _again(lambda: Tracker(spec.name, uri))
+    tracker = Tracker(spec.name, uri)
     holder: dict[str, Sweep] = {}
-    store = _again(lambda: sweep_storage.open_storage(url, lambda study, trial: _lost(holder["sweep"], trial)))
+    store = sweep_storage.open_storage(url, lambda study, trial: _lost(holder["sweep"], trial))
     study = optuna.create_study(storage=store, study_name=spec.name, direction=s.direction,
                                 sampler=make_sampler(spec, sampler_seed), pruner=make_pruner(spec),
                                 load_if_exists=True)
@@ -128,24 +123,32 @@ def open_sweep(spec: StudySpec, *, storage: str | None = None, tracking: str | N
                   worker=worker or sweep_storage.describe(sweep_storage.identity()), grid_size=grid,
                   fuse_k=fuse_k or default_fuse_k(spec.base_config().device))
     holder["sweep"] = sweep
-    with sweep.lock():
-        sweep.parent = _initialise(sweep)
-    # runs of this sweep whose process died here before Optuna knew their run id
-    tracker.close_orphans("the process running it died", extra=f"tags.`mlflow.parentRunId` = '{sweep.parent}'")
+    try:
+        with interrupt.shielded():  # the parent run is created and recorded, or not created
+            with sweep.lock():
+                sweep.parent = _initialise(sweep)
+        # runs of this sweep whose process died here before Optuna knew their run id
+        tracker.close_orphans("the process running it died", extra=f"tags.`mlflow.parentRunId` = '{sweep.parent}'")
+        # parent runs of a start that died before the study recorded them (the sweep's own
+        # parent stays RUNNING while the sweep goes on, whoever created it)
+        tracker.close_orphans("a start of the sweep that died before it was recorded",
+                              extra="tags.`cnnbench.kind` = 'sweep'", keep=(sweep.parent,))
+    except KeyboardInterrupt:
+        if sweep.parent:
+            with interrupt.shielded():
+                pause_parent(sweep)
+        raise
     return sweep
 
 
-def _again(make: Any, attempts: int = 3, when: Any = lambda err: True) -> Any:
-    """`make()`, tried again after a short random pause when it fails (and `when(err)`)."""
-    import random
+def pause_parent(sweep: Sweep) -> None:
+    """Ctrl-C: the parent run shows KILLED unless other workers go on with the sweep."""
+    from optuna.trial import TrialState
 
-    for attempt in range(attempts):
-        try:
-            return make()
-        except Exception as err:
-            if attempt == attempts - 1 or not when(err):
-                raise
-            time.sleep(1 + 2 * random.random())
+    with contextlib.suppress(Exception):
+        if not sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if sweep.tracker.client.get_run(sweep.parent).info.status == "RUNNING":
+                sweep.tracker.end(sweep.parent, "KILLED")
 
 
 def _initialise(sweep: Sweep) -> str:
@@ -251,7 +254,10 @@ def recover(sweep: Sweep) -> None:
     with sweep_storage._quiet():
         optuna.storages.fail_stale_trials(sweep.study)  # other machines: by heartbeat
     for t in sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not sweep_storage.dead_here(t.user_attrs):  # this machine: the process is gone
+        # a trial is taken under this lock with its worker's identity: one without it was
+        # taken by a worker that died before it could say who it was
+        taken = "worker_pid" in t.user_attrs
+        if taken and not sweep_storage.dead_here(t.user_attrs):  # this machine: the process is gone
             continue
         try:
             changed = sweep.storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
@@ -259,7 +265,8 @@ def recover(sweep: Sweep) -> None:
             continue
         if changed:
             _lost(sweep, sweep.storage.get_trial(t._trial_id),
-                  f"its process {sweep_storage.describe(t.user_attrs)} is gone")
+                  f"its process {sweep_storage.describe(t.user_attrs)} is gone" if taken
+                  else "its worker died while taking it")
 
 
 def _next_trial(sweep: Sweep) -> tuple[Any | None, dict[str, int]]:
@@ -293,18 +300,29 @@ def work(sweep: Sweep) -> WorkerReport:
     report = WorkerReport()
     data_cache: dict[tuple, Any] = {}
     while True:
-        with sweep.lock():
-            if sweep.fuse_k > 1:
-                batch, counts = next_batch(sweep, sweep.fuse_k)
+        batch: list[Any] = []
+        try:
+            with interrupt.shielded():  # trials are taken whole (identity, heartbeat) or not at all
+                with sweep.lock():
+                    if sweep.fuse_k > 1:
+                        batch, counts = next_batch(sweep, sweep.fuse_k)
+                    else:
+                        trial, counts = _next_trial(sweep)
+                        batch = [trial] if trial is not None else []
+            if not batch:
+                if _finished(sweep, counts):
+                    return report
+                time.sleep(POLL_S)  # the rest runs elsewhere: wait, in case a worker is lost
+                continue
+            if sweep.fuse_k > 1:  # train_batch fails and re-queues its own members on Ctrl-C
+                states = train_batch(sweep, batch, data_cache)
             else:
-                trial, counts = _next_trial(sweep)
-                batch = [trial] if trial is not None else []
-        if not batch:
-            if _finished(sweep, counts):
-                return report
-            time.sleep(POLL_S)  # the rest runs elsewhere: wait, in case a worker is lost
-            continue
-        states = train_batch(sweep, batch, data_cache) if sweep.fuse_k > 1 else [_train(sweep, batch[0], data_cache)]
+                states = [_train(sweep, batch[0], data_cache)]
+        except KeyboardInterrupt:  # Ctrl-C: fail the trial, queue it again, resume it next time
+            if len(batch) == 1 and sweep.fuse_k <= 1:
+                with interrupt.shielded():
+                    _interrupted(sweep, batch[0])
+            raise
         for state in states:
             report.trained += 1
             report.states[state] = report.states.get(state, 0) + 1
@@ -351,13 +369,7 @@ def _train(sweep: Sweep, trial: Any, data_cache: dict[tuple, Any]) -> str:
         with sweep_storage.Heartbeat(sweep.storage, trial._trial_id):
             result = run_trial(config, recorder=recorder, checkpoint_dir=ckpt, evaluate_test=False,
                                data=_data(sweep, config, data_cache))
-    except KeyboardInterrupt:  # Ctrl-C: fail it, queue it again, resume it next time
-        _tell(sweep, trial, inner, TrialState.FAIL, None, "interrupted (Ctrl-C)")
-        with sweep_storage._quiet():
-            import optuna
-
-            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(
-                sweep.study, sweep.storage.get_trial(trial._trial_id))
+    except KeyboardInterrupt:  # see work
         raise
     except BaseException as err:
         _tell(sweep, trial, inner, TrialState.FAIL, None, f"{type(err).__name__}: {err}")
@@ -383,6 +395,21 @@ def _checkpoints_and_run(sweep: Sweep, trial: Any, config: TrialConfig) -> tuple
 def _conclude(sweep: Sweep, trial: Any, inner: Any, result: Any, ckpt: Path, label: str, t0: float) -> str:
     """A trained trial's outcome to Optuna and MLflow; its resume checkpoints removed.
     Returns the state."""
+    with interrupt.shielded():  # the outcome is recorded whole (a Ctrl-C is raised after)
+        state, value, shown = _record(sweep, trial, inner, result)
+    s = sweep.spec.sweep
+    assert s is not None
+    shutil.rmtree(ckpt, ignore_errors=True)  # MLflow holds the checkpoints; .cnnbench is for resuming
+    name = "val acc" if s.objective == "val_acc" else "val loss"
+    value_text = f"{name} {shown:.4g}" if math.isfinite(shown) else result.status
+    fused = f" (fused with {result.fused_with - 1} other(s))" if result.fused_with > 1 else ""
+    print(f"[{sweep.worker}] trial {trial.number} {state.name.lower()}: {value_text} after "
+          f"{len(result.history)} epoch(s), {time.perf_counter() - t0:.1f} s{fused}; {label}", flush=True)
+    return state.name
+
+
+def _record(sweep: Sweep, trial: Any, inner: Any, result: Any) -> tuple[Any, float, float]:
+    """Tell Optuna a trained trial's outcome and tag its MLflow run: (state, value, shown)."""
     from optuna.trial import TrialState
 
     s = sweep.spec.sweep
@@ -401,13 +428,31 @@ def _conclude(sweep: Sweep, trial: Any, inner: Any, result: Any, ckpt: Path, lab
                    "fused_with": result.fused_with}.items():
         trial.set_user_attr(key, v)
     _tell(sweep, trial, inner, state, value if state == TrialState.COMPLETE else None, result.reason)
-    shutil.rmtree(ckpt, ignore_errors=True)  # MLflow holds the checkpoints; .cnnbench is for resuming
-    name = "val acc" if s.objective == "val_acc" else "val loss"
-    value_text = f"{name} {shown:.4g}" if math.isfinite(shown) else result.status
-    fused = f" (fused with {result.fused_with - 1} other(s))" if result.fused_with > 1 else ""
-    print(f"[{sweep.worker}] trial {trial.number} {state.name.lower()}: {value_text} after "
-          f"{len(result.history)} epoch(s), {time.perf_counter() - t0:.1f} s{fused}; {label}", flush=True)
-    return state.name
+    return state, value, shown
+
+
+def _interrupted(sweep: Sweep, trial: Any) -> None:
+    """Ctrl-C: a trial still running is failed and queued again (its checkpoints resume it);
+    its MLflow run, if it has one, is KILLED."""
+    import optuna
+    from optuna.trial import TrialState
+
+    frozen = sweep.storage.get_trial(trial._trial_id)
+    if frozen.state != TrialState.RUNNING:
+        return
+    trial.set_user_attr("reason", "interrupted (Ctrl-C)")
+    sweep.study.tell(trial, state=TrialState.FAIL)
+    run_id = frozen.user_attrs.get("mlflow_run_id")
+    if run_id:
+        client = sweep.tracker.client
+        with contextlib.suppress(Exception):
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, "cnnbench.status", INTERRUPTED)
+                client.set_terminated(run_id, status="KILLED")
+            client.set_tag(run_id, TAG_STATE, "FAIL")
+    with sweep_storage._quiet():
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(
+            sweep.study, sweep.storage.get_trial(trial._trial_id))
 
 
 def _tell(sweep: Sweep, trial: Any, recorder: Any, state: Any, value: float | None, reason: str) -> None:

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import mlflow
-from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE, MLFLOW_SOURCE_NAME
 
+from cnnbench import interrupt, stores
 from cnnbench.config import TrialConfig
 from cnnbench.errors import TrackingError  # noqa: F401  (re-exported here)
 from cnnbench.train import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, Recorder, TrialResult
@@ -79,7 +79,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"MLflow tracking URI {shown}: folder {folder} is missing or not writable")
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        client = stores.mlflow_client(uri)
+        stores.retry_busy(lambda: client.search_experiments(max_results=1))
     except Exception as err:
         secret = urllib.parse.urlsplit(uri).password
         detail = " ".join(str(err).split())[:200]
@@ -121,7 +122,7 @@ class Tracker:
 
     def __init__(self, experiment: str, uri: str | None = None) -> None:
         self.uri = tracking_uri(uri)
-        self.client = MlflowClient(self.uri)
+        self.client = stores.mlflow_client(self.uri)
         self.experiment_name = experiment
         self.experiment_id = self._experiment(experiment)
 
@@ -141,6 +142,11 @@ class Tracker:
 
     def start_parent(self, name: str, *, kind: str, tags: dict[str, str], params: dict[str, Any] | None = None,
                      note: str = "") -> str:
+        with interrupt.shielded():  # the caller holds a shield too, so that a Ctrl-C comes once it has the id
+            return self._start_parent(name, kind=kind, tags=tags, params=params, note=note)
+
+    def _start_parent(self, name: str, *, kind: str, tags: dict[str, str], params: dict[str, Any] | None,
+                      note: str) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             TAG_STUDY: self.experiment_name, TAG_KIND: kind, MLFLOW_GIT_COMMIT: git_commit(),
             MLFLOW_SOURCE_NAME: "cnnbench", TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname(),
@@ -207,13 +213,16 @@ class Tracker:
                     done[key] = run
         return done
 
-    def close_orphans(self, reason: str, *, extra: str = "") -> list[str]:
+    def close_orphans(self, reason: str, *, extra: str = "", keep: Iterable[str] = ()) -> list[str]:
         """Runs left RUNNING by a process that died (SIGKILL, power cut) become KILLED.
-        `extra` narrows the search (a sweep closes only its own parent's children)."""
+        `extra` narrows the search (a sweep closes only its own parent's children); the
+        runs in `keep` stay as they are."""
         closed = []
         query = "attributes.status = 'RUNNING'" + (f" and {extra}" if extra else "")
         for run in self.client.search_runs([self.experiment_id], query, max_results=1000):
             tags = run.data.tags
+            if run.info.run_id in set(keep):
+                continue
             # a run of another machine, or of a live process here, is not ours to close
             if tags.get(TAG_HOST) != socket.gethostname() or _alive(tags.get(TAG_PID)):
                 continue
@@ -304,6 +313,19 @@ class MlflowRecorder(Recorder):
     def finish(self, result: TrialResult) -> None:
         if self.run_id is None:
             return
+        status = MLFLOW_STATUS.get(result.status, "FAILED")
+        try:
+            self._finish(result)
+        except BaseException:
+            # the run is closed whatever happened; one whose record is incomplete (no
+            # result.json) is not a finished trial that a resumed study may skip
+            status = "KILLED" if status == "FINISHED" else status
+            raise
+        finally:
+            self.client.set_terminated(self.run_id, status=status)
+
+    def _finish(self, result: TrialResult) -> None:
+        assert self.run_id is not None
         self.flush()
         best, best_epoch = result.best("val/acc" if any("val/acc" in r for r in result.history) else "test/acc")
         summary = {"train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds,
@@ -319,10 +341,7 @@ class MlflowRecorder(Recorder):
         if result.status == DIVERGED:
             tags.append(RunTag("diverged", "true"))
         self.client.log_batch(self.run_id, metrics=metrics, tags=tags, synchronous=True)
-        try:
-            self._artifacts(result)
-        finally:
-            self.client.set_terminated(self.run_id, status=MLFLOW_STATUS.get(result.status, "FAILED"))
+        self._artifacts(result)
 
     def _artifacts(self, result: TrialResult) -> None:
         from cnnbench import report

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnbench import fileio
+from cnnbench import fileio, interrupt
 from cnnbench.config import TrialConfig
 from cnnbench.errors import DeviceError
 from cnnbench.data import DATASETS, DatasetInfo, DeviceData, _mix, data_dir
@@ -375,7 +375,13 @@ def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike 
 
 
 def _end(results, recorders, started, status, reason, wall0) -> None:
-    """Give every trial still running `status`, and tell each recorder once."""
+    """Give every trial still running `status`, and tell each recorder once (a Ctrl-C
+    meanwhile is held until every record is complete)."""
+    with interrupt.shielded():
+        _end_all(results, recorders, started, status, reason, wall0)
+
+
+def _end_all(results, recorders, started, status, reason, wall0) -> None:
     for i, r in enumerate(results):
         if r.status == "running":
             r.status = status
@@ -411,9 +417,10 @@ def _fit(engine, configs, data: DeviceData, recorders, ckpt_dirs, results, start
             r.best_checkpoint = d / "best.pt" if (d / "best.pt").exists() else None
             start_epoch = int(state["epoch"])
             resumed = r
-        recorders[k].start(c, {"device": str(data.device), "fused_with": k_trials,
-                               "steps_per_epoch": steps_per_epoch}, resumed)
-        started[k] = True
+        with interrupt.shielded():  # the run is created and known, or not created
+            recorders[k].start(c, {"device": str(data.device), "fused_with": k_trials,
+                                   "steps_per_epoch": steps_per_epoch}, resumed)
+            started[k] = True
 
     seeds = [c.seed for c in configs]
     streams = sorted(set(seeds))
@@ -522,7 +529,9 @@ def _fit(engine, configs, data: DeviceData, recorders, ckpt_dirs, results, start
             if is_best:
                 r.best_epoch = epoch + 1
             _write_checkpoints(engine, k, configs[k], r, epoch + 1, schedules[k], ckpt_dirs[k], is_best)
-            if recorders[k].epoch(record) == "prune":
+            with interrupt.shielded():  # a Ctrl-C inside a database write would break the connection
+                verdict = recorders[k].epoch(record)
+            if verdict == "prune":
                 _stop(engine, k, active, results, PRUNED, f"pruned after epoch {epoch + 1}")
         if bar is not None:
             bar.set_postfix_str(_postfix(results, active))

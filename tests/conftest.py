@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,26 @@ def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> s
 def tree(path: Path) -> set[str]:
     """Every file under `path` (relative), to check that nothing was written."""
     return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def postgres():
+    """Two fresh databases on the PostgreSQL server that .ci/run starts: Optuna's, MLflow's."""
+    url = os.environ.get("CNNBENCH_TEST_POSTGRES")
+    if not url:
+        if os.environ.get("CNNBENCH_REQUIRE_POSTGRES"):
+            pytest.fail("CNNBENCH_REQUIRE_POSTGRES is set but CNNBENCH_TEST_POSTGRES is not (see .ci/postgres)")
+        pytest.skip("no PostgreSQL server: set CNNBENCH_TEST_POSTGRES (.ci/run does)")
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
+    names = [f"cnnbench_{uuid.uuid4().hex[:10]}_{kind}" for kind in ("optuna", "mlflow")]
+    with admin.connect() as conn:
+        for name in names:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    base = sqlalchemy.engine.make_url(url)
+    yield [base.set(database=name).render_as_string(hide_password=False) for name in names]
+    with admin.connect() as conn:
+        for name in names:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

@@ -43,9 +43,9 @@ def write_spec(folder: Path, name: str = "rel", epochs: int = 6, subset: int = 5
     return path
 
 
-def start(folder: Path, *args: str) -> subprocess.Popen:
+def start(folder: Path, *args: str, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cnnbench", *args], cwd=folder, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen)
 
 
 def finish(proc: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -130,24 +130,65 @@ def test_sigkill_mid_trial_resumes_and_loses_nothing(workdir, reference, monkeyp
     assert set(summary["mlflow_run_id"]) == {r.info.run_id for r in finished}
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# how the Ctrl-C comes: to the main process alone; to the whole process group, as a
+# terminal sends it (the study's worker pool gets it too, and again from the study);
+# to a study started as a shell starts a background job, with SIGINT ignored
+CTRL_C = {"process": {}, "group": {"start_new_session": True}, "ignored-by-parent": {"preexec_fn": _ignore_sigint}}
+
+
+def ctrl_c(proc: subprocess.Popen, how: str) -> None:
+    if how == "group":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+
+
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_after_saving(workdir):
-    spec = write_spec(workdir, name="ctrlc")
-    proc = start(workdir, "study", str(spec), "--no-fuse")
-    wait_for(lambda: checkpoints(workdir, "ctrlc") or proc.poll() is not None, what="a first epoch checkpoint")
-    proc.send_signal(signal.SIGINT)
+@pytest.mark.parametrize("how", sorted(CTRL_C))
+def test_ctrl_c_stops_cleanly_after_saving(workdir, how):
+    spec = write_spec(workdir, name="ctrlc", subset=2000)  # six epochs: most of the study is left to stop
+    proc = start(workdir, "study", str(spec), "--no-fuse", **CTRL_C[how])
+    # the state waited for: a first epoch checkpoint (its trial is mid-way: 6 epochs)
+    wait_for(lambda: checkpoints(workdir, "ctrlc") or proc.poll() is not None, timeout=600,
+             what="a first epoch checkpoint")
+    assert proc.poll() is None, "the study ended before its first checkpoint was seen"
+    ctrl_c(proc, how)
     out = finish(proc)
     assert out.returncode == 130, out.stderr[-2000:]
     assert "run the same command to resume" in out.stderr
     _, every = runs(workdir, "ctrlc")
-    assert every and not [r for r in every if r.info.status == "RUNNING"]
-    assert {r.info.status for r in every} == {"KILLED"}
+    assert every and {r.info.status for r in every} == {"KILLED"}, out.stderr[-3000:]
     assert checkpoints(workdir, "ctrlc")
     assert not (workdir / "results" / "ctrlc").exists()  # no results for an unfinished study
     again = cli_run(workdir, "study", str(spec), "--no-fuse")
     assert again.returncode == 0, again.stderr[-2000:]
     _, trials = trial_runs(workdir, "ctrlc")
     assert len([r for r in trials if r.info.status == "FINISHED"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["process", "group"])
+def test_ctrl_c_while_the_workers_start_stops_cleanly(workdir, how):
+    spec = write_spec(workdir, name="early", epochs=2, subset=1000)
+    proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2", **CTRL_C[how])
+
+    def parent_created():  # the study lock is taken once the store exists; then the parent run
+        lock = workdir / ".cnnbench" / "locks" / "early.lock"
+        return lock.exists() and lock.read_text() and [r for r in runs(workdir, "early")[1]
+                                                         if r.data.tags.get("cnnbench.kind") == "study"]
+
+    wait_for(lambda: parent_created() or proc.poll() is not None, timeout=600, what="the study's parent run")
+    assert proc.poll() is None
+    ctrl_c(proc, how)
+    out = finish(proc)
+    assert out.returncode == 130, out.stderr[-2000:]
+    _, every = runs(workdir, "early")
+    assert every and {r.info.status for r in every} == {"KILLED"}, out.stderr[-3000:]
+    assert not (workdir / "results" / "early").exists()
 
 
 def test_a_diverging_trial_is_recorded_and_the_study_goes_on(workdir):
@@ -257,6 +298,32 @@ def test_bad_specs_exit_2_and_write_nothing(workdir, capsys, case):
     path.write_text(text)
     before = tree(workdir)
     assert main(["study", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and message in err[0], err
+    assert tree(workdir) == before
+
+
+# bytes that are not a spec: each a one-line error naming the file, exit 2, nothing written
+BAD_FILES = {
+    "not_utf8": (lambda p: p.write_bytes(GOOD.encode() + b"description: caf\xe9 cr\xe8me\n"), "not UTF-8 text"),
+    "utf16": (lambda p: p.write_bytes(GOOD.encode("utf-16")), "not UTF-8 text"),
+    "empty": (lambda p: p.write_bytes(b""), "empty file"),
+    "blank": (lambda p: p.write_bytes(b"\n  \n"), "empty file"),
+    "folder": (lambda p: p.mkdir(), "is a folder"),
+    "unreadable": (lambda p: (p.write_text(GOOD), p.chmod(0)), "cannot read (Permission denied)"),
+}
+
+
+@pytest.mark.parametrize("command", ["study", "sweep"])
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_bytes_in_a_spec_exit_2_and_write_nothing(workdir, capsys, case, command):
+    if case == "unreadable" and os.geteuid() == 0:
+        pytest.skip("root reads a file whatever its permissions (the tests run as root here)")
+    make, message = BAD_FILES[case]
+    path = workdir / f"{case}.yaml"
+    make(path)
+    before = tree(workdir)
+    assert main([command, str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(path) in err[0] and message in err[0], err
     assert tree(workdir) == before

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import optuna
@@ -47,6 +46,14 @@ def write_spec(folder: Path, name: str, search: dict, sweep: dict, **fixed) -> P
 
 def storage_of(workdir: Path, name: str) -> str:
     return f"sqlite:///{(workdir / '.cnnbench' / 'optuna' / f'{name}.db').resolve()}"
+
+
+def load_running_study(url: str, name: str):
+    """The study a running sweep writes to, opened as cnnbench opens it (stores.py): a
+    test that opened a fresh file bare would race the sweep creating its tables."""
+    from cnnbench import stores
+
+    return optuna.load_study(study_name=name, storage=stores.optuna_storage(url))
 
 
 def mlflow_runs(uri: str, experiment: str) -> tuple[MlflowClient, list]:
@@ -235,7 +242,7 @@ def test_sweep_killed_mid_trial_resumes_with_exactly_the_requested_trials(workdi
         if not Path(url[len("sqlite:///"):]).exists():
             return None
         try:
-            trials = optuna.load_study(study_name="killed", storage=url).get_trials()
+            trials = load_running_study(url, "killed").get_trials()
         except Exception:  # the study is not created yet
             return None
         return next((t for t in trials if t.number == 1 and t.state == TrialState.RUNNING
@@ -280,6 +287,46 @@ def test_sweep_killed_mid_trial_resumes_with_exactly_the_requested_trials(workdi
     parents, search, final = by_kind(runs)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(search) == 4 and len(final) == 1
     assert (workdir / "results" / "killed" / "final.md").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["process", "group"])
+def test_ctrl_c_stops_a_sweep_mid_trial_and_queues_the_trial_again(workdir, how):
+    spec = write_spec(workdir, "ctrlc", {"lr": {"type": "float", "low": 0.01, "high": 0.05, "log": True}},
+                      {"sampler": "random", "pruner": "none", "n_trials": 3, "final_seeds": [0]},
+                      epochs=6, train_subset=1000)
+    url = storage_of(workdir, "ctrlc")
+    proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "sweep", str(spec)], cwd=workdir,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=how == "group")
+
+    def first_trial_mid_way():  # the state waited for: trial 0 has reported an epoch
+        if not Path(url[len("sqlite:///"):]).exists():
+            return None
+        try:
+            trials = load_running_study(url, "ctrlc").get_trials()
+        except Exception:  # the study is not created yet
+            return None
+        return next((t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values), None)
+
+    try:
+        _wait_for(first_trial_mid_way, 600, proc, "trial 0 had run an epoch")
+        if how == "group":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    trials = optuna.load_study(study_name="ctrlc", storage=url).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]  # failed, queued again
+    assert trials[1].params == trials[0].params and trials[1].system_attrs["failed_trial"] == 0
+    _, runs = mlflow_runs(os.environ["MLFLOW_TRACKING_URI"], "ctrlc")
+    assert runs and {r.info.status for r in runs} == {"KILLED"}  # the parent and trial 0's run
+    assert list((workdir / ".cnnbench" / "checkpoints" / "ctrlc").glob("trial-00000/last.pt"))
+    assert not (workdir / "results" / "ctrlc").exists()
 
 
 def test_a_trial_whose_worker_stops_beating_on_another_machine_is_queued_again(workdir, monkeypatch):
@@ -467,29 +514,6 @@ def test_workers_option_shares_one_study_on_sqlite(workdir):
     parents, search, final = by_kind(runs)
     assert len(parents) == 1 and len(search) == 4 and len(final) == 1
     assert {r.data.tags["mlflow.parentRunId"] for r in search + final} == {parents[0].info.run_id}
-
-
-@pytest.fixture
-def postgres():
-    """Two fresh databases on the PostgreSQL server that .ci/run starts: Optuna's, MLflow's."""
-    url = os.environ.get("CNNBENCH_TEST_POSTGRES")
-    if not url:
-        if os.environ.get("CNNBENCH_REQUIRE_POSTGRES"):
-            pytest.fail("CNNBENCH_REQUIRE_POSTGRES is set but CNNBENCH_TEST_POSTGRES is not (see .ci/postgres)")
-        pytest.skip("no PostgreSQL server: set CNNBENCH_TEST_POSTGRES (.ci/run does)")
-    import sqlalchemy
-
-    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
-    names = [f"cnnbench_{uuid.uuid4().hex[:10]}_{kind}" for kind in ("optuna", "mlflow")]
-    with admin.connect() as conn:
-        for name in names:
-            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    base = sqlalchemy.engine.make_url(url)
-    yield [base.set(database=name).render_as_string(hide_password=False) for name in names]
-    with admin.connect() as conn:
-        for name in names:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.mark.slow
