@@ -197,8 +197,7 @@ class FusedEngine:
 
     def state_tensors(self) -> list[Tensor]:
         """Every tensor a training step changes (weights, buffers, optimizer state)."""
-        opt = [*self.exp_avg, *self.exp_avg_sq] if self.adam else list(self.bufs)
-        return [*self.params, *self.buffers.values(), *opt]
+        return [*self.params, *self.buffers.values(), *self.opt.state_tensors()]
 
     # -- per-trial state, in SingleEngine's format ------------------------------------------
     def trial_state(self, k: int) -> dict[str, Any]:

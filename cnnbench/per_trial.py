@@ -47,6 +47,10 @@ class PerTrialOptimizer:
         t = torch.tensor(values, device=self.device, dtype=torch.float32)
         return [t.view(s) for s in self.shapes]
 
+    def state_tensors(self) -> list[Tensor]:
+        """The optimizer state a step changes (momentum buffers, or Adam's two moments)."""
+        return [*self.exp_avg, *self.exp_avg_sq] if self.adam else list(self.bufs)
+
     def begin_epoch(self, lrs: list[list[float]]) -> None:
         """`lrs[step][k]`: one row for the whole epoch, or one row per step."""
         self.lr_table = torch.tensor(lrs, device=self.device, dtype=torch.float32) * self.active

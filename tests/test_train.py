@@ -159,3 +159,34 @@ def test_augmentation_and_adam_train(data_root):
                   data_root=data_root)
     assert r.status == FINISHED and all(math.isfinite(h["test/loss"]) for h in r.history)
     assert r.history[-1]["test/acc"] > 40
+
+
+@pytest.mark.parametrize("k", [1, 3], ids=["single", "fused"])
+def test_an_engine_restored_from_its_state_tensors_trains_as_if_untouched(data_root, k):
+    """What a CUDA graph's warm-up relies on (graphs.StepGraph): every tensor a step
+    changes is in `state_tensors()`, so steps taken and undone leave no trace."""
+    from cnnbench.bench import make_engine
+    from cnnbench.train import load_data
+
+    base = quick(activation="relu", lr=0.05, momentum=0.9, weight_decay=1e-4)
+    configs = [base.replace(lr=0.05 / (1 + i)) for i in range(k)]
+    data = load_data(base, data_root, torch.device("cpu"))
+    order = data.epoch_order(0, 0)
+
+    def steps(engine, first, count):
+        engine.begin_epoch([[c.lr for c in configs]])
+        engine.train(True)
+        out = []
+        for s in range(first, first + count):
+            idx = order[s * 64:(s + 1) * 64]
+            out.append(engine.train_step(data.to_float(data.train.x[idx]), data.train.y[idx], 0).tolist())
+        return out
+
+    fresh = steps(make_engine(configs, data), 0, 5)
+    engine = make_engine(configs, data)
+    saved = [t.detach().clone() for t in engine.state_tensors()]
+    steps(engine, 10, 3)  # the warm-up, on other batches
+    with torch.no_grad():
+        for t, s in zip(engine.state_tensors(), saved):
+            t.copy_(s)
+    assert steps(engine, 0, 5) == fresh
