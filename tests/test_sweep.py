@@ -232,7 +232,10 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, w
 def test_sweep_killed_mid_trial_resumes_with_exactly_the_requested_trials(workdir):
     spec = write_spec(workdir, "killed", {"lr": {"type": "float", "low": 0.01, "high": 0.05, "log": True}},
                       {"sampler": "tpe", "pruner": "none", "n_trials": 3, "startup_trials": 2, "final_seeds": [0]},
-                      activation="relu", train_subset=1000)
+                      # trials of several seconds: the state waited for (trial 1 running, with an epoch
+                      # reported) lasts long enough to be seen by polling (at 1,000 images and 3 epochs
+                      # a trial took 0.8 s in CI, and the whole sweep ended between two looks)
+                      activation="relu", train_subset=4000, epochs=8)
     url = storage_of(workdir, "killed")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "sweep", str(spec)], cwd=workdir, env=env,
@@ -283,7 +286,7 @@ def test_sweep_killed_mid_trial_resumes_with_exactly_the_requested_trials(workdi
     assert dead.info.status == "KILLED" and dead.data.tags["optuna.state"] == "FAIL"
     redo = client.get_run(retry.user_attrs["mlflow_run_id"])
     assert redo.data.tags["optuna.retry_of"] == "1" and int(redo.data.tags["cnnbench.resumed_from_epoch"]) >= 1
-    assert [m.step for m in client.get_metric_history(redo.info.run_id, "val/acc")] == [1, 2, 3]  # the whole history
+    assert [m.step for m in client.get_metric_history(redo.info.run_id, "val/acc")] == list(range(1, 9))  # all of it
     parents, search, final = by_kind(runs)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(search) == 4 and len(final) == 1
     assert (workdir / "results" / "killed" / "final.md").exists()
@@ -294,7 +297,7 @@ def test_sweep_killed_mid_trial_resumes_with_exactly_the_requested_trials(workdi
 def test_ctrl_c_stops_a_sweep_mid_trial_and_queues_the_trial_again(workdir, how):
     spec = write_spec(workdir, "ctrlc", {"lr": {"type": "float", "low": 0.01, "high": 0.05, "log": True}},
                       {"sampler": "random", "pruner": "none", "n_trials": 3, "final_seeds": [0]},
-                      epochs=6, train_subset=1000)
+                      epochs=6, train_subset=4000)  # trial 0 lasts seconds: its window is seen
     url = storage_of(workdir, "ctrlc")
     proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "sweep", str(spec)], cwd=workdir,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
