@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -335,7 +335,8 @@ def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike 
     `fused`: None trains K > 1 trials with the FusedEngine and one trial with the
     SingleEngine; True uses the FusedEngine even for one trial (the benchmark's K = 1).
     `engine`: which fused engine, "wide" (wide.WideEngine) or "vmap" (fused.FusedEngine);
-    None: wide where the model widens, vmap otherwise (fused.engine_for).
+    None: fused.engine_for's choice (vmap on CUDA, as measured there; wide elsewhere where
+    the model widens).
 
     Every trial's outcome is returned, failures included: an exception inside training
     (out of memory, say) marks the trials failed with the reason and does not propagate.
@@ -454,7 +455,8 @@ def _fit(engine, configs, data: DeviceData, recorders, ckpt_dirs, results, start
             try:
                 step_graph.capture(order_rows[:, :batch])
             except Exception as err:  # the eager step computes the same: go on without graphs
-                warnings.warn(f"cuda_graphs: capture failed, training eagerly ({type(err).__name__}: {err})")
+                print(f"cnnbench: cuda_graphs: capture failed, training eagerly ({type(err).__name__}: "
+                      f"{' '.join(str(err).split())[:300]})", file=sys.stderr)
                 step_graph = None
         window = torch.zeros(k_trials, device=data.device)
         in_window, epoch_sum, epoch_steps = 0, [0.0] * k_trials, 0
