@@ -232,18 +232,25 @@ def _lost(sweep: Sweep, trial: Any, why: str = "") -> None:
     import optuna
 
     why = why or f"worker {sweep_storage.describe(trial.user_attrs)} stopped beating for {sweep_storage.GRACE_S} s"
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id:
-        client = sweep.tracker.client
-        with contextlib.suppress(Exception):
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_tag(run_id, "cnnbench.status", INTERRUPTED)
-                client.set_tag(run_id, "cnnbench.reason", why)
-                client.set_terminated(run_id, status="KILLED")
-            client.set_tag(run_id, TAG_STATE, "FAIL")
+    _kill_run(sweep, trial.user_attrs.get("mlflow_run_id"), why)
     with sweep_storage._quiet():
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(sweep.study, trial)
     print(f"[{sweep.worker}] trial {trial.number} lost ({why}); queued again", flush=True)
+
+
+def _kill_run(sweep: Sweep, run_id: str | None, why: str | None = None) -> None:
+    """A failed trial's MLflow run: KILLED if it was still RUNNING (with `why`), and
+    tagged FAIL. Best effort: the Optuna record is what counts."""
+    if not run_id:
+        return
+    client = sweep.tracker.client
+    with contextlib.suppress(Exception):
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "cnnbench.status", INTERRUPTED)
+            if why:
+                client.set_tag(run_id, "cnnbench.reason", why)
+            client.set_terminated(run_id, status="KILLED")
+        client.set_tag(run_id, TAG_STATE, "FAIL")
 
 
 def recover(sweep: Sweep) -> None:
@@ -442,14 +449,7 @@ def _interrupted(sweep: Sweep, trial: Any) -> None:
         return
     trial.set_user_attr("reason", "interrupted (Ctrl-C)")
     sweep.study.tell(trial, state=TrialState.FAIL)
-    run_id = frozen.user_attrs.get("mlflow_run_id")
-    if run_id:
-        client = sweep.tracker.client
-        with contextlib.suppress(Exception):
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_tag(run_id, "cnnbench.status", INTERRUPTED)
-                client.set_terminated(run_id, status="KILLED")
-            client.set_tag(run_id, TAG_STATE, "FAIL")
+    _kill_run(sweep, frozen.user_attrs.get("mlflow_run_id"))
     with sweep_storage._quiet():
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(
             sweep.study, sweep.storage.get_trial(trial._trial_id))
