@@ -33,7 +33,7 @@ test: $(BIN)/.installed  ## the test suite (what CI runs; the chaos test include
 	$(BIN)/python -m pytest -q
 
 chaos: $(BIN)/.installed  ## the chaos test alone: random SIGKILLs, nothing lost; prints its seed (ARGS="--seed S" replays)
-	$(BIN)/python -m cnnbench.chaos $(ARGS)
+	$(BIN)/python -m cnnbench.tools.chaos $(ARGS)
 
 study-lr: $(BIN)/.installed  ## document 003: learning rate 0.001..0.1 (LeNet-5, 10 epochs)
 	$(BIN)/cnnbench study studies/lr.yaml $(ARGS)

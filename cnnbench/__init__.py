@@ -1,8 +1,28 @@
 """cnnbench: controlled hyperparameter studies of convolutional networks.
 
-Specs in studies/*.yaml become trials (config.py), trained by one loop (train.py,
-fused.py) on device-resident data (data.py), recorded in MLflow (tracking.py), and
-written up beside the documents' numbers (report.py). See README.md.
+`import cnnbench` gives the Python API (`cnnbench.api`): load_spec, run_trial, run_study,
+run_sweep, evaluate, load_runs, statistics, summarize. They are imported on first use,
+so that `import cnnbench` (and the command's start) stays light. The package's layers
+are drawn in README.md, Layout.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.2.0"
+
+API = ("evaluate", "load_runs", "load_spec", "run_study", "run_sweep", "run_trial", "statistics", "summarize")
+__all__ = [*API, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in API:
+        from cnnbench import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'cnnbench' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *API])

@@ -1,7 +1,7 @@
 """The `cnnbench` command. It parses, calls, and turns bad input into one-line errors.
 
 Exit status: 0 success; 1 some trials failed (out of memory, say); 2 bad input (spec,
-setting, data, tracking URI, results folder); 3 the study is already running here;
+setting, data, tracking URI, results folder);
 130 interrupted by Ctrl-C.
 """
 
@@ -18,11 +18,11 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
-EXIT_FAILED, EXIT_INPUT, EXIT_BUSY, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def _settings_epilog() -> str:
-    from cnnbench.config import setting_docs
+    from cnnbench.config.spec import setting_docs
 
     lines = ["training settings (--set key=value; yaml-style values: 0.01, 64, true, null, relu):"]
     for name, default, doc in setting_docs():
@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="run a study spec (studies/*.yaml)", formatter_class=raw,
                        epilog=_settings_epilog(),
                        description="Run every trial of a study spec, skipping those already finished in the "
-                                   "tracking store, and write results/<study>/ (summary.csv, table.md, curves.png).")
+                                   "tracking store, and write results/<study>/ (summary.csv, table.md, curves.png). "
+                                   "The same command resumes an interrupted study; processes here (--workers) or on "
+                                   "other machines (the same --storage) share its trials, each trained once.")
     p.add_argument("spec", help="the study's YAML file, e.g. studies/lr.yaml")
     _common(p)
     p.add_argument("--seeds", metavar="S[,S...]", default=None, help="seeds to repeat over, replacing the spec's")
@@ -93,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="trials trained at once in N worker processes (default: one per core on the CPU, each "
                         "with one thread; 1 on CUDA/MPS)")
-    p.add_argument("--wait", action="store_true", help="if the study is already running here, wait for it")
+    p.add_argument("--storage", metavar="URL", default=None,
+                   help="Optuna storage that holds the study's trials: sqlite:///PATH, or "
+                        "postgresql://USER:PASSWORD@HOST:PORT/DB to share them with other machines "
+                        "(default: sqlite:///<state dir>/optuna/<study>.db)")
+    p.add_argument("--no-final", action="store_true",
+                   help="only train runs; leave writing the results to the process that ends the study")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("models", help="list the registered architectures",
@@ -177,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only train trials; leave the final re-run and the results to another worker")
     p.add_argument("--print-storage", action="store_true",
                    help="print the sweep's default storage URL and exit (make dashboard uses it)")
-    p.add_argument("--worker-label", default="", help=argparse.SUPPRESS)  # set by --workers for its children
     p.set_defaults(func=cmd_sweep)
 
     for register in _EXTRA_COMMANDS:
@@ -237,8 +243,8 @@ def _add_compare(sub: Any) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from cnnbench.compare import load_execution, write_compare
-    from cnnbench.config import ConfigError
+    from cnnbench.report.compare import load_execution, write_compare
+    from cnnbench.config.spec import ConfigError
 
     labels: list[str | None] = [None, None]
     if args.labels is not None:
@@ -258,10 +264,10 @@ _EXTRA_COMMANDS: list[Callable[[Any], None]] = [_add_report, _add_compare]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cnnbench.notebooks import build_reports
+    from cnnbench.tools.notebooks import build_reports
 
     if args.timeout < 1:
-        from cnnbench.config import ConfigError
+        from cnnbench.config.spec import ConfigError
 
         raise ConfigError(f"--timeout: must be >= 1, got {args.timeout}")
     outcome = build_reports(Path(args.results_dir), names=args.names or None, tracking_uri=args.tracking_uri,
@@ -277,9 +283,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ui_screenshot(args: argparse.Namespace) -> int:
-    from cnnbench.analysis import NoRuns
-    from cnnbench.tracking import check_reachable, quiet_mlflow, tracking_uri
-    from cnnbench.ui import UIError, screenshot
+    from cnnbench.report.analysis import NoRuns
+    from cnnbench.track.writer import check_reachable, quiet_mlflow, tracking_uri
+    from cnnbench.tools.ui import UIError, screenshot
 
     quiet_mlflow()
     uri = tracking_uri(args.tracking_uri)
@@ -296,23 +302,24 @@ def cmd_ui_screenshot(args: argparse.Namespace) -> int:
 
 
 def _overrides(sets: list[str]) -> dict[str, Any]:
-    from cnnbench.config import parse_overrides
+    from cnnbench.config.spec import parse_overrides
 
     return parse_overrides(sets)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cnnbench.config import TrialConfig
-    from cnnbench.data import data_dir, load_arrays
-    from cnnbench.study import state_dir
-    from cnnbench.train import FINISHED, Recorder, resolve_device, run_trial
+    from cnnbench.config.spec import TrialConfig
+    from cnnbench.data.tensors import data_dir, load_arrays
+    from cnnbench.util.paths import state_dir
+    from cnnbench.train.loop import FINISHED, Recorder, run_trial
+    from cnnbench.train.device import resolve_device
 
     config = TrialConfig.from_dict(_overrides(args.sets), where="--set")
     resolve_device(config.device)
     load_arrays(config.dataset, data_dir(args.data_dir))
     recorder: Recorder = Recorder()
     if not args.no_track:
-        from cnnbench.tracking import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
+        from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
 
         quiet_mlflow()
         uri = tracking_uri(args.tracking_uri)
@@ -340,8 +347,8 @@ def _print_history(result) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from cnnbench.config import ConfigError, load_spec
-    from cnnbench.study import run_study
+    from cnnbench.config.spec import ConfigError, load_spec
+    from cnnbench.run.study import run_study
 
     spec = load_spec(args.spec)
     if not spec.scientific:
@@ -361,9 +368,10 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
     command = _command(args)
     outcome = run_study(spec, data_root=args.data_dir, results_root=args.results_dir, tracking=args.tracking_uri,
-                        state=args.state_dir, fuse=args.fuse, workers=args.workers, max_fuse=args.max_fuse,
-                        wait=args.wait,
-                        command=command)
+                        state=args.state_dir, storage=args.storage, fuse=args.fuse, workers=args.workers,
+                        max_fuse=args.max_fuse, command=command, final=not args.no_final)
+    if outcome is None:  # another process writes the results
+        return 0
     print(Path(outcome.files[1]).read_text())
     print(f"{outcome.trained} run(s) trained, {outcome.skipped} already finished; results in "
           f"{Path(outcome.files[0]).parent}/, MLflow parent run {outcome.parent_run_id}")
@@ -375,16 +383,17 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from cnnbench.config import ConfigError, load_spec
+    from cnnbench.config.spec import ConfigError, load_spec
 
     spec = load_spec(args.spec)
     if args.print_storage:
-        from cnnbench.study import state_dir
-        from cnnbench.sweep_storage import default_url
+        from cnnbench.util.paths import state_dir
+        from cnnbench.track.stores import default_url
 
         print(args.storage or default_url(spec.name, state_dir(args.state_dir)))
         return 0
-    from cnnbench.sweep import run_sweep, with_overrides
+    from cnnbench.run.sweep import run_sweep
+    from cnnbench.config.space import with_overrides
 
     spec = with_overrides(spec, _overrides(args.sets))
     if args.n_trials is not None and args.n_trials < 1:
@@ -395,18 +404,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--fuse-k: must be >= 1, got {args.fuse_k}")
     # recorded in MLflow and results/: database passwords stay out
     command = _command(args)
-    # what a worker process started by --workers needs to join this sweep
-    worker_argv = [args.spec, *[f"--set={s}" for s in args.sets], "--results-dir", args.results_dir]
-    for flag, value in (("--data-dir", args.data_dir), ("--tracking-uri", args.tracking_uri),
-                        ("--state-dir", args.state_dir), ("--n-trials", args.n_trials),
-                        ("--sampler-seed", args.sampler_seed), ("--fuse-k", args.fuse_k)):
-        if value is not None:
-            worker_argv += [flag, str(value)]
     sweep, report, outcome = run_sweep(
-        spec, workers=args.workers, final=not args.no_final, worker_argv=worker_argv, storage=args.storage,
+        spec, workers=args.workers, final=not args.no_final, storage=args.storage,
         tracking=args.tracking_uri, state=args.state_dir, results_root=args.results_dir, n_trials=args.n_trials,
-        sampler_seed=args.sampler_seed, data_root=args.data_dir, command=command, worker=args.worker_label,
-        fuse_k=args.fuse_k)
+        sampler_seed=args.sampler_seed, data_root=args.data_dir, command=command, fuse_k=args.fuse_k)
     if outcome is not None:
         print(Path(outcome.files[2]).read_text())
         print(f"results in {sweep.out_dir}/, MLflow parent run {sweep.parent} in experiment {spec.name!r}, "
@@ -418,7 +419,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _masked(url: str) -> str:
-    from cnnbench.sweep_storage import masked
+    from cnnbench.util.text import masked
 
     return masked(url)
 
@@ -445,8 +446,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cnnbench.config import ConfigError, TrialConfig
-    from cnnbench.train import evaluate_checkpoint, load_checkpoint
+    from cnnbench.config.spec import ConfigError, TrialConfig
+    from cnnbench.train.loop import evaluate_checkpoint, load_checkpoint
 
     path = Path(args.checkpoint)
     if not path.is_file():
@@ -464,10 +465,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cnnbench.bench import run_bench, time_lr_study, time_sweep
-    from cnnbench.config import ConfigError
+    from cnnbench.tools.bench import run_bench, time_lr_study, time_sweep
+    from cnnbench.config.spec import ConfigError
     from cnnbench.models import list_models
-    from cnnbench.train import resolve_device
+    from cnnbench.train.device import resolve_device
 
     def given(value: int | None, default: int) -> int:  # 0 is given, and refused below
         return default if value is None else value
@@ -502,7 +503,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_engines(args: argparse.Namespace, out: Path) -> int:
     """`cnnbench bench --engines`: the wide engine against vmap (bench.wide_vs_vmap)."""
-    from cnnbench.bench import wide_vs_vmap, write_engine_rows
+    from cnnbench.tools.bench import wide_vs_vmap, write_engine_rows
 
     ks = tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k <= (args.max_k or 64))
     rows = wide_vs_vmap(args.device, ks, args.steps, args.repeats, model=args.model, batch_size=args.batch_size,
@@ -572,12 +573,12 @@ def _add_gpu_check(sub: Any) -> None:
 
 
 def cmd_gpu_check(args: argparse.Namespace) -> int:
-    from cnnbench.config import ConfigError
-    from cnnbench.gpu_check import run_gpu_check
+    from cnnbench.config.spec import ConfigError
+    from cnnbench.tools.gpu_check import run_gpu_check
 
     if args.budget <= 0:
         raise ConfigError(f"--budget: must be > 0, got {args.budget:g}")
-    from cnnbench.gpu_check import PARTS
+    from cnnbench.tools.gpu_check import PARTS
 
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     unknown = [p for p in parts if p not in PARTS]
@@ -598,7 +599,7 @@ _EXTRA_COMMANDS.append(_add_gpu_check)
 
 
 def _input_shape(text: str | None) -> tuple[int, int, int] | None:
-    from cnnbench.config import ConfigError
+    from cnnbench.config.spec import ConfigError
 
     if text is None:
         return None
@@ -609,7 +610,7 @@ def _input_shape(text: str | None) -> tuple[int, int, int] | None:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from cnnbench.config import ConfigError
+    from cnnbench.config.spec import ConfigError
     from cnnbench.models import list_models
 
     if args.model and args.all:
@@ -622,7 +623,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
         raise ConfigError(f"--classes: must be >= 1, got {args.classes}")
     shape = _input_shape(args.input)
 
-    from cnnbench import summary
+    from cnnbench.models import summary
 
     summaries = []
     for name in list_models() if args.all else [args.model] if args.model else []:
@@ -634,7 +635,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
             raise ConfigError(f"summary: {name} cannot take input {args.input}: {_one_line(err)}") from None
     counts = None
     if args.documents:
-        from cnnbench import summary_documents as sd
+        from cnnbench.tools import summary_documents as sd
 
         counts = sd.Counts()
         verdicts = sd.check(counts)
@@ -647,7 +648,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print("\n".join(parts), end="")
         return 0
 
-    from cnnbench import fileio
+    from cnnbench.util import fileio
 
     out = Path(args.results_dir) / "summary"
     fileio.check_writable(out)
@@ -666,13 +667,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cnnbench.errors import ConfigError, DataError, DeviceError, StudyBusy, TrackingError
+    from cnnbench.errors import ConfigError, DataError, DeviceError, TrackingError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     bad_input = (ConfigError, DataError, DeviceError, TrackingError, PermissionError)
-    from cnnbench import interrupt
+    from cnnbench.util import interrupt
 
     previous = None
     try:
@@ -681,9 +682,6 @@ def main(argv: list[str] | None = None) -> int:
     except bad_input as err:
         print(f"cnnbench: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_INPUT
-    except StudyBusy as err:
-        print(f"cnnbench: {err}", file=sys.stderr)
-        return EXIT_BUSY
     except KeyboardInterrupt:
         print("\ncnnbench: interrupted; finished trials are saved, run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -14,9 +14,5 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be reached or written. The message names the URI."""
 
 
-class StudyBusy(RuntimeError):
-    """Another process is running this study on this machine."""
-
-
 class DeviceError(RuntimeError):
     """The device asked for (CUDA, MPS) is not on this machine. The message names it."""

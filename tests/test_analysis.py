@@ -2,7 +2,7 @@
 
 One module-wide lab (a working folder with its own MLflow store) holds the lr study over
 two seeds, a batch-size study with the learning rate as nuisance, a models study and a
-three-trial `cnnbench sweep`; the tests read it back through `cnnbench.analysis` and compare with
+three-trial `cnnbench sweep`; the tests read it back through `cnnbench.report.analysis` and compare with
 what `cnnbench study` wrote to `results/`, then run every notebook headless.
 """
 
@@ -86,7 +86,7 @@ def test_stored_notebooks_have_no_outputs_and_take_parameters():
 
 @pytest.mark.slow
 def test_load_runs_is_one_row_per_trial_and_epoch_and_agrees_with_results(lab):
-    from cnnbench import analysis
+    from cnnbench.report import analysis
 
     frame = analysis.load_runs("lr")
     assert len(frame) == 5 * 2 * 2 and not frame.duplicated(["trial", "epoch"]).any()
@@ -122,7 +122,8 @@ def test_load_runs_is_one_row_per_trial_and_epoch_and_agrees_with_results(lab):
 
 @pytest.mark.slow
 def test_nuisance_is_optimised_away_and_lr_x_batch_size_has_a_heatmap(lab):
-    from cnnbench import analysis, figures
+    from cnnbench.report import analysis
+    from cnnbench.report import figures
 
     frame = analysis.load_runs("lrbatch")
     spec = analysis.study_spec(frame)
@@ -146,7 +147,7 @@ def test_nuisance_is_optimised_away_and_lr_x_batch_size_has_a_heatmap(lab):
 
 @pytest.mark.slow
 def test_epoch_reuse_gives_every_trial_its_epochs(workdir):
-    from cnnbench import analysis
+    from cnnbench.report import analysis
 
     (workdir / "epochs.yaml").write_text("name: epochs-tiny\nscientific:\n  epochs: [1, 2]\nfixed:\n  model: lenet\n"
                                          "  lr: 0.05\n" + TINY + "seeds: [0]\n")
@@ -161,7 +162,7 @@ def test_epoch_reuse_gives_every_trial_its_epochs(workdir):
 
 @pytest.mark.slow
 def test_the_loader_reads_the_study_as_last_executed(workdir):
-    from cnnbench import analysis
+    from cnnbench.report import analysis
 
     (workdir / "sel.yaml").write_text("name: sel\nscientific:\n  lr: [0.05, 0.1]\nfixed:\n  model: lenet\n"
                                       + TINY + "seeds: [0]\n")
@@ -221,7 +222,7 @@ def test_report_writes_html_for_every_study_and_sweep(lab):
 
 @pytest.mark.slow
 def test_notebooks_say_so_when_the_study_or_sweep_is_absent(workdir):
-    from cnnbench.notebooks import NOTEBOOK_DIR, execute, to_html
+    from cnnbench.tools.notebooks import NOTEBOOK_DIR, execute, to_html
 
     for book, name, message in (("analysis.ipynb", "study", "cnnbench study studies/absent.yaml"),
                                 ("sweep.ipynb", "sweep", "no Optuna storage for sweep 'absent'")):

@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from cnnbench import chaos
+from cnnbench.tools import chaos
 
 BUDGET_S = 270  # the whole run, kills and restarts included (under 5 minutes on 2 shared cores)
 
@@ -29,5 +29,5 @@ def test_random_kills_lose_nothing(tmp_path, data_root):
         print(line, flush=True)
 
     problems = chaos.run(seed, tmp_path / "chaos", budget=BUDGET_S, data_root=str(data_root), out=out)
-    assert not problems, (f"chaos seed {seed} (replay: CNNBENCH_CHAOS_SEED={seed}, or python -m cnnbench.chaos "
+    assert not problems, (f"chaos seed {seed} (replay: CNNBENCH_CHAOS_SEED={seed}, or python -m cnnbench.tools.chaos "
                           f"--seed {seed}):\n" + "\n".join(lines + problems))

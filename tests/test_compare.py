@@ -159,8 +159,8 @@ def test_compare_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
 
 def test_parent_run_stats_take_any_value_as_a_key(tmp_path):
     """Values with commas and spaces (augment `hflip,grayscale`) become valid MLflow keys."""
-    from cnnbench import stats
-    from cnnbench.tracking import Tracker
+    from cnnbench.report import stats
+    from cnnbench.track.writer import Tracker
 
     tracker = Tracker("keys", f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = tracker.start_parent("keys", kind="study", tags={})

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from cnnbench.config import ConfigError, TrialConfig, load_spec, parse_overrides, parse_value
+from cnnbench.config.spec import ConfigError, TrialConfig, load_spec, parse_overrides, parse_value
 
 from conftest import REPO
 

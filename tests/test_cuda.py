@@ -12,11 +12,11 @@ import math
 import pytest
 import torch
 
-from cnnbench.config import StudySpec
-from cnnbench.data import DeviceData
-from cnnbench.study import run_study
-from cnnbench.train import (FAILED, FINISHED, Recorder, evaluate_checkpoint, load_data, resolve_device, set_tf32,
-                            train_group)
+from cnnbench.config.spec import StudySpec
+from cnnbench.data.tensors import DeviceData
+from cnnbench.run.study import run_study
+from cnnbench.train.loop import FAILED, FINISHED, Recorder, evaluate_checkpoint, load_data, train_group
+from cnnbench.train.device import resolve_device, set_tf32
 
 from conftest import quick
 

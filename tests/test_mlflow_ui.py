@@ -21,7 +21,7 @@ IN_CI = os.environ.get("CNNBENCH_CI") == "1"  # set by .ci/run: there the browse
 def server(tmp_path_factory, data_root):
     """One server for the module, over a sqlite store with proxied artifacts; the lr study
     is run against it through MLFLOW_TRACKING_URI=http://127.0.0.1:<port>."""
-    from cnnbench.ui import mlflow_server
+    from cnnbench.tools.ui import mlflow_server
 
     from cnnbench.cli import main
 
@@ -62,7 +62,7 @@ def test_the_study_is_on_the_server_nested_with_histories_and_artifacts(server):
 
 
 def _need_chromium() -> None:
-    from cnnbench.ui import CHROMIUM
+    from cnnbench.tools.ui import CHROMIUM
 
     if not os.access(CHROMIUM, os.X_OK):
         if IN_CI:
@@ -72,7 +72,7 @@ def _need_chromium() -> None:
 
 def test_the_ui_lists_the_study_runs(server, tmp_path):
     _need_chromium()
-    from cnnbench.ui import find_runs
+    from cnnbench.tools.ui import find_runs
 
     url, _ = server
     found = find_runs(url, "lr", NAMES, screenshot=tmp_path / "runs.png")
@@ -90,9 +90,9 @@ def test_ui_screenshot_saves_the_comparison_view(server, tmp_path, capsys, monke
     """`cnnbench ui-screenshot` as `make ui-screenshot` runs it (a server of its own over
     the sqlite store), and the same view straight from the running server."""
     _need_chromium()
-    from cnnbench.analysis import NoRuns
+    from cnnbench.report.analysis import NoRuns
     from cnnbench.cli import main
-    from cnnbench.ui import screenshot
+    from cnnbench.tools.ui import screenshot
 
     url, root = server
     monkeypatch.chdir(tmp_path)  # the screenshot's own server keeps its artifacts here

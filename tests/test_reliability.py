@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient
 
-from cnnbench import fileio
+from cnnbench.util import fileio
 from cnnbench.cli import main
-from cnnbench.config import SPEC_KEYS
+from cnnbench.config.spec import SPEC_KEYS
 
 from conftest import tree
 
@@ -232,16 +232,26 @@ def test_an_out_of_memory_trial_is_recorded_failed_and_the_study_goes_on(workdir
 
 
 @pytest.mark.slow
-def test_a_second_process_does_not_train_the_same_study(workdir):
-    spec = write_spec(workdir, name="twice")
-    first = start(workdir, "study", str(spec))
-    wait_for(lambda: (workdir / ".cnnbench" / "locks" / "twice.lock").exists()
-             and (workdir / ".cnnbench" / "locks" / "twice.lock").read_text(), what="the study lock")
-    second = cli_run(workdir, "study", str(spec))
-    assert second.returncode == 3 and "already running here" in second.stderr
-    assert finish(first).returncode == 0
-    _, trials = trial_runs(workdir, "twice")
+def test_a_second_process_joins_the_study_and_no_run_is_trained_twice(workdir):
+    """The same command twice at once: they share the study's runs (one claims each), one
+    MLflow parent holds both, and the one that ends the study writes the results."""
+    spec = write_spec(workdir, name="twice", epochs=10, subset=10000)  # runs long enough for the second to join
+    first = start(workdir, "study", str(spec), "--no-fuse", "--workers", "1")
+    wait_for(lambda: any(r.info.status == "RUNNING" for r in trial_runs(workdir, "twice")[1]),
+             what="the first process's first run")
+    second = cli_run(workdir, "study", str(spec), "--no-fuse", "--workers", "1")
+    done = finish(first)
+    assert second.returncode == 0 and done.returncode == 0, second.stderr[-2000:] + done.stderr[-2000:]
+    client, all_runs = runs(workdir, "twice")
+    trials = [r for r in all_runs if r.data.tags.get("cnnbench.kind") == "trial"]
+    parents = [r for r in all_runs if r.data.tags.get("cnnbench.kind") == "study"]
     assert len(trials) == 2 and {r.info.status for r in trials} == {"FINISHED"}
+    assert len({r.data.tags["cnnbench.trial_key"] for r in trials}) == 2  # each run trained once
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
+    assert len({r.data.tags["cnnbench.pid"] for r in trials}) == 2  # one run in each process
+    summary = pd.read_csv(workdir / "results" / "twice" / "summary.csv")
+    assert set(summary["mlflow_run_id"]) == {r.info.run_id for r in trials}
 
 
 # -- bad input: exit 2, one line naming file and field, nothing written -----------------------
@@ -390,7 +400,7 @@ def invalid_specs(draw) -> dict:
     if kind == "top_key":
         spec[draw(junk_text.filter(lambda k: k not in SPEC_KEYS))] = draw(st.integers())
     elif kind == "setting":
-        from cnnbench.config import TrialConfig
+        from cnnbench.config.spec import TrialConfig
 
         known = set(TrialConfig.__dataclass_fields__)
         spec["fixed"][draw(junk_text.filter(lambda k: k not in known))] = 1

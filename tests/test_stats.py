@@ -1,4 +1,4 @@
-"""`cnnbench.stats` on fixed inputs: every figure against scipy.stats (or the textbook
+"""`cnnbench.report.stats` on fixed inputs: every figure against scipy.stats (or the textbook
 formula) computed here, and the verdict rules on constructed cases."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats as st
 
-from cnnbench import stats
+from cnnbench.report import stats
 
 A = [98.61, 98.37, 98.91, 98.55]  # accuracies (%), four seeds
 B = [98.52, 98.58, 98.49, 98.60]
@@ -238,9 +238,9 @@ def test_the_figures_draw_the_student_t_interval(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cnnbench.config import StudySpec
-    from cnnbench.figures import isolation
-    from cnnbench.report import draw_accuracy
+    from cnnbench.config.spec import StudySpec
+    from cnnbench.report.figures import isolation
+    from cnnbench.report.tables import draw_accuracy
 
     spec = StudySpec(name="t", path="t.yaml", title="t", source="", description="", scientific={"lr": (0.01, 0.1)},
                      nuisance={}, fixed={}, seeds=(0, 1, 2), reported=())

@@ -9,10 +9,10 @@ import pytest
 from mlflow import MlflowClient
 from scipy import stats as st
 
-from cnnbench.config import StudySpec, load_spec
-from cnnbench.report import table_markdown
-from cnnbench.study import plan
-from cnnbench.train import run_trial
+from cnnbench.config.spec import StudySpec, load_spec
+from cnnbench.report.tables import table_markdown
+from cnnbench.run.study import plan
+from cnnbench.train.loop import run_trial
 
 from conftest import REPO, cli, quick
 

@@ -107,7 +107,7 @@ def test_bad_input_exits_2_and_writes_nothing(workdir, args, message):
 
 def test_evaluate_retests_an_epoch_checkpoint(workdir, data_root):
     """Document 000's `python mnist.py --net model/net_008.pth`: re-test a saved epoch."""
-    from cnnbench.train import run_trial
+    from cnnbench.train.loop import run_trial
 
     from conftest import quick
 

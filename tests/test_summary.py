@@ -11,10 +11,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import cli
-from cnnbench import summary_documents as sd
+from cnnbench.tools import summary_documents as sd
 from cnnbench.cli import main
 from cnnbench.models import get_model, list_models
-from cnnbench.summary import model_cost, natural_input, render, summarize
+from cnnbench.models.summary import model_cost, natural_input, render, summarize
 
 
 # ---- the documents' figures ---------------------------------------------------------------

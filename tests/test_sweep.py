@@ -17,7 +17,7 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from cnnbench.config import ConfigError, load_spec
+from cnnbench.config.spec import ConfigError, load_spec
 from conftest import cli, tree
 
 TINY = {"train_subset": 2000, "val_size": 500, "test_subset": 500, "batch_size": 32, "epochs": 3,
@@ -51,7 +51,7 @@ def storage_of(workdir: Path, name: str) -> str:
 def load_running_study(url: str, name: str):
     """The study a running sweep writes to, opened as cnnbench opens it (stores.py): a
     test that opened a fresh file bare would race the sweep creating its tables."""
-    from cnnbench import stores
+    from cnnbench.track import stores
 
     return optuna.load_study(study_name=name, storage=stores.optuna_storage(url))
 
@@ -81,7 +81,7 @@ def test_suggest_turns_every_kind_of_dimension_into_optuna_distributions(tmp_pat
         "batch_size": {"type": "int", "low": 32, "high": 512, "log": True},
         "epochs": {"type": "int", "low": 2, "high": 6, "step": 2},
         "activation": ["sigmoid", "relu"]}, {"sampler": "random"}))
-    from cnnbench.sweep import suggest, trial_config
+    from cnnbench.config.space import suggest, trial_config
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
@@ -100,7 +100,7 @@ def test_suggest_turns_every_kind_of_dimension_into_optuna_distributions(tmp_pat
 
 
 def test_grid_points_enumerate_choices_and_stepped_ranges(tmp_path):
-    from cnnbench.sweep import grid_points
+    from cnnbench.config.space import grid_points
 
     spec = load_spec(write_spec(tmp_path, "g", {"lr": [0.1, 0.01], "momentum": {"type": "float", "low": 0.8,
                                                 "high": 0.9, "step": 0.05}, "epochs": {"type": "int", "low": 1, "high": 2}},
@@ -116,7 +116,7 @@ def test_grid_points_enumerate_choices_and_stepped_ranges(tmp_path):
 @pytest.mark.parametrize("sampler", ["tpe", "random", "qmc", "grid"])
 @pytest.mark.parametrize("pruner", ["none", "median", "successive_halving", "hyperband"])
 def test_every_sampler_and_pruner_of_the_spec_format_is_built(tmp_path, sampler, pruner):
-    from cnnbench.sweep import make_pruner, make_sampler
+    from cnnbench.run.search import make_pruner, make_sampler
 
     spec = load_spec(write_spec(tmp_path, "s", {"lr": [0.1, 0.01]}, {"sampler": sampler, "pruner": pruner}))
     kinds = {"tpe": "TPESampler", "random": "RandomSampler", "qmc": "QMCSampler", "grid": "RandomSampler"}
@@ -333,9 +333,9 @@ def test_ctrl_c_stops_a_sweep_mid_trial_and_queues_the_trial_again(workdir, how)
 
 
 def test_a_trial_whose_worker_stops_beating_on_another_machine_is_queued_again(workdir, monkeypatch):
-    from cnnbench import sweep_storage
-    from cnnbench.sweep import suggest
-    from cnnbench.sweep_worker import open_sweep, recover
+    from cnnbench.run import storage as sweep_storage
+    from cnnbench.config.space import suggest
+    from cnnbench.run.engine import open_sweep, recover
 
     monkeypatch.setattr(sweep_storage, "GRACE_S", 1)  # seconds without a heartbeat (60 in use)
     spec = load_spec(write_spec(workdir, "stale", {"lr": [0.1, 0.01]}, {"sampler": "random"}))
@@ -370,8 +370,8 @@ def _curve(client, run_id: str, key: str = "train/loss") -> list[tuple[int, floa
 
 @pytest.mark.slow
 def test_fused_sweep_prunes_one_member_while_the_others_finish(workdir):
-    from cnnbench.sweep_worker import open_sweep, work
-    from cnnbench.train import run_trial
+    from cnnbench.run.engine import open_sweep, work
+    from cnnbench.train.loop import run_trial
 
     # one fused group of three grid points; the threshold pruner must stop lr 0.0002 (near
     # chance after two epochs) and let the other two (well above 30 %) run all three epochs
@@ -418,7 +418,7 @@ def test_fused_sweep_prunes_one_member_while_the_others_finish(workdir):
 
 
 def trial_config_of(spec, params):
-    from cnnbench.sweep import trial_config
+    from cnnbench.config.space import trial_config
 
     return trial_config(spec, params)
 

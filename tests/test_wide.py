@@ -5,10 +5,11 @@ architecture, and keeps checkpoints in the single-trial format."""
 import pytest
 import torch
 
-from cnnbench.fused import engine_for, fuse_groups, fusable
+from cnnbench.train.fused import engine_for, fuse_groups, fusable
 from cnnbench.models import get_model, list_models
-from cnnbench.train import FINISHED, Recorder, load_checkpoint, set_tf32, train_group
-from cnnbench.wide import widen, widen_reason
+from cnnbench.train.loop import FINISHED, Recorder, load_checkpoint, train_group
+from cnnbench.train.device import set_tf32
+from cnnbench.train.wide import widen, widen_reason
 
 from conftest import quick
 
@@ -146,7 +147,7 @@ def test_engine_choice_and_fallbacks():
 
 
 def test_the_cpu_shares_a_study_out_over_its_workers_in_wide_groups():
-    from cnnbench.study import cpu_groups, execution
+    from cnnbench.run.study import cpu_groups, execution
 
     assert cpu_groups(5, 2, 16) == 3 and cpu_groups(15, 2, 16) == 8 and cpu_groups(1, 2, 16) == 1
     assert cpu_groups(40, 2, 16) == 16

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from cnnbench.models import register_model
+from cnnbench.models.registry import register_model
 
 
 class ResizeInput(nn.Module):

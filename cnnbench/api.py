@@ -1,0 +1,145 @@
+"""cnnbench from Python: what a notebook (and the `cnnbench` command) calls.
+
+    import cnnbench
+
+    spec = cnnbench.load_spec("studies/lr.yaml", overrides={"epochs": 2}, seeds=[0])
+    outcome = cnnbench.run_study(spec, data_root="../shared/data")
+    runs = cnnbench.load_runs("lr")                 # one row per trial x epoch, from MLflow
+    cnnbench.statistics(runs)                       # mean, std, interval and verdict per value
+    cnnbench.summarize("lenet5")                    # shapes, parameters, MACs per layer
+    result = cnnbench.run_trial(lr=0.05, epochs=1)  # one trial, tracked in MLflow
+    cnnbench.evaluate(result.final_checkpoint)      # re-test a checkpoint
+
+Every function takes the tracking store from `tracking` (else $MLFLOW_TRACKING_URI, else
+sqlite:///mlflow.db), data from `data_root` (else $CNNBENCH_DATA, else ./data) and run
+state from `state` (else $CNNBENCH_HOME, else ./.cnnbench). Bad input raises
+`cnnbench.errors.ConfigError` (or DataError, DeviceError, TrackingError) with a one-line
+message naming the file or field.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+from cnnbench.config.space import with_overrides as sweep_overrides
+from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig
+from cnnbench.config.spec import load_spec as read_spec
+from cnnbench.data.tensors import data_dir, load_arrays
+from cnnbench.models.summary import summarize as layer_summary
+from cnnbench.report import analysis
+from cnnbench.run.study import StudyOutcome
+from cnnbench.run.study import run_study as study_runner
+from cnnbench.run.sweep import run_sweep as sweep_runner
+from cnnbench.train.device import resolve_device
+from cnnbench.train.loop import Recorder, TrialResult, evaluate_checkpoint, load_checkpoint
+from cnnbench.train.loop import run_trial as train_one
+from cnnbench.util.paths import state_dir
+
+__all__ = ["evaluate", "load_runs", "load_spec", "run_study", "run_sweep", "run_trial", "statistics", "summarize"]
+
+
+def load_spec(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None,
+              seeds: Iterable[int] | None = None) -> StudySpec:
+    """A study or sweep spec (studies/*.yaml), validated, with fixed settings overridden
+    (`overrides`, as `--set`) and, for a study, its seeds replaced."""
+    spec = read_spec(path)
+    overrides = dict(overrides or {})
+    if spec.search and not spec.scientific:  # a sweep
+        if seeds is not None:
+            raise ConfigError(f"{path}: seeds: a sweep repeats its best trial over sweep.final_seeds")
+        return sweep_overrides(spec, overrides)
+    return spec.with_overrides(overrides, tuple(seeds) if seeds is not None else None)
+
+
+def run_trial(config: TrialConfig | None = None, *, data_root: str | os.PathLike | None = None,
+              tracking: str | None = None, experiment: str = "runs", track: bool = True,
+              state: str | os.PathLike | None = None, resume: bool = False, **settings: Any) -> TrialResult:
+    """Train one trial: `config`, or the default settings with `settings` over them
+    (`run_trial(lr=0.05, epochs=2)`). Tracked as an MLflow run in `experiment` unless
+    `track` is False; epoch checkpoints in the state folder (`resume` goes on from them)."""
+    base = config.to_dict() if config is not None else {}
+    config = TrialConfig.from_dict({**base, **settings}, where="run_trial")
+    resolve_device(config.device)
+    load_arrays(config.dataset, data_dir(data_root))
+    recorder: Recorder = Recorder()
+    if track:
+        from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
+
+        quiet_mlflow()
+        uri = tracking_uri(tracking)
+        check_reachable(uri)
+        recorder = Tracker(experiment, uri).recorder(config, parent="", tags={},
+                                                     name=run_name(config, ("model", "lr", "batch_size")))
+    ckpt = state_dir(state) / "checkpoints" / "run" / config.key()
+    if not resume:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    result = train_one(config, data_root=data_root, recorder=recorder, checkpoint_dir=ckpt)
+    result.run_id = getattr(recorder, "run_id", None) or ""  # type: ignore[attr-defined]
+    return result
+
+
+def run_study(spec: StudySpec | str | os.PathLike, **kwargs: Any) -> StudyOutcome | None:
+    """Run (or join, or resume) a grid study: `results/<study>/` and one MLflow parent run.
+    Keywords: data_root, results_root, tracking, state, storage (an Optuna storage URL
+    shared by several machines), fuse, workers, max_fuse, command, final. Returns the
+    outcome (rows, files, counts), or None when another process writes the results."""
+    spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
+    if not spec.scientific:
+        raise ConfigError(f"{spec.path}: no scientific block; a spec with only a search block is run by run_sweep")
+    if kwargs.get("workers") is not None and kwargs["workers"] < 1:
+        raise ConfigError(f"--workers: must be >= 1, got {kwargs['workers']}")
+    if kwargs.get("max_fuse", 16) < 1:
+        raise ConfigError(f"--max-fuse: must be >= 1, got {kwargs['max_fuse']}")
+    return study_runner(spec, **kwargs)
+
+
+def run_sweep(spec: StudySpec | str | os.PathLike, **kwargs: Any) -> tuple[Any, Any, Any]:
+    """Run (or join, or resume) an Optuna sweep over the spec's search block. Keywords:
+    workers, final, storage, tracking, state, results_root, n_trials, sampler_seed,
+    data_root, command, fuse_k. Returns (session, worker report, outcome or None)."""
+    spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
+    for name in ("n_trials", "fuse_k"):
+        if kwargs.get(name) is not None and kwargs[name] < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {kwargs[name]}")
+    if kwargs.get("workers", 1) < 1:
+        raise ConfigError(f"--workers: must be >= 1, got {kwargs['workers']}")
+    return sweep_runner(spec, **kwargs)
+
+
+def evaluate(checkpoint: str | os.PathLike, *, device: str = "auto", data_root: str | os.PathLike | None = None,
+             test_batch_size: int = 1024) -> dict[str, Any]:
+    """Re-test a saved checkpoint (an epoch's, the best or the last) on the test set:
+    {"epoch", "config", "test_loss", "test_acc", "images"}."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such checkpoint")
+    try:
+        payload = load_checkpoint(path)
+    except Exception as err:
+        raise ConfigError(f"{path}: cannot read checkpoint ({' '.join(str(err).split())[:200]})") from None
+    config = TrialConfig.from_dict(payload["config"], where=str(path))
+    loss, acc, n = evaluate_checkpoint(payload, device=device, data_root=data_root, test_batch_size=test_batch_size)
+    return {"epoch": payload["epoch"], "config": config, "test_loss": loss, "test_acc": acc, "images": n}
+
+
+def load_runs(study: str, tracking: str | None = None, *, run_ids: list[str] | None = None):
+    """A study's trials read back from MLflow: one row per trial x epoch (pandas), with
+    `frame.attrs` naming its scientific, nuisance and fixed hyperparameters."""
+    return analysis.load_runs(study, tracking, run_ids=run_ids)
+
+
+def statistics(runs, spec: StudySpec | None = None):
+    """Per scientific value and accuracy: n, mean, std, the 95% interval, the difference to
+    the best value and the verdict (`best`, `within noise of best`, `worse`), from
+    `load_runs`'s frame (the same as `results/<study>/stats.csv`)."""
+    return analysis.statistics(runs, spec)
+
+
+def summarize(model: str | Any, input_shape: Iterable[int] | None = None, *, num_classes: int = 10):
+    """A model's layers: output shape, parameters, multiply-accumulates and activation
+    memory per layer, for a registered name (`summarize("vgg16", (3, 224, 224),
+    num_classes=1000)`) or any nn.Module; `print(cnnbench.models.summary.render(s))`."""
+    return layer_summary(model, input_shape, num_classes=num_classes)

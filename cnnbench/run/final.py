@@ -1,0 +1,167 @@
+"""The end of a sweep: the best trial trained again over `sweep.final_seeds`, each run
+tested once with its best-validation checkpoint, the results written and the MLflow
+parent run closed. Exactly one worker does it (a claim in the study's user attributes,
+taken under the claim lock); runs that an interrupted ending finished are read back
+from MLflow, and an ending already done for the same trials is not done again.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cnnbench.config.spec import TrialConfig
+from cnnbench.track.schema import TAG_OPTUNA_STUDY, TAG_PHASE, TAG_TRIAL
+from cnnbench.run.search import objective_value
+from cnnbench.config.space import trial_config
+from cnnbench.run.engine import Sweep, claim_results, count_states, is_finished, results_written, trial_data
+from cnnbench.train.loop import FINISHED, TrialResult
+
+
+# ----------------------------------------------------------------------------------------
+# the end: the best trial over seeds, tested once, and the results
+
+
+@dataclass
+class FinalRun:
+    seed: int
+    run_id: str
+    status: str
+    best_val: float  # the objective's metric at the best-validation epoch
+    best_epoch: int
+    test_acc: float  # of the best-validation checkpoint, measured once
+    test_loss: float
+
+
+@dataclass
+class Outcome:
+    sweep: Sweep
+    best: Any  # optuna FrozenTrial
+    finals: list[FinalRun]
+    files: list[Path]
+
+
+def _fingerprint(sweep: Sweep) -> str:
+    """What the results depend on: the trials, the final seeds."""
+    assert sweep.spec.sweep is not None
+    return f"{len(sweep.study.get_trials(deepcopy=False))} trials, seeds {list(sweep.spec.sweep.final_seeds)}"
+
+
+def finalize(sweep: Sweep) -> Outcome | None:
+    """When every trial is done: re-run the best over the final seeds and write results.
+    Exactly one worker does it; the others return None."""
+    from optuna.trial import TrialState
+
+    with sweep.lock():
+        counts = count_states(sweep.study.get_trials(deepcopy=False))
+        if not is_finished(sweep, counts) or counts["RUNNING"]:
+            print(f"sweep {sweep.spec.name}: {counts['done']}/{sweep.target} trials done, {counts['RUNNING']} running "
+                  "elsewhere; the worker that ends the sweep writes the results", flush=True)
+            return None
+        why = claim_results(sweep, _fingerprint(sweep))
+    if why:
+        print(f"sweep {sweep.spec.name}: all trials done; {why}", flush=True)
+        return None
+    complete = sweep.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    best = sweep.study.best_trial if complete else None
+    finals = _final_runs(sweep, best) if best is not None else []
+    from cnnbench.report import sweep as sweep_report
+
+    files = sweep_report.write(sweep, best, finals)
+    sweep.tracker.log_artifacts(sweep.parent, files, "results")
+    _close_parent(sweep, best, finals, counts)
+    results_written(sweep, _fingerprint(sweep))
+    return Outcome(sweep, best, finals, files)
+
+
+def _close_parent(sweep: Sweep, best: Any, finals: list[FinalRun], counts: dict[str, int]) -> None:
+    import statistics
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    metrics = {"trials/complete": counts["COMPLETE"], "trials/pruned": counts["PRUNED"], "trials/failed": counts["FAIL"]}
+    if best is not None:
+        metrics["best/value"] = best.value
+        metrics["best/trial_number"] = best.number
+    accs = [f.test_acc for f in finals if math.isfinite(f.test_acc)]
+    if accs:
+        metrics["final/test_acc_mean"] = statistics.fmean(accs)
+        metrics["final/n"] = len(accs)
+        if len(accs) > 1:
+            metrics["final/test_acc_std"] = statistics.stdev(accs)
+    sweep.tracker.client.log_batch(sweep.parent, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
+                                   synchronous=True)
+    ok = best is not None and all(f.status == FINISHED for f in finals)
+    sweep.tracker.end(sweep.parent, "FINISHED" if ok else "FAILED")
+
+
+def _final_runs(sweep: Sweep, best: Any) -> list[FinalRun]:
+    """The best trial's config over the final seeds, trained with the same validation
+    split and tested once, with the best-validation checkpoint. Runs already finished
+    (an earlier, interrupted finalisation) are read back from MLflow."""
+    from cnnbench.train.fused import fuse_groups
+    from cnnbench.track.writer import run_name
+    from cnnbench.train.loop import train_group
+
+    spec, s = sweep.spec, sweep.spec.sweep
+    assert s is not None
+    names = [d.name for d in spec.search]
+    configs = [trial_config(spec, best.params, seed) for seed in s.final_seeds]
+    sweep.tracker.close_orphans("the process running it died", extra=f"tags.`mlflow.parentRunId` = '{sweep.parent}'")
+    done: dict[str, FinalRun] = {}
+    for run in sweep.tracker.trial_runs(parent=sweep.parent, extra=f"tags.`{TAG_PHASE}` = 'final'"):
+        m, key = run.data.metrics, run.data.tags.get("cnnbench.trial_key")
+        if run.info.status in ("FINISHED", "FAILED") and "test/acc" in m and key and key not in done:
+            done[key] = FinalRun(int(run.data.tags.get("seed", -1)), run.info.run_id, run.data.tags.get("cnnbench.status", ""),
+                                 m.get("best/acc", math.nan), int(m.get("best/epoch", 0)), m["test/acc"],
+                                 m.get("test/loss", math.nan))
+    pending = [c for c in configs if c.key() not in done]
+    ckpt_root = sweep.ckpt_root / "final"
+    data_cache: dict[tuple, Any] = {}
+    for idx in fuse_groups(pending):
+        group = [pending[i] for i in idx]
+        recorders = [sweep.tracker.recorder(c, parent=sweep.parent, name=f"final: {run_name(c, names)}",
+                                            tags={TAG_PHASE: "final", TAG_TRIAL: str(best.number),
+                                                  TAG_OPTUNA_STUDY: spec.name, "cnnbench.searched": ",".join(names)})
+                     for c in group]
+        data = trial_data(sweep, group[0], data_cache)
+        results = train_group(group, recorders=recorders, data=data, evaluate_test=False,
+                              checkpoint_dirs=[ckpt_root / c.key() for c in group],
+                              progress=f"final: best trial {best.number}, seeds {','.join(str(c.seed) for c in group)}")
+        for c, r, rec in zip(group, results, recorders):
+            done[c.key()] = _test_once(sweep, c, r, rec.run_id or "", data)
+            shutil.rmtree(ckpt_root / c.key(), ignore_errors=True)
+    return [done[c.key()] for c in configs]
+
+
+def _test_once(sweep: Sweep, config: TrialConfig, result: TrialResult, run_id: str, data: Any) -> FinalRun:
+    """The test set, read once: the best-validation checkpoint's loss and accuracy."""
+    import torch
+
+    from cnnbench.train.loop import SingleEngine, evaluate, load_checkpoint
+
+    assert sweep.spec.sweep is not None
+    best_val, best_epoch = objective_value(result, sweep.spec.sweep.objective), result.best_epoch
+    path = result.best_checkpoint or result.final_checkpoint
+    test_loss = test_acc = math.nan
+    if path is not None and Path(path).exists():
+        payload = load_checkpoint(path, map_location=data.device)
+        engine = SingleEngine([config], data.device, data.info)
+        engine.load_trial_state(0, payload)
+        engine.train(False)
+        with torch.no_grad():
+            (test_loss,), (test_acc,) = evaluate(engine, data, data.test, config.test_batch_size)
+        best_epoch = int(payload["epoch"])
+        if run_id:
+            client = sweep.tracker.client
+            client.log_metric(run_id, "test/acc", test_acc, step=best_epoch)
+            client.log_metric(run_id, "test/loss", test_loss, step=best_epoch)
+            client.set_tag(run_id, "cnnbench.tested", f"once, with the best-validation checkpoint (epoch {best_epoch})")
+    return FinalRun(config.seed, run_id, result.status, best_val, int(best_epoch or 0), test_acc, test_loss)
+
+

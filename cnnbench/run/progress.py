@@ -1,0 +1,89 @@
+"""What a person watching sees while worker processes train: one line per running trial,
+with its epoch and latest accuracy, and a count of finished trials.
+
+Workers send events through a queue (`("epoch", worker, label, epoch, epochs, metric,
+value)`, `("line", worker, text, ended_label)`); the parent's board shows them. On a
+terminal each running trial is a progress bar of its epochs, gone when the trial ends,
+under a bar of finished trials; elsewhere (a log, CI) every event is a plain line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import queue as queues
+import sys
+import threading
+from typing import Any, Iterator, TextIO
+
+
+class Board:
+    def __init__(self, title: str, total: int, done: int = 0, *, stream: TextIO | None = None) -> None:
+        from tqdm.auto import tqdm
+
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.tqdm = tqdm
+        self.bars: dict[str, Any] = {}
+        self.overall = tqdm(total=total, initial=done, desc=title, unit="trial", dynamic_ncols=True,
+                            file=self.stream, disable=not self.tty)
+
+    def handle(self, event: tuple) -> None:
+        kind = event[0]
+        if kind == "epoch":
+            _, worker, label, epoch, epochs, metric, value = event
+            shown = f"{metric} {value:.2f}" if isinstance(value, float) and math.isfinite(value) else "no score"
+            if not self.tty:
+                print(f"[{worker}] {label}: epoch {epoch}/{epochs}, {shown}", file=self.stream, flush=True)
+                return
+            bar = self.bars.get(label)
+            if bar is None:
+                bar = self.bars[label] = self.tqdm(total=epochs, desc=f"[{worker}] {label}", unit="epoch",
+                                                   leave=False, dynamic_ncols=True, file=self.stream)
+            bar.n = epoch
+            bar.set_postfix_str(shown, refresh=False)
+            bar.refresh()
+        elif kind == "line":
+            _, _, text, ended = event
+            if ended is not None:
+                bar = self.bars.pop(ended, None)
+                if bar is not None:
+                    bar.close()
+                self.overall.update(1)
+            if self.tty:
+                self.tqdm.write(text, file=self.stream)
+            else:
+                print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+        self.overall.close()
+
+    @contextlib.contextmanager
+    def listening(self, events: Any) -> Iterator[None]:
+        """Show the events of `events` (a multiprocessing queue) from a thread until the
+        block ends; then show what is left."""
+        stop = threading.Event()
+
+        def pump() -> None:
+            while not stop.is_set():
+                try:
+                    self.handle(events.get(timeout=0.2))
+                except queues.Empty:
+                    continue
+                except (EOFError, OSError):
+                    return
+
+        thread = threading.Thread(target=pump, name="progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            with contextlib.suppress(Exception):
+                while True:
+                    self.handle(events.get_nowait())
+            self.close()

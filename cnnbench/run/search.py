@@ -1,0 +1,90 @@
+"""Optuna's side of a sweep: its sampler and pruner from the spec, the recorder that
+reports each epoch's validation score (and may prune), and a trial's objective value."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Callable
+
+from cnnbench.config.space import OBJECTIVES
+from cnnbench.config.spec import StudySpec, TrialConfig
+from cnnbench.run import storage as sweep_storage
+from cnnbench.train.loop import Recorder, TrialResult
+
+PRUNE_FROM_EPOCH = 2  # median pruning judges a trial from its second epoch on: epoch 1 is too noisy
+
+
+def make_sampler(spec: StudySpec, seed: int | None):
+    import optuna
+
+    s = spec.sweep
+    assert s is not None
+    if s.sampler == "tpe":  # Optuna 5: multivariate with the constant liar by default, good with many workers
+        # (constant_liar: K trials asked at once by a fused worker are K different points)
+        return optuna.samplers.TPESampler(n_startup_trials=s.startup_trials, seed=seed, constant_liar=True)
+    if s.sampler == "qmc":
+        # every worker must walk the same scrambled sequence: one seed per sweep
+        fixed = seed if seed is not None else int(hashlib.sha256(spec.name.encode()).hexdigest()[:8], 16)
+        with sweep_storage.quiet():  # "experimental" since Optuna 3
+            return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=fixed)
+    # random; and grid, whose points are all queued when the sweep starts (workers pop them
+    # atomically), so that this sampler is never asked
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_pruner(spec: StudySpec):
+    import optuna
+
+    s = spec.sweep
+    assert s is not None
+    epochs = spec.base_config().epochs
+    if s.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=s.startup_trials, n_warmup_steps=PRUNE_FROM_EPOCH)
+    if s.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if s.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+class PruningRecorder(Recorder):
+    """Passes every event to the trial's MLflow recorder and tells Optuna the run's id. In a
+    sweep (`metric` set) it reports each epoch's validation score to Optuna and asks the
+    loop to stop when Optuna prunes the trial; `on_epoch` sees every epoch's record."""
+
+    def __init__(self, inner: Any, trial: Any, metric: str | None,
+                 on_epoch: Callable[[dict[str, float]], None] | None = None) -> None:
+        self.inner, self.trial, self.metric, self.on_epoch = inner, trial, metric, on_epoch
+
+    def start(self, config: TrialConfig, info: dict[str, Any], resumed: TrialResult | None) -> None:
+        self.inner.start(config, info, resumed)
+        self.trial.set_user_attr("mlflow_run_id", self.inner.run_id or "")
+        if resumed is not None and self.metric:  # a retried trial: the epochs its checkpoint restored count too
+            for record in resumed.history:
+                if self.metric in record:
+                    self.trial.report(record[self.metric], int(record["epoch"]))
+
+    def train_loss(self, samples: int, loss: float) -> None:
+        self.inner.train_loss(samples, loss)
+
+    def epoch(self, record: dict[str, float]) -> str | None:
+        self.inner.epoch(record)
+        if self.on_epoch is not None:
+            self.on_epoch(record)
+        if not self.metric:
+            return None
+        self.trial.report(record[self.metric], int(record["epoch"]))
+        return "prune" if self.trial.should_prune() else None
+
+    def finish(self, result: TrialResult) -> None:
+        self.inner.finish(result)
+
+
+def objective_value(result: TrialResult, objective: str) -> float:
+    """The best validation score over the trial's epochs (NaN when none is finite)."""
+    metric = OBJECTIVES[objective]
+    values = [r[metric] for r in result.history if metric in r and math.isfinite(r[metric])]
+    if not values:
+        return math.nan
+    return max(values) if objective == "val_acc" else min(values)

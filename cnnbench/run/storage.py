@@ -1,0 +1,189 @@
+"""Where a sweep's Optuna study lives, and how its workers stay out of each other's way.
+
+A sweep's trials live in an Optuna RDB storage: by default a SQLite file in the state
+folder (`.cnnbench/optuna/<sweep>.db`), or any PostgreSQL URL shared by workers on
+many machines. Three things keep many workers honest:
+
+- a *claim lock* around every decision that must not race (recover lost trials, count,
+  take the next trial, elect the worker that writes the results): a file lock beside a
+  SQLite file, a PostgreSQL advisory lock on a server. The operating system or the
+  server drops it when its holder dies, so a killed worker never blocks the others;
+- a *heartbeat*: each running trial's worker stamps it every `HEARTBEAT_S` seconds
+  (Optuna's RDB heartbeat table); a trial whose stamps stop for `GRACE_S` seconds
+  belongs to a lost worker on some machine, is failed and queued again;
+- a worker's *identity* (host, boot id, pid) on each trial, so that a trial whose
+  process died on this machine is recovered at once, without waiting for the grace
+  period: this is what lets a sweep killed with SIGKILL resume immediately.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from cnnbench.util import fileio
+
+from cnnbench.util import interrupt
+
+from cnnbench.track import stores
+from cnnbench.util.text import masked
+from cnnbench.config.spec import ConfigError
+
+HEARTBEAT_S = 10  # seconds between a running trial's heartbeats
+GRACE_S = 60  # a trial without a heartbeat for this long belongs to a lost worker
+SQLITE_BUSY_S = 60  # how long a SQLite writer waits for another process's write lock
+
+
+def _parse(url: str):
+    import sqlalchemy
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"--storage {masked(url)!r}: not a database URL; expected sqlite:///PATH or "
+                          "postgresql://USER:PASSWORD@HOST:PORT/DB") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError(f"--storage {masked(url)}: unsupported database {parsed.get_backend_name()!r}; "
+                          "use sqlite:///PATH (one machine) or postgresql://... (many)")
+    return parsed
+
+
+def sqlite_path(url: str) -> Path | None:
+    parsed = _parse(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    if not parsed.database or parsed.database == ":memory:":
+        raise ConfigError(f"--storage {url}: a sweep needs a file (sqlite:///PATH), not an in-memory database")
+    return Path(parsed.database)
+
+
+def check(url: str) -> None:
+    """Fail before anything is created when the storage cannot be used. Writes nothing."""
+    path = sqlite_path(url)
+    if path is not None:
+        try:
+            fileio.check_writable(path.parent)
+        except PermissionError as err:
+            raise ConfigError(f"--storage {url}: {err}") from None
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"--storage {url}: {path} is not a file")
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                      connect_args={"connect_timeout": 10})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+    except Exception as err:
+        reason = " ".join(str(getattr(err, "orig", err)).split())[:200]
+        raise ConfigError(f"--storage {masked(url)}: cannot connect ({reason})") from None
+    finally:
+        engine.dispose()
+
+
+def open_storage(url: str, on_lost: Callable[[Any, Any], None]):
+    """Optuna's RDB storage with the heartbeat on; `on_lost(study, frozen_trial)` is called
+    for each trial failed because its worker stopped beating."""
+    if sqlite_path(url) is not None:
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_S}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 30}}
+    with quiet():
+        return stores.optuna_storage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                     grace_period=GRACE_S, heartbeat_stale_trial_callback=on_lost)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Optuna marks the heartbeat API experimental; that warning is noise here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ----------------------------------------------------------------------------------------
+# the claim lock
+
+
+class ClaimLock(stores.StoreLock):
+    """Mutual exclusion of the workers of one sweep, on one machine or on many: a file
+    `<db>.<sweep>.lock` beside a SQLite file, an advisory lock on PostgreSQL."""
+
+    def __init__(self, url: str, study_name: str) -> None:
+        super().__init__(url, study_name, key=f"cnnbench-sweep:{study_name}")
+
+
+# ----------------------------------------------------------------------------------------
+# heartbeat and worker identity
+
+
+class Heartbeat:
+    """Stamp one trial every HEARTBEAT_S seconds from a thread while it trains."""
+
+    def __init__(self, storage: Any, trial_id: int) -> None:
+        import threading
+
+        self.storage, self.trial_id = storage, trial_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # a hiccup of the database: the next beat tries again
+                pass
+
+    def __enter__(self) -> "Heartbeat":
+        with interrupt.shielded():  # a Ctrl-C inside a database write would break the connection
+            self.storage.record_heartbeat(self.trial_id)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _boot_id() -> str:
+    """Distinguishes machines (and reboots) that share a host name."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def identity() -> dict[str, Any]:
+    return {"worker_host": socket.gethostname(), "worker_boot": _boot_id(), "worker_pid": os.getpid()}
+
+
+def dead_here(attrs: dict[str, Any]) -> bool:
+    """True when `attrs` name a process of this machine that no longer exists."""
+    me = identity()
+    if attrs.get("worker_host") != me["worker_host"] or attrs.get("worker_boot") != me["worker_boot"]:
+        return False
+    pid = attrs.get("worker_pid")
+    if not isinstance(pid, int) or pid == me["worker_pid"]:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's live process
+        return False
+    return _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A killed child that its parent has not reaped yet is dead for our purposes."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False

@@ -1,0 +1,194 @@
+"""Grid studies: a spec's planned runs (values x seeds) trained by the one engine
+(`run.engine`), and `results/<study>/` written by the process that ends the study.
+
+A trial is identified by its resolved config and seed (`TrialConfig.key`), not by its
+position. The study's runs live in an Optuna study (its storage: a SQLite file in the
+state folder, or `--storage` for several machines), each queued once; any number of
+processes, here (`--workers`) or elsewhere, share them, each run trained once and every
+run under one MLflow parent. A study interrupted at any moment and started again with
+the same command trains only what is missing: runs that MLflow holds finished are read
+back, an interrupted one resumes from its last epoch checkpoint, and the runs of a dead
+process are failed and queued again.
+
+Epoch reuse: when `epochs` is a scientific hyperparameter and the schedule does not
+depend on the epoch count (every schedule but one-cycle), the trials that differ only
+in `epochs` share one run of the longest count, and each shorter count reads its
+numbers from that run's per-epoch record (`config.space.plan`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cnnbench.config.space import plan
+from cnnbench.config.spec import StudySpec
+from cnnbench.data.tensors import train_size
+from cnnbench.report.tables import TrialRow, truncate, write_results
+from cnnbench.run.engine import (Session, claim_results, count_states, launch_workers, open_session, pause_parent,
+                                 results_written, work)
+from cnnbench.train.device import resolve_device, usable_cores
+from cnnbench.train.loop import DIVERGED, FAILED, FINISHED, TrialResult
+from cnnbench.util import interrupt
+
+
+@dataclass
+class StudyOutcome:
+    spec: StudySpec
+    rows: list[TrialRow]
+    parent_run_id: str
+    files: list[Path]
+    trained: int  # runs trained by this execution (by every process that shared it)
+    skipped: int  # runs already finished before it
+
+    @property
+    def failed(self) -> list[TrialRow]:
+        return [r for r in self.rows if r.result.status not in (FINISHED, DIVERGED)]
+
+
+def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.PathLike = "results",
+              tracking: str | None = None, state: str | os.PathLike | None = None, storage: str | None = None,
+              fuse: bool | None = None, workers: int | None = None, max_fuse: int = 16, command: str = "",
+              final: bool = True) -> StudyOutcome | None:
+    """Run (or join) the study: train its runs here, or in `workers` processes, and write
+    the results when this is the process that ends it (None where another one does).
+    `fuse` and `workers` None: chosen per device (see `execution`)."""
+    p = plan(spec)
+    device = p.runs[0].device
+    asked_to_fuse = fuse
+    fuse, workers, threads = execution(device, fuse, workers)
+    wide_only = resolve_device(device).type == "cpu" and asked_to_fuse is None  # the CPU fuses only what widens
+    session = open_session(spec, "study", plan=p, storage=storage, tracking=tracking, state=state,
+                           results_root=results_root, data_root=data_root, command=command,
+                           fuse_k=max_fuse if fuse else 1, wide_only=wide_only)
+    pending = len(session.configs) - session.skipped
+    if wide_only:  # one wide group per worker
+        session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, workers, max_fuse)
+    session.threads = threads
+    for key, value in {"cnnbench.fuse": str(fuse), "cnnbench.workers": str(workers),
+                       "cnnbench.threads": str(threads or "")}.items():
+        session.tracker.client.set_tag(session.parent, key, value)
+    try:
+        workers = max(1, min(workers, pending))
+        if pending and workers > 1:
+            report = launch_workers(session, workers, threads=threads)
+        elif pending:
+            if threads:
+                import torch
+
+                torch.set_num_threads(threads)
+            report = work(session)
+        else:
+            report = None
+        if report is not None and report.stopped:
+            print(f"study {spec.name}: {report.stopped}", flush=True)
+        return finish(session) if final else None
+    except KeyboardInterrupt:
+        with interrupt.shielded():
+            pause_parent(session)
+        raise
+
+
+def execution(device: str, fuse: bool | None, workers: int | None) -> tuple[bool, int, int | None]:
+    """(fuse, worker processes, threads per trial) for a study on `device`.
+
+    Measured with `cnnbench bench` on a 2-core CPU: two single-thread worker processes
+    beat one two-thread process by about 1.3x, and a wide group (wide.py) in each worker
+    beats one trial per worker (see the README's Speed section), where vmap-fused trials
+    are slower than one at a time; on an accelerator fusing is the point. So by default:
+    on the CPU one worker per core, one thread each (the same for every trial, whatever is
+    left to run, since the thread count changes float rounding), each training a wide group
+    of the trials whose model widens (`cpu_groups`); elsewhere fused groups in one process."""
+    on_cpu = resolve_device(device).type == "cpu"
+    cores = usable_cores()
+    fuse = True if fuse is None else fuse
+    workers = (cores if on_cpu else 1) if workers is None else workers
+    return fuse, workers, max(1, cores // workers) if on_cpu else None
+
+
+def cpu_groups(n_trials: int, workers: int, max_fuse: int) -> int:
+    """The largest wide group on the CPU: the trials shared out evenly over the workers
+    (5 trials on 2 workers: groups of 3 and 2), so that every worker has a group."""
+    return max(1, min(max_fuse, math.ceil(n_trials / max(1, workers))))
+
+
+def _chosen(session: Session, trials: list[Any]) -> dict[str, Any]:
+    """Per planned run, the trial that holds its outcome: the newest complete one, else the
+    newest that ended at all."""
+    from optuna.trial import TrialState
+
+    chosen: dict[str, Any] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        key = t.user_attrs.get("key")
+        if key not in session.configs or t.state in (TrialState.RUNNING, TrialState.WAITING):
+            continue
+        if t.state == TrialState.COMPLETE or key not in chosen or chosen[key].state != TrialState.COMPLETE:
+            chosen[key] = t
+    return chosen
+
+
+def _result(session: Session, key: str, trial: Any) -> tuple[TrialResult, str]:
+    """A run's result, read back from its MLflow run (whoever trained it)."""
+    run_id = trial.user_attrs.get("mlflow_run_id", "") if trial is not None else ""
+    if run_id:
+        try:
+            return session.tracker.load_result(session.tracker.client.get_run(run_id)), run_id
+        except Exception:  # a run that ended before it recorded a result (killed for good)
+            pass
+    reason = (trial.user_attrs.get("reason", "") if trial is not None else "") or "no result was recorded"
+    return TrialResult(session.configs[key], status=FAILED, reason=reason), run_id
+
+
+def finish(session: Session) -> StudyOutcome | None:
+    """When every run has ended: `results/<study>/` from the runs' MLflow records, the
+    statistics on the parent run, which is closed. Exactly one process does it; the others
+    return None (and a finished study's results, up to date, are not written again)."""
+    spec = session.spec
+    with session.lock():
+        trials = session.study.get_trials(deepcopy=False)
+        counts = count_states(trials)
+        chosen = _chosen(session, trials)
+        if counts["RUNNING"] or counts["WAITING"]:
+            print(f"study {spec.name}: {len(chosen)}/{session.target} runs ended, {counts['RUNNING']} running "
+                  "elsewhere; the process that ends the study writes the results", flush=True)
+            return None
+        fingerprint = ",".join(f"{k}:{chosen[k].number}" if k in chosen else f"{k}:-" for k in sorted(session.configs))
+        why = claim_results(session, fingerprint)
+    p = session.plan
+    assert p is not None
+    out_dir = session.out_dir
+    files = [out_dir / "summary.csv", out_dir / "table.md", out_dir / "stats.csv"]
+    if why and not (why.startswith("the results are up to date") and all(f.exists() for f in files)):
+        print(f"study {spec.name}: all runs ended; {why}", flush=True)
+        return None
+    results = {key: _result(session, key, chosen.get(key)) for key in session.configs}
+    c0 = p.runs[0]
+    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset)
+    rows = []
+    for i, (trial, run_index) in enumerate(zip(p.trials, p.run_of)):
+        run_cfg = p.runs[run_index]
+        result, run_id = results[run_cfg.key()]
+        if trial.epochs < run_cfg.epochs and result.history:
+            result = truncate(result, trial.epochs, n_train)
+        rows.append(TrialRow(i, trial, result, run_id))
+    outcome = StudyOutcome(spec, rows, session.parent, files, trained=len(session.configs) - session.skipped,
+                           skipped=session.skipped)
+    if why:  # up to date: the files are those of these very runs
+        return outcome
+    device = sorted({r.result.device for r in rows if r.result.device})
+    # every run is done: the results are written whole and the parent closed, and a Ctrl-C
+    # meanwhile is raised after that
+    with interrupt.shielded():
+        outcome.files = write_results(spec, rows, out_dir, n_train=n_train, command=session.command,
+                                      device=", ".join(device))
+        tracker = session.tracker
+        tracker.log_artifacts(session.parent, outcome.files, "results")
+        tracker.log_stats(session.parent, pd.read_csv(outcome.files[2]), list(spec.scientific) + list(spec.nuisance))
+        tracker.end(session.parent, "FINISHED" if not outcome.failed else "FAILED")
+        results_written(session, fingerprint)
+    return outcome

@@ -1,0 +1,168 @@
+"""The one place where cnnbench opens its databases: MLflow's tracking store and a
+sweep's Optuna storage, on SQLite or PostgreSQL.
+
+Any number of cnnbench processes may start at once on a fresh store (two studies in two
+terminals, the workers of a sweep, workers on many machines). Each library creates the
+tables it finds missing when it opens a store, and two processes doing so together
+collide ("table experiments already exists", or one reads a half-made schema as out of
+date). So a process's first opening of a store is serialized by a `StoreLock`: a file
+lock beside a SQLite file, a PostgreSQL advisory lock on a server, both dropped by the
+operating system or the server when their holder dies. And a SQLite file busy with
+another process's write is waited for, `BUSY_S` seconds at most, before it is called
+unusable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+BUSY_S = 60.0  # how long an opening waits for a busy SQLite file, in all
+SCHEMA = "schema"  # the StoreLock that serializes the creation of a store's tables
+
+_ready: set[str] = set()  # stores whose schema this process has seen complete
+_ready_lock = threading.Lock()
+
+
+def backend(url: str) -> str:
+    """'sqlite', 'postgresql', or '' for anything else (an http server, a folder)."""
+    head = url.split(":", 1)[0].split("+", 1)[0].lower()
+    return head if head in ("sqlite", "postgresql") else ""
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a sqlite:///PATH URL (None for other URLs or an in-memory database)."""
+    if backend(url) != "sqlite":
+        return None
+    import sqlalchemy
+
+    database = sqlalchemy.engine.make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+class StoreLock:
+    """Mutual exclusion of the processes using one store, on one machine or on many:
+    `StoreLock(url, name)()` is a context manager. A file `<db>.<name>.lock` (`<db>.lock`
+    for the schema) beside a SQLite file; a session-level advisory lock on PostgreSQL."""
+
+    def __init__(self, url: str, name: str, *, key: str | None = None) -> None:
+        self.url, self.name = url, name
+        self.path = sqlite_file(url)
+        self._engine = None
+        if self.path is None and backend(url) == "postgresql":
+            import sqlalchemy
+
+            self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                                    connect_args={"connect_timeout": 30})
+        digest = hashlib.sha256((key or f"cnnbench:{name}").encode()).digest()
+        self._key = int.from_bytes(digest[:8], "big", signed=True)  # advisory locks take a bigint
+
+    @property
+    def file(self) -> Path | None:
+        if self.path is None:
+            return None
+        suffix = ".lock" if self.name == SCHEMA else f".{self.name}.lock"
+        return self.path.with_name(self.path.name + suffix)
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self.file is not None:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the lock
+            return
+        if self._engine is None:  # a server (http) serializes by itself
+            yield
+            return
+        import sqlalchemy
+
+        with self._engine.connect() as conn:  # session-level lock: the server drops it if we die
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+
+    def dispose(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+def busy(err: BaseException) -> bool:
+    """A SQLite file locked by another process's write (or a server's transient refusal)."""
+    text = str(err).lower()
+    return any(word in text for word in ("database is locked", "database table is locked", "database is busy",
+                                         "could not obtain lock", "deadlock detected"))
+
+
+def retry_busy(make: Callable[[], T], *, seconds: float = BUSY_S) -> T:
+    """`make()`, tried again with growing pauses while the store is busy, `seconds` at most."""
+    deadline = time.monotonic() + seconds
+    pause = 0.1
+    while True:
+        try:
+            return make()
+        except Exception as err:
+            if not busy(err) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause * (1 + random.random()))
+        pause = min(pause * 2, 2.0)
+
+
+def opening(url: str, make: Callable[[], T]) -> T:
+    """`make()` opens a store at `url`, creating its tables if they are missing: the
+    first time in this process it runs under the store's schema lock; busy, it waits."""
+    with _ready_lock:
+        ready = url in _ready
+    if ready or not backend(url):
+        return retry_busy(make)
+    schema = StoreLock(url, SCHEMA, key="cnnbench-schema")
+    try:
+        def locked() -> T:
+            with schema():
+                return make()
+
+        out = retry_busy(locked)
+    finally:
+        schema.dispose()
+    with _ready_lock:
+        _ready.add(url)
+    return out
+
+
+def mlflow_client(uri: str) -> Any:
+    """An MlflowClient on `uri`, its store created (tables included) safely."""
+    from mlflow import MlflowClient
+
+    path = sqlite_file(uri)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return opening(uri, lambda: MlflowClient(uri))
+
+
+def optuna_storage(url: str, **kwargs: Any) -> Any:
+    """Optuna's RDBStorage on `url` (its tables created safely); `kwargs` go to RDBStorage."""
+    import optuna
+
+    path = sqlite_file(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return opening(url, lambda: optuna.storages.RDBStorage(url, **kwargs))
+
+
+def default_url(name: str, state: Path) -> str:
+    """A SQLite file per sweep in the state folder (absolute, so every worker agrees)."""
+    return f"sqlite:///{(state / 'optuna' / f'{name}.db').resolve()}"

@@ -1,0 +1,385 @@
+"""MLflow as the record: one experiment per study, a parent run per execution, a child
+run per trial with its resolved config, metric histories, tags and artifacts.
+
+The tracking store is MLflow's own default (a `mlflow.db` SQLite file in the working
+directory) unless `MLFLOW_TRACKING_URI` names another (a server, a database). Everything
+goes through `MlflowClient` with explicit run ids, so several trials of a fused group
+log side by side. Metrics are buffered and sent with `log_batch` once per epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE, MLFLOW_SOURCE_NAME
+
+from cnnbench.util import interrupt
+
+from cnnbench.track import stores
+from cnnbench.config.spec import TrialConfig
+from cnnbench.errors import TrackingError
+from cnnbench.track.figure import save_trial_figure
+from cnnbench.util.text import fmt, masked  # noqa: F401  (re-exported here)
+from cnnbench.train.loop import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, Recorder, TrialResult
+
+TAG_STUDY = "cnnbench.study"
+TAG_KIND = "cnnbench.kind"  # study | trial | sweep | run
+TAG_KEY = "cnnbench.trial_key"
+TAG_STATUS = "cnnbench.status"
+TAG_SCIENTIFIC = "cnnbench.scientific"
+TAG_PID = "cnnbench.pid"
+TAG_HOST = "cnnbench.host"
+
+# how each outcome shows in MLflow's own run status
+MLFLOW_STATUS = {FINISHED: "FINISHED", PRUNED: "FINISHED", DIVERGED: "FAILED", FAILED: "FAILED",
+                 INTERRUPTED: "KILLED"}
+DONE = (FINISHED, DIVERGED)  # outcomes that a resumed study does not train again
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any training, when the store cannot be used."""
+    shown = masked(uri)
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                resp.read(1)
+        except urllib.error.HTTPError as err:
+            raise TrackingError(f"MLflow tracking URI {shown}: server answered HTTP {err.code}") from None
+        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(f"MLflow tracking URI {shown} cannot be reached ({reason}); "
+                                "start the server or fix MLFLOW_TRACKING_URI") from None
+        return
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow tracking URI {shown}: folder {folder} is missing or not writable")
+    try:
+        client = stores.mlflow_client(uri)
+        stores.retry_busy(lambda: client.search_experiments(max_results=1))
+    except Exception as err:
+        secret = urllib.parse.urlsplit(uri).password
+        detail = " ".join(str(err).split())[:200]
+        detail = detail.replace(secret, "***") if secret else detail
+        raise TrackingError(f"MLflow tracking URI {shown} cannot be used ({type(err).__name__}: {detail})") from None
+
+
+@functools.cache
+def git_commit() -> str:
+    """The code version of the cnnbench checkout (with -dirty if tracked files changed)."""
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True,
+                              timeout=5, cwd=here)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=here).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def run_name(config: TrialConfig, varied: Iterable[str]) -> str:
+    """Readable in a list: `lr=0.01 seed=0`."""
+    return " ".join([f"{k}={fmt(getattr(config, k))}" for k in varied] + [f"seed={config.seed}"])
+
+
+class Tracker:
+    """The MLflow side of one study, sweep or single run."""
+
+    def __init__(self, experiment: str, uri: str | None = None) -> None:
+        self.uri = tracking_uri(uri)
+        self.client = stores.mlflow_client(self.uri)
+        self.experiment_name = experiment
+        self.experiment_id = self._experiment(experiment)
+
+    def _experiment(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # created meanwhile by another worker
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def start_parent(self, name: str, *, kind: str, tags: dict[str, str], params: dict[str, Any] | None = None,
+                     note: str = "") -> str:
+        with interrupt.shielded():  # the caller holds a shield too, so that a Ctrl-C comes once it has the id
+            return self._start_parent(name, kind=kind, tags=tags, params=params, note=note)
+
+    def _start_parent(self, name: str, *, kind: str, tags: dict[str, str], params: dict[str, Any] | None,
+                      note: str) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            TAG_STUDY: self.experiment_name, TAG_KIND: kind, MLFLOW_GIT_COMMIT: git_commit(),
+            MLFLOW_SOURCE_NAME: "cnnbench", TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname(),
+            **({MLFLOW_RUN_NOTE: note} if note else {}), **tags})
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, fmt(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
+        for p in paths:
+            if Path(p).exists():
+                self.client.log_artifact(run_id, str(p), artifact_path)
+
+    def log_stats(self, run_id: str, table: Any, keys: list[str]) -> None:
+        """A study's statistics (`report.statistics`, one row per value and accuracy) on its
+        parent run: metrics `stats/<accuracy>/<value>/{n,mean,std,ci_low,ci_high,diff,p_holm}`
+        (percent; the value as `lr:0.01`, since MLflow keys cannot hold `=` or `,`) and tags
+        `stats/<accuracy>/<value>/verdict` and `.../doc_verdict`."""
+        metrics, tags, now = [], [], _now_ms()
+        for row in table.to_dict("records"):
+            # MLflow keys hold letters, digits and _ - . : / and spaces only: `augment:hflip_grayscale`
+            value = re.sub(r"[^\w.\- :]", "_", " ".join(f"{k}:{fmt(row[k])}" for k in keys))
+            base = f"stats/{row['metric']}/{value}"
+            for name in ("n", "mean", "std", "ci_low", "ci_high", "diff", "p_holm", "seeds_needed"):
+                v = row.get(name)
+                if v is not None and v == v:
+                    metrics.append(Metric(f"{base}/{name}", float(v), now, 0))
+            for name in ("verdict", "doc_verdict"):
+                if isinstance(row.get(name), str) and row[name]:
+                    tags.append(RunTag(f"{base}/{name}", row[name]))
+        for i in range(0, max(len(metrics), len(tags)), 500):
+            self.client.log_batch(run_id, metrics=metrics[i:i + 500], tags=tags[i:i + 500], synchronous=True)
+
+    def trial_runs(self, *, parent: str | None = None, extra: str = "") -> list[Any]:
+        """Child runs of this experiment (optionally of one parent), every page."""
+        query = f"tags.`{TAG_KIND}` = 'trial'"
+        if parent:
+            query += f" and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}'"
+        if extra:
+            query += f" and {extra}"
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], query, max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def finished_trials(self) -> dict[str, Any]:
+        """trial key -> the newest run whose outcome is final (finished or diverged)."""
+        done: dict[str, Any] = {}
+        for run in self.trial_runs():
+            key = run.data.tags.get(TAG_KEY)
+            if key and run.data.tags.get(TAG_STATUS) in DONE and run.info.status in ("FINISHED", "FAILED"):
+                if key not in done or run.info.start_time > done[key].info.start_time:
+                    done[key] = run
+        return done
+
+    def close_orphans(self, reason: str, *, extra: str = "", keep: Iterable[str] = ()) -> list[str]:
+        """Runs left RUNNING by a process that died (SIGKILL, power cut) become KILLED.
+        `extra` narrows the search (a sweep closes only its own parent's children); the
+        runs in `keep` stay as they are."""
+        closed = []
+        query = "attributes.status = 'RUNNING'" + (f" and {extra}" if extra else "")
+        for run in self.client.search_runs([self.experiment_id], query, max_results=1000):
+            tags = run.data.tags
+            if run.info.run_id in set(keep):
+                continue
+            # a run of another machine, or of a live process here, is not ours to close
+            if tags.get(TAG_HOST) != socket.gethostname() or _alive(tags.get(TAG_PID)):
+                continue
+            self.client.set_tag(run.info.run_id, TAG_STATUS, INTERRUPTED)
+            self.client.set_tag(run.info.run_id, "cnnbench.reason", reason)
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+        return closed
+
+    def recorder(self, config: TrialConfig, *, parent: str, name: str, tags: dict[str, str]) -> "MlflowRecorder":
+        return MlflowRecorder(self, config, parent=parent, name=name, tags=tags)
+
+    def load_result(self, run) -> TrialResult:
+        """A finished trial's result, from its `result.json` artifact."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.client.download_artifacts(run.info.run_id, "result.json", tmp)
+            return result_from_json(json.loads(Path(path).read_text()))
+
+
+def _alive(pid: str | None) -> bool:
+    """Whether process `pid` on this machine still runs (a zombie, killed but not yet
+    reaped, does not: a container's init may leave one for a while)."""
+    if not pid or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+class MlflowRecorder(Recorder):
+    """One trial's child run. Created lazily at `start`, terminated at `finish`."""
+
+    def __init__(self, tracker: Tracker, config: TrialConfig, *, parent: str, name: str, tags: dict[str, str]) -> None:
+        self.tracker, self.client = tracker, tracker.client
+        self.config, self.parent, self.name, self.tags = config, parent, name, tags
+        self.run_id: str | None = None
+        self.pending: list[Metric] = []
+
+    def start(self, config: TrialConfig, info: dict[str, Any], resumed: TrialResult | None) -> None:
+        c = config
+        tags = {
+            **({MLFLOW_PARENT_RUN_ID: self.parent} if self.parent else {}),
+            TAG_KIND: "trial" if self.parent else "run", TAG_STUDY: self.tracker.experiment_name,
+            TAG_KEY: c.key(), TAG_STATUS: "running", "model": c.model, "dataset": c.dataset,
+            "seed": str(c.seed), "device": str(info.get("device", "")), "fused_with": str(info.get("fused_with", 1)),
+            "torch_version": _torch_version(), MLFLOW_GIT_COMMIT: git_commit(), MLFLOW_SOURCE_NAME: "cnnbench",
+            TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname(), **self.tags,
+        }
+        if resumed is not None:
+            tags["cnnbench.resumed_from_epoch"] = str(len(resumed.history))
+        run = self.client.create_run(self.tracker.experiment_id, run_name=self.name, tags=tags)
+        self.run_id = run.info.run_id
+        self.tracker.log_params(self.run_id, c.to_dict())
+        if resumed is not None:  # the restored epochs, so that this run holds the whole history
+            for samples, loss in resumed.curve:
+                self.train_loss(samples, loss)
+            for record in resumed.history:
+                self._epoch_metrics(record)
+            self.flush()
+
+    def train_loss(self, samples: int, loss: float) -> None:
+        self.pending.append(Metric("train/loss", loss, _now_ms(), samples))
+
+    def _epoch_metrics(self, record: dict[str, float]) -> None:
+        ts, step = _now_ms(), int(record["epoch"])
+        self.pending.extend(Metric(k, float(v), ts, step) for k, v in record.items() if k != "epoch")
+
+    def epoch(self, record: dict[str, float]) -> str | None:
+        self._epoch_metrics(record)
+        self.flush()
+        return None
+
+    def flush(self) -> None:
+        if self.run_id is None:
+            return
+        for i in range(0, len(self.pending), 1000):
+            self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000], synchronous=True)
+        self.pending = []
+
+    def finish(self, result: TrialResult) -> None:
+        if self.run_id is None:
+            return
+        status = MLFLOW_STATUS.get(result.status, "FAILED")
+        try:
+            self._finish(result)
+        except BaseException:
+            # the run is closed whatever happened; one whose record is incomplete (no
+            # result.json) is not a finished trial that a resumed study may skip
+            status = "KILLED" if status == "FINISHED" else status
+            raise
+        finally:
+            self.client.set_terminated(self.run_id, status=status)
+
+    def _finish(self, result: TrialResult) -> None:
+        assert self.run_id is not None
+        self.flush()
+        best, best_epoch = result.best("val/acc" if any("val/acc" in r for r in result.history) else "test/acc")
+        summary = {"train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds,
+                   "images_per_second": result.images_per_second}
+        if result.history:
+            summary.update({"final/test_acc": result.metric("test/acc"), "best/acc": best,
+                            "best/epoch": float(best_epoch or 0)})
+        ts = _now_ms()
+        metrics = [Metric(k, float(v), ts, 0) for k, v in summary.items() if v == v]
+        tags = [RunTag(TAG_STATUS, result.status)]
+        if result.reason:
+            tags.append(RunTag("cnnbench.reason", result.reason[:5000]))
+        if result.status == DIVERGED:
+            tags.append(RunTag("diverged", "true"))
+        self.client.log_batch(self.run_id, metrics=metrics, tags=tags, synchronous=True)
+        self._artifacts(result)
+
+    def _artifacts(self, result: TrialResult) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            (tmp / "result.json").write_text(json.dumps(result_to_json(result), indent=1))
+            (tmp / "config.json").write_text(json.dumps(result.config.to_dict(), indent=1))
+            paths = [tmp / "result.json", tmp / "config.json"]
+            if result.curve or result.history:
+                paths.append(save_trial_figure(result, tmp / "curves.png"))
+            self.tracker.log_artifacts(self.run_id, paths)
+            ckpts = [p for p in (result.final_checkpoint, result.best_checkpoint) if p and Path(p).exists()]
+            self.tracker.log_artifacts(self.run_id, ckpts, "checkpoints")
+
+
+@functools.cache
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def result_to_json(r: TrialResult) -> dict[str, Any]:
+    return {"config": r.config.to_dict(), "status": r.status, "reason": r.reason, "history": r.history,
+            "curve": r.curve, "train_seconds": r.train_seconds, "wall_seconds": r.wall_seconds,
+            "images": r.images, "device": r.device, "fused_with": r.fused_with, "best_epoch": r.best_epoch}
+
+
+def result_from_json(d: dict[str, Any]) -> TrialResult:
+    return TrialResult(config=TrialConfig.from_dict(d["config"]), status=d["status"], reason=d.get("reason", ""),
+                       history=d["history"], curve=[tuple(p) for p in d["curve"]],
+                       train_seconds=d["train_seconds"], wall_seconds=d.get("wall_seconds", 0.0),
+                       images=d["images"], device=d.get("device", ""), fused_with=d.get("fused_with", 1),
+                       best_epoch=d.get("best_epoch"))
+
+
+def quiet_mlflow() -> None:
+    """No retries with long back-off against a server that is down, and less chatter: no
+    progress bar per artifact fetched (a resumed study fetches each finished trial's small
+    result.json; the bars would bury the study's own progress)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+__all__ = ["Tracker", "MlflowRecorder", "TrackingError", "check_reachable", "tracking_uri", "run_name",
+           "RunStatus", "mlflow"]

@@ -1,0 +1,93 @@
+"""Devices and models: which device, which backend flags, the trial's model, its dtype and
+layout. The engines (loop, fused, wide) and the tools share these."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+from cnnbench.config.spec import TrialConfig
+from cnnbench.data.tensors import DatasetInfo
+from cnnbench.errors import DeviceError
+from cnnbench.models import get_model
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which a container or
+    `taskset` may narrow below the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {name}: MPS is not available on this machine")
+    return device
+
+
+def configure_backends(config: TrialConfig, device: torch.device) -> None:
+    """Deterministic kernels when asked; otherwise let cuDNN pick the fastest ones
+    (`cudnn_benchmark`). TF32 for float32 convolutions and matrix products only when
+    `tf32` asks for it: PyTorch's own default runs convolutions in TF32 on Ampere and
+    later, which is not the fp32 a study reports."""
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(config.deterministic)
+    torch.backends.cudnn.deterministic = config.deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and config.cudnn_benchmark and not config.deterministic
+    set_tf32(config.tf32)
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 on or off for cuBLAS and cuDNN convolutions, through the precision API that
+    torch 2.9 introduced (mixing it with the older allow_tf32 flags is an error there)."""
+    precision = "tf32" if enabled else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:  # torch before 2.9
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def build_model(config: TrialConfig, info: DatasetInfo) -> nn.Module:
+    """The trial's model with its initial weights: torch's default init after seeding."""
+    torch.manual_seed(config.seed)
+    return get_model(config.model, in_channels=info.channels, num_classes=info.classes,
+                     image_size=info.size, activation=config.activation, dropout=config.dropout)
+
+
+def use_channels_last(config: TrialConfig, device: torch.device) -> bool:
+    """The `channels_last` setting, with null resolved per device: on for the CPU, where
+    oneDNN's channels-last convolutions and pools measured 14-28% faster for every model
+    here (`cnnbench bench --options`), off elsewhere until measured there."""
+    return config.channels_last if config.channels_last is not None else device.type == "cpu"
+
+
+def autocast(config: TrialConfig, device: torch.device):
+    if config.amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err) or \
+        "out of memory" in str(err).lower()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

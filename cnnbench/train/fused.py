@@ -1,0 +1,216 @@
+"""K trials of one architecture trained as one: stacked weights, one vmapped step.
+
+`torch.func.stack_module_state` stacks the K models' parameters into `(K, ...)` tensors,
+`vmap(functional_call)` runs all K forward passes as one batched computation (the
+convolutions become grouped convolutions), one backward pass gives every trial its own
+gradient (the losses are summed, and trial k's loss depends only on trial k's weights),
+and the optimizer step is a handful of foreach kernels with per-trial learning rate,
+momentum and weight decay as `(K, 1, ...)` tensors (`per_trial.PerTrialOptimizer`,
+torch.optim's SGD and Adam written out, shared with the wide engine), so that a fused
+trial follows the same path as the trial trained alone by `SingleEngine`. Which groups
+form, and which engine trains them, is decided here too (`fuse_groups`, `engine_for`).
+
+Trials fuse when they share everything but lr, momentum, weight decay and seed
+(`group_key`). Trials with different seeds get their own weight init and data order:
+the batch becomes `(K, B, ...)`.
+
+Two fused engines: `FusedEngine` here (vmap) and `wide.WideEngine` (the K models as one
+wide model: grouped convolutions, batched linears, one batch norm over K*C channels).
+`engine_for` picks the wide one wherever the model widens (`wide.widen_reason`), vmap
+otherwise; a model with batch norm (running statistics mutated in place, which vmap
+cannot do) that does not widen trains alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, stack_module_state, vmap
+
+from cnnbench.config.spec import TrialConfig
+from cnnbench.models.layers import BATCH_NORMS
+from cnnbench.data.tensors import DATASETS, DatasetInfo
+from cnnbench.train.per_trial import PerTrialOptimizer
+from cnnbench.train.device import autocast, build_model, resolve_device
+from cnnbench.train.wide import WideEngine, widen_reason
+
+log = logging.getLogger(__name__)
+ENGINES = ("wide", "vmap")
+
+# settings a fused group may vary per trial
+PER_TRIAL = ("lr", "momentum", "weight_decay", "seed")
+
+
+def group_key(config: TrialConfig) -> tuple:
+    """Trials with equal keys can be trained together."""
+    d = config.to_dict()
+    return tuple((k, v) for k, v in sorted(d.items()) if k not in PER_TRIAL)
+
+
+_traits_cache: dict[tuple, tuple[bool, str | None]] = {}
+
+
+def model_traits(config: TrialConfig) -> tuple[bool, str | None]:
+    """(has batch norm, why it cannot be widened or None) for the trial's model."""
+    key = (config.model, config.activation, config.dataset, config.dropout)
+    if key not in _traits_cache:
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            model = build_model(config, DATASETS[config.dataset])
+        has_bn = any(isinstance(m, BATCH_NORMS) for m in model.modules())
+        _traits_cache[key] = (has_bn, widen_reason(model))
+    return _traits_cache[key]
+
+
+def fusable(config: TrialConfig, *, wide_only: bool = False) -> bool:
+    """Can trials of this config train fused: widened, or (unless `wide_only`) through vmap,
+    which cannot fuse batch norm."""
+    has_bn, reason = model_traits(config)
+    return reason is None or (not wide_only and not has_bn)
+
+
+def engine_for(config: TrialConfig, requested: str | None = None) -> str:
+    """The fused engine for trials of `config`: `requested` ("wide" or "vmap") if it can
+    train them, else a ValueError saying why. None: on CUDA vmap wherever it can (measured
+    there with whole steps as CUDA graphs, which the wide engine does not do yet), else
+    wide where the model widens, vmap otherwise."""
+    has_bn, reason = model_traits(config)
+    if requested not in (None, *ENGINES):
+        raise ValueError(f"unknown fused engine {requested!r}; known: {', '.join(ENGINES)}")
+    if requested == "wide" and reason:
+        raise ValueError(f"model {config.model} cannot be widened: {reason}")
+    if requested == "vmap" and has_bn:
+        raise ValueError(f"model {config.model} has batch norm, which vmap cannot fuse")
+    if requested is None and reason:
+        if has_bn:
+            raise ValueError(f"model {config.model} has batch norm and cannot be widened ({reason}): "
+                             "it trains alone")
+        log.info("model %s fuses through vmap, not widened: %s", config.model, reason)
+    if requested is None and not has_bn and resolve_device(config.device).type == "cuda":
+        return "vmap"
+    return requested or ("wide" if reason is None else "vmap")
+
+
+def check_fusable(configs: Sequence[TrialConfig]) -> None:
+    keys = {group_key(c) for c in configs}
+    if len(keys) != 1:
+        raise ValueError("fused trials must share every setting but " + ", ".join(PER_TRIAL))
+    if not fusable(configs[0]):
+        raise ValueError(f"model {configs[0].model} has batch norm and cannot be widened "
+                         f"({model_traits(configs[0])[1]}): it trains alone")
+
+
+def fused_engine(configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo,
+                 engine: str | None = None):
+    """The engine that trains `configs` (fusable, see `group_key`) as one: wide or vmap."""
+    check_fusable(configs)
+    name = engine_for(configs[0], engine)
+    return (WideEngine if name == "wide" else FusedEngine)(configs, device, info)
+
+
+def fuse_groups(configs: Sequence[TrialConfig], *, max_k: int = 16, enabled: bool = True,
+                wide_only: bool = False) -> list[list[int]]:
+    """Indices of `configs`, grouped into runs of at most `max_k` fusable trials (order kept).
+    `wide_only`: fuse only models that widen (the CPU, where vmap is slower than alone)."""
+    groups: dict[tuple, list[int]] = {}
+    out: list[list[int]] = []
+    for i, c in enumerate(configs):
+        if not enabled or not fusable(c, wide_only=wide_only):
+            if enabled:
+                log.info("model %s trains one trial at a time: %s", c.model, model_traits(c)[1])
+            out.append([i])
+            continue
+        key = group_key(c)
+        if key not in groups or len(groups[key]) >= max_k:
+            groups[key] = []
+            out.append(groups[key])
+        groups[key].append(i)
+    return out
+
+
+class FusedEngine:
+    """The engine interface of train.SingleEngine, for K stacked models."""
+
+    def __init__(self, configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo) -> None:
+        self.configs = list(configs)
+        self.k = len(configs)
+        c0 = configs[0]
+        self.config, self.device = c0, device
+        models = [build_model(c, info) for c in configs]  # each seeded as when it trains alone
+        self.base = copy.deepcopy(models[0]).to("meta")
+        params, buffers = stack_module_state(models)
+        self.names = list(params)
+        self.params = [params[n].detach().to(device).requires_grad_(True) for n in self.names]
+        self.buffers = {n: b.to(device) for n, b in buffers.items()}
+        self.opt = PerTrialOptimizer(self.params, configs, device)
+
+        base = self.base
+
+        def loss_fn(p: tuple[Tensor, ...], b: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            out = functional_call(base, ({**dict(zip(self.names, p)), **b}), (x,))
+            return F.cross_entropy(out, y)
+
+        def logits_fn(p: tuple[Tensor, ...], b: dict[str, Tensor], x: Tensor) -> Tensor:
+            return functional_call(base, ({**dict(zip(self.names, p)), **b}), (x,))
+
+        self._loss = {shared: vmap(loss_fn, in_dims=(0, 0, None if shared else 0, None if shared else 0),
+                                   randomness="different") for shared in (True, False)}
+        self._logits = vmap(logits_fn, in_dims=(0, 0, None), randomness="different")
+        if c0.compile != "none":
+            self._loss = {s: torch.compile(f, mode=c0.compile) for s, f in self._loss.items()}
+            self._logits = torch.compile(self._logits, mode=c0.compile)
+
+    # -- the engine interface ---------------------------------------------------------------
+    def begin_epoch(self, lrs: list[list[float]]) -> None:
+        self.opt.begin_epoch(lrs)
+
+    def deactivate(self, k: int) -> None:
+        """Stop trial k (diverged or pruned): its rate becomes 0, the others go on."""
+        self.opt.deactivate(k)
+
+    def train(self, mode: bool) -> None:
+        self.base.train(mode)
+
+    def train_step(self, x: Tensor, y: Tensor, step: int) -> Tensor:
+        lr = self.opt.lr(step)
+        shared = x.dim() == 4
+        with autocast(self.config, self.device):
+            losses = self._loss[shared](tuple(self.params), self.buffers, x, y)
+        losses.sum().backward()
+        grads = [p.grad for p in self.params]
+        self.opt.step(grads, lr)
+        for p in self.params:
+            p.grad = None
+        return losses.detach().float()
+
+    @torch.no_grad()
+    def eval_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        with autocast(self.config, self.device):
+            logits = self._logits(tuple(self.params), self.buffers, x).float()  # K x B x classes
+        k, b, n = logits.shape
+        loss = F.cross_entropy(logits.reshape(k * b, n), y.repeat(k), reduction="none").view(k, b).sum(1)
+        correct = (logits.argmax(-1) == y).sum(1)
+        return loss, correct
+
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor a training step changes (weights, buffers, optimizer state)."""
+        return [*self.params, *self.buffers.values(), *self.opt.state_tensors()]
+
+    # -- per-trial state, in SingleEngine's format ------------------------------------------
+    def trial_state(self, k: int) -> dict[str, Any]:
+        model = {n: p[k].detach().clone() for n, p in zip(self.names, self.params)}
+        model.update({n: b[k].clone() for n, b in self.buffers.items()})
+        opt = self.opt.trial_state(k, self.names)
+        return {"model": model, "optimizer": opt}
+
+    @torch.no_grad()
+    def load_trial_state(self, k: int, state: dict[str, Any]) -> None:
+        for n, p in zip(self.names, self.params):
+            p[k].copy_(state["model"][n])
+        for n, b in self.buffers.items():
+            b[k].copy_(state["model"][n])
+        self.opt.load_trial_state(k, self.names, state["optimizer"])

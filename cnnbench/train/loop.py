@@ -1,0 +1,516 @@
+"""The training loop. Every entry point trains through `train_group` (or `run_trial`).
+
+One loop serves one trial and K fused trials alike: it draws each epoch's batches from
+the device-resident data, asks an *engine* for one optimisation step of all K trials at
+once, records the training loss every `log_every` steps (against samples seen) and the
+test (and validation) loss and accuracy after each epoch, stops a trial that diverges or
+that its recorder prunes, and writes resumable epoch checkpoints. The engines:
+`SingleEngine` (an nn.Module and a torch.optim optimizer) here, `FusedEngine` (K models
+stacked and vmapped) in fused.py, `WideEngine` (K models as one wide model) in wide.py. The loop reports through the `Recorder` interface and
+knows nothing of MLflow or Optuna.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cnnbench.util import fileio
+
+from cnnbench.util import interrupt
+from cnnbench.config.spec import TrialConfig
+from cnnbench.train.device import (autocast, build_model, configure_backends, is_out_of_memory, resolve_device, sync,
+                                   use_channels_last)
+from cnnbench.data.tensors import DatasetInfo, DeviceData, mix_seed, data_dir
+from cnnbench.train.graphs import StepGraph, graph_reason
+from cnnbench.train.schedule import LRSchedule
+
+FINISHED, DIVERGED, PRUNED, FAILED, INTERRUPTED = "finished", "diverged", "pruned", "failed", "interrupted"
+
+
+@dataclass
+class TrialResult:
+    config: TrialConfig
+    status: str = "running"
+    reason: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)  # one record per epoch
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (samples seen, mean train loss)
+    train_seconds: float = 0.0  # time in training steps (evaluation excluded)
+    wall_seconds: float = 0.0
+    images: int = 0  # training images this trial processed
+    device: str = ""
+    fused_with: int = 1  # trials trained together with this one (itself included)
+    best_epoch: int | None = None
+    best_checkpoint: Path | None = None
+    final_checkpoint: Path | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    def metric(self, name: str, epoch: int | None = None) -> float:
+        """`name` (e.g. "test/acc") at 1-based `epoch`; the last epoch when None; NaN if absent."""
+        if not self.history:
+            return math.nan
+        rec = self.history[-1] if epoch is None else next((r for r in self.history if r["epoch"] == epoch), {})
+        return float(rec.get(name, math.nan))
+
+    def best(self, name: str = "test/acc") -> tuple[float, int | None]:
+        values = [(r[name], r["epoch"]) for r in self.history if name in r and math.isfinite(r[name])]
+        if not values:
+            return math.nan, None
+        return max(values, key=lambda v: (v[0], -v[1]))
+
+
+class Recorder:
+    """What the loop tells the outside world. Every method is a no-op here."""
+
+    def start(self, config: TrialConfig, info: dict[str, Any], resumed: TrialResult | None) -> None:
+        """Called once before training; `resumed` holds the epochs a checkpoint restored."""
+
+    def train_loss(self, samples: int, loss: float) -> None:
+        """Mean training loss of the last `log_every` steps, at `samples` images seen."""
+
+    def epoch(self, record: dict[str, float]) -> str | None:
+        """After each epoch. Return "prune" to stop this trial as pruned."""
+        return None
+
+    def finish(self, result: TrialResult) -> None:
+        """Once, with the final status (finished, diverged, pruned, failed or interrupted)."""
+
+
+# ----------------------------------------------------------------------------------------
+# the single engine
+
+
+class SingleEngine:
+    """One nn.Module, one torch.optim optimizer (foreach kernels), optionally compiled."""
+
+    k = 1
+
+    def __init__(self, configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo) -> None:
+        (self.config,) = configs
+        c = self.config
+        self.device = device
+        self.model = build_model(c, info).to(device)
+        if use_channels_last(c, device):
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.names = [n for n, _ in self.model.named_parameters()]
+        params = [p for _, p in self.model.named_parameters()]
+        # one fused kernel per step on CUDA; foreach (a few kernels for all tensors) elsewhere
+        kernels = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        if c.optimizer == "sgd":
+            self.opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, **kernels)
+            if c.momentum:  # zeros now rather than a copy of the first gradient: the same numbers
+                for p in params:  # (0 * momentum + g == g), and a step that a CUDA graph can replay
+                    self.opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        else:
+            self.opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay, **kernels)
+        self.forward = self.model if c.compile == "none" else torch.compile(self.model, mode=c.compile)
+        self.lrs: list[list[float]] = [[c.lr]]
+
+    def begin_epoch(self, lrs: list[list[float]]) -> None:
+        """`lrs[step][k]`: one row for the whole epoch, or one row per step."""
+        self.lrs = lrs
+        for g in self.opt.param_groups:
+            g["lr"] = lrs[0][0]
+
+    def deactivate(self, k: int) -> None:
+        self.lrs = [[0.0]]
+        for g in self.opt.param_groups:
+            g["lr"] = 0.0
+
+    def train(self, mode: bool) -> None:
+        self.model.train(mode)
+
+    def train_step(self, x: Tensor, y: Tensor, step: int) -> Tensor:
+        if len(self.lrs) > 1:
+            for g in self.opt.param_groups:
+                g["lr"] = self.lrs[step][0]
+        with autocast(self.config, self.device):
+            loss = F.cross_entropy(self.forward(x), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach().float().view(1)
+
+    @torch.no_grad()
+    def eval_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        with autocast(self.config, self.device):
+            logits = self.forward(x).float()
+        loss = F.cross_entropy(logits, y, reduction="sum").view(1)
+        correct = (logits.argmax(1) == y).sum().view(1)
+        return loss, correct
+
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor a training step changes (weights, buffers, optimizer state)."""
+        opt = [v for st in self.opt.state.values() for v in st.values() if isinstance(v, Tensor)]
+        return [*self.model.parameters(), *self.model.buffers(), *opt]
+
+    def trial_state(self, k: int) -> dict[str, Any]:
+        by_param = dict(zip(self.names, self.model.parameters()))
+        state = {n: {key: v.detach().clone() if isinstance(v, Tensor) else v
+                     for key, v in self.opt.state.get(p, {}).items()} for n, p in by_param.items()}
+        return {"model": {k_: v.detach().clone() for k_, v in self.model.state_dict().items()},
+                "optimizer": {n: s for n, s in state.items() if s}}
+
+    def load_trial_state(self, k: int, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        by_param = dict(zip(self.names, self.model.parameters()))
+        for name, s in state["optimizer"].items():
+            p = by_param[name]
+            self.opt.state[p] = {key: v.to(p.device) if isinstance(v, Tensor) else v for key, v in s.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _checkpoint_payload(engine, k: int, config: TrialConfig, result: TrialResult, epoch: int,
+                        schedule: LRSchedule) -> dict[str, Any]:
+    return {
+        "format": "cnnbench-checkpoint-1", "config": config.to_dict(), "key": config.key(),
+        "epoch": epoch, "torch": torch.__version__, **engine.trial_state(k),
+        "schedule": schedule.state_dict(), "history": result.history, "curve": result.curve,
+        "train_seconds": result.train_seconds, "images": result.images, "best_epoch": result.best_epoch,
+    }
+
+
+def save_checkpoint(payload: dict[str, Any], path: Path) -> Path:
+    fileio.write_with(path, lambda tmp: torch.save(payload, tmp))
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != "cnnbench-checkpoint-1":
+        raise ValueError(f"{path}: not a cnnbench checkpoint")
+    return payload
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], *, device: str = "auto",
+                        data_root: str | os.PathLike | None = None,
+                        test_batch_size: int = 1024) -> tuple[float, float, int]:
+    """Re-test a checkpoint saved on any device (a path or a loaded payload) on `device`:
+    (test loss, test accuracy in percent, test images)."""
+    payload = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location="cpu")
+    config = TrialConfig.from_dict({**payload["config"], "device": device, "test_batch_size": test_batch_size,
+                                    "compile": "none"}, where=str(payload.get("key", "checkpoint")))
+    dev = resolve_device(config.device)
+    data = load_data(config, data_root, dev)
+    engine = SingleEngine([config], dev, data.info)
+    engine.load_trial_state(0, payload)
+    engine.train(False)
+    loss, acc = evaluate(engine, data, data.test, config.test_batch_size)
+    return loss[0], acc[0], len(data.test)
+
+
+def _resume_state(ckpt_dir: Path | None, config: TrialConfig) -> dict[str, Any] | None:
+    if ckpt_dir is None or not (ckpt_dir / "last.pt").exists():
+        return None
+    try:
+        payload = load_checkpoint(ckpt_dir / "last.pt")
+    except Exception:  # a checkpoint we cannot read is no checkpoint: start over
+        return None
+    return payload if payload.get("key") == config.key() else None
+
+
+def resume_epoch(ckpt_dir: Path | None, config: TrialConfig) -> int:
+    """Epochs already done according to the trial's last checkpoint (0 when none)."""
+    state = _resume_state(ckpt_dir, config)
+    return int(state["epoch"]) if state else 0
+
+
+# ----------------------------------------------------------------------------------------
+# the loop
+
+
+def run_trial(config: TrialConfig, *, data_root: str | os.PathLike | None = None,
+              recorder: Recorder | None = None, checkpoint_dir: str | os.PathLike | None = None,
+              data: DeviceData | None = None, evaluate_test: bool = True) -> TrialResult:
+    """Train one trial; the result carries per-epoch metrics and the loss curve."""
+    return train_group([config], data_root=data_root, recorders=[recorder or Recorder()],
+                       checkpoint_dirs=[Path(checkpoint_dir)] if checkpoint_dir else None,
+                       data=data, evaluate_test=evaluate_test)[0]
+
+
+def load_data(config: TrialConfig, root: str | os.PathLike | None, device: torch.device) -> DeviceData:
+    return DeviceData.load(dataset=config.dataset, root=data_dir(root), device=device,
+                           normalize=config.normalize, train_subset=config.train_subset,
+                           test_subset=config.test_subset, val_size=config.val_size,
+                           channels_last=use_channels_last(config, device))
+
+
+def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike | None = None,
+                recorders: Sequence[Recorder] | None = None,
+                checkpoint_dirs: Sequence[Path | None] | None = None,
+                data: DeviceData | None = None, evaluate_test: bool = True,
+                progress: Any = None, fused: bool | None = None, engine: str | None = None) -> list[TrialResult]:
+    """Train `configs` together (they must be fusable, see fused.group_key) or one alone.
+
+    `fused`: None trains K > 1 trials with the FusedEngine and one trial with the
+    SingleEngine; True uses the FusedEngine even for one trial (the benchmark's K = 1).
+    `engine`: which fused engine, "wide" (wide.WideEngine) or "vmap" (fused.FusedEngine);
+    None: fused.engine_for's choice (vmap on CUDA, as measured there; wide elsewhere where
+    the model widens).
+
+    Every trial's outcome is returned, failures included: an exception inside training
+    (out of memory, say) marks the trials failed with the reason and does not propagate.
+    KeyboardInterrupt marks them interrupted, tells the recorders and propagates.
+    """
+    configs = list(configs)
+    k_trials = len(configs)
+    recorders = list(recorders or [Recorder() for _ in configs])
+    ckpt_dirs = list(checkpoint_dirs or [None] * k_trials)
+    c0 = configs[0]
+    wall0 = time.perf_counter()
+    device = resolve_device(c0.device)
+    configure_backends(c0, device)
+    data = data or load_data(c0, data_root, device)
+    results = [TrialResult(config=c, device=str(device), fused_with=k_trials) for c in configs]
+    started = [False] * k_trials
+    try:
+        if k_trials == 1 and not fused:
+            trainer: Any = SingleEngine(configs, device, data.info)
+        else:
+            from cnnbench.train.fused import fused_engine  # fused imports this module
+
+            trainer = fused_engine(configs, device, data.info, engine)
+        _fit(trainer, configs, data, recorders, ckpt_dirs, results, started, evaluate_test, progress)
+    except KeyboardInterrupt:
+        _end(results, recorders, started, INTERRUPTED, "interrupted (Ctrl-C)", wall0)
+        raise
+    except Exception as err:  # out of memory, a bad device, a bug: the study goes on
+        reason = f"out of memory: {err}" if is_out_of_memory(err) else f"{type(err).__name__}: {err}"
+        traceback.print_exc()
+        _end(results, recorders, started, FAILED, " ".join(reason.split())[:500], wall0)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return results
+    _end(results, recorders, started, FINISHED, None, wall0)
+    return results
+
+
+def _end(results, recorders, started, status, reason, wall0) -> None:
+    """Give every trial still running `status`, and tell each recorder once (a Ctrl-C
+    meanwhile is held until every record is complete)."""
+    with interrupt.shielded():
+        _end_all(results, recorders, started, status, reason, wall0)
+
+
+def _end_all(results, recorders, started, status, reason, wall0) -> None:
+    for i, r in enumerate(results):
+        if r.status == "running":
+            r.status = status
+            r.reason = reason or r.reason
+        r.wall_seconds = time.perf_counter() - wall0
+        if not started[i]:
+            recorders[i].start(r.config, {"device": r.device, "fused_with": r.fused_with}, None)
+            started[i] = True
+        recorders[i].finish(r)
+
+
+def _fit(engine, configs, data: DeviceData, recorders, ckpt_dirs, results, started, evaluate_test, progress) -> None:
+    k_trials = len(configs)
+    c0 = configs[0]
+    n_train, batch = len(data.train), c0.batch_size
+    steps_per_epoch = math.ceil(n_train / batch)
+    schedules = [LRSchedule(c, steps_per_epoch) for c in configs]
+    select = "val/acc" if data.val is not None else "test/acc"
+    active = [True] * k_trials
+
+    # resume from epoch checkpoints (the caller groups trials that stopped at the same epoch)
+    start_epoch = 0
+    for k, (c, d) in enumerate(zip(configs, ckpt_dirs)):
+        state = _resume_state(d, c)
+        resumed = None
+        if state:
+            engine.load_trial_state(k, state)
+            schedules[k].load_state_dict(state["schedule"])
+            r = results[k]
+            r.history, r.curve = list(state["history"]), [tuple(p) for p in state["curve"]]
+            r.train_seconds, r.images, r.best_epoch = state["train_seconds"], state["images"], state["best_epoch"]
+            r.final_checkpoint = d / "last.pt"
+            r.best_checkpoint = d / "best.pt" if (d / "best.pt").exists() else None
+            start_epoch = int(state["epoch"])
+            resumed = r
+        with interrupt.shielded():  # the run is created and known, or not created
+            recorders[k].start(c, {"device": str(data.device), "fused_with": k_trials,
+                                   "steps_per_epoch": steps_per_epoch}, resumed)
+            started[k] = True
+
+    seeds = [c.seed for c in configs]
+    streams = sorted(set(seeds))
+    stream_index = torch.tensor([streams.index(s) for s in seeds], device=data.device)
+    augment = c0.augmentations()
+    bar = _progress_bar(c0, progress, total=(c0.epochs - start_epoch) * steps_per_epoch, k=k_trials)
+
+    def make_batch(index: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch of rows `index` (one row of image indices per stream), as below."""
+        xs = [data.to_float(data.train.x[index[i]]) for i in range(len(streams))]
+        ys = [data.train.y[index[i]] for i in range(len(streams))]
+        if len(streams) == 1:
+            return xs[0], ys[0]
+        return torch.stack(xs)[stream_index], torch.stack(ys)[stream_index]
+
+    why_not = graph_reason(configs, engine, data.device, schedules[0].per_step())
+    step_graph = StepGraph(engine, make_batch, len(streams), batch, data.device) \
+        if not why_not and n_train >= batch else None
+
+    for epoch in range(start_epoch, c0.epochs):
+        # batches: one stream per distinct seed; trials that share a seed share the batch
+        orders = {s: data.epoch_order(s, epoch) for s in streams}
+        augmenters = {s: data.augmenter(augment, s, epoch) for s in streams}
+        torch.manual_seed(mix_seed(seeds[0], epoch, 2))  # dropout
+        lr_rows = [[schedules[k].lr(epoch, step) if active[k] else 0.0 for k in range(k_trials)]
+                   for step in range(steps_per_epoch if schedules[0].per_step() else 1)]
+        engine.begin_epoch(lr_rows)
+        engine.train(True)
+        if step_graph is not None:
+            order_rows = torch.stack([orders[s] for s in streams])  # streams x n_train
+            try:
+                step_graph.capture(order_rows[:, :batch])
+            except Exception as err:  # the eager step computes the same: go on without graphs
+                print(f"cnnbench: cuda_graphs: capture failed, training eagerly ({type(err).__name__}: "
+                      f"{' '.join(str(err).split())[:300]})", file=sys.stderr)
+                step_graph = None
+        window = torch.zeros(k_trials, device=data.device)
+        in_window, epoch_sum, epoch_steps = 0, [0.0] * k_trials, 0
+        sync(data.device)
+        t0 = time.perf_counter()
+        for step in range(steps_per_epoch):
+            lo, hi = step * batch, min((step + 1) * batch, n_train)
+            if step_graph is not None and hi - lo == batch:
+                loss = step_graph.replay(order_rows[:, lo:hi])
+            else:
+                xs, ys = [], []
+                for s in streams:
+                    idx = orders[s][lo:hi]
+                    xs.append(data.to_float(data.train.x[idx], augmenters[s]))
+                    ys.append(data.train.y[idx])
+                if len(streams) == 1:
+                    x, y = xs[0], ys[0]
+                else:  # (K, B, ...): each trial gets its own stream's batch
+                    x, y = torch.stack(xs)[stream_index], torch.stack(ys)[stream_index]
+                loss = engine.train_step(x, y, step)
+            window += loss
+            in_window += 1
+            if in_window == c0.log_every or step == steps_per_epoch - 1:
+                means = (window / in_window).tolist()  # the only host sync inside an epoch
+                samples = epoch * n_train + hi
+                for k in range(k_trials):
+                    if not active[k]:
+                        continue
+                    epoch_sum[k] += means[k] * in_window
+                    if not math.isfinite(means[k]):
+                        _stop(engine, k, active, results, DIVERGED,
+                              f"training loss became {means[k]} at {samples} samples (epoch {epoch + 1})")
+                        continue
+                    results[k].curve.append((samples, means[k]))
+                    recorders[k].train_loss(samples, means[k])
+                epoch_steps += in_window
+                window.zero_()
+                in_window = 0
+                if not any(active):
+                    break
+            if bar is not None:
+                bar.update(1)
+        sync(data.device)
+        seconds = time.perf_counter() - t0
+        if not any(active):
+            break
+
+        # evaluation, records, schedules, checkpoints
+        engine.train(False)
+        metrics: dict[str, list[float]] = {}
+        for split_name, split in (("val", data.val), ("test", data.test if evaluate_test else None)):
+            if split is not None:
+                loss_k, acc_k = evaluate(engine, data, split, c0.test_batch_size)
+                metrics[f"{split_name}/loss"], metrics[f"{split_name}/acc"] = loss_k, acc_k
+        for k in range(k_trials):
+            if not active[k]:
+                continue
+            r = results[k]
+            r.train_seconds += seconds
+            r.images += n_train
+            record = {"epoch": epoch + 1, "train/epoch_loss": epoch_sum[k] / max(epoch_steps, 1),
+                      "lr": lr_rows[0][k], "epoch_seconds": seconds,
+                      **{name: values[k] for name, values in metrics.items()}}
+            r.history.append(record)
+            bad = [n for n, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                _stop(engine, k, active, results, DIVERGED, f"{bad[0]} became {record[bad[0]]} at epoch {epoch + 1}")
+                continue
+            monitored = record.get("val/loss", record["train/epoch_loss"])
+            schedules[k].end_epoch(monitored)
+            is_best = select in record and record[select] == r.best(select)[0] and r.best(select)[1] == epoch + 1
+            if is_best:
+                r.best_epoch = epoch + 1
+            _write_checkpoints(engine, k, configs[k], r, epoch + 1, schedules[k], ckpt_dirs[k], is_best)
+            with interrupt.shielded():  # a Ctrl-C inside a database write would break the connection
+                verdict = recorders[k].epoch(record)
+            if verdict == "prune":
+                _stop(engine, k, active, results, PRUNED, f"pruned after epoch {epoch + 1}")
+        if bar is not None:
+            bar.set_postfix_str(_postfix(results, active))
+        if not any(active):
+            break
+    if bar is not None:
+        bar.close()
+
+
+def _postfix(results: list[TrialResult], active: list[bool]) -> str:
+    accs = [r.history[-1].get("test/acc", r.history[-1].get("val/acc")) for r, a in zip(results, active)
+            if a and r.history]
+    accs = [a for a in accs if a is not None]
+    return f"acc {min(accs):.2f}..{max(accs):.2f}%" if len(accs) > 1 else (f"acc {accs[0]:.2f}%" if accs else "")
+
+
+def _progress_bar(config: TrialConfig, progress: Any, total: int, k: int):
+    if not config.progress or total <= 0:
+        return None
+    from tqdm.auto import tqdm
+
+    label = progress if isinstance(progress, str) else (f"{k} fused trials" if k > 1 else "trial")
+    return tqdm(total=total, desc=label, unit="step", leave=False, dynamic_ncols=True)
+
+
+def _stop(engine, k: int, active: list[bool], results: list[TrialResult], status: str, reason: str) -> None:
+    active[k] = False
+    engine.deactivate(k)
+    results[k].status, results[k].reason = status, reason
+
+
+def _write_checkpoints(engine, k, config, result, epoch, schedule, ckpt_dir, is_best) -> None:
+    if ckpt_dir is None:
+        return
+    payload = _checkpoint_payload(engine, k, config, result, epoch, schedule)
+    result.final_checkpoint = save_checkpoint(payload, ckpt_dir / "last.pt")
+    if is_best and config.checkpoints in ("best", "all"):
+        result.best_checkpoint = save_checkpoint(payload, ckpt_dir / "best.pt")
+    if config.checkpoints == "all":
+        save_checkpoint(payload, ckpt_dir / f"epoch_{epoch:03d}.pt")
+
+
+@torch.no_grad()
+def evaluate(engine, data: DeviceData, split, batch_size: int) -> tuple[list[float], list[float]]:
+    """Mean loss and accuracy (percent) of every trial of `engine` on `split`."""
+    loss_sum = torch.zeros(engine.k, device=data.device)
+    correct = torch.zeros(engine.k, device=data.device, dtype=torch.long)
+    for lo in range(0, len(split), batch_size):
+        x = data.to_float(split.x[lo:lo + batch_size])
+        loss, right = engine.eval_batch(x, split.y[lo:lo + batch_size])
+        loss_sum += loss
+        correct += right
+    n = len(split)
+    return (loss_sum / n).tolist(), (correct.double() * 100.0 / n).tolist()

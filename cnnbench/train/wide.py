@@ -1,0 +1,311 @@
+"""K trials of one architecture trained as one wide model (horizontal fusion, HFTA).
+
+`widen(models)` builds, from the K models' own initial weights, one module whose
+activations hold the K trials side by side on the channel dimension: `(N, K*C, H, W)`,
+trial-major (trial k owns channels k*C .. (k+1)*C), and `(N, K*F)` after a flatten.
+- Conv2d -> one grouped convolution (`groups = K x g`); where its input is the batch all
+  K trials share (same seed, same data order) a dense one with K times the output channels.
+- Linear -> a batched matrix product (`baddbmm` over K).
+- BatchNorm -> one batch norm over K*C channels: statistics are per channel, so per trial.
+- activations, pooling, dropout, flatten, residual sums: unchanged (per channel or
+  per element, and `flatten(1)` of a trial-major layout is trial-major).
+- channel concatenation (`models._layers.Concat`, Inception's branches) -> a concatenation
+  per trial, so that each trial's channels stay together.
+The wide module keeps the parameter names of the original, and every wide tensor is trial
+k's tensor at index k of a `(K, ...)` view, so per-trial state goes out and in with no
+copy of the whole (`WideEngine.trial_state`, checkpoints in SingleEngine's format).
+
+A model is widened only if every module in it is one the transform knows (`widen_reason`
+says which is not, and why); the others fuse through vmap (fused.py) or train alone.
+Trials with different seeds in one group get their own batches: the input `(K, B, C, H, W)`
+becomes `(B, K*C, H, W)` and the first convolution is grouped too.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.googlenet import BasicConv2d as TvBasicConv2d
+from torchvision.models.googlenet import Inception as TvInception
+from torchvision.models.resnet import BasicBlock as TvBasicBlock
+from torchvision.models.resnet import Bottleneck as TvBottleneck
+from torch import Tensor, nn
+
+from cnnbench.config.spec import TrialConfig
+from cnnbench.data.tensors import DatasetInfo
+from cnnbench.models import alexnet, inception, lenet, resnet
+from cnnbench.models.layers import ACTIVATIONS, BATCH_NORMS, Concat
+from cnnbench.models.tv import ResizeInput
+from cnnbench.train.per_trial import PerTrialOptimizer
+from cnnbench.train.device import autocast, build_model, use_channels_last
+
+
+class WideConv2d(nn.Module):
+    """K convolutions as one: weight `(K*O, C/g, kh, kw)`, trial k's filters at rows k*O.."""
+
+    def __init__(self, convs: Sequence[nn.Conv2d]) -> None:
+        super().__init__()
+        c = convs[0]
+        self.k, self.in_per_trial, self.groups = len(convs), c.in_channels, c.groups
+        self.stride, self.padding, self.dilation = c.stride, c.padding, c.dilation
+        self.weight = nn.Parameter(torch.cat([m.weight.detach() for m in convs]))
+        self.bias = nn.Parameter(torch.cat([m.bias.detach() for m in convs])) if c.bias is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.k > 1 and x.shape[1] == self.in_per_trial:  # the shared batch: N x C x H x W
+            if self.groups == 1:  # one dense convolution with K*O outputs
+                return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+            x = x.repeat(1, self.k, 1, 1)  # N x K*C x H x W
+        # N x K*C x H x W -> N x K*O x H' x W'
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.k * self.groups)
+
+
+class WideLinear(nn.Module):
+    """K linear layers as one batched product: weight `(K, out, in)`, bias `(K, out)`."""
+
+    def __init__(self, linears: Sequence[nn.Linear]) -> None:
+        super().__init__()
+        lin = linears[0]
+        self.k, self.in_features = len(linears), lin.in_features
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in linears]))
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in linears])) if lin.bias is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        if self.k > 1 and x.shape[1] == self.in_features:  # shared input: N x in
+            xk = x.unsqueeze(0).expand(self.k, -1, -1)
+        else:  # N x K*in -> K x N x in
+            xk = x.view(n, self.k, self.in_features).transpose(0, 1)
+        w = self.weight.transpose(1, 2)  # K x in x out
+        out = torch.bmm(xk, w) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), xk, w)
+        return out.transpose(0, 1).reshape(n, -1)  # N x K*out
+
+
+def wide_batch_norm(norms: Sequence[nn.Module]) -> nn.Module:
+    """K batch norms over C channels as one over K*C: same statistics, channel by channel."""
+    b = norms[0]
+    wide = type(b)(len(norms) * b.num_features, eps=b.eps, momentum=b.momentum, affine=b.affine,
+                   track_running_stats=b.track_running_stats)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(wide, name) is not None:
+                getattr(wide, name).copy_(torch.cat([getattr(m, name) for m in norms]))
+        if b.num_batches_tracked is not None:
+            wide.num_batches_tracked.copy_(b.num_batches_tracked)
+    return wide
+
+
+class WideConcat(nn.Module):
+    """`Concat` per trial: K*c1, K*c2, ... channels -> K*(c1 + c2 + ...), trial-major."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, xs: list[Tensor]) -> Tensor:
+        parts = [x.unflatten(1, (self.k, -1)) for x in xs]  # each N x K x c_i x H x W
+        out = torch.cat(parts, dim=2).flatten(1, 2)  # N x K*sum(c_i) x H x W
+        if xs[0].is_contiguous(memory_format=torch.channels_last) and not xs[0].is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+
+class WideResizeInput(nn.Module):
+    """`ResizeInput` for a wide net: resizes, and repeats each trial's channels on its own."""
+
+    def __init__(self, resize: ResizeInput, k: int, in_channels: int) -> None:
+        super().__init__()
+        self.net, self.size, self.channels = resize.net, resize.size, resize.channels
+        self.k, self.in_channels = k, in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        k = 1 if x.shape[1] == self.in_channels else self.k  # the shared batch, or K trials' own
+        c = x.shape[1] // k
+        if c != self.channels:
+            x = x.unflatten(1, (k, c))  # N x k x c x S x S
+            x = x.expand(-1, -1, self.channels, -1, -1) if c == 1 else \
+                x.mean(2, keepdim=True).expand(-1, -1, self.channels, -1, -1)
+            x = x.flatten(1, 2)  # N x k*channels x S x S
+        return self.net(x)
+
+
+def _wide_inception_forward(block: nn.Module, k: int):
+    """torchvision's GoogLeNet Inception block joins its branches with `torch.cat` in its own
+    forward; this forward joins its four branches (`branch1`..`branch4`) per trial instead."""
+    concat = WideConcat(k)
+
+    def forward(x: Tensor) -> Tensor:
+        return concat([block.branch1(x), block.branch2(x), block.branch3(x), block.branch4(x)])
+
+    return forward
+
+
+# per-element or per-channel modules: the same module serves the wide layout
+ELEMENTWISE = (nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout,
+               nn.ReLU, nn.ReLU6, nn.Hardtanh, *ACTIVATIONS.values())
+# containers whose forward only calls their children, adds tensors of one shape and flattens
+# from dim 1: known to keep the trials apart (read each class's forward before adding one)
+LAYOUT_SAFE = (nn.Sequential, lenet.LeNet, alexnet.AlexNet, inception.InceptionNet, inception.InceptionBlock,
+               resnet.ResNet, resnet.ResidualBlock, torchvision.models.ResNet, TvBasicBlock,
+               TvBottleneck, torchvision.models.VGG, torchvision.models.AlexNet,
+               torchvision.models.GoogLeNet, TvBasicConv2d)
+SPECIAL = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten, Concat, ResizeInput,
+           TvInception)
+WHY_NOT = {nn.LocalResponseNorm: "LocalResponseNorm normalises across neighbouring channels, which would "
+                                 "mix the channels of adjacent trials"}
+
+
+def widen_reason(model: nn.Module) -> str | None:
+    """None when `model` can be widened; otherwise why not (the first module in the way)."""
+    for path, m in model.named_modules():
+        t, where = type(m), path or "the model"
+        if t in WHY_NOT:
+            return f"{where}: {WHY_NOT[t]}"
+        if t is nn.Conv2d and m.padding_mode != "zeros":
+            return f"{where}: Conv2d with padding_mode={m.padding_mode!r} is not widened"
+        if t is nn.Flatten and (m.start_dim != 1 or m.end_dim != -1):
+            return f"{where}: Flatten over dims {m.start_dim}..{m.end_dim} would mix trials"
+        if isinstance(m, BATCH_NORMS) and t not in SPECIAL:
+            return f"{where}: {t.__name__} is not widened"
+        if t is torchvision.models.GoogLeNet and (m.transform_input or m.aux1 is not None):
+            return f"{where}: GoogLeNet with transform_input or auxiliary heads is not widened"
+        if t not in ELEMENTWISE and t not in LAYOUT_SAFE and t not in SPECIAL:
+            return f"{where}: {t.__name__}'s forward is not known to keep trials apart (not in wide.LAYOUT_SAFE)"
+    return None
+
+
+def widen(models: Sequence[nn.Module], *, in_channels: int) -> nn.Module:
+    """One wide module from K models of one architecture (their own weights, copied).
+
+    `in_channels`: the data's channels, which tell the shared batch from per-trial ones.
+    Raises ValueError with `widen_reason` when the architecture cannot be widened."""
+    reason = widen_reason(models[0])
+    if reason:
+        raise ValueError(f"cannot widen {type(models[0]).__name__}: {reason}")
+    return _widen(copy.deepcopy(models[0]), list(models), len(models), in_channels)
+
+
+def _widen(module: nn.Module, sources: list[nn.Module], k: int, in_channels: int) -> nn.Module:
+    t = type(module)
+    if t is nn.Conv2d:
+        return WideConv2d(sources)
+    if t is nn.Linear:
+        return WideLinear(sources)
+    if t in (nn.BatchNorm1d, nn.BatchNorm2d):
+        return wide_batch_norm(sources)
+    if t is Concat:
+        return WideConcat(k)
+    for name, child in list(module.named_children()):
+        setattr(module, name, _widen(child, [getattr(s, name) for s in sources], k, in_channels))
+    if t is ResizeInput:
+        return WideResizeInput(module, k, in_channels)
+    if t is TvInception:
+        module.forward = _wide_inception_forward(module, k)
+    return module
+
+
+def trial_view(wide: Tensor, shape: torch.Size, k: int) -> Tensor:
+    """The wide tensor as `(K, *shape)`: trial k's tensor at index k (a view, not a copy)."""
+    if wide.dim() == 0:  # a counter all trials share (num_batches_tracked)
+        return wide.detach().expand(k)
+    return wide.detach().view(k, *shape)
+
+
+class WideEngine:
+    """The engine interface of train.SingleEngine, for K trials widened into one model."""
+
+    def __init__(self, configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo) -> None:
+        self.configs = list(configs)
+        self.k = len(self.configs)
+        c0 = self.configs[0]
+        self.config, self.device, self.in_channels = c0, device, info.channels
+        models = [build_model(c, info) for c in self.configs]  # each seeded as when it trains alone
+        shapes = {n: t.shape for n, t in models[0].state_dict().items()}
+        self.model = widen(models, in_channels=info.channels).to(device)
+        self.channels_last = use_channels_last(c0, device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.names = [n for n, _ in self.model.named_parameters()]
+        self.params = [p for _, p in self.model.named_parameters()]
+        self.buffers = dict(self.model.named_buffers())
+        if set(self.names) | set(self.buffers) != set(shapes):
+            raise RuntimeError("the wide model's state names differ from the model's")
+        self.shapes = {n: shapes[n] for n in shapes}
+        self.views = [trial_view(p, shapes[n], self.k) for n, p in zip(self.names, self.params)]
+        self.opt = PerTrialOptimizer(self.views, self.configs, device)
+        self.forward = self.model if c0.compile == "none" else torch.compile(self.model, mode=c0.compile)
+
+    # -- the engine interface ---------------------------------------------------------------
+    def begin_epoch(self, lrs: list[list[float]]) -> None:
+        self.opt.begin_epoch(lrs)
+
+    def deactivate(self, k: int) -> None:
+        """Stop trial k (diverged or pruned): its rate becomes 0, the others go on."""
+        self.opt.deactivate(k)
+
+    def train(self, mode: bool) -> None:
+        self.model.train(mode)
+
+    def wide_input(self, x: Tensor) -> Tensor:
+        """The shared batch `(B, C, H, W)` as it is; per-trial batches `(K, B, C, H, W)` side
+        by side on channels, `(B, K*C, H, W)`."""
+        if x.dim() == 4:
+            return x
+        k, b, c, h, w = x.shape
+        x = x.permute(1, 0, 2, 3, 4).reshape(b, k * c, h, w)  # B x K*C x H x W
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def logits(self, x: Tensor) -> Tensor:
+        """B x K x classes."""
+        out = self.forward(self.wide_input(x))  # B x K*classes
+        return out.view(out.shape[0], self.k, -1)
+
+    def losses(self, logits: Tensor, y: Tensor) -> Tensor:
+        """B x K cross-entropies of `logits` (B x K x classes) against the shared labels
+        `y` (B) or per-trial ones (K x B)."""
+        b, k, n = logits.shape
+        target = y.unsqueeze(1).expand(b, k) if y.dim() == 1 else y.t()  # B x K
+        return F.cross_entropy(logits.reshape(b * k, n), target.reshape(b * k), reduction="none").view(b, k)
+
+    def train_step(self, x: Tensor, y: Tensor, step: int) -> Tensor:
+        lr = self.opt.lr(step)
+        with autocast(self.config, self.device):
+            logits = self.logits(x)
+        losses = self.losses(logits.float(), y).mean(0)  # K
+        losses.sum().backward()  # trial k's loss depends on trial k's weights only
+        grads = [p.grad.reshape(v.shape) for p, v in zip(self.params, self.views)]
+        self.opt.step(grads, lr)
+        for p in self.params:
+            p.grad = None
+        return losses.detach()
+
+    @torch.no_grad()
+    def eval_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        with autocast(self.config, self.device):
+            logits = self.logits(x).float()  # B x K x classes
+        loss = self.losses(logits, y).sum(0)
+        correct = (logits.argmax(-1) == y.unsqueeze(1)).sum(0)
+        return loss, correct
+
+    # -- per-trial state, in SingleEngine's format ------------------------------------------
+    def trial_state(self, k: int) -> dict[str, Any]:
+        model = {n: v[k].clone() for n, v in zip(self.names, self.views)}
+        model.update({n: trial_view(b, self.shapes[n], self.k)[k].clone() for n, b in self.buffers.items()})
+        return {"model": model, "optimizer": self.opt.trial_state(k, self.names)}
+
+    @torch.no_grad()
+    def load_trial_state(self, k: int, state: dict[str, Any]) -> None:
+        for n, v in zip(self.names, self.views):
+            v[k].copy_(state["model"][n])
+        for n, b in self.buffers.items():
+            if b.dim() == 0:  # shared by the group, which resumes from one epoch
+                b.copy_(state["model"][n])
+            else:
+                trial_view(b, self.shapes[n], self.k)[k].copy_(state["model"][n])
+        self.opt.load_trial_state(k, self.names, state["optimizer"])
