@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from cnnbench.config.space import with_overrides as sweep_overrides
-from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig
+from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig, parse_seeds
 from cnnbench.config.spec import load_spec as read_spec
 from cnnbench.data.tensors import data_dir, load_arrays
 from cnnbench.models.summary import summarize as layer_summary
 from cnnbench.report import analysis
+from cnnbench.report.tables import history_text
 from cnnbench.run.study import StudyOutcome
 from cnnbench.run.study import run_study as study_runner
 from cnnbench.run.sweep import run_sweep as sweep_runner
@@ -38,13 +39,18 @@ from cnnbench.train.loop import Recorder, TrialResult, evaluate_checkpoint, load
 from cnnbench.train.loop import run_trial as train_one
 from cnnbench.util.paths import state_dir
 
-__all__ = ["evaluate", "load_runs", "load_spec", "run_study", "run_sweep", "run_trial", "statistics", "summarize"]
+__all__ = ["evaluate", "load_runs", "load_spec", "run_study", "run_sweep", "run_trial", "statistics", "summarize",
+           # the commands' tools
+           "bench", "command", "compare", "gpu_check", "history_text", "models", "report", "screenshot",
+           "summary_text", "sweep_storage_url"]
 
 
 def load_spec(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None,
-              seeds: Iterable[int] | None = None) -> StudySpec:
+              seeds: Iterable[int] | str | None = None) -> StudySpec:
     """A study or sweep spec (studies/*.yaml), validated, with fixed settings overridden
-    (`overrides`, as `--set`) and, for a study, its seeds replaced."""
+    (`overrides`, as `--set`) and, for a study, its seeds replaced (a list, or "0,1,2")."""
+    if isinstance(seeds, str):
+        seeds = parse_seeds(seeds)
     spec = read_spec(path)
     overrides = dict(overrides or {})
     if spec.search and not spec.scientific:  # a sweep
@@ -61,7 +67,7 @@ def run_trial(config: TrialConfig | None = None, *, data_root: str | os.PathLike
     (`run_trial(lr=0.05, epochs=2)`). Tracked as an MLflow run in `experiment` unless
     `track` is False; epoch checkpoints in the state folder (`resume` goes on from them)."""
     base = config.to_dict() if config is not None else {}
-    config = TrialConfig.from_dict({**base, **settings}, where="run_trial")
+    config = TrialConfig.from_dict({**base, **settings}, where="settings")
     resolve_device(config.device)
     load_arrays(config.dataset, data_dir(data_root))
     recorder: Recorder = Recorder()
@@ -77,7 +83,7 @@ def run_trial(config: TrialConfig | None = None, *, data_root: str | os.PathLike
     if not resume:
         shutil.rmtree(ckpt, ignore_errors=True)
     result = train_one(config, data_root=data_root, recorder=recorder, checkpoint_dir=ckpt)
-    result.run_id = getattr(recorder, "run_id", None) or ""  # type: ignore[attr-defined]
+    result.run_id = getattr(recorder, "run_id", None) or ""
     return result
 
 
@@ -143,3 +149,113 @@ def summarize(model: str | Any, input_shape: Iterable[int] | None = None, *, num
     memory per layer, for a registered name (`summarize("vgg16", (3, 224, 224),
     num_classes=1000)`) or any nn.Module; `print(cnnbench.models.summary.render(s))`."""
     return layer_summary(model, input_shape, num_classes=num_classes)
+
+
+# ----------------------------------------------------------------------------------------
+# the tools behind the other commands (each checks its options: a bad one is a ConfigError)
+
+
+def models() -> list[tuple[str, int, str]]:
+    """The registry: (name, parameters on MNIST, source) per architecture."""
+    from cnnbench.models import get_model, list_models, model_entry
+
+    return [(name, sum(p.numel() for p in get_model(name).parameters()), model_entry(name).source)
+            for name in list_models()]
+
+
+def sweep_storage_url(spec: StudySpec, state: str | os.PathLike | None = None) -> str:
+    """The Optuna storage a sweep uses by default: a SQLite file in the state folder."""
+    from cnnbench.track.stores import default_url
+
+    return default_url(spec.name, state_dir(state))
+
+
+def bench(**kwargs: Any) -> list[str]:
+    """`cnnbench bench` (`tools.bench.bench`): returns the files written."""
+    from cnnbench.tools.bench import bench as run
+
+    return run(**kwargs)
+
+
+def summary_text(model: str | None = None, **kwargs: Any) -> str:
+    """`cnnbench summary`: per-layer tables (or the documents' counts) as text, or written
+    under `results_dir`."""
+    from cnnbench.tools.summary_documents import summary_command
+
+    return summary_command(model, **kwargs)
+
+
+def compare(a: str, b: str, *, labels: str | None = None, name: str | None = None, out: str = "results",
+            tracking: str | None = None, command: str = "") -> tuple[Path, Path]:
+    """Does execution B of a study reproduce execution A? Writes compare.md and compare.csv."""
+    from cnnbench.report.compare import compare_command
+
+    return compare_command(a, b, labels=labels, name=name, out=out, tracking_uri=tracking, command=command)
+
+
+def report(results_dir: str | os.PathLike = "results", *, names: list[str] | None = None,
+           tracking: str | None = None, timeout: int = 600) -> Any:
+    """Run the notebooks headless for the studies and sweeps in `results_dir`; HTML beside them."""
+    from cnnbench.tools.notebooks import build_reports
+
+    if timeout < 1:
+        raise ConfigError(f"--timeout: must be >= 1, got {timeout}")
+    return build_reports(Path(results_dir), names=names, tracking_uri=tracking, timeout=timeout)
+
+
+def screenshot(study: str, out: str | os.PathLike, *, charts: str | os.PathLike | None = None,
+               tracking: str | None = None) -> list[Path]:
+    """The MLflow UI's comparison view of a study (and its chart view) as PNG files."""
+    from cnnbench.tools.ui import screenshot_study
+
+    return screenshot_study(study, out, charts=charts, tracking_uri=tracking)
+
+
+def gpu_check(out: str | os.PathLike, **kwargs: Any) -> Any:
+    """Every GPU measurement in one command, into `out` (`tools.gpu_check`)."""
+    from cnnbench.tools.gpu_check import gpu_check as run
+
+    return run(out, **kwargs)
+
+
+def command(name: str, *, typed: str = "", **o: Any) -> tuple[str, int]:
+    """A command of `cnnbench` other than run, study and sweep (models, evaluate, bench,
+    summary, compare, report, ui-screenshot, gpu-check) from its command-line options:
+    (the text to show, the exit status)."""
+    if name == "models":
+        rows = [f"{'name':<14} {'parameters':>12}  source"]
+        return "\n".join(rows + [f"{m:<14} {n:>12,}  {source}" for m, n, source in models()]), 0
+    if name == "evaluate":
+        r = evaluate(o["checkpoint"], device=o["device"], data_root=o["data_dir"], test_batch_size=o["test_batch_size"])
+        c = r["config"]
+        return (f"{o['checkpoint']}: epoch {r['epoch']} of {c.model} (lr={c.lr:g}, seed={c.seed}): test loss "
+                f"{r['test_loss']:.4f}, test accuracy {r['test_acc']:.2f}% on {r['images']} images"), 0
+    if name == "bench":
+        keys = ("device", "model", "batch_size", "steps", "repeats", "max_k", "options", "lr_study", "epochs",
+                "sweep", "fuse_k", "sweep_trials", "sweep_epochs", "sweep_train_subset", "engines", "results_dir")
+        return "wrote " + ", ".join(bench(data_root=o["data_dir"], **{k: o[k] for k in keys})), 0
+    if name == "summary":
+        return summary_text(o["model"], input=o["input"], classes=o["classes"], fmt=o["format"], all_models=o["all"],
+                            documents=o["documents"], results_dir=o["results_dir"]), 0
+    if name == "compare":
+        md, csv = compare(o["a"], o["b"], labels=o["labels"], name=o["name"], out=o["out"],
+                          tracking=o["tracking_uri"], command=typed)
+        return f"{md.read_text()}\nwrote {md} and {csv}", 0
+    if name == "report":
+        outcome = report(o["results_dir"], names=o["names"] or None, tracking=o["tracking_uri"], timeout=o["timeout"])
+        lines = [f"skipped {line}" for line in outcome.skipped]
+        lines += [f"{job.html}  ({job.notebook}, {job.kind} {job.name})" for job in outcome.written]
+        lines += [f"cnnbench: {job.notebook} for {job.kind} {job.name} failed at {why}" for job, why in outcome.failed]
+        lines.append(f"{len(outcome.written)} report(s) written, {len(outcome.failed)} failed; index: {outcome.index}")
+        return "\n".join(lines), 1 if outcome.failed else 0
+    if name == "ui-screenshot":
+        paths = screenshot(o["study"], o["out"], charts=o["charts"], tracking=o["tracking_uri"])
+        lines = [f"{paths[0]}: the MLflow comparison view of study {o['study']}"]
+        if o["charts"]:
+            lines.append(f"{paths[1]}: the chart view of its train/loss, grouped by value")
+        return "\n".join(lines), 0
+    if name == "gpu-check":
+        steps = gpu_check(o["out"], dry_run=o["dry_run"], data_root=o["data_dir"], budget=o["budget"],
+                          parts=o["parts"], studies=o["studies"])
+        return f"gpu check: {len(steps)} step(s) in {o['out']}", 1 if any(s.status == "failed" for s in steps) else 0
+    raise ConfigError(f"no command {name!r}")

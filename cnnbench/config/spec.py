@@ -544,3 +544,23 @@ def _load_sweep(block: Any, where: str) -> SweepSettings:
     if not isinstance(s.final_seeds, tuple) or not s.final_seeds or not all(isinstance(x, int) and x >= 0 for x in s.final_seeds):
         raise ConfigError(f"{at}.final_seeds: expected a non-empty list of integers >= 0")
     return s
+
+
+def settings_help() -> str:
+    """Every training setting with its default and meaning: the commands' --help epilog."""
+    lines = ["training settings (--set key=value; yaml-style values: 0.01, 64, true, null, relu):"]
+    for name, default, doc in setting_docs():
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        lines.append(f"  {name:<16} {shown:<8} {doc}")
+    return "\n".join(lines)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """`--seeds 0,1,2`: distinct integers >= 0."""
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--seeds: expected integers separated by commas, got {text!r}") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: expected distinct integers >= 0, got {text!r}")
+    return seeds

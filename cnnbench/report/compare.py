@@ -220,3 +220,18 @@ def write_compare(a: Execution, b: Execution, out_root: str | Path = "results", 
 
 
 __all__ = ["Execution", "load_execution", "compare", "compare_markdown", "default_name", "write_compare"]
+
+
+def compare_command(a: str, b: str, *, labels: str | None = None, name: str | None = None, out: str = "results",
+                    tracking_uri: str | None = None, command: str = "") -> tuple[Path, Path]:
+    """`cnnbench compare A B`: `labels` as the command takes it ("fp32,bf16"); returns the
+    markdown and CSV files written."""
+    pair: list[str | None] = [None, None]
+    if labels is not None:
+        pair = [x.strip() for x in labels.split(",")]
+        if len(pair) != 2 or not all(pair) or pair[0] == pair[1]:
+            raise ConfigError(f"--labels: expected two different labels separated by a comma, got {labels!r}")
+    first = load_execution(a, label=pair[0], tracking_uri=tracking_uri)
+    second = load_execution(b, label=pair[1], tracking_uri=tracking_uri)
+    md, csv, _ = write_compare(first, second, out, name=name, command=command)
+    return md, csv

@@ -385,3 +385,14 @@ def write_tables(spec: StudySpec, frame: pd.DataFrame, out_dir: Path, *, command
     fileio.write_text(stats_path, table_stats.to_csv(index=False))
     fileio.write_text(md_path, text)
     return md_path, stats_path
+
+
+def history_text(result: TrialResult) -> str:
+    """One trial's epochs as a small table, and its outcome: what `cnnbench run` prints."""
+    lines = [f"{'epoch':>5} {'train loss':>10} {'test loss':>9} {'test acc':>8}"]
+    for r in result.history:
+        lines.append(f"{r['epoch']:>5} {r['train/epoch_loss']:>10.4f} {r.get('test/loss', float('nan')):>9.4f} "
+                     f"{r.get('test/acc', float('nan')):>7.2f}%")
+    lines.append(f"status {result.status}{': ' + result.reason if result.reason else ''}; {result.train_seconds:.1f} s "
+                 f"training, {result.images_per_second:,.0f} images/s on {result.device}")
+    return "\n".join(lines)

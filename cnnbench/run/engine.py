@@ -947,13 +947,8 @@ def worker_main(spec: StudySpec, kind: str, open_args: dict[str, Any], label: st
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
     except (OSError, AttributeError):
         pass
-    interrupt.install()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     # the parent shows progress: no bar per trial here
     spec = dataclasses.replace(spec, fixed={**spec.fixed, "progress": False})
     plan = open_args.get("plan")
@@ -961,6 +956,11 @@ def worker_main(spec: StudySpec, kind: str, open_args: dict[str, Any], label: st
         plan = dataclasses.replace(plan, runs=[c.replace(progress=False) for c in plan.runs],
                                    trials=[c.replace(progress=False) for c in plan.trials])
     try:
+        interrupt.install()  # a Ctrl-C that came while the parent started us is raised here
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         session = open_session(spec, kind, **{**open_args, "plan": plan}, worker=label)
         session.events, session.threads = events, threads
         report = work(session)

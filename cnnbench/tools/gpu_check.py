@@ -280,3 +280,25 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def gpu_check(out: str | Path, *, dry_run: bool = False, data_root: str | os.PathLike | None = None,
+              budget: float = 480.0, parts: str = "tests,bench,studies", studies: str | None = None) -> list[Step]:
+    """`cnnbench gpu-check`: the options as the command takes them (comma-separated
+    `parts` and `studies`), checked, then `run_gpu_check`."""
+    from cnnbench.errors import ConfigError
+
+    if budget <= 0:
+        raise ConfigError(f"--budget: must be > 0, got {budget:g}")
+    chosen = tuple(p.strip() for p in parts.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in PARTS]
+    if unknown or not chosen:
+        raise ConfigError(f"--parts: unknown part {unknown[0] if unknown else '(none)'!r}; known: {', '.join(PARTS)}")
+    entries = tuple(s.strip() for s in studies.split(",") if s.strip()) if studies else None
+    for entry in entries or ():
+        name = entry.partition(":")[0]
+        spec_file = _studies_dir() / f"{name}.yaml"
+        if not spec_file.is_file():
+            raise ConfigError(f"--studies: no study {name!r} (no {spec_file})")
+    return run_gpu_check(Path(out), dry_run=dry_run, data_root=data_root, budget=budget, parts=chosen,
+                         studies=entries)

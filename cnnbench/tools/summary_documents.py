@@ -21,6 +21,7 @@ import io
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -462,3 +463,71 @@ def render(verdicts: list[Verdict], counts: Counts, fmt: str = "markdown") -> st
                   f"the document says 24M, 96MB); weights {counts.vgg16_weights:,}; weights + biases "
                   f"{counts.vgg16.params:,} (the document's 138M).", ""]
     return "\n".join(lines)
+
+
+def input_shape(text: str | None) -> tuple[int, int, int] | None:
+    """`--input CxHxW` as a shape (None when not given)."""
+    from cnnbench.errors import ConfigError
+
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if not m or min(int(g) for g in m.groups()) < 1:
+        raise ConfigError(f"--input: expected CxHxW with positive sizes, such as 1x28x28 or 3x224x224; got {text!r}")
+    return tuple(int(g) for g in m.groups())  # type: ignore[return-value]
+
+
+def summary_command(model: str | None = None, *, input: str | None = None, classes: int = 10, fmt: str = "table",
+                    all_models: bool = False, documents: bool = False, results_dir: str | None = None) -> str:
+    """`cnnbench summary`: the text to print, or (with `results_dir`) the files written,
+    as a line. Options are checked first; bad ones raise ConfigError naming the option."""
+    from cnnbench.errors import ConfigError
+    from cnnbench.models import list_models
+
+    if model and all_models:
+        raise ConfigError("summary: give a MODEL or --all, not both")
+    if not (model or all_models or documents):
+        raise ConfigError("summary: give a MODEL (one of " + ", ".join(list_models()) + "), --all or --documents")
+    if model and model not in list_models():
+        raise ConfigError(f"summary: unknown model {model!r}; known: {', '.join(list_models())}")
+    if classes < 1:
+        raise ConfigError(f"--classes: must be >= 1, got {classes}")
+    shape = input_shape(input)
+
+    from cnnbench.models import summary
+
+    summaries = []
+    for name in list_models() if all_models else [model] if model else []:
+        try:
+            summaries.append(summary.summarize(name, shape, num_classes=classes))
+        except (ValueError, RuntimeError) as err:
+            if shape is None:
+                raise  # the model's own input failing is a bug, not bad input
+            raise ConfigError(f"summary: {name} cannot take input {input}: {' '.join(str(err).split())}") from None
+    counts = None
+    if documents:
+        counts = Counts()
+        verdicts = check(counts)
+
+    if results_dir is None:
+        parts = [summary.render_csv(summaries)] if fmt == "csv" and summaries else \
+            [summary.render(s, fmt) for s in summaries]
+        if counts is not None:
+            parts.append(render(verdicts, counts, "csv" if fmt == "csv" else "markdown"))
+        return "\n".join(parts)
+
+    from cnnbench.util import fileio
+
+    out = Path(results_dir) / "summary"
+    fileio.check_writable(out)
+    written = []
+    for s in summaries:
+        fileio.write_text(out / f"{s.model}.md", summary.render(s, "markdown"))
+        written.append(out / f"{s.model}.md")
+    if len(summaries) > 1:
+        fileio.write_text(out / "models.csv", summary.costs_csv(summaries))
+        written.append(out / "models.csv")
+    if counts is not None:
+        fileio.write_text(out / "documents.md", render(verdicts, counts, "markdown"))
+        written.append(out / "documents.md")
+    return "wrote " + ", ".join(map(str, written)) + "\n"

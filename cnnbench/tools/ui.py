@@ -266,3 +266,20 @@ def screenshot(study: str, out: str | os.PathLike, *, tracking_uri: str | None =
         if charts:
             saved.append(screenshot_charts(url, study, charts))
         return saved
+
+
+def screenshot_study(study: str, out: str | os.PathLike, *, charts: str | os.PathLike | None = None,
+                     tracking_uri: str | None = None) -> list[Path]:
+    """`cnnbench ui-screenshot`: the tracking store checked first, then `screenshot`. A UI
+    that cannot be shown, or a study without runs, is a one-line ConfigError."""
+    from cnnbench.errors import ConfigError
+    from cnnbench.report.analysis import NoRuns
+    from cnnbench.track.writer import check_reachable, quiet_mlflow, tracking_uri as resolve_uri
+
+    quiet_mlflow()
+    uri = resolve_uri(tracking_uri)
+    check_reachable(uri)
+    try:
+        return screenshot(study, out, tracking_uri=uri, charts=charts)
+    except (UIError, NoRuns) as err:
+        raise ConfigError(" ".join(str(err).split())) from None

@@ -53,6 +53,7 @@ class TrialResult:
     best_epoch: int | None = None
     best_checkpoint: Path | None = None
     final_checkpoint: Path | None = None
+    run_id: str = ""  # the tracking run that recorded it, when one did (set by the caller)
 
     @property
     def images_per_second(self) -> float:
