@@ -124,3 +124,38 @@ def test_sweep_workers_started_together_on_a_fresh_optuna_storage(workdir, store
     search = [r for r in runs if r.data.tags.get("cnnbench.phase") == "search"]
     assert len(parents) == 1 and len(search) == N
     assert {r.info.status for r in search} == {"FINISHED"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True)
+def test_processes_started_together_share_one_grid_study(workdir, store):
+    """One grid study, N processes with the same command and storage (as on N machines):
+    every planned run trained exactly once, all under one MLflow parent run, and the
+    results written once, by the process that ends the study, naming every run."""
+    backend, urls = store
+    storage = urls[0] if urls else f"sqlite:///{workdir / 'optuna.db'}"
+    uri = urls[1] if urls else f"sqlite:///{workdir / 'mlflow.db'}"
+    path = workdir / "shared.yaml"
+    path.write_text(yaml.safe_dump({"name": "shared", "scientific": {"lr": [0.02, 0.05, 0.1]}, "seeds": [0, 1],
+                                    "fixed": {"epochs": 1}}))
+    commands = [["study", str(path), "--storage", storage, "--no-fuse", "--workers", "1", *TINY_STUDY]
+                for _ in range(N)]
+    outs = start_together(workdir, commands, {"MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"})
+    for out in outs:
+        assert out.returncode == 0, out.stderr[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags["cnnbench.kind"] == "study"]
+    trials = [r for r in runs if r.data.tags["cnnbench.kind"] == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(trials) == 6 and {r.info.status for r in trials} == {"FINISHED"}
+    assert len({r.data.tags["cnnbench.trial_key"] for r in trials}) == 6  # each run once
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
+    # the Optuna study holds each run once, complete, and nothing else
+    (name,) = [s.study_name for s in optuna.get_all_study_summaries(storage) if s.study_name.startswith("shared.")]
+    states = [t.state for t in optuna.load_study(study_name=name, storage=storage).get_trials()]
+    assert states == [TrialState.COMPLETE] * 6
+    summary = (workdir / "results" / "shared" / "summary.csv").read_text()
+    assert all(r.info.run_id in summary for r in trials)
+    # one process wrote the results; every other one said so, or found them up to date
+    assert sum("| lr |" in out.stdout for out in outs) >= 1

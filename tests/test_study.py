@@ -23,6 +23,10 @@ def test_lr_study_end_to_end(workdir):
     out = cli("study", str(REPO / "studies" / "lr.yaml"), *QUICK, "--seeds", "0", "--fuse", cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| lr | n | ours epoch 1 | ours final" in out.stdout
+    # progress a person can watch: each running trial's epochs, from the worker processes
+    for lr in ("0.001", "0.005", "0.01", "0.05", "0.1"):
+        assert f"lr={lr} seed=0: epoch 1/2, test/acc" in out.stderr, out.stderr[-3000:]
+        assert f"lr={lr} seed=0: finished, test acc" in out.stderr
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     client, runs = _runs(uri, "lr")
     parents = [r for r in runs if r.data.tags.get("cnnbench.kind") == "study"]

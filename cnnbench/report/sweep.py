@@ -98,10 +98,7 @@ def plot(study: Any, function: str) -> tuple[Any, str]:
 
 
 def save_plots(study: Any, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # Optuna's plots draw through pyplot; each figure is closed once saved
 
     files = []
     for name, function in PLOTS.items():

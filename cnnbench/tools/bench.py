@@ -456,18 +456,16 @@ def _report(s: dict[str, Any]) -> str:
 
 
 def _write(s: dict[str, Any], out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
+    from matplotlib.figure import Figure  # no pyplot: no backend chosen or switched
 
     frame = pd.DataFrame(s["rows"])
     fileio.write_text(out_dir / "bench.csv", frame.to_csv(index=False))
     fileio.write_text(out_dir / "bench.md", "```\n" + _report(s).strip() + "\n```\n\n"
                       f"device: {s['device']} ({s['device_name']}), torch {s['torch']}, {s['threads']} threads\n")
     fused = frame[frame["method"] == "fused"]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
     ax.plot(fused["k"], fused["model_images_per_s"], marker="o", label="cnnbench fused (vmap)")
     wide = frame[frame["method"] == "wide"]
     if not wide.empty:
@@ -482,7 +480,6 @@ def _write(s: dict[str, Any], out_dir: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fileio.write_with(out_dir / "throughput.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
 
 
 def time_lr_study(*, data_root=None, device: str = "auto", epochs: int = 10, say=print,

@@ -1,7 +1,8 @@
 """The chaos test: processes killed at random moments, and nothing lost or doubled.
 
 On a fresh store (a new folder: MLflow's SQLite file, the state folder, results/), start
-together two different tiny studies and two workers of one tiny sweep; SIGKILL a random
+together two different tiny studies (the first of them in two processes, which share its
+trials) and two workers of one tiny sweep; SIGKILL a random
 one of them (its whole process group: a study's worker pool too) at a random moment, two
 or three times, and start it again with the same command. At the end every study and
 the sweep must be complete: exactly one FINISHED run per trial, the requested number of
@@ -11,9 +12,6 @@ replays a failure. Bounded: `--budget` seconds in all, then every process is kil
 the run fails.
 
     python -m cnnbench.tools.chaos [--seed S] [--budget 240] [--dir DIR] [--data-dir DIR]
-
-(Two processes sharing one grid study are not part of it yet: a grid study is run by
-one process at a time, under its study lock.)
 """
 
 from __future__ import annotations
@@ -102,6 +100,9 @@ def run(seed: int, folder: Path, *, budget: float = 240.0, data_root: str | None
     if data_root:
         env["CNNBENCH_DATA"] = str(data_root)
     jobs = [Job(name, ["study", str(specs[name]), "--workers", "1"]) for name in STUDIES]
+    # the same study twice, as on two machines: they share its trials (one engine with sweeps)
+    shared = next(iter(STUDIES))
+    jobs.append(Job(f"{shared}-2", ["study", str(specs[shared]), "--workers", "1"]))
     jobs += [Job(f"sweep-w{i}", ["sweep", str(specs[SWEEP])]) for i in range(2)]
     kills = rng.choice([2, 3])
     # when to kill: seconds after training began (the first epoch checkpoint of any job,

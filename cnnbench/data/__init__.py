@@ -1,0 +1,1 @@
+"""Data sets as tensors on the training device: load, split, batch, augment."""
