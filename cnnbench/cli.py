@@ -338,10 +338,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_history(result) -> None:
+    from cnnbench.track.schema import EPOCH, TEST_ACC, TEST_LOSS, TRAIN_EPOCH_LOSS
+
     print(f"{'epoch':>5} {'train loss':>10} {'test loss':>9} {'test acc':>8}")
     for r in result.history:
-        print(f"{r['epoch']:>5} {r['train/epoch_loss']:>10.4f} {r.get('test/loss', float('nan')):>9.4f} "
-              f"{r.get('test/acc', float('nan')):>7.2f}%")
+        print(f"{r[EPOCH]:>5} {r[TRAIN_EPOCH_LOSS]:>10.4f} {r.get(TEST_LOSS, float('nan')):>9.4f} "
+              f"{r.get(TEST_ACC, float('nan')):>7.2f}%")
     print(f"status {result.status}{': ' + result.reason if result.reason else ''}; "
           f"{result.train_seconds:.1f} s training, {result.images_per_second:,.0f} images/s on {result.device}")
 
