@@ -12,9 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from cnnbench.config.record import VAL_ACC, VAL_LOSS
 from cnnbench.config.spec import ConfigError, SearchDim, StudySpec, TrialConfig
 
-OBJECTIVES = {"val_acc": "val/acc", "val_loss": "val/loss"}  # spec name -> per-epoch metric
+OBJECTIVES = {"val_acc": VAL_ACC, "val_loss": VAL_LOSS}  # spec name -> per-epoch metric
 DIRECTION_OF = {"val_acc": "maximize", "val_loss": "minimize"}
 GRID_LIMIT = 10_000
 

@@ -31,13 +31,17 @@ from mlflow import MlflowClient
 
 from cnnbench.config.spec import RUNTIME_FIELDS, StudySpec, TrialConfig, load_spec, parse_value
 from cnnbench.track.reader import runs_frame
-from cnnbench.track.writer import TAG_KIND, TAG_KEY, TAG_SCIENTIFIC, TAG_STATUS, quiet_mlflow
+from cnnbench.track.schema import (ATTR_MLFLOW_RUN_ID, ATTR_RUN_ID, EPOCH, METRIC_IMAGES_PER_SECOND, METRIC_TRAIN_LOSS,
+                                   METRIC_TRAIN_SECONDS, METRIC_WALL_SECONDS, MLFLOW_RUN_NAME, PARAM_SEED, PARAM_SEEDS,
+                                   PARAM_SWEEP_OBJECTIVE, PREFIX_FIXED, PREFIX_NUISANCE, PREFIX_SCIENTIFIC,
+                                   STUDY_EXPERIMENT, STUDY_PARENT_RUN_ID, SUMMARY_METRICS, TAG_DEVICE, TAG_FUSED_WITH,
+                                   TAG_KEY, TAG_KIND, TAG_NUISANCE, TAG_SCIENTIFIC, TAG_STATUS)
+from cnnbench.track.writer import quiet_mlflow
 from cnnbench.util.text import fmt
 from cnnbench.track.writer import tracking_uri as resolve_uri
 
-# metrics logged once per trial (step 0), not per epoch
-SUMMARY_METRICS = ("train_seconds", "wall_seconds", "images_per_second", "final/test_acc", "best/acc", "best/epoch")
-CURVE_METRIC = "train/loss"  # step = training samples seen
+# SUMMARY_METRICS (the schema's): metrics logged once per trial (step 0), not per epoch
+CURVE_METRIC = METRIC_TRAIN_LOSS  # step = training samples seen
 FINAL_OUTCOMES = ("finished", "diverged")  # trials whose numbers are complete
 _TYPES = {f.name: f.type for f in dataclasses.fields(TrialConfig)}
 
@@ -101,8 +105,8 @@ def trial_runs(study: str, uri: str | None = None, *, run_ids: list[str] | None 
     if f"tags.{TAG_STATUS}" in runs:
         runs = runs[runs[f"tags.{TAG_STATUS}"].isin(FINAL_OUTCOMES)]
     parent = parents.iloc[0] if not parents.empty else None
-    scientific = _names(runs, parent, "scientific")
-    nuisance = _names(runs, parent, "nuisance")
+    scientific = _names(runs, parent, PREFIX_SCIENTIFIC)
+    nuisance = _names(runs, parent, PREFIX_NUISANCE)
     if run_ids is not None:
         runs = runs[runs["run_id"].isin(run_ids)]
     elif parent is not None:
@@ -113,39 +117,43 @@ def trial_runs(study: str, uri: str | None = None, *, run_ids: list[str] | None 
     if f"tags.{TAG_KEY}" in runs:
         runs = runs.drop_duplicates(f"tags.{TAG_KEY}")
     if run_ids is None and scientific:  # one run per trial: the newest
-        runs = runs.drop_duplicates([f"params.{k}" for k in scientific + nuisance + ["seed"] if f"params.{k}" in runs])
+        runs = runs.drop_duplicates([f"params.{k}" for k in scientific + nuisance + [PARAM_SEED]
+                                     if f"params.{k}" in runs])
     runs = runs.reset_index(drop=True)
     fixed: dict[str, Any] = {}
     if parent is not None:
-        fixed = {k[len("params.fixed."):]: typed(k[len("params.fixed."):], v) for k, v in parent.items()
-                 if k.startswith("params.fixed.") and isinstance(v, str)}
-    seeds = sorted({typed("seed", s) for s in runs["params.seed"]}) if "params.seed" in runs else []
+        column = f"params.{PREFIX_FIXED}"
+        fixed = {k[len(column):]: typed(k[len(column):], v) for k, v in parent.items()
+                 if k.startswith(column) and isinstance(v, str)}
+    seed_column = f"params.{PARAM_SEED}"
+    seeds = sorted({typed("seed", s) for s in runs[seed_column]}) if seed_column in runs else []
     runs.attrs = {"study": study, "tracking_uri": uri, "experiment_id": exp.experiment_id,
                   "parent_run_id": parent["run_id"] if parent is not None else None,
                   "scientific": scientific, "nuisance": nuisance, "fixed": fixed, "seeds": seeds,
-                  "epochs_values": _parent_values(parent, "scientific", "epochs")}
+                  "epochs_values": _parent_values(parent, PREFIX_SCIENTIFIC, "epochs")}
     return runs
 
 
-def _names(runs: pd.DataFrame, parent: Any, block: str) -> list[str]:
-    """Scientific or nuisance hyperparameter names, from the study run, else the trials' tags."""
+def _names(runs: pd.DataFrame, parent: Any, prefix: str) -> list[str]:
+    """Scientific or nuisance hyperparameter names (`prefix` PREFIX_SCIENTIFIC or
+    PREFIX_NUISANCE), from the study run, else the trials' tags."""
     if parent is not None:
-        names = [k[len(f"params.{block}."):] for k, v in parent.items()
-                 if k.startswith(f"params.{block}.") and isinstance(v, str)]
+        names = [k[len(f"params.{prefix}"):] for k, v in parent.items()
+                 if k.startswith(f"params.{prefix}") and isinstance(v, str)]
         if names:
-            tag = parent.get(f"tags.{TAG_SCIENTIFIC}") if block == "scientific" else parent.get("tags.cnnbench.nuisance")
+            tag = parent.get(f"tags.{TAG_SCIENTIFIC if prefix == PREFIX_SCIENTIFIC else TAG_NUISANCE}")
             order = [n for n in str(tag or "").split(",") if n in names]
             return order + [n for n in names if n not in order]
-    if block == "scientific" and f"tags.{TAG_SCIENTIFIC}" in runs:
+    if prefix == PREFIX_SCIENTIFIC and f"tags.{TAG_SCIENTIFIC}" in runs:
         tags = runs[f"tags.{TAG_SCIENTIFIC}"].dropna()
         return [n for n in tags.iloc[0].split(",") if n] if not tags.empty else []
-    return sorted(c[len(f"tags.{block}."):] for c in runs.columns if c.startswith(f"tags.{block}."))
+    return sorted(c[len(f"tags.{prefix}"):] for c in runs.columns if c.startswith(f"tags.{prefix}"))
 
 
-def _parent_values(parent: Any, block: str, name: str) -> list[Any] | None:
+def _parent_values(parent: Any, prefix: str, name: str) -> list[Any] | None:
     if parent is None:
         return None
-    values = _literal(parent.get(f"params.{block}.{name}"))
+    values = _literal(parent.get(f"params.{prefix}{name}"))
     return [typed(name, fmt(v)) for v in values] if isinstance(values, list) else None
 
 
@@ -156,20 +164,21 @@ def _as_last_executed(runs: pd.DataFrame, parent: Any) -> pd.DataFrame:
         if not isinstance(value, str) or not key.startswith("params."):
             continue
         name = key[len("params."):]
-        if name.startswith("fixed."):
-            setting = name[len("fixed."):]
+        if name.startswith(PREFIX_FIXED):
+            setting = name[len(PREFIX_FIXED):]
             if f"params.{setting}" in runs and setting not in RUNTIME_FIELDS:
                 want = typed(setting, value)
                 keep &= runs[f"params.{setting}"].map(lambda v, s=setting, w=want: typed(s, v) == w)
-        elif name.startswith(("scientific.", "nuisance.")):
-            setting = name.split(".", 1)[1]
-            values = _parent_values(parent, name.split(".", 1)[0], setting)
+        elif name.startswith((PREFIX_SCIENTIFIC, PREFIX_NUISANCE)):
+            prefix = PREFIX_SCIENTIFIC if name.startswith(PREFIX_SCIENTIFIC) else PREFIX_NUISANCE
+            setting = name[len(prefix):]
+            values = _parent_values(parent, prefix, setting)
             if values is not None and f"params.{setting}" in runs:
                 keep &= runs[f"params.{setting}"].map(lambda v, s=setting, w=values: typed(s, v) in w)
-        elif name == "seeds":
+        elif name == PARAM_SEEDS:
             seeds = _literal(value)
-            if isinstance(seeds, list) and "params.seed" in runs:
-                keep &= runs["params.seed"].map(lambda v, w=seeds: typed("seed", v) in w)
+            if isinstance(seeds, list) and f"params.{PARAM_SEED}" in runs:
+                keep &= runs[f"params.{PARAM_SEED}"].map(lambda v, w=seeds: typed("seed", v) in w)
     return runs[keep]
 
 
@@ -213,10 +222,11 @@ def load_runs(study: str, tracking_uri: str | None = None, *, run_ids: list[str]
             metric_keys[column] = key
             for m in sorted(client.get_metric_history(run["run_id"], key), key=lambda m: m.timestamp):
                 per_epoch.setdefault(int(m.step), {})[column] = m.value  # a re-logged step: the newest
-        base = {"study": study, "run_id": run["run_id"], "run_name": run.get("tags.mlflow.runName"),
+        base = {"study": study, "run_id": run["run_id"], "run_name": run.get(f"tags.{MLFLOW_RUN_NAME}"),
                 "status": run.get(f"tags.{TAG_STATUS}"), **params,
-                **{k: run.get(f"metrics.{k}", math.nan) for k in ("train_seconds", "wall_seconds", "images_per_second")},
-                "ran_on": run.get("tags.device"), "fused_with": _count(run.get("tags.fused_with")),
+                **{k: run.get(f"metrics.{k}", math.nan)
+                   for k in (METRIC_TRAIN_SECONDS, METRIC_WALL_SECONDS, METRIC_IMAGES_PER_SECOND)},
+                "ran_on": run.get(f"tags.{TAG_DEVICE}"), "fused_with": _count(run.get(f"tags.{TAG_FUSED_WITH}")),
                 "start_time": run["start_time"]}
         for epoch in sorted(per_epoch):
             if epoch >= 1:
@@ -352,7 +362,7 @@ def _result(rows: pd.DataFrame, inverse: dict[str, str], known: set[str]):
     first = rows.iloc[0]
     config = TrialConfig.from_dict({k: _py(first[k]) for k in known if k in rows and _present(first[k])},
                                    where=f"run {first['run_id']}")
-    history = [{"epoch": int(r["epoch"]), **{key: float(r[col]) for col, key in inverse.items()
+    history = [{EPOCH: int(r["epoch"]), **{key: float(r[col]) for col, key in inverse.items()
                                             if col in r and pd.notna(r[col])}}
                for r in rows.sort_values("epoch").to_dict("records")]
     ips, seconds = float(first["images_per_second"]), float(first["train_seconds"])
@@ -497,10 +507,11 @@ def load_sweep(sweep: str, storage: str | None = None):
 
 def sweep_objective(study, tracking_uri: str | None = None) -> str:
     """What the sweep optimises (`val_acc`, ...), from its MLflow sweep run; else "objective"."""
-    parent = study.user_attrs.get("cnnbench.mlflow_parent_run_id")
+    parent = study.user_attrs.get(STUDY_PARENT_RUN_ID)
     if parent:
         with contextlib.suppress(Exception):
-            return MlflowClient(resolve_uri(tracking_uri)).get_run(parent).data.params.get("sweep.objective", "objective")
+            params = MlflowClient(resolve_uri(tracking_uri)).get_run(parent).data.params
+            return params.get(PARAM_SWEEP_OBJECTIVE, "objective")
     return "objective"
 
 
@@ -513,11 +524,11 @@ def best_trial_runs(sweep: str, study, tracking_uri: str | None = None, *, top: 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     best = sorted(complete, key=lambda t: -t.value if maximize else t.value)[:top]
-    experiment = study.user_attrs.get("cnnbench.mlflow_experiment", sweep)
+    experiment = study.user_attrs.get(STUDY_EXPERIMENT, sweep)
     runs = trial_runs(experiment, tracking_uri, run_ids=None) if best else pd.DataFrame()
     chosen: dict[str, tuple[int, float]] = {}
     for t in best:
-        attr = t.user_attrs.get("mlflow_run_id") or t.user_attrs.get("run_id")
+        attr = t.user_attrs.get(ATTR_MLFLOW_RUN_ID) or t.user_attrs.get(ATTR_RUN_ID)
         if attr and attr in set(runs["run_id"]):
             chosen[attr] = (t.number, t.value)
             continue

@@ -25,6 +25,7 @@ import yaml
 
 from cnnbench.util import fileio
 from cnnbench.config.spec import RUNTIME_FIELDS, TrialConfig
+from cnnbench.track.schema import ATTR_BEST_EPOCH, ATTR_MLFLOW_RUN_ID, ATTR_WORKER_HOST, OPTUNA_USER_ATTRS_COLUMN
 
 PLOTS = {  # file -> optuna.visualization.matplotlib function
     "history.png": "plot_optimization_history",
@@ -153,11 +154,11 @@ def best_yaml(sweep: Any, best: Any, finals: list[Any]) -> str:
         "objective": f"{s.objective} ({s.direction}): the best over epochs, on {config.val_size} validation images",
         "trial": best.number,
         "value": round(float(best.value), 4),
-        "best_epoch": best.user_attrs.get("best_epoch"),
+        "best_epoch": best.user_attrs.get(ATTR_BEST_EPOCH),
         "params": {k: (float(v) if isinstance(v, float) else v) for k, v in best.params.items()},
         "config": {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS},
         "reproduce": reproduce_command(config),
-        "mlflow_run_id": best.user_attrs.get("mlflow_run_id", ""),
+        "mlflow_run_id": best.user_attrs.get(ATTR_MLFLOW_RUN_ID, ""),
         "final": {
             "seeds": [f.seed for f in finals],
             "test_acc": [round(f.test_acc, 2) for f in finals],
@@ -186,7 +187,7 @@ def final_markdown(sweep: Any, best: Any, finals: list[Any], frame: Any, importa
                if t.datetime_start and t.datetime_complete)
     workers: dict[str, int] = {}
     for t in trials:
-        if t.user_attrs.get("worker_host"):
+        if t.user_attrs.get(ATTR_WORKER_HOST):
             w = worker_name(t.user_attrs)
             workers[w] = workers.get(w, 0) + 1
     base = spec.base_config()
@@ -206,8 +207,8 @@ def final_markdown(sweep: Any, best: Any, finals: list[Any], frame: Any, importa
     if best is None:
         return "\n".join(out + ["No trial completed, so there is no best trial to re-run.", ""])
     out += [f"## Best trial: #{best.number}", "",
-            f"{label} {best.value:.4g} at epoch {best.user_attrs.get('best_epoch', '?')} "
-            f"(MLflow run `{best.user_attrs.get('mlflow_run_id', '')}`).", "",
+            f"{label} {best.value:.4g} at epoch {best.user_attrs.get(ATTR_BEST_EPOCH, '?')} "
+            f"(MLflow run `{best.user_attrs.get(ATTR_MLFLOW_RUN_ID, '')}`).", "",
             "| parameter | value |", "|---|---|"]
     out += [f"| {k} | {_fmt(v)} |" for k, v in best.params.items()]
     out += ["", f"Alone: `{reproduce_command(_config(sweep, best))}`", ""]
@@ -263,7 +264,7 @@ def _top_table(frame: Any, names: list[str], direction: str, n: int = 10) -> lis
     head = ["trial", "state", "value", *[c[len("params_"):] for c in cols], "best epoch"]
     lines = [f"## Top {len(done)} trials", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, row in done.iterrows():
-        epochs = row.get("user_attrs_best_epoch", "")
+        epochs = row.get(f"{OPTUNA_USER_ATTRS_COLUMN}{ATTR_BEST_EPOCH}", "")
         cells = [str(row["number"]), row["state"].lower(), _fmt(float(row["value"]))]
         cells += [_fmt(row[c]) for c in cols]
         cells.append(_fmt(epochs))

@@ -27,6 +27,7 @@ from cnnbench.util.text import fmt
 
 from cnnbench.report import stats  # noqa: E402
 from cnnbench.config.spec import StudySpec, TrialConfig  # noqa: E402
+from cnnbench.track.schema import EPOCH, TEST_ACC, TEST_LOSS, TRAIN_EPOCH_LOSS, VAL_ACC  # noqa: E402
 from cnnbench.train.loop import DIVERGED, TrialResult  # noqa: E402
 
 
@@ -43,7 +44,7 @@ class TrialRow:
 def truncate(result: TrialResult, epochs: int, n_train: int) -> TrialResult:
     """The first `epochs` epochs of a longer run at a schedule that does not depend on the
     epoch count: the same numbers a run of `epochs` epochs would have produced."""
-    history = [r for r in result.history if r["epoch"] <= epochs]
+    history = [r for r in result.history if r[EPOCH] <= epochs]
     curve = [p for p in result.curve if p[0] <= epochs * n_train]
     status = result.status
     if status == DIVERGED and len(result.history) >= epochs and all(
@@ -59,7 +60,7 @@ def truncate(result: TrialResult, epochs: int, n_train: int) -> TrialResult:
 
 
 def _select(result: TrialResult) -> str:
-    return "val/acc" if any("val/acc" in r for r in result.history) else "test/acc"
+    return VAL_ACC if any(VAL_ACC in r for r in result.history) else TEST_ACC
 
 
 def _epoch_columns(spec: StudySpec) -> list[int]:
@@ -78,19 +79,19 @@ def summary_frame(spec: StudySpec, rows: Sequence[TrialRow]) -> pd.DataFrame:
     extra = _epoch_columns(spec)
     for row in rows:
         r, c = row.result, row.config
-        best, best_epoch = r.best("test/acc")
+        best, best_epoch = r.best(TEST_ACC)
         rec: dict[str, Any] = {"study": spec.name, "trial": row.index}
         rec.update({k: getattr(c, k) for k in spec.varied})
         rec.update({
             "seed": c.seed, "status": r.status, "diverged": r.status == DIVERGED, "epochs": c.epochs,
-            "epoch1_test_acc": r.metric("test/acc", 1), "final_test_acc": r.metric("test/acc")
+            "epoch1_test_acc": r.metric(TEST_ACC, 1), "final_test_acc": r.metric(TEST_ACC)
             if len(r.history) == c.epochs else math.nan,
             "best_test_acc": best, "best_epoch": best_epoch if best_epoch is not None else pd.NA,
         })
         for e in extra:
-            rec[f"epoch{e}_test_acc"] = r.metric("test/acc", e)
-        if any("val/acc" in h for h in r.history):
-            rec["best_val_acc"], rec["best_val_epoch"] = r.best("val/acc")
+            rec[f"epoch{e}_test_acc"] = r.metric(TEST_ACC, e)
+        if any(VAL_ACC in h for h in r.history):
+            rec["best_val_acc"], rec["best_val_epoch"] = r.best(VAL_ACC)
         if "model" in spec.varied:  # architectures side by side: their size and cost
             cost = _model_cost(c)
             rec.update({"params": cost["params"], "macs_per_image": cost["macs"]})
@@ -315,8 +316,8 @@ def curves_frame(spec: StudySpec, rows: Sequence[TrialRow], n_train: int) -> tup
             if samples <= n_train:
                 loss.append({"value": label, "seed": row.config.seed, "samples": samples, "loss": value})
         for rec in row.result.history:
-            if "test/acc" in rec:
-                acc.append({"value": label, "seed": row.config.seed, "epoch": rec["epoch"], "test_acc": rec["test/acc"]})
+            if TEST_ACC in rec:
+                acc.append({"value": label, "seed": row.config.seed, "epoch": rec[EPOCH], "test_acc": rec[TEST_ACC]})
     return pd.DataFrame(loss), pd.DataFrame(acc)
 
 
@@ -391,8 +392,8 @@ def history_text(result: TrialResult) -> str:
     """One trial's epochs as a small table, and its outcome: what `cnnbench run` prints."""
     lines = [f"{'epoch':>5} {'train loss':>10} {'test loss':>9} {'test acc':>8}"]
     for r in result.history:
-        lines.append(f"{r['epoch']:>5} {r['train/epoch_loss']:>10.4f} {r.get('test/loss', float('nan')):>9.4f} "
-                     f"{r.get('test/acc', float('nan')):>7.2f}%")
+        lines.append(f"{r[EPOCH]:>5} {r[TRAIN_EPOCH_LOSS]:>10.4f} {r.get(TEST_LOSS, float('nan')):>9.4f} "
+                     f"{r.get(TEST_ACC, float('nan')):>7.2f}%")
     lines.append(f"status {result.status}{': ' + result.reason if result.reason else ''}; {result.train_seconds:.1f} s "
                  f"training, {result.images_per_second:,.0f} images/s on {result.device}")
     return "\n".join(lines)

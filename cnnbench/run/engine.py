@@ -47,7 +47,17 @@ from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig
 from cnnbench.run import storage as sweep_storage
 from cnnbench.run.search import PruningRecorder, make_pruner, make_sampler, objective_value
 from cnnbench.track import stores
-from cnnbench.track.schema import ATTR, TAG_OPTUNA_STUDY, TAG_PHASE, TAG_STATE, TAG_TRIAL, worker_name
+from cnnbench.track.schema import (ATTR_BEST_EPOCH, ATTR_FUSED_WITH, ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON,
+                                   ATTR_REUSED, ATTR_SEED, ATTR_STATUS, ATTR_TRAIN_SECONDS, ATTR_WORKER_PID, CLAIM_DONE,
+                                   CLAIM_FINGERPRINT, CLAIM_SINCE, EPOCH, METRIC_OPTUNA_VALUE, MLFLOW_PARENT_RUN_ID,
+                                   OPTUNA_FAILED_TRIAL, OPTUNA_FIXED_PARAMS, PARAM_N_TRIALS, PARAM_RUNS, PARAM_SEED,
+                                   PARAM_SEEDS, PARAM_TRIALS, PREFIX_FIXED, PREFIX_NUISANCE, PREFIX_SCIENTIFIC,
+                                   PREFIX_SEARCH, PREFIX_SWEEP, STUDY_EXPERIMENT, STUDY_FINAL_CLAIM, STUDY_KIND,
+                                   STUDY_PARENT_RUN_ID, STUDY_READY, STUDY_SAMPLER, STUDY_SPEC, STUDY_SPEC_HASH,
+                                   STUDY_TRACKING_URI, TAG_COMMAND, TAG_FUSE, TAG_FUSE_K, TAG_KIND, TAG_NUISANCE,
+                                   TAG_OPTUNA_STORAGE, TAG_OPTUNA_STUDY, TAG_PHASE, TAG_REASON, TAG_RETRY_OF,
+                                   TAG_SCIENTIFIC, TAG_SEARCHED, TAG_SPEC, TAG_STATE, TAG_STATUS, TAG_TRIAL,
+                                   TAG_TRIAL_THREADS, TEST_ACC, worker_name)
 from cnnbench.train.loop import DIVERGED, FINISHED, INTERRUPTED, PRUNED
 from cnnbench.util import interrupt
 from cnnbench.util.text import fmt
@@ -111,7 +121,7 @@ class Session:
     def config_of(self, trial: Any) -> TrialConfig:
         """A claimed trial's settings: a study's planned run, or the sweep's suggestion."""
         if self.kind == "study":
-            return self.configs[trial.user_attrs["key"]]
+            return self.configs[trial.user_attrs[ATTR_KEY]]
         return trial_config(self.spec, trial.params)
 
     def say(self, line: str, *, ended: str | None = None) -> None:
@@ -230,11 +240,11 @@ def open_session(spec: StudySpec, kind: str, *, plan: Plan | None = None, storag
                 session.parent = _initialise(session) if kind == "sweep" else _initialise_study(session)
         # runs of this study whose process died here before Optuna knew their run id
         tracker.close_orphans("the process running it died",
-                              extra=f"tags.`mlflow.parentRunId` = '{session.parent}'")
+                              extra=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{session.parent}'")
         # parent runs of a start that died before the study recorded them (the current
         # parent stays RUNNING while the study goes on, whoever created it)
         tracker.close_orphans(f"a start of the {kind} that died before it was recorded",
-                              extra=f"tags.`cnnbench.kind` = '{kind}'", keep=(session.parent,))
+                              extra=f"tags.`{TAG_KIND}` = '{kind}'", keep=(session.parent,))
     except KeyboardInterrupt:
         if session.parent:
             with interrupt.shielded():
@@ -256,15 +266,15 @@ def pause_parent(sweep: Session) -> None:
 def _join(sweep: Session) -> str | None:
     """A later worker: the parent run that the first one recorded (None: it is the first)."""
     attrs = sweep.study.user_attrs
-    if not attrs.get(ATTR + "ready"):
+    if not attrs.get(STUDY_READY):
         return None
-    parent = attrs[ATTR + "mlflow_parent_run_id"]
+    parent = attrs[STUDY_PARENT_RUN_ID]
     try:
         sweep.tracker.client.get_run(parent)
     except Exception:
         raise ConfigError(f"MLflow tracking URI {sweep.tracker.uri} does not hold this {sweep.kind}'s parent run "
                           f"{parent}; every worker must use the tracking store it was started with "
-                          f"({attrs.get(ATTR + 'tracking_uri')})") from None
+                          f"({attrs.get(STUDY_TRACKING_URI)})") from None
     return parent
 
 
@@ -275,10 +285,10 @@ def _reopen(sweep: Session, parent: str) -> None:
 
 
 def _mark_ready(sweep: Session, parent: str, extra: dict[str, Any]) -> None:
-    for key, value in {"mlflow_parent_run_id": parent, "mlflow_experiment": sweep.spec.name,
-                       "tracking_uri": sweep_storage.masked(sweep.tracker.uri), "spec": sweep.spec.path,
-                       "kind": sweep.kind, **extra, "ready": True}.items():
-        sweep.study.set_user_attr(ATTR + key, value)
+    for key, value in {STUDY_PARENT_RUN_ID: parent, STUDY_EXPERIMENT: sweep.spec.name,
+                       STUDY_TRACKING_URI: sweep_storage.masked(sweep.tracker.uri), STUDY_SPEC: sweep.spec.path,
+                       STUDY_KIND: sweep.kind, **extra, STUDY_READY: True}.items():
+        sweep.study.set_user_attr(key, value)
 
 
 def _initialise(sweep: Session) -> str:
@@ -287,14 +297,14 @@ def _initialise(sweep: Session) -> str:
     spec, study, s = sweep.spec, sweep.study, sweep.spec.sweep
     assert s is not None
     attrs = study.user_attrs
-    if attrs.get(ATTR + "ready"):
-        if attrs.get(ATTR + "spec_hash") != spec_hash(spec):
+    if attrs.get(STUDY_READY):
+        if attrs.get(STUDY_SPEC_HASH) != spec_hash(spec):
             raise ConfigError(f"{spec.path}: the study {spec.name!r} in {sweep_storage.masked(sweep.url)} was started "
                               "with another search space, fixed settings or objective; give the sweep another name, "
                               "undo the change, or use another --storage")
-        if (attrs.get(ATTR + "sampler") == "grid") != (s.sampler == "grid"):
+        if (attrs.get(STUDY_SAMPLER) == "grid") != (s.sampler == "grid"):
             raise ConfigError(f"{spec.path}: sweep.sampler: study {spec.name!r} was started with sampler "
-                              f"{attrs.get(ATTR + 'sampler')}; a grid is chosen when a sweep starts")
+                              f"{attrs.get(STUDY_SAMPLER)}; a grid is chosen when a sweep starts")
         parent = _join(sweep)
         assert parent is not None
         if _done(sweep) < sweep.target:
@@ -302,30 +312,30 @@ def _initialise(sweep: Session) -> str:
         return parent
 
     if s.sampler == "grid":  # every point once; workers pop queued trials atomically
-        queued = {json.dumps(t.system_attrs.get("fixed_params", t.params), sort_keys=True, default=str)
+        queued = {json.dumps(t.system_attrs.get(OPTUNA_FIXED_PARAMS, t.params), sort_keys=True, default=str)
                   for t in study.get_trials(deepcopy=False)}
         for point in grid_points(spec):
             if json.dumps(point, sort_keys=True, default=str) not in queued:
                 study.enqueue_trial(point)
     parent = sweep.tracker.start_parent(
         f"{spec.name} (sweep, {s.sampler}, {sweep.target} trials)", kind="sweep",
-        tags={TAG_OPTUNA_STUDY: spec.name, "optuna.storage": sweep_storage.masked(sweep.url),
-              "cnnbench.spec": spec.path, "cnnbench.command": sweep.command[:500],
-              "cnnbench.searched": ",".join(d.name for d in spec.search)},
-        params={**{f"fixed.{k}": v for k, v in spec.fixed.items()},
-                **{f"search.{d.name}": describe(d) for d in spec.search},
-                **{f"sweep.{k}": v for k, v in dataclasses.asdict(s).items()},
-                "n_trials": sweep.target, "seed": spec.seeds[0]},
+        tags={TAG_OPTUNA_STUDY: spec.name, TAG_OPTUNA_STORAGE: sweep_storage.masked(sweep.url),
+              TAG_SPEC: spec.path, TAG_COMMAND: sweep.command[:500],
+              TAG_SEARCHED: ",".join(d.name for d in spec.search)},
+        params={**{f"{PREFIX_FIXED}{k}": v for k, v in spec.fixed.items()},
+                **{f"{PREFIX_SEARCH}{d.name}": describe(d) for d in spec.search},
+                **{f"{PREFIX_SWEEP}{k}": v for k, v in dataclasses.asdict(s).items()},
+                PARAM_N_TRIALS: sweep.target, PARAM_SEED: spec.seeds[0]},
         note=spec.description)
     sweep.tracker.log_artifacts(parent, [Path(spec.path)], "spec")
-    _mark_ready(sweep, parent, {"spec_hash": spec_hash(spec), "sampler": s.sampler})
+    _mark_ready(sweep, parent, {STUDY_SPEC_HASH: spec_hash(spec), STUDY_SAMPLER: s.sampler})
     return parent
 
 
 def _enqueue_run(sweep: Session, key: str) -> None:
     config = sweep.configs[key]
-    sweep.study.enqueue_trial({}, user_attrs={"key": key, **{n: fmt(getattr(config, n)) for n in sweep.names},
-                                              "seed": config.seed})
+    sweep.study.enqueue_trial({}, user_attrs={ATTR_KEY: key, **{n: fmt(getattr(config, n)) for n in sweep.names},
+                                              ATTR_SEED: config.seed})
 
 
 def _initialise_study(sweep: Session) -> str:
@@ -339,7 +349,7 @@ def _initialise_study(sweep: Session) -> str:
     trials = study.get_trials(deepcopy=False)
     parent = _join(sweep)
     if parent is not None:
-        complete = {t.user_attrs.get("key") for t in trials if t.state == TrialState.COMPLETE}
+        complete = {t.user_attrs.get(ATTR_KEY) for t in trials if t.state == TrialState.COMPLETE}
         sweep.skipped = len(complete & set(sweep.configs))
         idle = not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
         redo = [k for k in sweep.configs if k not in complete] if idle else []
@@ -353,28 +363,26 @@ def _initialise_study(sweep: Session) -> str:
     for key in sweep.configs:
         if key in done:  # trained by an earlier execution: read back, not trained again
             run = done[key]
-            acc = run.data.metrics.get("test/acc")
+            acc = run.data.metrics.get(TEST_ACC)
             study.add_trial(create_trial(state=TrialState.COMPLETE,
                                          value=acc if acc is not None and math.isfinite(acc) else 0.0,
-                                         user_attrs={"key": key, "mlflow_run_id": run.info.run_id,
-                                                     "status": run.data.tags.get("cnnbench.status", ""),
-                                                     "reused": True}))
+                                         user_attrs={ATTR_KEY: key, ATTR_MLFLOW_RUN_ID: run.info.run_id,
+                                                     ATTR_STATUS: run.data.tags.get(TAG_STATUS, ""),
+                                                     ATTR_REUSED: True}))
             sweep.skipped += 1
         else:
             _enqueue_run(sweep, key)
     assert sweep.plan is not None
-    from cnnbench.track.writer import TAG_SCIENTIFIC
-
     parent = sweep.tracker.start_parent(
         f"{spec.name} ({len(sweep.plan.trials)} trials)", kind="study",
-        tags={TAG_SCIENTIFIC: ",".join(spec.scientific), "cnnbench.nuisance": ",".join(spec.nuisance),
-              "cnnbench.spec": spec.path, "cnnbench.command": sweep.command[:500],
-              "cnnbench.fuse": str(sweep.fuse_k > 1), "cnnbench.fuse_k": str(sweep.fuse_k),
-              TAG_OPTUNA_STUDY: study.study_name, "optuna.storage": sweep_storage.masked(sweep.url)},
-        params={**{f"fixed.{k}": v for k, v in spec.fixed.items()},
-                **{f"scientific.{k}": list(v) for k, v in spec.scientific.items()},
-                **{f"nuisance.{k}": list(v) for k, v in spec.nuisance.items()},
-                "seeds": list(spec.seeds), "trials": len(sweep.plan.trials), "runs": len(sweep.plan.runs)},
+        tags={TAG_SCIENTIFIC: ",".join(spec.scientific), TAG_NUISANCE: ",".join(spec.nuisance),
+              TAG_SPEC: spec.path, TAG_COMMAND: sweep.command[:500],
+              TAG_FUSE: str(sweep.fuse_k > 1), TAG_FUSE_K: str(sweep.fuse_k),
+              TAG_OPTUNA_STUDY: study.study_name, TAG_OPTUNA_STORAGE: sweep_storage.masked(sweep.url)},
+        params={**{f"{PREFIX_FIXED}{k}": v for k, v in spec.fixed.items()},
+                **{f"{PREFIX_SCIENTIFIC}{k}": list(v) for k, v in spec.scientific.items()},
+                **{f"{PREFIX_NUISANCE}{k}": list(v) for k, v in spec.nuisance.items()},
+                PARAM_SEEDS: list(spec.seeds), PARAM_TRIALS: len(sweep.plan.trials), PARAM_RUNS: len(sweep.plan.runs)},
         note=spec.description)
     sweep.tracker.log_artifacts(parent, [Path(spec.path)], "spec")
     _mark_ready(sweep, parent, {})
@@ -413,7 +421,7 @@ def _lost(sweep: Session, trial: Any, why: str = "") -> None:
     import optuna
 
     why = why or f"worker {worker_name(trial.user_attrs)} stopped beating for {sweep_storage.GRACE_S} s"
-    _kill_run(sweep, trial.user_attrs.get("mlflow_run_id"), why)
+    _kill_run(sweep, trial.user_attrs.get(ATTR_MLFLOW_RUN_ID), why)
     with sweep_storage.quiet():
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(sweep.study, trial)
     sweep.say(f"[{sweep.worker}] trial {trial.number} lost ({why}); queued again")
@@ -427,9 +435,9 @@ def _kill_run(sweep: Session, run_id: str | None, why: str | None = None) -> Non
     client = sweep.tracker.client
     with contextlib.suppress(Exception):
         if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "cnnbench.status", INTERRUPTED)
+            client.set_tag(run_id, TAG_STATUS, INTERRUPTED)
             if why:
-                client.set_tag(run_id, "cnnbench.reason", why)
+                client.set_tag(run_id, TAG_REASON, why)
             client.set_terminated(run_id, status="KILLED")
         client.set_tag(run_id, TAG_STATE, "FAIL")
 
@@ -444,7 +452,7 @@ def recover(sweep: Session) -> None:
     for t in sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         # a trial is taken under this lock with its worker's identity: one without it was
         # taken by a worker that died before it could say who it was
-        taken = "worker_pid" in t.user_attrs
+        taken = ATTR_WORKER_PID in t.user_attrs
         if taken and not sweep_storage.dead_here(t.user_attrs):  # this machine: the process is gone
             continue
         try:
@@ -469,7 +477,7 @@ def _next_trial(sweep: Session) -> tuple[Any | None, dict[str, int]]:
     with sweep_storage.quiet():  # "heartbeat is meant for optimize()": we beat ourselves
         trial = sweep.study.ask()
     me = sweep_storage.identity()
-    for key, value in {**me, "mlflow_run_id": ""}.items():
+    for key, value in {**me, ATTR_MLFLOW_RUN_ID: ""}.items():
         trial.set_user_attr(key, value)
     sweep.storage.record_heartbeat(trial_id(trial))  # a lost worker is visible from the start
     return trial, counts
@@ -544,7 +552,7 @@ def _train(sweep: Session, trial: Any, data_cache: dict[tuple, Any]) -> str:
     try:
         config = sweep.config_of(trial)
     except ConfigError as err:  # a combination of values that no trial can take
-        trial.set_user_attr("reason", str(err)[:500])
+        trial.set_user_attr(ATTR_REASON, str(err)[:500])
         sweep.study.tell(trial, state=TrialState.FAIL)
         sweep.say(f"[{sweep.worker}] trial {trial.number} failed: {err}")
         return "FAIL"
@@ -568,23 +576,23 @@ def _checkpoints_and_run(sweep: Session, trial: Any, config: TrialConfig) -> tup
     """A trial's checkpoint folder and its MLflow recorder (the child run is created when it
     starts). A study's run resumes from the checkpoints of its key; a sweep's retried trial
     from those of the trial it repeats."""
-    from cnnbench.track.writer import TAG_SCIENTIFIC, run_name
+    from cnnbench.track.writer import run_name
 
     names = sweep.names
     if sweep.kind == "study":
         spec = sweep.spec
         tags = {TAG_SCIENTIFIC: ",".join(spec.scientific), TAG_TRIAL: str(trial.number),
                 TAG_OPTUNA_STUDY: sweep.study.study_name,
-                **{f"scientific.{k}": fmt(getattr(config, k)) for k in spec.scientific},
-                **{f"nuisance.{k}": fmt(getattr(config, k)) for k in spec.nuisance}}
+                **{f"{PREFIX_SCIENTIFIC}{k}": fmt(getattr(config, k)) for k in spec.scientific},
+                **{f"{PREFIX_NUISANCE}{k}": fmt(getattr(config, k)) for k in spec.nuisance}}
         inner = sweep.tracker.recorder(config, parent=sweep.parent, name=run_name(config, names),
-                                       tags={**tags, "threads": str(sweep.threads or "")})
+                                       tags={**tags, TAG_TRIAL_THREADS: str(sweep.threads or "")})
         return sweep.ckpt_root / config.key(), inner
-    origin = sweep.storage.get_trial(trial_id(trial)).system_attrs.get("failed_trial", trial.number)
+    origin = sweep.storage.get_trial(trial_id(trial)).system_attrs.get(OPTUNA_FAILED_TRIAL, trial.number)
     inner = sweep.tracker.recorder(config, parent=sweep.parent, name=f"trial {trial.number}: {run_name(config, names)}",
                                    tags={TAG_PHASE: "search", TAG_TRIAL: str(trial.number), TAG_STATE: "RUNNING",
-                                         TAG_OPTUNA_STUDY: sweep.spec.name, "cnnbench.searched": ",".join(names),
-                                         **({"optuna.retry_of": str(origin)} if origin != trial.number else {})})
+                                         TAG_OPTUNA_STUDY: sweep.spec.name, TAG_SEARCHED: ",".join(names),
+                                         **({TAG_RETRY_OF: str(origin)} if origin != trial.number else {})})
     return sweep.ckpt_root / f"trial-{origin:05d}", inner
 
 
@@ -601,11 +609,11 @@ def _epoch_events(sweep: Session, trial: Any, config: TrialConfig) -> Callable[[
     if sweep.events is None:
         return None
     label = run_name(config, sweep.names) if sweep.kind == "study" else f"trial {trial.number}"
-    metric = "test/acc" if sweep.kind == "study" else (sweep.metric or "")
+    metric = TEST_ACC if sweep.kind == "study" else (sweep.metric or "")
     events, worker = sweep.events, sweep.worker
 
     def send(record: dict[str, float]) -> None:
-        events.put(("epoch", worker, label, int(record["epoch"]), config.epochs, metric,
+        events.put(("epoch", worker, label, int(record[EPOCH]), config.epochs, metric,
                     float(record.get(metric, math.nan))))
 
     return send
@@ -620,7 +628,7 @@ def _conclude(sweep: Session, trial: Any, inner: Any, result: Any, ckpt: Path, l
     fused = f" (fused with {result.fused_with - 1} other(s))" if result.fused_with > 1 else ""
     took = f"after {len(result.history)} epoch(s), {time.perf_counter() - t0:.1f} s{fused}"
     if sweep.kind == "study":
-        acc = result.metric("test/acc")
+        acc = result.metric(TEST_ACC)
         value_text = f"test acc {acc:.2f}%" if math.isfinite(acc) else result.status
         sweep.say(f"[{sweep.worker}] {label}: {result.status}, {value_text} {took}", ended=label)
         return state.name
@@ -639,11 +647,11 @@ def _record(sweep: Session, trial: Any, inner: Any, result: Any) -> tuple[Any, f
     from optuna.trial import TrialState
 
     if sweep.kind == "study":  # a diverged run is an outcome too: it is not trained again
-        value = result.metric("test/acc")
+        value = result.metric(TEST_ACC)
         state = TrialState.COMPLETE if result.status in (FINISHED, DIVERGED) else TrialState.FAIL
         value = value if math.isfinite(value) else 0.0
-        for key, v in {"status": result.status, "train_seconds": round(result.train_seconds, 3),
-                       "reason": result.reason[:500], "fused_with": result.fused_with}.items():
+        for key, v in {ATTR_STATUS: result.status, ATTR_TRAIN_SECONDS: round(result.train_seconds, 3),
+                       ATTR_REASON: result.reason[:500], ATTR_FUSED_WITH: result.fused_with}.items():
             trial.set_user_attr(key, v)
         _tell(sweep, trial, inner, state, value if state == TrialState.COMPLETE else None, result.reason)
         return state, value, value
@@ -659,9 +667,9 @@ def _record(sweep: Session, trial: Any, inner: Any, result: Any) -> tuple[Any, f
     else:
         state, shown = TrialState.FAIL, math.nan
     assert sweep.metric is not None
-    for key, v in {"status": result.status, "best_epoch": result.best(sweep.metric)[1] or 0,
-                   "train_seconds": round(result.train_seconds, 3), "reason": result.reason[:500],
-                   "fused_with": result.fused_with}.items():
+    for key, v in {ATTR_STATUS: result.status, ATTR_BEST_EPOCH: result.best(sweep.metric)[1] or 0,
+                   ATTR_TRAIN_SECONDS: round(result.train_seconds, 3), ATTR_REASON: result.reason[:500],
+                   ATTR_FUSED_WITH: result.fused_with}.items():
         trial.set_user_attr(key, v)
     _tell(sweep, trial, inner, state, value if state == TrialState.COMPLETE else None, result.reason)
     return state, value, shown
@@ -676,9 +684,9 @@ def _interrupted(sweep: Session, trial: Any) -> None:
     frozen = sweep.storage.get_trial(trial_id(trial))
     if frozen.state != TrialState.RUNNING:
         return
-    trial.set_user_attr("reason", "interrupted (Ctrl-C)")
+    trial.set_user_attr(ATTR_REASON, "interrupted (Ctrl-C)")
     sweep.study.tell(trial, state=TrialState.FAIL)
-    _kill_run(sweep, frozen.user_attrs.get("mlflow_run_id"))
+    _kill_run(sweep, frozen.user_attrs.get(ATTR_MLFLOW_RUN_ID))
     with sweep_storage.quiet():
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(
             sweep.study, sweep.storage.get_trial(trial_id(trial)))
@@ -688,13 +696,13 @@ def _tell(sweep: Session, trial: Any, recorder: Any, state: Any, value: float | 
     from optuna.trial import TrialState
 
     if state == TrialState.FAIL and reason:
-        trial.set_user_attr("reason", reason[:500])
+        trial.set_user_attr(ATTR_REASON, reason[:500])
     sweep.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
     if getattr(recorder, "run_id", None):  # None: a member of a batch that never started
         with contextlib.suppress(Exception):  # the run's own record is complete without these tags
             sweep.tracker.client.set_tag(recorder.run_id, TAG_STATE, state.name)
             if value is not None:
-                sweep.tracker.client.log_metric(recorder.run_id, "optuna/value", float(value))
+                sweep.tracker.client.log_metric(recorder.run_id, METRIC_OPTUNA_VALUE, float(value))
 
 
 
@@ -730,7 +738,7 @@ def next_batch(sweep: Session, k: int) -> tuple[list[Any], dict[str, int]]:
         room = min(room, counts["WAITING"])  # every grid point is taken once
     if sweep.kind == "study":
         room = min(room, _next_group_size(sweep, trials, k))
-    me = {**sweep_storage.identity(), "mlflow_run_id": ""}
+    me = {**sweep_storage.identity(), ATTR_MLFLOW_RUN_ID: ""}
     batch = []
     for _ in range(max(0, min(k, room))):
         with warnings.catch_warnings():  # "heartbeat is meant for optimize()": we beat ourselves
@@ -753,7 +761,7 @@ def _next_group_size(sweep: Session, trials: list[Any], k: int) -> int:
     from cnnbench.train.fused import fusable, group_key
 
     waiting = [t for t in sorted(trials, key=lambda t: t.number) if t.state == TrialState.WAITING]
-    configs = [sweep.configs.get(t.user_attrs.get("key", "")) for t in waiting]
+    configs = [sweep.configs.get(t.user_attrs.get(ATTR_KEY, "")) for t in waiting]
     if not configs or configs[0] is None or k <= 1 or not fusable(configs[0], wide_only=sweep.wide_only):
         return 1
     first, n = group_key(configs[0]), 1
@@ -802,7 +810,7 @@ def train_batch(sweep: Session, batch: list[Any], data_cache: dict[tuple, Any]) 
         try:
             config = sweep.config_of(trial)
         except ConfigError as err:  # a combination of values that no trial can take
-            trial.set_user_attr("reason", str(err)[:500])
+            trial.set_user_attr(ATTR_REASON, str(err)[:500])
             sweep.study.tell(trial, state=TrialState.FAIL)
             sweep.say(f"[{sweep.worker}] trial {trial.number} failed: {err}")
             states.append("FAIL")
@@ -862,22 +870,22 @@ def train_fused(sweep: Session, group: list[Member], data_cache: dict[tuple, Any
 def claim_results(sweep: Session, fingerprint: str) -> str | None:
     """Under the claim lock: become the one process that writes the results. Returns why
     not when another (live) one does, or did for the same trials (`fingerprint`)."""
-    claim = sweep.study.user_attrs.get(ATTR + "final_claim")
+    claim = sweep.study.user_attrs.get(STUDY_FINAL_CLAIM)
     me = sweep_storage.identity()
-    if claim and claim.get("done") and claim.get("fingerprint") == fingerprint:
+    if claim and claim.get(CLAIM_DONE) and claim.get(CLAIM_FINGERPRINT) == fingerprint:
         return f"the results are up to date (written by {worker_name(claim)}; also in MLflow run {sweep.parent})"
-    if claim and not claim.get("done"):
+    if claim and not claim.get(CLAIM_DONE):
         mine = {k: claim.get(k) for k in me} == me
         if not mine and not sweep_storage.dead_here(claim):
             return f"worker {worker_name(claim)} is writing the results"
-    sweep.study.set_user_attr(ATTR + "final_claim", {**me, "done": False, "since": time.time()})
+    sweep.study.set_user_attr(STUDY_FINAL_CLAIM, {**me, CLAIM_DONE: False, CLAIM_SINCE: time.time()})
     return None
 
 
 def results_written(sweep: Session, fingerprint: str) -> None:
     """The results of these trials are written: a later end with the same ones is not redone."""
-    sweep.study.set_user_attr(ATTR + "final_claim", {**sweep_storage.identity(), "done": True, "since": time.time(),
-                                                     "fingerprint": fingerprint})
+    sweep.study.set_user_attr(STUDY_FINAL_CLAIM, {**sweep_storage.identity(), CLAIM_DONE: True,
+                                                  CLAIM_SINCE: time.time(), CLAIM_FINGERPRINT: fingerprint})
 
 
 # ----------------------------------------------------------------------------------------

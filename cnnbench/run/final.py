@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from cnnbench.config.spec import TrialConfig
-from cnnbench.track.schema import TAG_OPTUNA_STUDY, TAG_PHASE, TAG_TRIAL
+from cnnbench.track.schema import (METRIC_BEST_ACC, METRIC_BEST_EPOCH, METRIC_BEST_TRIAL_NUMBER, METRIC_BEST_VALUE,
+                                   METRIC_FINAL_N, METRIC_FINAL_TEST_ACC_MEAN, METRIC_FINAL_TEST_ACC_STD,
+                                   METRIC_TRIALS_COMPLETE, METRIC_TRIALS_FAILED, METRIC_TRIALS_PRUNED,
+                                   MLFLOW_PARENT_RUN_ID, TAG_KEY, TAG_OPTUNA_STUDY, TAG_PHASE, TAG_SEARCHED, TAG_SEED,
+                                   TAG_STATUS, TAG_TESTED, TAG_TRIAL, TEST_ACC, TEST_LOSS)
 from cnnbench.run.search import objective_value
 from cnnbench.config.space import trial_config
 from cnnbench.run.engine import Sweep, claim_results, count_states, is_finished, results_written, trial_data
@@ -84,16 +88,17 @@ def _close_parent(sweep: Sweep, best: Any, finals: list[FinalRun], counts: dict[
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    metrics = {"trials/complete": counts["COMPLETE"], "trials/pruned": counts["PRUNED"], "trials/failed": counts["FAIL"]}
+    metrics = {METRIC_TRIALS_COMPLETE: counts["COMPLETE"], METRIC_TRIALS_PRUNED: counts["PRUNED"],
+               METRIC_TRIALS_FAILED: counts["FAIL"]}
     if best is not None:
-        metrics["best/value"] = best.value
-        metrics["best/trial_number"] = best.number
+        metrics[METRIC_BEST_VALUE] = best.value
+        metrics[METRIC_BEST_TRIAL_NUMBER] = best.number
     accs = [f.test_acc for f in finals if math.isfinite(f.test_acc)]
     if accs:
-        metrics["final/test_acc_mean"] = statistics.fmean(accs)
-        metrics["final/n"] = len(accs)
+        metrics[METRIC_FINAL_TEST_ACC_MEAN] = statistics.fmean(accs)
+        metrics[METRIC_FINAL_N] = len(accs)
         if len(accs) > 1:
-            metrics["final/test_acc_std"] = statistics.stdev(accs)
+            metrics[METRIC_FINAL_TEST_ACC_STD] = statistics.stdev(accs)
     sweep.tracker.client.log_batch(sweep.parent, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
                                    synchronous=True)
     ok = best is not None and all(f.status == FINISHED for f in finals)
@@ -112,14 +117,16 @@ def _final_runs(sweep: Sweep, best: Any) -> list[FinalRun]:
     assert s is not None
     names = [d.name for d in spec.search]
     configs = [trial_config(spec, best.params, seed) for seed in s.final_seeds]
-    sweep.tracker.close_orphans("the process running it died", extra=f"tags.`mlflow.parentRunId` = '{sweep.parent}'")
+    sweep.tracker.close_orphans("the process running it died",
+                                extra=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent}'")
     done: dict[str, FinalRun] = {}
     for run in sweep.tracker.trial_runs(parent=sweep.parent, extra=f"tags.`{TAG_PHASE}` = 'final'"):
-        m, key = run.data.metrics, run.data.tags.get("cnnbench.trial_key")
-        if run.info.status in ("FINISHED", "FAILED") and "test/acc" in m and key and key not in done:
-            done[key] = FinalRun(int(run.data.tags.get("seed", -1)), run.info.run_id, run.data.tags.get("cnnbench.status", ""),
-                                 m.get("best/acc", math.nan), int(m.get("best/epoch", 0)), m["test/acc"],
-                                 m.get("test/loss", math.nan))
+        m, key = run.data.metrics, run.data.tags.get(TAG_KEY)
+        if run.info.status in ("FINISHED", "FAILED") and TEST_ACC in m and key and key not in done:
+            done[key] = FinalRun(int(run.data.tags.get(TAG_SEED, -1)), run.info.run_id,
+                                 run.data.tags.get(TAG_STATUS, ""),
+                                 m.get(METRIC_BEST_ACC, math.nan), int(m.get(METRIC_BEST_EPOCH, 0)), m[TEST_ACC],
+                                 m.get(TEST_LOSS, math.nan))
     pending = [c for c in configs if c.key() not in done]
     ckpt_root = sweep.ckpt_root / "final"
     data_cache: dict[tuple, Any] = {}
@@ -127,7 +134,7 @@ def _final_runs(sweep: Sweep, best: Any) -> list[FinalRun]:
         group = [pending[i] for i in idx]
         recorders = [sweep.tracker.recorder(c, parent=sweep.parent, name=f"final: {run_name(c, names)}",
                                             tags={TAG_PHASE: "final", TAG_TRIAL: str(best.number),
-                                                  TAG_OPTUNA_STUDY: spec.name, "cnnbench.searched": ",".join(names)})
+                                                  TAG_OPTUNA_STUDY: spec.name, TAG_SEARCHED: ",".join(names)})
                      for c in group]
         data = trial_data(sweep, group[0], data_cache)
         results = train_group(group, recorders=recorders, data=data, evaluate_test=False,
@@ -159,9 +166,9 @@ def _test_once(sweep: Sweep, config: TrialConfig, result: TrialResult, run_id: s
         best_epoch = int(payload["epoch"])
         if run_id:
             client = sweep.tracker.client
-            client.log_metric(run_id, "test/acc", test_acc, step=best_epoch)
-            client.log_metric(run_id, "test/loss", test_loss, step=best_epoch)
-            client.set_tag(run_id, "cnnbench.tested", f"once, with the best-validation checkpoint (epoch {best_epoch})")
+            client.log_metric(run_id, TEST_ACC, test_acc, step=best_epoch)
+            client.log_metric(run_id, TEST_LOSS, test_loss, step=best_epoch)
+            client.set_tag(run_id, TAG_TESTED, f"once, with the best-validation checkpoint (epoch {best_epoch})")
     return FinalRun(config.seed, run_id, result.status, best_val, int(best_epoch or 0), test_acc, test_loss)
 
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from cnnbench.config.space import OBJECTIVES
 from cnnbench.config.spec import StudySpec, TrialConfig
 from cnnbench.run import storage as sweep_storage
+from cnnbench.track.schema import ATTR_MLFLOW_RUN_ID, EPOCH
 from cnnbench.train.loop import Recorder, TrialResult
 
 PRUNE_FROM_EPOCH = 2  # median pruning judges a trial from its second epoch on: epoch 1 is too noisy
@@ -59,11 +60,11 @@ class PruningRecorder(Recorder):
 
     def start(self, config: TrialConfig, info: dict[str, Any], resumed: TrialResult | None) -> None:
         self.inner.start(config, info, resumed)
-        self.trial.set_user_attr("mlflow_run_id", self.inner.run_id or "")
+        self.trial.set_user_attr(ATTR_MLFLOW_RUN_ID, self.inner.run_id or "")
         if resumed is not None and self.metric:  # a retried trial: the epochs its checkpoint restored count too
             for record in resumed.history:
                 if self.metric in record:
-                    self.trial.report(record[self.metric], int(record["epoch"]))
+                    self.trial.report(record[self.metric], int(record[EPOCH]))
 
     def train_loss(self, samples: int, loss: float) -> None:
         self.inner.train_loss(samples, loss)
@@ -74,7 +75,7 @@ class PruningRecorder(Recorder):
             self.on_epoch(record)
         if not self.metric:
             return None
-        self.trial.report(record[self.metric], int(record["epoch"]))
+        self.trial.report(record[self.metric], int(record[EPOCH]))
         return "prune" if self.trial.should_prune() else None
 
     def finish(self, result: TrialResult) -> None:

@@ -29,6 +29,7 @@ from cnnbench.util import fileio
 from cnnbench.util import interrupt
 
 from cnnbench.track import stores
+from cnnbench.track.schema import ATTR_WORKER_BOOT, ATTR_WORKER_HOST, ATTR_WORKER_PID
 from cnnbench.util.text import masked
 from cnnbench.config.spec import ConfigError
 
@@ -161,16 +162,16 @@ def _boot_id() -> str:
 
 
 def identity() -> dict[str, Any]:
-    return {"worker_host": socket.gethostname(), "worker_boot": _boot_id(), "worker_pid": os.getpid()}
+    return {ATTR_WORKER_HOST: socket.gethostname(), ATTR_WORKER_BOOT: _boot_id(), ATTR_WORKER_PID: os.getpid()}
 
 
 def dead_here(attrs: dict[str, Any]) -> bool:
     """True when `attrs` name a process of this machine that no longer exists."""
     me = identity()
-    if attrs.get("worker_host") != me["worker_host"] or attrs.get("worker_boot") != me["worker_boot"]:
+    if attrs.get(ATTR_WORKER_HOST) != me[ATTR_WORKER_HOST] or attrs.get(ATTR_WORKER_BOOT) != me[ATTR_WORKER_BOOT]:
         return False
-    pid = attrs.get("worker_pid")
-    if not isinstance(pid, int) or pid == me["worker_pid"]:
+    pid = attrs.get(ATTR_WORKER_PID)
+    if not isinstance(pid, int) or pid == me[ATTR_WORKER_PID]:
         return False
     try:
         os.kill(pid, 0)

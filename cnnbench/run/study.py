@@ -32,6 +32,7 @@ from cnnbench.data.tensors import train_size
 from cnnbench.report.tables import TrialRow, truncate, write_results
 from cnnbench.run.engine import (Session, claim_results, count_states, launch_workers, open_session, pause_parent,
                                  results_written, work)
+from cnnbench.track.schema import ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON, TAG_FUSE, TAG_THREADS, TAG_WORKERS
 from cnnbench.train.device import resolve_device, usable_cores
 from cnnbench.train.loop import DIVERGED, FAILED, FINISHED, TrialResult
 from cnnbench.util import interrupt
@@ -70,8 +71,8 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
     if wide_only:  # one wide group per worker
         session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, workers, max_fuse)
     session.threads = threads
-    for key, value in {"cnnbench.fuse": str(fuse), "cnnbench.workers": str(workers),
-                       "cnnbench.threads": str(threads or "")}.items():
+    for key, value in {TAG_FUSE: str(fuse), TAG_WORKERS: str(workers),
+                       TAG_THREADS: str(threads or "")}.items():
         session.tracker.client.set_tag(session.parent, key, value)
     try:
         workers = max(1, min(workers, pending))
@@ -124,7 +125,7 @@ def _chosen(session: Session, trials: list[Any]) -> dict[str, Any]:
 
     chosen: dict[str, Any] = {}
     for t in sorted(trials, key=lambda t: t.number):
-        key = t.user_attrs.get("key")
+        key = t.user_attrs.get(ATTR_KEY)
         if key not in session.configs or t.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
         if t.state == TrialState.COMPLETE or key not in chosen or chosen[key].state != TrialState.COMPLETE:
@@ -134,13 +135,13 @@ def _chosen(session: Session, trials: list[Any]) -> dict[str, Any]:
 
 def _result(session: Session, key: str, trial: Any) -> tuple[TrialResult, str]:
     """A run's result, read back from its MLflow run (whoever trained it)."""
-    run_id = trial.user_attrs.get("mlflow_run_id", "") if trial is not None else ""
+    run_id = trial.user_attrs.get(ATTR_MLFLOW_RUN_ID, "") if trial is not None else ""
     if run_id:
         try:
             return session.tracker.load_result(session.tracker.client.get_run(run_id)), run_id
         except Exception:  # a run that ended before it recorded a result (killed for good)
             pass
-    reason = (trial.user_attrs.get("reason", "") if trial is not None else "") or "no result was recorded"
+    reason = (trial.user_attrs.get(ATTR_REASON, "") if trial is not None else "") or "no result was recorded"
     return TrialResult(session.configs[key], status=FAILED, reason=reason), run_id
 
 

@@ -36,6 +36,7 @@ from cnnbench.util import fileio
 from cnnbench.config.spec import TrialConfig
 from cnnbench.data.tensors import DATASETS, data_dir, load_arrays
 from cnnbench.models import get_model
+from cnnbench.track.schema import ATTR_FUSED_WITH, ATTR_TRAIN_SECONDS
 from cnnbench.train.loop import SingleEngine, evaluate, load_data, train_group
 from cnnbench.train.device import sync, configure_backends, resolve_device, set_tf32
 
@@ -602,7 +603,8 @@ def time_sweep(*, data_root=None, device: str = "auto", n_trials: int = 32, epoc
             trials = sweep.study.get_trials(deepcopy=False)
             done = [t for t in trials if t.state.name == "COMPLETE"]
             # a fused group's training time once, not once per member
-            train_s = sum(t.user_attrs.get("train_seconds", 0.0) / t.user_attrs.get("fused_with", 1) for t in done)
+            train_s = sum(t.user_attrs.get(ATTR_TRAIN_SECONDS, 0.0) / t.user_attrs.get(ATTR_FUSED_WITH, 1)
+                          for t in done)
             ways[label] = {"k": kk, "wall_seconds": wall, "open_seconds": t1 - t0, "trials": len(done), "trials_per_hour": 3600 * len(done) / wall,
                            "best_val_acc": sweep.study.best_value if done else math.nan,
                            "train_seconds": train_s, "states": dict(report.states)}

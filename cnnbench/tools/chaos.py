@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from cnnbench.track.schema import ATTR_MLFLOW_RUN_ID, TAG_KEY, TAG_KIND, TAG_PHASE, TAG_TRIAL, TEST_ACC
+
 STUDY_FIXED = {"epochs": 3, "train_subset": 1000, "test_subset": 300, "log_every": 5, "progress": False}
 STUDIES = {
     "chaos-lr": {"scientific": {"lr": [0.02, 0.05]}},
@@ -171,7 +173,7 @@ def check(folder: Path, specs: dict[str, Path]) -> list[str]:
         if running:
             problems.append(f"{name}: runs left RUNNING: {running}")
         for r in runs:
-            if r.info.status != "FINISHED" or r.data.tags.get("cnnbench.kind") != "trial":
+            if r.info.status != "FINISHED" or r.data.tags.get(TAG_KIND) != "trial":
                 continue
             for key in r.data.metrics:
                 steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
@@ -188,13 +190,13 @@ def _check_study(folder: Path, client: Any, name: str, spec: Any, runs: list) ->
 
     problems = []
     expected = {c.key() for c in spec.trial_configs()}
-    trials = [r for r in runs if r.data.tags.get("cnnbench.kind") == "trial"]
-    finished = Counter(r.data.tags.get("cnnbench.trial_key") for r in trials if r.info.status == "FINISHED")
+    trials = [r for r in runs if r.data.tags.get(TAG_KIND) == "trial"]
+    finished = Counter(r.data.tags.get(TAG_KEY) for r in trials if r.info.status == "FINISHED")
     if set(finished) != expected or any(n != 1 for n in finished.values()):
         problems.append(f"{name}: FINISHED runs per trial {dict(finished)}, expected one for each of {len(expected)}")
     for r in trials:
         if r.info.status == "FINISHED":
-            epochs = [m.step for m in client.get_metric_history(r.info.run_id, "test/acc")]
+            epochs = [m.step for m in client.get_metric_history(r.info.run_id, TEST_ACC)]
             if epochs != list(range(1, STUDY_FIXED["epochs"] + 1)):
                 problems.append(f"{name}: run {r.info.run_id} has test/acc at epochs {epochs}")
     out = folder / "results" / name
@@ -220,13 +222,13 @@ def _check_sweep(folder: Path, client: Any, optuna: Any, TrialState: Any) -> lis
         problems.append(f"{SWEEP}: trials left RUNNING or WAITING ({dict(states)})")
     exp = client.get_experiment_by_name(SWEEP)
     search = [r for r in client.search_runs([exp.experiment_id], max_results=1000)
-              if r.data.tags.get("cnnbench.phase") == "search" and r.info.status == "FINISHED"]
-    per_trial = Counter(r.data.tags.get("optuna.trial_number") for r in search)
+              if r.data.tags.get(TAG_PHASE) == "search" and r.info.status == "FINISHED"]
+    per_trial = Counter(r.data.tags.get(TAG_TRIAL) for r in search)
     if len(search) != done or any(n != 1 for n in per_trial.values()):
         problems.append(f"{SWEEP}: FINISHED search runs per trial {dict(per_trial)}, expected one for each of {done}")
     for t in trials:
         if t.state == TrialState.COMPLETE:
-            run = client.get_run(t.user_attrs.get("mlflow_run_id", ""))
+            run = client.get_run(t.user_attrs.get(ATTR_MLFLOW_RUN_ID, ""))
             if run.info.status != "FINISHED":
                 problems.append(f"{SWEEP}: trial {t.number} is COMPLETE but its run is {run.info.status}")
     out = folder / "results" / SWEEP

@@ -24,6 +24,9 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+from cnnbench.track.schema import (METRIC_FINAL_TEST_ACC, METRIC_TRAIN_LOSS, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME,
+                                   PARAM_SEED, PREFIX_SCIENTIFIC)
+
 CHROMIUM = os.environ.get("CNNBENCH_CHROMIUM", "/usr/bin/chromium")
 # no network chatter of its own: the only server it talks to is MLflow on loopback
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -140,7 +143,7 @@ def find_runs(url: str, study: str, names: list[str], *, screenshot: str | os.Pa
     from cnnbench.report.analysis import trial_runs
 
     client = MlflowClient(url)
-    parents = sorted(set(trial_runs(study, url)["tags.mlflow.parentRunId"].dropna()))
+    parents = sorted(set(trial_runs(study, url)[f"tags.{MLFLOW_PARENT_RUN_ID}"].dropna()))
     with browser_page() as page:
         page.goto(f"{url}/#/experiments/{_experiment_id(url, study)}/runs?{ML_VIEW}")
         try:
@@ -160,14 +163,14 @@ def compare_url(url: str, study: str) -> tuple[str, list[str]]:
 
     runs = trial_runs(study, url)
     sci = [f"params.{k}" for k in runs.attrs["scientific"] + runs.attrs["nuisance"] if f"params.{k}" in runs]
-    seed = runs["params.seed"].astype(int)
+    seed = runs[f"params.{PARAM_SEED}"].astype(int)
     runs = runs[seed == seed.min()]
     order = runs[sci].apply(lambda col: col.astype(float) if _numeric(col) else col)
     runs = runs.assign(**{f"_k{i}": order[c] for i, c in enumerate(sci)})
     runs = runs.sort_values([f"_k{i}" for i in range(len(sci))]).head(12)
     ids, exp_id = list(runs["run_id"]), _experiment_id(url, study)
     return (f"{url}/#/compare-runs?runs={json.dumps(ids)}&experiments={json.dumps([exp_id])}&{ML_VIEW}",
-            list(runs["tags.mlflow.runName"]))
+            list(runs[f"tags.{MLFLOW_RUN_NAME}"]))
 
 
 def _numeric(col) -> bool:
@@ -178,7 +181,7 @@ def _numeric(col) -> bool:
         return False
 
 
-def screenshot_compare(url: str, study: str, out: str | os.PathLike, *, metric: str = "final/test_acc") -> Path:
+def screenshot_compare(url: str, study: str, out: str | os.PathLike, *, metric: str = METRIC_FINAL_TEST_ACC) -> Path:
     """Save the comparison view of the study's trials: a parallel-coordinates plot of the
     scientific hyperparameters against `metric`, then the runs side by side (the params
     that differ, every metric)."""
@@ -198,14 +201,14 @@ def screenshot_compare(url: str, study: str, out: str | os.PathLike, *, metric: 
     return Path(out)
 
 
-def screenshot_charts(url: str, study: str, out: str | os.PathLike, *, metric: str = "train/loss") -> Path:
+def screenshot_charts(url: str, study: str, out: str | os.PathLike, *, metric: str = METRIC_TRAIN_LOSS) -> Path:
     """Save the chart view of the study's runs grouped by its first scientific
     hyperparameter (a line per value: the mean over seeds), `metric` full screen."""
     from cnnbench.util import fileio
     from cnnbench.report.analysis import trial_runs
 
     runs = trial_runs(study, url)
-    group = f"scientific.{runs.attrs['scientific'][0]}"
+    group = f"{PREFIX_SCIENTIFIC}{runs.attrs['scientific'][0]}"
     with browser_page(width=1500, height=1000) as page:
         _open_runs(page, url, study)
         page.get_by_text("Group by", exact=True).first.click()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from cnnbench.track.schema import EPOCH, TEST_ACC, VAL_ACC
 from cnnbench.train.loop import TrialResult
 from cnnbench.util.text import fmt
 
@@ -20,8 +21,8 @@ def save_trial_figure(result: TrialResult, path: Path) -> Path:
         xs, ys = zip(*result.curve)
         axes[0].plot(xs, ys, linewidth=1)
     axes[0].set(title="training loss", xlabel="samples seen", ylabel="cross-entropy")
-    for key in ("test/acc", "val/acc"):
-        pts = [(r["epoch"], r[key]) for r in result.history if key in r]
+    for key in (TEST_ACC, VAL_ACC):
+        pts = [(r[EPOCH], r[key]) for r in result.history if key in r]
         if pts:
             axes[1].plot(*zip(*pts), marker="o", label=key)
     axes[1].set(title="accuracy", xlabel="epoch", ylabel="%")

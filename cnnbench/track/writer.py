@@ -25,7 +25,6 @@ from typing import Any, Iterable
 
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE, MLFLOW_SOURCE_NAME
 
 from cnnbench.util import interrupt
 
@@ -33,16 +32,15 @@ from cnnbench.track import stores
 from cnnbench.config.spec import TrialConfig
 from cnnbench.errors import TrackingError
 from cnnbench.track.figure import save_trial_figure
+from cnnbench.track.schema import (EPOCH, METRIC_BEST_ACC, METRIC_BEST_EPOCH, METRIC_FINAL_TEST_ACC,
+                                   METRIC_IMAGES_PER_SECOND, METRIC_TRAIN_LOSS, METRIC_TRAIN_SECONDS,
+                                   METRIC_WALL_SECONDS, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE,
+                                   MLFLOW_SOURCE_NAME, PREFIX_STATS, STATS_METRICS, STATS_TAGS, TAG_DATASET,
+                                   TAG_DEVICE, TAG_DIVERGED, TAG_FUSED_WITH, TAG_HOST, TAG_KEY, TAG_KIND, TAG_MODEL,
+                                   TAG_PID, TAG_REASON, TAG_RESUMED_FROM_EPOCH, TAG_SEED, TAG_STATUS, TAG_STUDY,
+                                   TAG_TORCH_VERSION, TEST_ACC, VAL_ACC)
 from cnnbench.util.text import fmt, masked  # noqa: F401  (re-exported here)
 from cnnbench.train.loop import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, Recorder, TrialResult
-
-TAG_STUDY = "cnnbench.study"
-TAG_KIND = "cnnbench.kind"  # study | trial | sweep | run
-TAG_KEY = "cnnbench.trial_key"
-TAG_STATUS = "cnnbench.status"
-TAG_SCIENTIFIC = "cnnbench.scientific"
-TAG_PID = "cnnbench.pid"
-TAG_HOST = "cnnbench.host"
 
 # how each outcome shows in MLflow's own run status
 MLFLOW_STATUS = {FINISHED: "FINISHED", PRUNED: "FINISHED", DIVERGED: "FAILED", FAILED: "FAILED",
@@ -168,12 +166,12 @@ class Tracker:
         for row in table.to_dict("records"):
             # MLflow keys hold letters, digits and _ - . : / and spaces only: `augment:hflip_grayscale`
             value = re.sub(r"[^\w.\- :]", "_", " ".join(f"{k}:{fmt(row[k])}" for k in keys))
-            base = f"stats/{row['metric']}/{value}"
-            for name in ("n", "mean", "std", "ci_low", "ci_high", "diff", "p_holm", "seeds_needed"):
+            base = f"{PREFIX_STATS}{row['metric']}/{value}"
+            for name in STATS_METRICS:
                 v = row.get(name)
                 if v is not None and v == v:
                     metrics.append(Metric(f"{base}/{name}", float(v), now, 0))
-            for name in ("verdict", "doc_verdict"):
+            for name in STATS_TAGS:
                 if isinstance(row.get(name), str) and row[name]:
                     tags.append(RunTag(f"{base}/{name}", row[name]))
         for i in range(0, max(len(metrics), len(tags)), 500):
@@ -218,7 +216,7 @@ class Tracker:
             if tags.get(TAG_HOST) != socket.gethostname() or _alive(tags.get(TAG_PID)):
                 continue
             self.client.set_tag(run.info.run_id, TAG_STATUS, INTERRUPTED)
-            self.client.set_tag(run.info.run_id, "cnnbench.reason", reason)
+            self.client.set_tag(run.info.run_id, TAG_REASON, reason)
             self.client.set_terminated(run.info.run_id, status="KILLED")
             closed.append(run.info.run_id)
         return closed
@@ -265,13 +263,14 @@ class MlflowRecorder(Recorder):
         tags = {
             **({MLFLOW_PARENT_RUN_ID: self.parent} if self.parent else {}),
             TAG_KIND: "trial" if self.parent else "run", TAG_STUDY: self.tracker.experiment_name,
-            TAG_KEY: c.key(), TAG_STATUS: "running", "model": c.model, "dataset": c.dataset,
-            "seed": str(c.seed), "device": str(info.get("device", "")), "fused_with": str(info.get("fused_with", 1)),
-            "torch_version": _torch_version(), MLFLOW_GIT_COMMIT: git_commit(), MLFLOW_SOURCE_NAME: "cnnbench",
+            TAG_KEY: c.key(), TAG_STATUS: "running", TAG_MODEL: c.model, TAG_DATASET: c.dataset,
+            TAG_SEED: str(c.seed), TAG_DEVICE: str(info.get("device", "")),
+            TAG_FUSED_WITH: str(info.get("fused_with", 1)), TAG_TORCH_VERSION: _torch_version(),
+            MLFLOW_GIT_COMMIT: git_commit(), MLFLOW_SOURCE_NAME: "cnnbench",
             TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname(), **self.tags,
         }
         if resumed is not None:
-            tags["cnnbench.resumed_from_epoch"] = str(len(resumed.history))
+            tags[TAG_RESUMED_FROM_EPOCH] = str(len(resumed.history))
         run = self.client.create_run(self.tracker.experiment_id, run_name=self.name, tags=tags)
         self.run_id = run.info.run_id
         self.tracker.log_params(self.run_id, c.to_dict())
@@ -283,11 +282,11 @@ class MlflowRecorder(Recorder):
             self.flush()
 
     def train_loss(self, samples: int, loss: float) -> None:
-        self.pending.append(Metric("train/loss", loss, _now_ms(), samples))
+        self.pending.append(Metric(METRIC_TRAIN_LOSS, loss, _now_ms(), samples))
 
     def _epoch_metrics(self, record: dict[str, float]) -> None:
-        ts, step = _now_ms(), int(record["epoch"])
-        self.pending.extend(Metric(k, float(v), ts, step) for k, v in record.items() if k != "epoch")
+        ts, step = _now_ms(), int(record[EPOCH])
+        self.pending.extend(Metric(k, float(v), ts, step) for k, v in record.items() if k != EPOCH)
 
     def epoch(self, record: dict[str, float]) -> str | None:
         self._epoch_metrics(record)
@@ -318,19 +317,19 @@ class MlflowRecorder(Recorder):
     def _finish(self, result: TrialResult) -> None:
         assert self.run_id is not None
         self.flush()
-        best, best_epoch = result.best("val/acc" if any("val/acc" in r for r in result.history) else "test/acc")
-        summary = {"train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds,
-                   "images_per_second": result.images_per_second}
+        best, best_epoch = result.best(VAL_ACC if any(VAL_ACC in r for r in result.history) else TEST_ACC)
+        summary = {METRIC_TRAIN_SECONDS: result.train_seconds, METRIC_WALL_SECONDS: result.wall_seconds,
+                   METRIC_IMAGES_PER_SECOND: result.images_per_second}
         if result.history:
-            summary.update({"final/test_acc": result.metric("test/acc"), "best/acc": best,
-                            "best/epoch": float(best_epoch or 0)})
+            summary.update({METRIC_FINAL_TEST_ACC: result.metric(TEST_ACC), METRIC_BEST_ACC: best,
+                            METRIC_BEST_EPOCH: float(best_epoch or 0)})
         ts = _now_ms()
         metrics = [Metric(k, float(v), ts, 0) for k, v in summary.items() if v == v]
         tags = [RunTag(TAG_STATUS, result.status)]
         if result.reason:
-            tags.append(RunTag("cnnbench.reason", result.reason[:5000]))
+            tags.append(RunTag(TAG_REASON, result.reason[:5000]))
         if result.status == DIVERGED:
-            tags.append(RunTag("diverged", "true"))
+            tags.append(RunTag(TAG_DIVERGED, "true"))
         self.client.log_batch(self.run_id, metrics=metrics, tags=tags, synchronous=True)
         self._artifacts(result)
 

@@ -28,6 +28,8 @@ from torch import Tensor
 from cnnbench.util import fileio
 
 from cnnbench.util import interrupt
+from cnnbench.config.record import (EPOCH, EPOCH_SECONDS, LR, SPLIT_KEYS, TEST_ACC, TRAIN_EPOCH_LOSS, VAL_ACC,
+                                    VAL_LOSS)
 from cnnbench.config.spec import TrialConfig
 from cnnbench.train.device import (autocast, build_model, configure_backends, is_out_of_memory, resolve_device, sync,
                                    use_channels_last)
@@ -63,11 +65,11 @@ class TrialResult:
         """`name` (e.g. "test/acc") at 1-based `epoch`; the last epoch when None; NaN if absent."""
         if not self.history:
             return math.nan
-        rec = self.history[-1] if epoch is None else next((r for r in self.history if r["epoch"] == epoch), {})
+        rec = self.history[-1] if epoch is None else next((r for r in self.history if r[EPOCH] == epoch), {})
         return float(rec.get(name, math.nan))
 
-    def best(self, name: str = "test/acc") -> tuple[float, int | None]:
-        values = [(r[name], r["epoch"]) for r in self.history if name in r and math.isfinite(r[name])]
+    def best(self, name: str = TEST_ACC) -> tuple[float, int | None]:
+        values = [(r[name], r[EPOCH]) for r in self.history if name in r and math.isfinite(r[name])]
         if not values:
             return math.nan, None
         return max(values, key=lambda v: (v[0], -v[1]))
@@ -327,7 +329,7 @@ def _fit(engine, configs, data: DeviceData, recorders, ckpt_dirs, results, start
     n_train, batch = len(data.train), c0.batch_size
     steps_per_epoch = math.ceil(n_train / batch)
     schedules = [LRSchedule(c, steps_per_epoch) for c in configs]
-    select = "val/acc" if data.val is not None else "test/acc"
+    select = VAL_ACC if data.val is not None else TEST_ACC
     active = [True] * k_trials
 
     # resume from epoch checkpoints (the caller groups trials that stopped at the same epoch)
@@ -437,22 +439,23 @@ def _fit(engine, configs, data: DeviceData, recorders, ckpt_dirs, results, start
         for split_name, split in (("val", data.val), ("test", data.test if evaluate_test else None)):
             if split is not None:
                 loss_k, acc_k = evaluate(engine, data, split, c0.test_batch_size)
-                metrics[f"{split_name}/loss"], metrics[f"{split_name}/acc"] = loss_k, acc_k
+                loss_key, acc_key = SPLIT_KEYS[split_name]
+                metrics[loss_key], metrics[acc_key] = loss_k, acc_k
         for k in range(k_trials):
             if not active[k]:
                 continue
             r = results[k]
             r.train_seconds += seconds
             r.images += n_train
-            record = {"epoch": epoch + 1, "train/epoch_loss": epoch_sum[k] / max(epoch_steps, 1),
-                      "lr": lr_rows[0][k], "epoch_seconds": seconds,
+            record = {EPOCH: epoch + 1, TRAIN_EPOCH_LOSS: epoch_sum[k] / max(epoch_steps, 1),
+                      LR: lr_rows[0][k], EPOCH_SECONDS: seconds,
                       **{name: values[k] for name, values in metrics.items()}}
             r.history.append(record)
             bad = [n for n, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
             if bad:
                 _stop(engine, k, active, results, DIVERGED, f"{bad[0]} became {record[bad[0]]} at epoch {epoch + 1}")
                 continue
-            monitored = record.get("val/loss", record["train/epoch_loss"])
+            monitored = record.get(VAL_LOSS, record[TRAIN_EPOCH_LOSS])
             schedules[k].end_epoch(monitored)
             is_best = select in record and record[select] == r.best(select)[0] and r.best(select)[1] == epoch + 1
             if is_best:
@@ -471,7 +474,7 @@ def _fit(engine, configs, data: DeviceData, recorders, ckpt_dirs, results, start
 
 
 def _postfix(results: list[TrialResult], active: list[bool]) -> str:
-    accs = [r.history[-1].get("test/acc", r.history[-1].get("val/acc")) for r, a in zip(results, active)
+    accs = [r.history[-1].get(TEST_ACC, r.history[-1].get(VAL_ACC)) for r, a in zip(results, active)
             if a and r.history]
     accs = [a for a in accs if a is not None]
     return f"acc {min(accs):.2f}..{max(accs):.2f}%" if len(accs) > 1 else (f"acc {accs[0]:.2f}%" if accs else "")
