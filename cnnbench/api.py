@@ -28,12 +28,20 @@ from cnnbench.config.space import with_overrides as sweep_overrides
 from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig, parse_seeds
 from cnnbench.config.spec import load_spec as read_spec
 from cnnbench.data.tensors import data_dir, load_arrays
+from cnnbench.models import get_model, list_models, model_entry
 from cnnbench.models.summary import summarize as layer_summary
 from cnnbench.report import analysis
+from cnnbench.report.compare import compare_command
 from cnnbench.report.tables import history_text
 from cnnbench.run.study import StudyOutcome
 from cnnbench.run.study import run_study as study_runner
 from cnnbench.run.sweep import run_sweep as sweep_runner
+from cnnbench.tools.bench import bench as run
+from cnnbench.tools.notebooks import build_reports
+from cnnbench.tools.summary_documents import summary_command
+from cnnbench.tools.ui import screenshot_study
+from cnnbench.track.stores import default_url
+from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
 from cnnbench.train.device import resolve_device
 from cnnbench.train.loop import Recorder, TrialResult, evaluate_checkpoint, load_checkpoint
 from cnnbench.train.loop import run_trial as train_one
@@ -72,7 +80,6 @@ def run_trial(config: TrialConfig | None = None, *, data_root: str | os.PathLike
     load_arrays(config.dataset, data_dir(data_root))
     recorder: Recorder = Recorder()
     if track:
-        from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
 
         quiet_mlflow()
         uri = tracking_uri(tracking)
@@ -157,30 +164,23 @@ def summarize(model: str | Any, input_shape: Iterable[int] | None = None, *, num
 
 def models() -> list[tuple[str, int, str]]:
     """The registry: (name, parameters on MNIST, source) per architecture."""
-    from cnnbench.models import get_model, list_models, model_entry
-
     return [(name, sum(p.numel() for p in get_model(name).parameters()), model_entry(name).source)
             for name in list_models()]
 
 
 def sweep_storage_url(spec: StudySpec, state: str | os.PathLike | None = None) -> str:
     """The Optuna storage a sweep uses by default: a SQLite file in the state folder."""
-    from cnnbench.track.stores import default_url
-
     return default_url(spec.name, state_dir(state))
 
 
 def bench(**kwargs: Any) -> list[str]:
     """`cnnbench bench` (`tools.bench.bench`): returns the files written."""
-    from cnnbench.tools.bench import bench as run
-
     return run(**kwargs)
 
 
 def summary_text(model: str | None = None, **kwargs: Any) -> str:
     """`cnnbench summary`: per-layer tables (or the documents' counts) as text, or written
     under `results_dir`."""
-    from cnnbench.tools.summary_documents import summary_command
 
     return summary_command(model, **kwargs)
 
@@ -188,16 +188,12 @@ def summary_text(model: str | None = None, **kwargs: Any) -> str:
 def compare(a: str, b: str, *, labels: str | None = None, name: str | None = None, out: str = "results",
             tracking: str | None = None, command: str = "") -> tuple[Path, Path]:
     """Does execution B of a study reproduce execution A? Writes compare.md and compare.csv."""
-    from cnnbench.report.compare import compare_command
-
     return compare_command(a, b, labels=labels, name=name, out=out, tracking_uri=tracking, command=command)
 
 
 def report(results_dir: str | os.PathLike = "results", *, names: list[str] | None = None,
            tracking: str | None = None, timeout: int = 600) -> Any:
     """Run the notebooks headless for the studies and sweeps in `results_dir`; HTML beside them."""
-    from cnnbench.tools.notebooks import build_reports
-
     if timeout < 1:
         raise ConfigError(f"--timeout: must be >= 1, got {timeout}")
     return build_reports(Path(results_dir), names=names, tracking_uri=tracking, timeout=timeout)
@@ -206,8 +202,6 @@ def report(results_dir: str | os.PathLike = "results", *, names: list[str] | Non
 def screenshot(study: str, out: str | os.PathLike, *, charts: str | os.PathLike | None = None,
                tracking: str | None = None) -> list[Path]:
     """The MLflow UI's comparison view of a study (and its chart view) as PNG files."""
-    from cnnbench.tools.ui import screenshot_study
-
     return screenshot_study(study, out, charts=charts, tracking_uri=tracking)
 
 

@@ -7,10 +7,9 @@ model's own choice). A builder declares which of `activation`/`dropout` it honou
 a spec asking a model for a setting it lacks is refused when the spec is loaded.
 """
 
-from cnnbench.models.layers import ACTIVATIONS
-from cnnbench.models.registry import ModelEntry, get_model, list_models, model_entry, register_model
-
 # importing the architecture files registers their builders
 from cnnbench.models import alexnet, inception, lenet, resnet, tv  # noqa: E402,F401
+from cnnbench.models.layers import ACTIVATIONS
+from cnnbench.models.registry import ModelEntry, get_model, list_models, model_entry, register_model
 
 __all__ = ["ACTIVATIONS", "ModelEntry", "get_model", "list_models", "model_entry", "register_model"]

@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnbench.models.registry import register_model
-from cnnbench.models.layers import Concat
+from cnnbench.models.layers import Concat, flat_size
 from cnnbench.models.layers import activation as make_activation
-from cnnbench.models.layers import flat_size
+from cnnbench.models.registry import register_model
 
 
 class InceptionBlock(nn.Module):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from cnnbench.models.registry import register_model
 from cnnbench.models.layers import activation as make_activation
 from cnnbench.models.layers import flat_size
+from cnnbench.models.registry import register_model
 
 
 class LeNet(nn.Module):

@@ -11,7 +11,6 @@ from typing import Callable
 from torch import nn
 
 
-
 @dataclass(frozen=True)
 class ModelEntry:
     name: str

@@ -35,6 +35,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cnnbench.models import get_model, model_entry
+from cnnbench.models.tv import ResizeInput
+
 MNIST_INPUT = (1, 28, 28)  # what get_model builds for by default (in_channels=1, image_size=28)
 
 
@@ -135,17 +138,12 @@ def model_cost(name: str, input_shape: Iterable[int] | None = None, *, num_class
 
 def natural_input(name: str) -> tuple[int, int, int]:
     """The input a registered model is summarized at when none is given."""
-    from cnnbench.models import get_model
-    from cnnbench.models.tv import ResizeInput
-
     with torch.device("meta"):
         probe = get_model(name)
     return (probe.channels, probe.size, probe.size) if isinstance(probe, ResizeInput) else MNIST_INPUT
 
 
 def _build(name: str, input_shape: Iterable[int] | None, num_classes: int) -> tuple[nn.Module, tuple[int, ...], str]:
-    from cnnbench.models import get_model, model_entry
-    from cnnbench.models.tv import ResizeInput
 
     source = model_entry(name).source  # KeyError listing the known names
     shape = tuple(input_shape) if input_shape is not None else natural_input(name)
@@ -248,7 +246,6 @@ def _trace(module: nn.Module, input_shape: tuple[int, ...]) -> list[LayerRow]:
 
 class _Memory:
     """Which storages have been counted: a view or an in-place result adds nothing."""
-
     def __init__(self) -> None:
         self._seen: dict[int, Any] = {}  # id -> storage; holding them keeps the ids unique
 

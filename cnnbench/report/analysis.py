@@ -26,19 +26,50 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pandas as pd
 from mlflow import MlflowClient
 
 from cnnbench.config.spec import RUNTIME_FIELDS, StudySpec, TrialConfig, load_spec, parse_value
+from cnnbench.data.tensors import DATASETS, train_size
+from cnnbench.models import list_models
+from cnnbench.models.summary import model_cost
+from cnnbench.report import compare as comparing
+from cnnbench.report.tables import TrialRow, headline, isolate, summary_frame, table_markdown, truncate
+from cnnbench.report.tables import statistics as study_statistics
 from cnnbench.track.reader import runs_frame
-from cnnbench.track.schema import (ATTR_MLFLOW_RUN_ID, ATTR_RUN_ID, EPOCH, METRIC_IMAGES_PER_SECOND, METRIC_TRAIN_LOSS,
-                                   METRIC_TRAIN_SECONDS, METRIC_WALL_SECONDS, MLFLOW_RUN_NAME, PARAM_SEED, PARAM_SEEDS,
-                                   PARAM_SWEEP_OBJECTIVE, PREFIX_FIXED, PREFIX_NUISANCE, PREFIX_SCIENTIFIC,
-                                   STUDY_EXPERIMENT, STUDY_PARENT_RUN_ID, SUMMARY_METRICS, TAG_DEVICE, TAG_FUSED_WITH,
-                                   TAG_KEY, TAG_KIND, TAG_NUISANCE, TAG_SCIENTIFIC, TAG_STATUS)
+from cnnbench.track.schema import (
+    ATTR_MLFLOW_RUN_ID,
+    ATTR_RUN_ID,
+    EPOCH,
+    METRIC_IMAGES_PER_SECOND,
+    METRIC_TRAIN_LOSS,
+    METRIC_TRAIN_SECONDS,
+    METRIC_WALL_SECONDS,
+    MLFLOW_RUN_NAME,
+    PARAM_SEED,
+    PARAM_SEEDS,
+    PARAM_SWEEP_OBJECTIVE,
+    PREFIX_FIXED,
+    PREFIX_NUISANCE,
+    PREFIX_SCIENTIFIC,
+    STUDY_EXPERIMENT,
+    STUDY_PARENT_RUN_ID,
+    SUMMARY_METRICS,
+    TAG_DEVICE,
+    TAG_FUSED_WITH,
+    TAG_KEY,
+    TAG_KIND,
+    TAG_NUISANCE,
+    TAG_SCIENTIFIC,
+    TAG_STATUS,
+)
+from cnnbench.track.stores import default_url
 from cnnbench.track.writer import quiet_mlflow
-from cnnbench.util.text import fmt
 from cnnbench.track.writer import tracking_uri as resolve_uri
+from cnnbench.train.loop import TrialResult
+from cnnbench.util.paths import state_dir
+from cnnbench.util.text import fmt
 
 # SUMMARY_METRICS (the schema's): metrics logged once per trial (step 0), not per epoch
 CURVE_METRIC = METRIC_TRAIN_LOSS  # step = training samples seen
@@ -303,8 +334,6 @@ def load_loss_curve(frame: pd.DataFrame, *, first_epoch: bool = True) -> pd.Data
 
 def _n_train(row: dict[str, Any]) -> int:
     """Training images per epoch of a trial (its subset, less its validation split)."""
-    from cnnbench.data.tensors import train_size
-
     return train_size(row["dataset"], val_size=int(row.get("val_size") or 0),
                       train_subset=int(row.get("train_subset") or 0))
 
@@ -334,9 +363,6 @@ def study_spec(frame: pd.DataFrame) -> StudySpec:
 
 def trial_rows(frame: pd.DataFrame) -> list:
     """`frame` as `report.TrialRow`s (config, result from the metric histories, run id)."""
-    from cnnbench.report.tables import TrialRow, truncate
-    from cnnbench.train.loop import TrialResult
-
     inverse = frame.attrs["metrics"]
     known = set(_TYPES)
     full: dict[str, TrialResult] = {}
@@ -357,8 +383,6 @@ def trial_rows(frame: pd.DataFrame) -> list:
 
 
 def _result(rows: pd.DataFrame, inverse: dict[str, str], known: set[str]):
-    from cnnbench.train.loop import TrialResult
-
     first = rows.iloc[0]
     config = TrialConfig.from_dict({k: _py(first[k]) for k in known if k in rows and _present(first[k])},
                                    where=f"run {first['run_id']}")
@@ -384,7 +408,6 @@ def _present(value: Any) -> bool:
 def summary(frame: pd.DataFrame, spec: StudySpec | None = None) -> pd.DataFrame:
     """One row per trial, as `results/<study>/summary.csv` (report.summary_frame), with
     the run's name."""
-    from cnnbench.report.tables import summary_frame
 
     out = summary_frame(spec or study_spec(frame), trial_rows(frame))
     names = frame.drop_duplicates("run_id").set_index("run_id")["run_name"]
@@ -395,7 +418,6 @@ def summary(frame: pd.DataFrame, spec: StudySpec | None = None) -> pd.DataFrame:
 def table(frame: pd.DataFrame, spec: StudySpec | None = None, *, title: bool = False) -> str:
     """The Markdown table beside the document's figures, as `results/<study>/table.md`
     (without its title and source lines unless `title`)."""
-    from cnnbench.report.tables import table_markdown
 
     spec = spec or study_spec(frame)
     text = table_markdown(spec, summary(frame, spec))
@@ -407,7 +429,6 @@ def statistics(frame: pd.DataFrame, spec: StudySpec | None = None) -> pd.DataFra
     by `cnnbench.report.stats`): per value and accuracy, n, mean, std, the 95% interval of the mean,
     the difference to the best value with its interval, Holm p, verdict, seeds needed, and
     the document's figure against our prediction interval."""
-    from cnnbench.report.tables import statistics as study_statistics
 
     spec = spec or study_spec(frame)
     return study_statistics(spec, summary(frame, spec))
@@ -418,7 +439,6 @@ def verdicts(frame: pd.DataFrame, spec: StudySpec | None = None) -> pd.DataFrame
     with its interval, the difference to the best value, Holm p, the verdict and the seeds
     that would settle it; then each document figure and whether our prediction interval
     holds it."""
-    from cnnbench.report.tables import headline
 
     spec = spec or study_spec(frame)
     trials = summary(frame, spec)
@@ -440,7 +460,6 @@ def compare(a: str, b: str, *, labels: tuple[str, str] | None = None,
             tracking_uri: str | None = None) -> pd.DataFrame:
     """Two executions of one study, trial by trial, as `cnnbench compare A B` computes them
     (without writing files): A and B are results/<study>/ folders or MLflow study run ids."""
-    from cnnbench.report import compare as comparing
 
     la, lb = labels or (None, None)
     return comparing.compare(comparing.load_execution(a, label=la, tracking_uri=tracking_uri),
@@ -450,7 +469,6 @@ def compare(a: str, b: str, *, labels: tuple[str, str] | None = None,
 def isolated(frame: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
     """The rows of the best nuisance setting per scientific value (the tuning playbook's
     isolation, `report.isolate`); every row when the study has no nuisance hyperparameter."""
-    from cnnbench.report.tables import isolate
 
     if not spec.nuisance:
         return frame
@@ -484,15 +502,12 @@ def optuna_storage(sweep: str, storage: str | None = None) -> str:
     """The sweep's Optuna storage: `sqlite:///<state dir>/optuna/<sweep>.db` unless given."""
     if storage:
         return storage
-    from cnnbench.track.stores import default_url
-    from cnnbench.util.paths import state_dir
 
     return default_url(sweep, state_dir())
 
 
 def load_sweep(sweep: str, storage: str | None = None):
     """The Optuna study of `sweep`. Raises `NoRuns` when its storage or study is missing."""
-    import optuna
 
     url = optuna_storage(sweep, storage)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
@@ -519,7 +534,6 @@ def best_trial_runs(sweep: str, study, tracking_uri: str | None = None, *, top: 
     """The per-epoch frame (`load_runs`) of the MLflow runs of the `top` best complete
     trials, found by a run id the trial records (user attribute `mlflow_run_id` or
     `run_id`) or else by equal parameters; column `optuna_trial` names the trial."""
-    import optuna
 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
@@ -557,9 +571,6 @@ def model_costs(models: list[str] | None = None, dataset: str = "mnist") -> pd.D
     """Parameters and multiply-accumulates per image (forward) of each model (all registered
     when None), built for `dataset`'s images: `cnnbench.models.summary.model_cost`, the same
     numbers `cnnbench summary` and the models study's table show."""
-    from cnnbench.data.tensors import DATASETS
-    from cnnbench.models import list_models
-    from cnnbench.models.summary import model_cost
 
     info = DATASETS[dataset]
     records = []

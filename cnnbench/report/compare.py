@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from mlflow import MlflowClient
 
-from cnnbench.util import fileio
-
-from cnnbench.report import stats
 from cnnbench.errors import ConfigError
+from cnnbench.report import stats
+from cnnbench.track.writer import check_reachable, quiet_mlflow
+from cnnbench.track.writer import tracking_uri as resolve
+from cnnbench.util import fileio
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # an MLflow run id
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a folder name we are willing to create
@@ -34,7 +36,6 @@ LABELS = {"epoch1_test_acc": "epoch 1", "final_test_acc": "final", "best_test_ac
 @dataclass
 class Execution:
     """One execution of a study: its trials (summary.csv's rows) and where they came from."""
-
     study: str
     trials: pd.DataFrame
     source: str  # the folder or the MLflow run, as the user named it
@@ -79,9 +80,6 @@ def _execution(csv: Path, source: str, label: str, path: Path | None) -> Executi
 
 
 def _from_run(run_id: str, label: str | None, tracking_uri: str | None) -> Execution:
-    from mlflow import MlflowClient
-
-    from cnnbench.track.writer import check_reachable, quiet_mlflow, tracking_uri as resolve
 
     quiet_mlflow()
     uri = resolve(tracking_uri)

@@ -15,9 +15,10 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 
+from cnnbench.config.spec import StudySpec
 from cnnbench.report import stats
 from cnnbench.report.analysis import isolated
-from cnnbench.config.spec import StudySpec
+from cnnbench.report.sweep import plot
 from cnnbench.report.tables import draw_accuracy, draw_loss, isolate, theme
 
 HEATMAP_AXES = ("batch_size", "lr")  # (columns, rows) of the heatmap
@@ -152,7 +153,6 @@ def optuna_plot(study, function: str):
     """One of Optuna's matplotlib plots of the sweep (`plot_optimization_history`,
     `plot_param_importances`, `plot_slice`, ...: the ones `results/<sweep>/` saves), as a
     Figure; None, with the reason printed, when Optuna cannot draw it (too few trials)."""
-    from cnnbench.report.sweep import plot
 
     fig, why_not = plot(study, function)
     if fig is None:

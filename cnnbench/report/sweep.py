@@ -21,11 +21,22 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+import optuna
+import optuna.visualization.matplotlib as ovm
 import yaml
 
-from cnnbench.util import fileio
+from cnnbench.config.space import describe, trial_config
 from cnnbench.config.spec import RUNTIME_FIELDS, TrialConfig
-from cnnbench.track.schema import ATTR_BEST_EPOCH, ATTR_MLFLOW_RUN_ID, ATTR_WORKER_HOST, OPTUNA_USER_ATTRS_COLUMN
+from cnnbench.track.schema import (
+    ATTR_BEST_EPOCH,
+    ATTR_MLFLOW_RUN_ID,
+    ATTR_WORKER_HOST,
+    OPTUNA_USER_ATTRS_COLUMN,
+    worker_name,
+)
+from cnnbench.util import fileio
+from cnnbench.util.text import masked
 
 PLOTS = {  # file -> optuna.visualization.matplotlib function
     "history.png": "plot_optimization_history",
@@ -70,7 +81,6 @@ def trials_frame(study: Any):
 def importance(study: Any) -> tuple[dict[str, float], str]:
     """Optuna's parameter importances (PED-ANOVA by default in Optuna 5) of the
     complete trials; empty, with the reason, when they cannot be computed."""
-    import optuna
 
     try:
         with _quiet():
@@ -83,8 +93,6 @@ def plot(study: Any, function: str) -> tuple[Any, str]:
     """One of Optuna's matplotlib plots (`plot_slice`, ...) as a Figure and ""; or None and
     the reason when Optuna cannot draw it (e.g. importances of a single complete trial)."""
     import matplotlib.pyplot as plt
-    import numpy as np
-    import optuna.visualization.matplotlib as ovm
 
     try:  # Optuna switches matplotlib to its ggplot style: keep that to its own figure
         with _quiet(), plt.rc_context():
@@ -142,7 +150,6 @@ def reproduce_command(config: TrialConfig) -> str:
 
 
 def best_yaml(sweep: Any, best: Any, finals: list[Any]) -> str:
-    from cnnbench.config.space import trial_config
 
     spec, s = sweep.spec, sweep.spec.sweep
     if best is None:
@@ -173,9 +180,6 @@ def best_yaml(sweep: Any, best: Any, finals: list[Any]) -> str:
 
 def final_markdown(sweep: Any, best: Any, finals: list[Any], frame: Any, importances: dict[str, float],
                    why_not: str) -> str:
-    from cnnbench.track.schema import worker_name
-    from cnnbench.util.text import masked
-    from cnnbench.config.space import describe
 
     spec, s, study = sweep.spec, sweep.spec.sweep, sweep.study
     trials = study.get_trials(deepcopy=False)
@@ -243,7 +247,6 @@ def final_markdown(sweep: Any, best: Any, finals: list[Any], frame: Any, importa
 
 
 def _config(sweep: Any, best: Any) -> TrialConfig:
-    from cnnbench.config.space import trial_config
 
     return trial_config(sweep.spec, best.params)
 

@@ -17,24 +17,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from cnnbench.util import fileio
-from cnnbench.util.text import fmt
-
-from cnnbench.report import stats  # noqa: E402
 from cnnbench.config.spec import StudySpec, TrialConfig  # noqa: E402
+from cnnbench.data.tensors import DATASETS
+from cnnbench.models.summary import model_cost
+from cnnbench.report import stats  # noqa: E402
 from cnnbench.track.schema import EPOCH, TEST_ACC, TEST_LOSS, TRAIN_EPOCH_LOSS, VAL_ACC  # noqa: E402
 from cnnbench.train.loop import DIVERGED, TrialResult  # noqa: E402
+from cnnbench.util import fileio
+from cnnbench.util.text import fmt
 
 
 @dataclass
 class TrialRow:
     """One trial of a study: its config, its (possibly epoch-truncated) result, its run."""
-
     index: int
     config: TrialConfig
     result: TrialResult
@@ -103,8 +103,6 @@ def summary_frame(spec: StudySpec, rows: Sequence[TrialRow]) -> pd.DataFrame:
 
 
 def _model_cost(config: TrialConfig) -> dict[str, int]:
-    from cnnbench.data.tensors import DATASETS
-    from cnnbench.models.summary import model_cost
 
     info = DATASETS[config.dataset]
     return model_cost(config.model, (info.channels, info.size, info.size), num_classes=info.classes)

@@ -28,39 +28,98 @@ checkpoints.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from cnnbench.config.space import (OBJECTIVES, Plan, check_spec, describe, grid_points, spec_hash, suggest,
-                                   trial_config)
+import optuna
+import torch
+from optuna.trial import TrialState, create_trial
+
+from cnnbench.config.space import OBJECTIVES, Plan, check_spec, describe, grid_points, spec_hash, suggest, trial_config
 from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig
+from cnnbench.data.tensors import data_dir, load_arrays
 from cnnbench.run import storage as sweep_storage
+from cnnbench.run.progress import Board
 from cnnbench.run.search import PruningRecorder, make_pruner, make_sampler, objective_value
 from cnnbench.track import stores
-from cnnbench.track.schema import (ATTR_BEST_EPOCH, ATTR_FUSED_WITH, ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON,
-                                   ATTR_REUSED, ATTR_SEED, ATTR_STATUS, ATTR_TRAIN_SECONDS, ATTR_WORKER_PID, CLAIM_DONE,
-                                   CLAIM_FINGERPRINT, CLAIM_SINCE, EPOCH, METRIC_OPTUNA_VALUE, MLFLOW_PARENT_RUN_ID,
-                                   OPTUNA_FAILED_TRIAL, OPTUNA_FIXED_PARAMS, PARAM_N_TRIALS, PARAM_RUNS, PARAM_SEED,
-                                   PARAM_SEEDS, PARAM_TRIALS, PREFIX_FIXED, PREFIX_NUISANCE, PREFIX_SCIENTIFIC,
-                                   PREFIX_SEARCH, PREFIX_SWEEP, STUDY_EXPERIMENT, STUDY_FINAL_CLAIM, STUDY_KIND,
-                                   STUDY_PARENT_RUN_ID, STUDY_READY, STUDY_SAMPLER, STUDY_SPEC, STUDY_SPEC_HASH,
-                                   STUDY_TRACKING_URI, TAG_COMMAND, TAG_FUSE, TAG_FUSE_K, TAG_KIND, TAG_NUISANCE,
-                                   TAG_OPTUNA_STORAGE, TAG_OPTUNA_STUDY, TAG_PHASE, TAG_REASON, TAG_RETRY_OF,
-                                   TAG_SCIENTIFIC, TAG_SEARCHED, TAG_SPEC, TAG_STATE, TAG_STATUS, TAG_TRIAL,
-                                   TAG_TRIAL_THREADS, TEST_ACC, worker_name)
-from cnnbench.train.loop import DIVERGED, FINISHED, INTERRUPTED, PRUNED
-from cnnbench.util import interrupt
-from cnnbench.util.text import fmt
+from cnnbench.track.schema import (
+    ATTR_BEST_EPOCH,
+    ATTR_FUSED_WITH,
+    ATTR_KEY,
+    ATTR_MLFLOW_RUN_ID,
+    ATTR_REASON,
+    ATTR_REUSED,
+    ATTR_SEED,
+    ATTR_STATUS,
+    ATTR_TRAIN_SECONDS,
+    ATTR_WORKER_PID,
+    CLAIM_DONE,
+    CLAIM_FINGERPRINT,
+    CLAIM_SINCE,
+    EPOCH,
+    METRIC_OPTUNA_VALUE,
+    MLFLOW_PARENT_RUN_ID,
+    OPTUNA_FAILED_TRIAL,
+    OPTUNA_FIXED_PARAMS,
+    PARAM_N_TRIALS,
+    PARAM_RUNS,
+    PARAM_SEED,
+    PARAM_SEEDS,
+    PARAM_TRIALS,
+    PREFIX_FIXED,
+    PREFIX_NUISANCE,
+    PREFIX_SCIENTIFIC,
+    PREFIX_SEARCH,
+    PREFIX_SWEEP,
+    STUDY_EXPERIMENT,
+    STUDY_FINAL_CLAIM,
+    STUDY_KIND,
+    STUDY_PARENT_RUN_ID,
+    STUDY_READY,
+    STUDY_SAMPLER,
+    STUDY_SPEC,
+    STUDY_SPEC_HASH,
+    STUDY_TRACKING_URI,
+    TAG_COMMAND,
+    TAG_FUSE,
+    TAG_FUSE_K,
+    TAG_KIND,
+    TAG_NUISANCE,
+    TAG_OPTUNA_STORAGE,
+    TAG_OPTUNA_STUDY,
+    TAG_PHASE,
+    TAG_REASON,
+    TAG_RETRY_OF,
+    TAG_SCIENTIFIC,
+    TAG_SEARCHED,
+    TAG_SPEC,
+    TAG_STATE,
+    TAG_STATUS,
+    TAG_TRIAL,
+    TAG_TRIAL_THREADS,
+    TEST_ACC,
+    worker_name,
+)
+from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
+from cnnbench.train.device import resolve_device
+from cnnbench.train.fused import fusable, fuse_groups, group_key
+from cnnbench.train.loop import DIVERGED, FINISHED, INTERRUPTED, PRUNED, load_data, resume_epoch, run_trial, train_group
+from cnnbench.util import fileio, interrupt
+from cnnbench.util.paths import state_dir
+from cnnbench.util.text import fmt, masked
 
 
 def trial_id(trial: Any) -> int:
@@ -83,7 +142,6 @@ POLL_S = 5.0  # an idle worker looks for work (or lost trials) this often
 @dataclass
 class Session:
     """This process's handle on a shared study or sweep."""
-
     spec: StudySpec
     kind: str  # "study" (a grid of planned runs) or "sweep" (a sampler over search:)
     url: str
@@ -140,10 +198,6 @@ def preflight(spec: StudySpec, configs: list[TrialConfig], *, url: str, uri: str
               out_dir: Path) -> None:
     """Everything that can be checked before anything is created: storage, device, data,
     results folder, tracking store. Bad input fails here and writes nothing."""
-    from cnnbench.data.tensors import data_dir, load_arrays
-    from cnnbench.track.writer import check_reachable
-    from cnnbench.train.device import resolve_device
-    from cnnbench.util import fileio
 
     sweep_storage.check(url)
     for device in sorted({c.device for c in configs}):
@@ -158,7 +212,6 @@ def study_name(spec: StudySpec, plan: Plan, uri: str) -> str:
     """A grid study's Optuna study: one per spec, planned runs and tracking store, so that
     the same command on several machines joins one study, and a study run with other
     `--set` values or seeds (or into another MLflow store) is its own."""
-    from cnnbench.util.text import masked
 
     identity = json.dumps({"runs": [c.key() for c in plan.runs], "tracking": masked(uri)}, sort_keys=True)
     return f"{spec.name}.{hashlib.sha1(identity.encode()).hexdigest()[:10]}"
@@ -177,10 +230,6 @@ def open_session(spec: StudySpec, kind: str, *, plan: Plan | None = None, storag
                  wide_only: bool = False) -> Session:
     """Check everything, then create or join the study's (or sweep's) Optuna study and
     MLflow parent run."""
-    import optuna
-
-    from cnnbench.track.writer import Tracker, quiet_mlflow, tracking_uri
-    from cnnbench.util.paths import state_dir
 
     quiet_mlflow()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -221,7 +270,6 @@ def open_session(spec: StudySpec, kind: str, *, plan: Plan | None = None, storag
         study = optuna.create_study(storage=store, study_name=study_name(spec, plan, uri), direction="maximize",
                                     sampler=optuna.samplers.RandomSampler(seed=0),
                                     pruner=optuna.pruners.NopPruner(), load_if_exists=True)
-        from cnnbench.train.fused import group_key
 
         runs = sorted(plan.runs, key=lambda c: repr(group_key(c)))  # trials that fuse, side by side
         by_key = {c.key(): c for c in runs}
@@ -255,7 +303,6 @@ def open_session(spec: StudySpec, kind: str, *, plan: Plan | None = None, storag
 
 def pause_parent(sweep: Session) -> None:
     """Ctrl-C: the parent run shows KILLED unless other workers go on with the study."""
-    from optuna.trial import TrialState
 
     with contextlib.suppress(Exception):
         if not sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -343,7 +390,6 @@ def _initialise_study(sweep: Session) -> str:
     that MLflow already holds finished, from an earlier execution, is added as complete)
     and creates the MLflow parent run. A later one joins; when nothing is running or
     queued (the last execution ended), the runs that failed are queued again."""
-    from optuna.trial import TrialState, create_trial
 
     spec, study = sweep.spec, sweep.study
     trials = study.get_trials(deepcopy=False)
@@ -394,7 +440,6 @@ def _initialise_study(sweep: Session) -> str:
 
 
 def count_states(trials: list[Any]) -> dict[str, int]:
-    from optuna.trial import TrialState
 
     out = {state.name: 0 for state in TrialState}
     for t in trials:
@@ -418,7 +463,6 @@ def is_finished(sweep: Session, counts: dict[str, int]) -> bool:
 def _lost(sweep: Session, trial: Any, why: str = "") -> None:
     """A trial whose worker is gone (no heartbeat, or a dead process here): close its
     MLflow run and queue the same parameters again (Optuna's retry callback)."""
-    import optuna
 
     why = why or f"worker {worker_name(trial.user_attrs)} stopped beating for {sweep_storage.GRACE_S} s"
     _kill_run(sweep, trial.user_attrs.get(ATTR_MLFLOW_RUN_ID), why)
@@ -444,8 +488,6 @@ def _kill_run(sweep: Session, run_id: str | None, why: str | None = None) -> Non
 
 def recover(sweep: Session) -> None:
     """Under the claim lock: fail and requeue the running trials of lost workers."""
-    import optuna
-    from optuna.trial import TrialState
 
     with sweep_storage.quiet():
         optuna.storages.fail_stale_trials(sweep.study)  # other machines: by heartbeat
@@ -529,8 +571,6 @@ def work(sweep: Session) -> WorkerReport:
 
 
 def trial_data(sweep: Session, config: TrialConfig, cache: dict[tuple, Any]) -> Any:
-    from cnnbench.train.loop import load_data
-    from cnnbench.train.device import resolve_device
 
     c = config
     key = (c.dataset, c.normalize, c.train_subset, c.test_subset, c.val_size, c.channels_last, c.device)
@@ -542,10 +582,6 @@ def trial_data(sweep: Session, config: TrialConfig, cache: dict[tuple, Any]) -> 
 
 def _train(sweep: Session, trial: Any, data_cache: dict[tuple, Any]) -> str:
     """Train one trial, tell Optuna its outcome, tag its MLflow run. Returns the state."""
-    from optuna.trial import TrialState
-
-    from cnnbench.track.writer import run_name
-    from cnnbench.train.loop import run_trial
 
     if sweep.kind == "sweep":
         suggest(trial, sweep.spec)
@@ -576,7 +612,6 @@ def _checkpoints_and_run(sweep: Session, trial: Any, config: TrialConfig) -> tup
     """A trial's checkpoint folder and its MLflow recorder (the child run is created when it
     starts). A study's run resumes from the checkpoints of its key; a sweep's retried trial
     from those of the trial it repeats."""
-    from cnnbench.track.writer import run_name
 
     names = sweep.names
     if sweep.kind == "study":
@@ -604,8 +639,6 @@ def _recorder(sweep: Session, inner: Any, trial: Any, config: TrialConfig) -> Pr
 
 def _epoch_events(sweep: Session, trial: Any, config: TrialConfig) -> Callable[[dict[str, float]], None] | None:
     """Each epoch of a trial as an event for the parent's progress board (worker processes)."""
-    from cnnbench.track.writer import run_name
-
     if sweep.events is None:
         return None
     label = run_name(config, sweep.names) if sweep.kind == "study" else f"trial {trial.number}"
@@ -644,7 +677,6 @@ def _conclude(sweep: Session, trial: Any, inner: Any, result: Any, ckpt: Path, l
 
 def _record(sweep: Session, trial: Any, inner: Any, result: Any) -> tuple[Any, float, float]:
     """Tell Optuna a trained trial's outcome and tag its MLflow run: (state, value, shown)."""
-    from optuna.trial import TrialState
 
     if sweep.kind == "study":  # a diverged run is an outcome too: it is not trained again
         value = result.metric(TEST_ACC)
@@ -678,8 +710,6 @@ def _record(sweep: Session, trial: Any, inner: Any, result: Any) -> tuple[Any, f
 def _interrupted(sweep: Session, trial: Any) -> None:
     """Ctrl-C: a trial still running is failed and queued again (its checkpoints resume it);
     its MLflow run, if it has one, is KILLED."""
-    import optuna
-    from optuna.trial import TrialState
 
     frozen = sweep.storage.get_trial(trial_id(trial))
     if frozen.state != TrialState.RUNNING:
@@ -693,7 +723,6 @@ def _interrupted(sweep: Session, trial: Any) -> None:
 
 
 def _tell(sweep: Session, trial: Any, recorder: Any, state: Any, value: float | None, reason: str) -> None:
-    from optuna.trial import TrialState
 
     if state == TrialState.FAIL and reason:
         trial.set_user_attr(ATTR_REASON, reason[:500])
@@ -714,7 +743,6 @@ def default_fuse_k(device: str) -> int:
     """Trials a worker trains at once by default: FUSE_K on CUDA and MPS, where K fused
     LeNets take little longer per step than one; 1 on the CPU, where they take about K
     times as long and one trial at a time is as fast (see study.execution)."""
-    from cnnbench.train.device import resolve_device
 
     return 1 if resolve_device(device).type == "cpu" else FUSE_K
 
@@ -728,7 +756,6 @@ def next_batch(sweep: Session, k: int) -> tuple[list[Any], dict[str, int]]:
     (retries, grid points) come first, in order, and a QMC sweep takes K consecutive points.
     Every trial carries this worker's identity and a heartbeat from the start, so that a
     worker killed mid-group leaves all K to be recovered."""
-    import warnings
 
     recover(sweep)
     trials = sweep.study.get_trials(deepcopy=False)
@@ -756,9 +783,6 @@ def next_batch(sweep: Session, k: int) -> tuple[list[Any], dict[str, int]]:
 def _next_group_size(sweep: Session, trials: list[Any], k: int) -> int:
     """How many of a study's queued trials (taken in queue order) make one fused group
     with the first: the same group key, each fusable (one that is not trains alone)."""
-    from optuna.trial import TrialState
-
-    from cnnbench.train.fused import fusable, group_key
 
     waiting = [t for t in sorted(trials, key=lambda t: t.number) if t.state == TrialState.WAITING]
     configs = [sweep.configs.get(t.user_attrs.get(ATTR_KEY, "")) for t in waiting]
@@ -786,8 +810,6 @@ def fused_groups(members: list[Member], max_k: int, *, wide_only: bool = False) 
     """Members that can train as one FusedEngine together (fused.group_key), split by
     what breaks fusing (batch size, model, activation, epochs...) and by the epoch their
     checkpoints resume from (a group starts at one epoch); order kept, nothing dropped."""
-    from cnnbench.train.fused import fuse_groups
-    from cnnbench.train.loop import resume_epoch
 
     out = []
     for idx in fuse_groups([m.config for m in members], max_k=max_k, wide_only=wide_only):
@@ -801,8 +823,6 @@ def fused_groups(members: list[Member], max_k: int, *, wide_only: bool = False) 
 def train_batch(sweep: Session, batch: list[Any], data_cache: dict[tuple, Any]) -> list[str]:
     """Train a claimed batch group by group; tell Optuna each member's outcome. Returns
     the states. Every member's heartbeat beats until the whole batch is done."""
-    import optuna
-    from optuna.trial import TrialState
 
     members: list[Member] = []
     states: list[str] = []
@@ -824,7 +844,6 @@ def train_batch(sweep: Session, batch: list[Any], data_cache: dict[tuple, Any]) 
             for group in fused_groups(members, sweep.fuse_k, wide_only=sweep.wide_only):
                 states += train_fused(sweep, group, data_cache)
     except KeyboardInterrupt:  # Ctrl-C: fail every member not told yet, queue it again
-        import warnings
 
         for m in members:
             if not m.told:
@@ -846,8 +865,6 @@ def train_fused(sweep: Session, group: list[Member], data_cache: dict[tuple, Any
     """One group through train_group: one FusedEngine (a lone member: the SingleEngine),
     one PruningRecorder per member reporting to its own trial and MLflow run. A pruned or
     diverging member stops alone (FusedEngine.deactivate); the group ends when none is left."""
-    from cnnbench.track.writer import run_name
-    from cnnbench.train.loop import train_group
 
     names = sweep.names
     configs = [m.config for m in group]
@@ -896,11 +913,6 @@ def launch_workers(sweep: Session, n: int, *, threads: int | None = None) -> Wor
     """`n` worker processes on this machine (one GPU each, round robin, where there are
     GPUs; `threads` CPU threads each) that join this session's study and train its
     trials, their progress shown here one line per running trial. Returns when all end."""
-    import multiprocessing
-
-    import torch
-
-    from cnnbench.run.progress import Board
 
     gpus = torch.cuda.device_count()
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked CUDA or MLflow state
@@ -950,7 +962,6 @@ def worker_main(spec: StudySpec, kind: str, open_args: dict[str, Any], label: st
     from cnnbench.errors import ConfigError, DataError, DeviceError, TrackingError
 
     try:
-        import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
     except (OSError, AttributeError):
@@ -966,7 +977,6 @@ def worker_main(spec: StudySpec, kind: str, open_args: dict[str, Any], label: st
     try:
         interrupt.install()  # a Ctrl-C that came while the parent started us is raised here
         if threads:
-            import torch
 
             torch.set_num_threads(threads)
         session = open_session(spec, kind, **{**open_args, "plan": plan}, worker=label)

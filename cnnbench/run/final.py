@@ -9,22 +9,47 @@ from __future__ import annotations
 
 import math
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnbench.config.spec import TrialConfig
-from cnnbench.track.schema import (METRIC_BEST_ACC, METRIC_BEST_EPOCH, METRIC_BEST_TRIAL_NUMBER, METRIC_BEST_VALUE,
-                                   METRIC_FINAL_N, METRIC_FINAL_TEST_ACC_MEAN, METRIC_FINAL_TEST_ACC_STD,
-                                   METRIC_TRIALS_COMPLETE, METRIC_TRIALS_FAILED, METRIC_TRIALS_PRUNED,
-                                   MLFLOW_PARENT_RUN_ID, TAG_KEY, TAG_OPTUNA_STUDY, TAG_PHASE, TAG_SEARCHED, TAG_SEED,
-                                   TAG_STATUS, TAG_TESTED, TAG_TRIAL, TEST_ACC, TEST_LOSS)
-from cnnbench.run.search import objective_value
-from cnnbench.config.space import trial_config
-from cnnbench.run.engine import Sweep, claim_results, count_states, is_finished, results_written, trial_data
-from cnnbench.train.loop import FINISHED, TrialResult
+import torch
+from mlflow.entities import Metric
+from optuna.trial import TrialState
 
+from cnnbench.config.space import trial_config
+from cnnbench.config.spec import TrialConfig
+from cnnbench.report import sweep as sweep_report
+from cnnbench.run.engine import Sweep, claim_results, count_states, is_finished, results_written, trial_data
+from cnnbench.run.search import objective_value
+from cnnbench.track.schema import (
+    METRIC_BEST_ACC,
+    METRIC_BEST_EPOCH,
+    METRIC_BEST_TRIAL_NUMBER,
+    METRIC_BEST_VALUE,
+    METRIC_FINAL_N,
+    METRIC_FINAL_TEST_ACC_MEAN,
+    METRIC_FINAL_TEST_ACC_STD,
+    METRIC_TRIALS_COMPLETE,
+    METRIC_TRIALS_FAILED,
+    METRIC_TRIALS_PRUNED,
+    MLFLOW_PARENT_RUN_ID,
+    TAG_KEY,
+    TAG_OPTUNA_STUDY,
+    TAG_PHASE,
+    TAG_SEARCHED,
+    TAG_SEED,
+    TAG_STATUS,
+    TAG_TESTED,
+    TAG_TRIAL,
+    TEST_ACC,
+    TEST_LOSS,
+)
+from cnnbench.track.writer import run_name
+from cnnbench.train.fused import fuse_groups
+from cnnbench.train.loop import FINISHED, SingleEngine, TrialResult, evaluate, load_checkpoint, train_group
 
 # ----------------------------------------------------------------------------------------
 # the end: the best trial over seeds, tested once, and the results
@@ -58,7 +83,6 @@ def _fingerprint(sweep: Sweep) -> str:
 def finalize(sweep: Sweep) -> Outcome | None:
     """When every trial is done: re-run the best over the final seeds and write results.
     Exactly one worker does it; the others return None."""
-    from optuna.trial import TrialState
 
     with sweep.lock():
         counts = count_states(sweep.study.get_trials(deepcopy=False))
@@ -73,7 +97,6 @@ def finalize(sweep: Sweep) -> Outcome | None:
     complete = sweep.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = sweep.study.best_trial if complete else None
     finals = _final_runs(sweep, best) if best is not None else []
-    from cnnbench.report import sweep as sweep_report
 
     files = sweep_report.write(sweep, best, finals)
     sweep.tracker.log_artifacts(sweep.parent, files, "results")
@@ -83,9 +106,6 @@ def finalize(sweep: Sweep) -> Outcome | None:
 
 
 def _close_parent(sweep: Sweep, best: Any, finals: list[FinalRun], counts: dict[str, int]) -> None:
-    import statistics
-
-    from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
     metrics = {METRIC_TRIALS_COMPLETE: counts["COMPLETE"], METRIC_TRIALS_PRUNED: counts["PRUNED"],
@@ -109,9 +129,6 @@ def _final_runs(sweep: Sweep, best: Any) -> list[FinalRun]:
     """The best trial's config over the final seeds, trained with the same validation
     split and tested once, with the best-validation checkpoint. Runs already finished
     (an earlier, interrupted finalisation) are read back from MLflow."""
-    from cnnbench.train.fused import fuse_groups
-    from cnnbench.track.writer import run_name
-    from cnnbench.train.loop import train_group
 
     spec, s = sweep.spec, sweep.spec.sweep
     assert s is not None
@@ -148,9 +165,6 @@ def _final_runs(sweep: Sweep, best: Any) -> list[FinalRun]:
 
 def _test_once(sweep: Sweep, config: TrialConfig, result: TrialResult, run_id: str, data: Any) -> FinalRun:
     """The test set, read once: the best-validation checkpoint's loss and accuracy."""
-    import torch
-
-    from cnnbench.train.loop import SingleEngine, evaluate, load_checkpoint
 
     assert sweep.spec.sweep is not None
     best_val, best_epoch = objective_value(result, sweep.spec.sweep.objective), result.best_epoch

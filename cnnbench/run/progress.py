@@ -16,10 +16,11 @@ import sys
 import threading
 from typing import Any, Iterator, TextIO
 
+from tqdm.auto import tqdm
+
 
 class Board:
     def __init__(self, title: str, total: int, done: int = 0, *, stream: TextIO | None = None) -> None:
-        from tqdm.auto import tqdm
 
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -83,7 +84,8 @@ class Board:
         finally:
             stop.set()
             thread.join(timeout=5)
-            with contextlib.suppress(Exception):
+            # what is still in the pipe (a queue's feeder thread delivers late: wait a little)
+            with contextlib.suppress(queues.Empty, EOFError, OSError):
                 while True:
-                    self.handle(events.get_nowait())
+                    self.handle(events.get(timeout=0.5))
             self.close()

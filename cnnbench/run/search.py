@@ -7,6 +7,8 @@ import hashlib
 import math
 from typing import Any, Callable
 
+import optuna
+
 from cnnbench.config.space import OBJECTIVES
 from cnnbench.config.spec import StudySpec, TrialConfig
 from cnnbench.run import storage as sweep_storage
@@ -17,7 +19,6 @@ PRUNE_FROM_EPOCH = 2  # median pruning judges a trial from its second epoch on: 
 
 
 def make_sampler(spec: StudySpec, seed: int | None):
-    import optuna
 
     s = spec.sweep
     assert s is not None
@@ -35,7 +36,6 @@ def make_sampler(spec: StudySpec, seed: int | None):
 
 
 def make_pruner(spec: StudySpec):
-    import optuna
 
     s = spec.sweep
     assert s is not None

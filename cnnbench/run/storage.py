@@ -21,17 +21,19 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from cnnbench.util import fileio
+import sqlalchemy
+from sqlalchemy.exc import ArgumentError
 
-from cnnbench.util import interrupt
-
+from cnnbench.config.spec import ConfigError
 from cnnbench.track import stores
 from cnnbench.track.schema import ATTR_WORKER_BOOT, ATTR_WORKER_HOST, ATTR_WORKER_PID
+from cnnbench.util import fileio, interrupt
 from cnnbench.util.text import masked
-from cnnbench.config.spec import ConfigError
 
 HEARTBEAT_S = 10  # seconds between a running trial's heartbeats
 GRACE_S = 60  # a trial without a heartbeat for this long belongs to a lost worker
@@ -39,8 +41,6 @@ SQLITE_BUSY_S = 60  # how long a SQLite writer waits for another process's write
 
 
 def _parse(url: str):
-    import sqlalchemy
-    from sqlalchemy.exc import ArgumentError
 
     try:
         parsed = sqlalchemy.engine.make_url(url)
@@ -73,7 +73,6 @@ def check(url: str) -> None:
         if path.exists() and not path.is_file():
             raise ConfigError(f"--storage {url}: {path} is not a file")
         return
-    import sqlalchemy
 
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
                                       connect_args={"connect_timeout": 10})
@@ -102,7 +101,6 @@ def open_storage(url: str, on_lost: Callable[[Any, Any], None]):
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Optuna marks the heartbeat API experimental; that warning is noise here."""
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -129,7 +127,6 @@ class Heartbeat:
     """Stamp one trial every HEARTBEAT_S seconds from a thread while it trains."""
 
     def __init__(self, storage: Any, trial_id: int) -> None:
-        import threading
 
         self.storage, self.trial_id = storage, trial_id
         self._stop = threading.Event()

@@ -25,13 +25,23 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
+from optuna.trial import TrialState
 
 from cnnbench.config.space import plan
 from cnnbench.config.spec import StudySpec
 from cnnbench.data.tensors import train_size
 from cnnbench.report.tables import TrialRow, truncate, write_results
-from cnnbench.run.engine import (Session, claim_results, count_states, launch_workers, open_session, pause_parent,
-                                 results_written, work)
+from cnnbench.run.engine import (
+    Session,
+    claim_results,
+    count_states,
+    launch_workers,
+    open_session,
+    pause_parent,
+    results_written,
+    work,
+)
 from cnnbench.track.schema import ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON, TAG_FUSE, TAG_THREADS, TAG_WORKERS
 from cnnbench.train.device import resolve_device, usable_cores
 from cnnbench.train.loop import DIVERGED, FAILED, FINISHED, TrialResult
@@ -80,7 +90,6 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
             report = launch_workers(session, workers, threads=threads)
         elif pending:
             if threads:
-                import torch
 
                 torch.set_num_threads(threads)
             report = work(session)
@@ -121,7 +130,6 @@ def cpu_groups(n_trials: int, workers: int, max_fuse: int) -> int:
 def _chosen(session: Session, trials: list[Any]) -> dict[str, Any]:
     """Per planned run, the trial that holds its outcome: the newest complete one, else the
     newest that ended at all."""
-    from optuna.trial import TrialState
 
     chosen: dict[str, Any] = {}
     for t in sorted(trials, key=lambda t: t.number):

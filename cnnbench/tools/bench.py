@@ -21,24 +21,36 @@ the ratio to the naive loop measured in the same run: these machines are noisy.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
+import torchvision
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.data import DataLoader, Subset
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
 
-from cnnbench.util import fileio
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.spec import SearchDim, StudySpec, SweepSettings, TrialConfig
 from cnnbench.data.tensors import DATASETS, data_dir, load_arrays
-from cnnbench.models import get_model
+from cnnbench.errors import ConfigError
+from cnnbench.models import get_model, list_models
+from cnnbench.run.engine import default_fuse_k, open_sweep, work
+from cnnbench.run.study import execution, run_study
 from cnnbench.track.schema import ATTR_FUSED_WITH, ATTR_TRAIN_SECONDS
+from cnnbench.train.device import configure_backends, resolve_device, set_tf32, sync
+from cnnbench.train.fused import FusedEngine, fusable
 from cnnbench.train.loop import SingleEngine, evaluate, load_data, train_group
-from cnnbench.train.device import sync, configure_backends, resolve_device, set_tf32
+from cnnbench.util import fileio
 
 LR_STUDY = (0.001, 0.005, 0.01, 0.05, 0.1)
 LR_STUDY_IMAGES = len(LR_STUDY) * 10 * 60_000  # 5 trials x 10 epochs of 60,000 training images
@@ -63,9 +75,6 @@ class Measurement:
 def naive_trial(config: TrialConfig, root: Path, device: torch.device, *, epochs: int = 1,
                 max_steps: int | None = None, evaluate: bool = False, warm: int = 10) -> tuple[float, float]:
     """The documents' loop. Returns (training images/s after `warm` untimed steps, total seconds)."""
-    import torchvision
-    from torch.utils.data import DataLoader, Subset
-    from torchvision import transforms
 
     start = time.perf_counter()
     info = DATASETS[config.dataset]
@@ -132,7 +141,6 @@ def _worker_throughput(args: tuple[TrialConfig, str, int, Any]) -> float:
 def parallel_workers(config: TrialConfig, root: Path, workers: int, threads: int) -> float:
     """Model-images/s of `workers` single-trial processes training at once with `threads`
     threads each: what the study runner does on the CPU (`study.execution`)."""
-    import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
@@ -145,7 +153,6 @@ def parallel_workers(config: TrialConfig, root: Path, workers: int, threads: int
 
 def flops_per_image(config: TrialConfig, device: torch.device) -> float:
     """Training FLOPs per image (forward + backward), counted by torch.utils.flop_counter."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     info = DATASETS[config.dataset]
     model = get_model(config.model, in_channels=info.channels, num_classes=info.classes, image_size=info.size,
@@ -202,7 +209,6 @@ def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", ba
         ("single", 1, lambda: cnnbench_loop([base], data)),
     ]
     if dev.type == "cpu":
-        from cnnbench.run.study import execution
 
         _, workers, threads = execution(str(dev), None, None)
         if workers > 1:  # the study runner's default on the CPU
@@ -317,7 +323,6 @@ def make_engine(configs: list[TrialConfig], data) -> Any:
     configure_backends(configs[0], data.device)
     if len(configs) == 1:
         return SingleEngine(configs, data.device, data.info)
-    from cnnbench.train.fused import FusedEngine
 
     return FusedEngine(configs, data.device, data.info)
 
@@ -401,7 +406,6 @@ def profile_steps(configs: list[TrialConfig], data, *, steps: int = 50) -> dict[
     """Where a training step's time goes: torch.profiler over `steps` warm steps; on CUDA
     the GPU's busy time (the sum of kernel times) against the wall time, the rest being
     launch gaps and host work."""
-    from torch.profiler import ProfilerActivity, profile
 
     step_throughput(configs, data, steps=5, repeats=1, warm=10)  # compile, autotune outside the profile
     engine = make_engine(configs, data)
@@ -457,7 +461,6 @@ def _report(s: dict[str, Any]) -> str:
 
 
 def _write(s: dict[str, Any], out_dir: Path) -> None:
-    import pandas as pd
     from matplotlib.figure import Figure  # no pyplot: no backend chosen or switched
 
     frame = pd.DataFrame(s["rows"])
@@ -488,10 +491,6 @@ def time_lr_study(*, data_root=None, device: str = "auto", epochs: int = 10, say
     """The learning-rate study for real, both ways: cnnbench's study runner with its
     defaults for this device (MLflow logging, checkpoints and results included, into a
     throwaway store), and the naive loop trial after trial with a test pass per epoch."""
-    import tempfile
-
-    from cnnbench.config.spec import StudySpec
-    from cnnbench.run.study import run_study
 
     dev = resolve_device(device)
     root = data_dir(data_root)
@@ -539,7 +538,6 @@ def sweep_bench_spec(*, device: str, n_trials: int = 32, epochs: int = 3, train_
     """The benchmark's sweep: LeNet-5 (ReLU: it learns within an epoch or two, so that a
     shrunk bench still finds a real best) on MNIST, TPE over lr, momentum and weight
     decay, fixed epochs, no pruning (every trial trains as long)."""
-    from cnnbench.config.spec import SearchDim, StudySpec, SweepSettings
 
     fixed = {"model": "lenet5", "activation": "relu", "dataset": "mnist", "optimizer": "sgd",
              "batch_size": batch_size, "epochs": epochs, "val_size": val_size, "test_subset": 1000,
@@ -565,9 +563,6 @@ def time_sweep(*, data_root=None, device: str = "auto", n_trials: int = 32, epoc
     trial at a time, then `fuse_k` at a time (default: the device's, at least 8, so
     that the CPU shows the fused figure too). Writes OUT_DIR/sweep.md (sweep-<device>.md
     off the CPU's and CUDA's default names: sweep-cuda.md, sweep-mps.md)."""
-    import tempfile
-
-    from cnnbench.run.engine import default_fuse_k, open_sweep, work
 
     dev = resolve_device(device)
     root = data_dir(data_root)
@@ -683,7 +678,6 @@ def _wide_worker_throughput(args: tuple[list[TrialConfig], str, int, Any]) -> fl
 def parallel_wide_workers(config: TrialConfig, root: Path, workers: int, threads: int, k: int) -> float:
     """Model-images/s of `workers` processes with `threads` threads each, each training a
     wide group of `k` trials (the learning-rate study's rates) at once."""
-    import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     groups = [[config.replace(lr=LR_STUDY[(w * k + i) % len(LR_STUDY)]) for i in range(k)] for w in range(workers)]
@@ -700,7 +694,6 @@ def wide_measures(base: TrialConfig, data, root: Path, ks: list[int], repeats: i
     model for each K in `ks`, and on the CPU `wide-workers`: one process per core, one
     thread each, each training a wide group of ceil(5 / workers) trials (the learning-rate
     study split over the workers, as the study runner does)."""
-    from cnnbench.train.fused import fusable
 
     out: dict[tuple[str, int], Measurement] = {}
     if not fusable(base, wide_only=True):
@@ -711,7 +704,6 @@ def wide_measures(base: TrialConfig, data, root: Path, ks: list[int], repeats: i
         m = out[("wide", k)] = _engine_measure("wide", k, configs, data, "wide", repeats)
         say(f"  wide  K={k:<3} {m.median:>12,.0f} model-images/s {m.note}")
     if data.device.type == "cpu":
-        from cnnbench.run.study import execution
 
         _, workers, threads = execution("cpu", None, None)
         if workers > 1:
@@ -790,7 +782,6 @@ def wide_vs_vmap(device: str = "auto", ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32
 
 def write_engine_rows(rows: list[dict[str, Any]], out_dir: Path) -> Path:
     """`rows` of `wide_vs_vmap` as out_dir/engines_<device type>.csv."""
-    import pandas as pd
 
     path = out_dir / f"engines_{rows[0]['device'].split(':')[0]}.csv"
     fileio.write_text(path, pd.DataFrame(rows).to_csv(index=False))
@@ -804,8 +795,6 @@ def bench(*, data_root: Any = None, device: str = "auto", model: str = "lenet5",
           engines: bool = False, results_dir: str | Path = "results") -> list[str]:
     """`cnnbench bench`: what it measures depends on the flags (see its --help); returns
     the files written. Every option is checked before anything runs."""
-    from cnnbench.errors import ConfigError
-    from cnnbench.models import list_models
     from cnnbench.train.device import resolve_device
 
     def given(value: int | None, default: int) -> int:  # 0 is given, and refused below

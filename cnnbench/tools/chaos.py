@@ -30,8 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
+import pandas as pd
 import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
 
+from cnnbench.config.spec import load_spec
 from cnnbench.track.schema import ATTR_MLFLOW_RUN_ID, TAG_KEY, TAG_KIND, TAG_PHASE, TAG_TRIAL, TEST_ACC
 
 STUDY_FIXED = {"epochs": 3, "train_subset": 1000, "test_subset": 300, "log_every": 5, "progress": False}
@@ -52,7 +57,6 @@ SWEEP_SPEC = {
 @dataclass
 class Job:
     """One cnnbench command, started again after each kill until it ends by itself."""
-
     name: str
     args: list[str]
     proc: subprocess.Popen | None = None
@@ -155,11 +159,6 @@ def run(seed: int, folder: Path, *, budget: float = 240.0, data_root: str | None
 
 def check(folder: Path, specs: dict[str, Path]) -> list[str]:
     """Every study and the sweep complete, nothing RUNNING, no step twice, results/ whole."""
-    import optuna
-    from mlflow import MlflowClient
-    from optuna.trial import TrialState
-
-    from cnnbench.config.spec import load_spec
 
     problems = []
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
@@ -186,7 +185,6 @@ def check(folder: Path, specs: dict[str, Path]) -> list[str]:
 
 
 def _check_study(folder: Path, client: Any, name: str, spec: Any, runs: list) -> list[str]:
-    import pandas as pd
 
     problems = []
     expected = {c.key() for c in spec.trial_configs()}

@@ -20,6 +20,7 @@ The folder gets `summary.md`, `check.json`, the test log, `bench/` and `results/
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -27,12 +28,21 @@ import shlex
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import pandas as pd
+import torch
+
+from cnnbench.config.spec import TrialConfig
+from cnnbench.data.tensors import data_dir
+from cnnbench.errors import ConfigError, DeviceError
+from cnnbench.tools.bench import profile_steps, run_bench, time_evaluation
+from cnnbench.train.device import resolve_device
+from cnnbench.train.loop import load_data
 from cnnbench.util import fileio
-from cnnbench.errors import DeviceError
 
 TINY = ("--seeds", "0", "--set", "epochs=1", "--set", "train_subset=640", "--set", "test_subset=300",
         "--set", "log_every=2")
@@ -66,9 +76,6 @@ def run_gpu_check(out: Path, *, dry_run: bool = False, data_root: str | os.PathL
     `studies`: entries `NAME` or `NAME:KEY=VALUE[,KEY=VALUE]` (a variant, written to
     `results-KEY-VALUE/`); by default DEFAULT_STUDIES (on a dry run: lr, activation and
     lr in bf16, at toy sizes)."""
-    import torch
-
-    from cnnbench.train.device import resolve_device
 
     t_start = time.perf_counter()
     out = Path(out).resolve()  # the test step runs in the repository, the studies in `out`
@@ -100,7 +107,6 @@ def run_gpu_check(out: Path, *, dry_run: bool = False, data_root: str | os.PathL
         say(_line(steps[-1]))
 
     if "kbench" in parts:  # 2b. only naive, single and fused K (the device's defaults), short
-        from cnnbench.tools.bench import run_bench
 
         step = Step("bench, K sweep", command="cnnbench bench --steps 50 --repeats 2")
         t0 = time.perf_counter()
@@ -146,13 +152,11 @@ def run_gpu_check(out: Path, *, dry_run: bool = False, data_root: str | os.PathL
 
 
 def _device_name(device) -> str:
-    import torch
 
     return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
 
 
 def _environment(out: Path, device) -> Step:
-    import torch
 
     lines = [f"python {platform.python_version()}", f"torch {torch.__version__}",
              f"cuda {torch.version.cuda}", f"device {device} ({_device_name(device)})"]
@@ -185,10 +189,6 @@ def _subprocess(label: str, cmd: list[str], log: Path, *, env: dict[str, str], c
 
 
 def _bench(out: Path, device, *, dry_run: bool, data_root, say) -> Step:
-    from cnnbench.tools.bench import profile_steps, run_bench, time_evaluation
-    from cnnbench.config.spec import TrialConfig
-    from cnnbench.data.tensors import data_dir
-    from cnnbench.train.loop import load_data
 
     step = Step("bench", command="cnnbench bench --options" + (" --steps 20 --repeats 1 --max-k 2" if dry_run else ""))
     t0 = time.perf_counter()
@@ -207,7 +207,6 @@ def _bench(out: Path, device, *, dry_run: bool, data_root, say) -> Step:
                                       steps=10 if dry_run else 50) for k in ((1, 2) if dry_run else (1, 16, 128))]
         except Exception as err:  # the bench's own figures stand; say what failed
             step.detail = f"evaluation/profile failed: {type(err).__name__}: {' '.join(str(err).split())[:200]}; "
-        import pandas as pd
 
         fileio.write_text(out / "evaluation.csv", pd.DataFrame(evaluation).to_csv(index=False))
         fileio.write_text(out / "profile.md", "\n\n".join(
@@ -222,7 +221,6 @@ def _bench(out: Path, device, *, dry_run: bool, data_root, say) -> Step:
         step.status = "ok"
         step.detail += f"best fused K={best['k']}: {best['model_images_per_s']:,.0f} model-images/s"
     except Exception as err:  # reported; the studies still run
-        import traceback
 
         traceback.print_exc()
         step.status, step.detail = "failed", f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
@@ -235,7 +233,6 @@ def _line(step: Step) -> str:
 
 
 def _summary(steps: list[Step], device, budget: float, total: float) -> str:
-    import torch
 
     lines = [f"# gpu-check on {device} ({_device_name(device)})", "",
              f"torch {torch.__version__}, python {platform.python_version()}; {total:.0f} s of a {budget:.0f} s budget", "",
@@ -263,7 +260,6 @@ def _summary(steps: list[Step], device, budget: float, total: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """For `python -m cnnbench.tools.gpu_check` (the CLI's `gpu-check` calls run_gpu_check)."""
-    import argparse
 
     p = argparse.ArgumentParser(prog="cnnbench gpu-check")
     p.add_argument("--out", default="results/gpu")
@@ -286,7 +282,6 @@ def gpu_check(out: str | Path, *, dry_run: bool = False, data_root: str | os.Pat
               budget: float = 480.0, parts: str = "tests,bench,studies", studies: str | None = None) -> list[Step]:
     """`cnnbench gpu-check`: the options as the command takes them (comma-separated
     `parts` and `studies`), checked, then `run_gpu_check`."""
-    from cnnbench.errors import ConfigError
 
     if budget <= 0:
         raise ConfigError(f"--budget: must be > 0, got {budget:g}")

@@ -19,8 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from cnnbench.util import fileio
+from tqdm.auto import tqdm
+
 from cnnbench.config.spec import ConfigError
+from cnnbench.report import analysis
+from cnnbench.track.writer import check_reachable, quiet_mlflow
+from cnnbench.track.writer import tracking_uri as resolve_uri
+from cnnbench.util import fileio
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout: cnnbench/ and notebooks/
 NOTEBOOK_DIR = PACKAGE_ROOT / "notebooks"
@@ -71,8 +76,6 @@ def check_results(results_dir: Path, names: list[str] | None = None) -> dict[str
 def discover(results_dir: Path, *, names: list[str] | None = None,
              tracking_uri: str | None = None) -> tuple[list[Job], list[str]]:
     """The notebooks to run for `results_dir` (all its studies and sweeps, or `names`)."""
-    from cnnbench.report import analysis
-
     folders = check_results(results_dir, names)
     common = {"tracking_uri": tracking_uri, "results_dir": str(results_dir.resolve())}
     jobs, skipped = [], []
@@ -144,10 +147,6 @@ def build_reports(results_dir: Path, *, names: list[str] | None = None, tracking
                   timeout: int = CELL_TIMEOUT, progress: bool = True) -> Outcome:
     """Run every notebook `discover` finds and write its HTML; then `results/index.html`."""
     check_results(results_dir, names)  # bad input first, before the slow imports
-    from tqdm.auto import tqdm
-
-    from cnnbench.track.writer import check_reachable, quiet_mlflow
-    from cnnbench.track.writer import tracking_uri as resolve_uri
 
     quiet_mlflow()
     uri = resolve_uri(tracking_uri)

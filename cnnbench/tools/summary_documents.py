@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cnnbench.errors import ConfigError
+from cnnbench.models import get_model, list_models, summary
 from cnnbench.models.summary import Summary, si, summarize
+from cnnbench.util import fileio
 
 Figure = int | str | tuple  # exact count | "3.2M" as written | shape (C, H, W) or (H, W)
 
@@ -46,7 +49,6 @@ C3_MAPS = (
 
 class Subsampling(nn.Module):
     """LeNet-5's S2/S4: the sum of a 2x2 block times a trainable coefficient, plus a trainable bias, per map."""
-
     def __init__(self, maps: int) -> None:
         super().__init__()
         self.coef = nn.Parameter(torch.ones(maps))
@@ -59,7 +61,6 @@ class Subsampling(nn.Module):
 
 class SparseC3(nn.Module):
     """C3 of LeCun et al. (1998): map j convolves only the S2 maps C3_MAPS[j] (1,516 parameters)."""
-
     def __init__(self) -> None:
         super().__init__()
         self.maps = nn.ModuleList(nn.Conv2d(len(m), 1, kernel_size=5) for m in C3_MAPS)
@@ -70,7 +71,6 @@ class SparseC3(nn.Module):
 
 class RBFOutput(nn.Module):
     """Euclidean RBF units: y_i = sum_j (x_j - w_ij)^2, w fixed by hand (84 x 10, not trained)."""
-
     def __init__(self, features: int = 84, classes: int = 10) -> None:
         super().__init__()
         self.centres = nn.Parameter(torch.zeros(classes, features), requires_grad=False)
@@ -116,7 +116,6 @@ def _meta(build: Callable[[], nn.Module]) -> nn.Module:
 
 class Counts:
     """Summaries of the layouts the documents describe, made once, on the meta device."""
-
     @functools.cached_property
     def lenet5(self) -> Summary:  # document 003's network, as cnnbench trains it (C1 padded: 28 x 28 out)
         return summarize("lenet5")
@@ -139,7 +138,6 @@ class Counts:
 
     @functools.cached_property
     def alexnet_277(self) -> Summary:  # its convolutional part at document 001's 277 x 277
-        from cnnbench.models import get_model
 
         return summarize(_meta(lambda: get_model("alexnet_paper", num_classes=1000).net.features), (3, 277, 277))
 
@@ -150,7 +148,6 @@ class Counts:
     @functools.cached_property
     def vgg16_layers(self) -> list[tuple[str, nn.Module | None]]:
         """Document 004's rows in our terms: the input, then each conv, max-pool and linear layer."""
-        from cnnbench.models import get_model
 
         net = _meta(lambda: get_model("vgg16", num_classes=1000).net)
         listed = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.Linear))]
@@ -467,8 +464,6 @@ def render(verdicts: list[Verdict], counts: Counts, fmt: str = "markdown") -> st
 
 def input_shape(text: str | None) -> tuple[int, int, int] | None:
     """`--input CxHxW` as a shape (None when not given)."""
-    from cnnbench.errors import ConfigError
-
     if text is None:
         return None
     m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
@@ -481,8 +476,6 @@ def summary_command(model: str | None = None, *, input: str | None = None, class
                     all_models: bool = False, documents: bool = False, results_dir: str | None = None) -> str:
     """`cnnbench summary`: the text to print, or (with `results_dir`) the files written,
     as a line. Options are checked first; bad ones raise ConfigError naming the option."""
-    from cnnbench.errors import ConfigError
-    from cnnbench.models import list_models
 
     if model and all_models:
         raise ConfigError("summary: give a MODEL or --all, not both")
@@ -493,8 +486,6 @@ def summary_command(model: str | None = None, *, input: str | None = None, class
     if classes < 1:
         raise ConfigError(f"--classes: must be >= 1, got {classes}")
     shape = input_shape(input)
-
-    from cnnbench.models import summary
 
     summaries = []
     for name in list_models() if all_models else [model] if model else []:
@@ -515,8 +506,6 @@ def summary_command(model: str | None = None, *, input: str | None = None, class
         if counts is not None:
             parts.append(render(verdicts, counts, "csv" if fmt == "csv" else "markdown"))
         return "\n".join(parts)
-
-    from cnnbench.util import fileio
 
     out = Path(results_dir) / "summary"
     fileio.check_writable(out)

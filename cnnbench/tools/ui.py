@@ -24,8 +24,21 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from cnnbench.track.schema import (METRIC_FINAL_TEST_ACC, METRIC_TRAIN_LOSS, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME,
-                                   PARAM_SEED, PREFIX_SCIENTIFIC)
+from mlflow import MlflowClient
+
+from cnnbench.errors import ConfigError
+from cnnbench.report.analysis import NoRuns, trial_runs
+from cnnbench.track.schema import (
+    METRIC_FINAL_TEST_ACC,
+    METRIC_TRAIN_LOSS,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NAME,
+    PARAM_SEED,
+    PREFIX_SCIENTIFIC,
+)
+from cnnbench.track.writer import check_reachable, quiet_mlflow
+from cnnbench.track.writer import tracking_uri as resolve_uri
+from cnnbench.util import fileio
 
 CHROMIUM = os.environ.get("CNNBENCH_CHROMIUM", "/usr/bin/chromium")
 # no network chatter of its own: the only server it talks to is MLflow on loopback
@@ -118,7 +131,6 @@ def browser_page(width: int = 1600, height: int = 1000) -> Iterator[object]:
 
 
 def _experiment_id(url: str, study: str) -> str:
-    from mlflow import MlflowClient
 
     exp = MlflowClient(url).get_experiment_by_name(study)
     if exp is None:
@@ -137,10 +149,7 @@ def _expand_study_runs(page, names: list[str]) -> None:
 def find_runs(url: str, study: str, names: list[str], *, screenshot: str | os.PathLike | None = None) -> list[str]:
     """Open the study's experiment in the UI, expand its study runs, and return which of
     `names` (trial run names, `lr=0.01 seed=0`) it shows. UIError if the first never shows."""
-    from mlflow import MlflowClient
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    from cnnbench.report.analysis import trial_runs
 
     client = MlflowClient(url)
     parents = sorted(set(trial_runs(study, url)[f"tags.{MLFLOW_PARENT_RUN_ID}"].dropna()))
@@ -159,7 +168,6 @@ def find_runs(url: str, study: str, names: list[str], *, screenshot: str | os.Pa
 def compare_url(url: str, study: str) -> tuple[str, list[str]]:
     """The comparison view of the study's trials (seed 0 of each value, in the spec's
     order) and their run names."""
-    from cnnbench.report.analysis import trial_runs
 
     runs = trial_runs(study, url)
     sci = [f"params.{k}" for k in runs.attrs["scientific"] + runs.attrs["nuisance"] if f"params.{k}" in runs]
@@ -185,7 +193,6 @@ def screenshot_compare(url: str, study: str, out: str | os.PathLike, *, metric: 
     """Save the comparison view of the study's trials: a parallel-coordinates plot of the
     scientific hyperparameters against `metric`, then the runs side by side (the params
     that differ, every metric)."""
-    from cnnbench.util import fileio
 
     target, names = compare_url(url, study)
     with browser_page(width=1500, height=1900) as page:
@@ -204,8 +211,6 @@ def screenshot_compare(url: str, study: str, out: str | os.PathLike, *, metric: 
 def screenshot_charts(url: str, study: str, out: str | os.PathLike, *, metric: str = METRIC_TRAIN_LOSS) -> Path:
     """Save the chart view of the study's runs grouped by its first scientific
     hyperparameter (a line per value: the mean over seeds), `metric` full screen."""
-    from cnnbench.util import fileio
-    from cnnbench.report.analysis import trial_runs
 
     runs = trial_runs(study, url)
     group = f"{PREFIX_SCIENTIFIC}{runs.attrs['scientific'][0]}"
@@ -256,7 +261,6 @@ def screenshot(study: str, out: str | os.PathLike, *, tracking_uri: str | None =
     """`make ui-screenshot`: the comparison view of `study` (and, with `charts`, its chart
     view of train/loss), from the server at an http tracking URI or from a server started
     here on the local store."""
-    from cnnbench.track.writer import tracking_uri as resolve_uri
 
     uri = resolve_uri(tracking_uri)
     with contextlib.ExitStack() as stack:
@@ -275,9 +279,6 @@ def screenshot_study(study: str, out: str | os.PathLike, *, charts: str | os.Pat
                      tracking_uri: str | None = None) -> list[Path]:
     """`cnnbench ui-screenshot`: the tracking store checked first, then `screenshot`. A UI
     that cannot be shown, or a study without runs, is a one-line ConfigError."""
-    from cnnbench.errors import ConfigError
-    from cnnbench.report.analysis import NoRuns
-    from cnnbench.track.writer import check_reachable, quiet_mlflow, tracking_uri as resolve_uri
 
     quiet_mlflow()
     uri = resolve_uri(tracking_uri)

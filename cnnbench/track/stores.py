@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
+import optuna
+import sqlalchemy
+from mlflow import MlflowClient
+
 T = TypeVar("T")
 
 BUSY_S = 60.0  # how long an opening waits for a busy SQLite file, in all
@@ -43,7 +47,6 @@ def sqlite_file(url: str) -> Path | None:
     """The file of a sqlite:///PATH URL (None for other URLs or an in-memory database)."""
     if backend(url) != "sqlite":
         return None
-    import sqlalchemy
 
     database = sqlalchemy.engine.make_url(url).database
     return Path(database) if database and database != ":memory:" else None
@@ -59,7 +62,6 @@ class StoreLock:
         self.path = sqlite_file(url)
         self._engine = None
         if self.path is None and backend(url) == "postgresql":
-            import sqlalchemy
 
             self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
                                                     connect_args={"connect_timeout": 30})
@@ -87,7 +89,6 @@ class StoreLock:
         if self._engine is None:  # a server (http) serializes by itself
             yield
             return
-        import sqlalchemy
 
         with self._engine.connect() as conn:  # session-level lock: the server drops it if we die
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
@@ -145,7 +146,6 @@ def opening(url: str, make: Callable[[], T]) -> T:
 
 def mlflow_client(uri: str) -> Any:
     """An MlflowClient on `uri`, its store created (tables included) safely."""
-    from mlflow import MlflowClient
 
     path = sqlite_file(uri)
     if path is not None:
@@ -155,7 +155,6 @@ def mlflow_client(uri: str) -> Any:
 
 def optuna_storage(url: str, **kwargs: Any) -> Any:
     """Optuna's RDBStorage on `url` (its tables created safely); `kwargs` go to RDBStorage."""
-    import optuna
 
     path = sqlite_file(url)
     if path is not None:

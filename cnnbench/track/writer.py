@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import socket
@@ -24,23 +25,50 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import mlflow
+import torch
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
-from cnnbench.util import interrupt
-
-from cnnbench.track import stores
 from cnnbench.config.spec import TrialConfig
 from cnnbench.errors import TrackingError
+from cnnbench.track import stores
 from cnnbench.track.figure import save_trial_figure
-from cnnbench.track.schema import (EPOCH, METRIC_BEST_ACC, METRIC_BEST_EPOCH, METRIC_FINAL_TEST_ACC,
-                                   METRIC_IMAGES_PER_SECOND, METRIC_TRAIN_LOSS, METRIC_TRAIN_SECONDS,
-                                   METRIC_WALL_SECONDS, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE,
-                                   MLFLOW_SOURCE_NAME, PREFIX_STATS, STATS_METRICS, STATS_TAGS, TAG_DATASET,
-                                   TAG_DEVICE, TAG_DIVERGED, TAG_FUSED_WITH, TAG_HOST, TAG_KEY, TAG_KIND, TAG_MODEL,
-                                   TAG_PID, TAG_REASON, TAG_RESUMED_FROM_EPOCH, TAG_SEED, TAG_STATUS, TAG_STUDY,
-                                   TAG_TORCH_VERSION, TEST_ACC, VAL_ACC)
-from cnnbench.util.text import fmt, masked  # noqa: F401  (re-exported here)
+from cnnbench.track.schema import (
+    EPOCH,
+    METRIC_BEST_ACC,
+    METRIC_BEST_EPOCH,
+    METRIC_FINAL_TEST_ACC,
+    METRIC_IMAGES_PER_SECOND,
+    METRIC_TRAIN_LOSS,
+    METRIC_TRAIN_SECONDS,
+    METRIC_WALL_SECONDS,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NOTE,
+    MLFLOW_SOURCE_NAME,
+    PREFIX_STATS,
+    STATS_METRICS,
+    STATS_TAGS,
+    TAG_DATASET,
+    TAG_DEVICE,
+    TAG_DIVERGED,
+    TAG_FUSED_WITH,
+    TAG_HOST,
+    TAG_KEY,
+    TAG_KIND,
+    TAG_MODEL,
+    TAG_PID,
+    TAG_REASON,
+    TAG_RESUMED_FROM_EPOCH,
+    TAG_SEED,
+    TAG_STATUS,
+    TAG_STUDY,
+    TAG_TORCH_VERSION,
+    TEST_ACC,
+    VAL_ACC,
+)
 from cnnbench.train.loop import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, Recorder, TrialResult
+from cnnbench.util import interrupt
+from cnnbench.util.text import fmt, masked  # noqa: F401  (re-exported here)
 
 # how each outcome shows in MLflow's own run status
 MLFLOW_STATUS = {FINISHED: "FINISHED", PRUNED: "FINISHED", DIVERGED: "FAILED", FAILED: "FAILED",
@@ -348,7 +376,6 @@ class MlflowRecorder(Recorder):
 
 @functools.cache
 def _torch_version() -> str:
-    import torch
 
     return torch.__version__
 
@@ -374,7 +401,6 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)

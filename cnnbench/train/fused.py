@@ -33,10 +33,10 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from cnnbench.config.spec import TrialConfig
-from cnnbench.models.layers import BATCH_NORMS
 from cnnbench.data.tensors import DATASETS, DatasetInfo
-from cnnbench.train.per_trial import PerTrialOptimizer
+from cnnbench.models.layers import BATCH_NORMS
 from cnnbench.train.device import autocast, build_model, resolve_device
+from cnnbench.train.per_trial import PerTrialOptimizer
 from cnnbench.train.wide import WideEngine, widen_reason
 
 log = logging.getLogger(__name__)

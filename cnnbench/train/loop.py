@@ -25,17 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cnnbench.util import fileio
-
-from cnnbench.util import interrupt
-from cnnbench.config.record import (EPOCH, EPOCH_SECONDS, LR, SPLIT_KEYS, TEST_ACC, TRAIN_EPOCH_LOSS, VAL_ACC,
-                                    VAL_LOSS)
+from cnnbench.config.record import EPOCH, EPOCH_SECONDS, LR, SPLIT_KEYS, TEST_ACC, TRAIN_EPOCH_LOSS, VAL_ACC, VAL_LOSS
 from cnnbench.config.spec import TrialConfig
-from cnnbench.train.device import (autocast, build_model, configure_backends, is_out_of_memory, resolve_device, sync,
-                                   use_channels_last)
-from cnnbench.data.tensors import DatasetInfo, DeviceData, mix_seed, data_dir
+from cnnbench.data.tensors import DatasetInfo, DeviceData, data_dir, mix_seed
+from cnnbench.train.device import (
+    autocast,
+    build_model,
+    configure_backends,
+    is_out_of_memory,
+    resolve_device,
+    sync,
+    use_channels_last,
+)
 from cnnbench.train.graphs import StepGraph, graph_reason
 from cnnbench.train.schedule import LRSchedule
+from cnnbench.util import fileio, interrupt
 
 FINISHED, DIVERGED, PRUNED, FAILED, INTERRUPTED = "finished", "diverged", "pruned", "failed", "interrupted"
 

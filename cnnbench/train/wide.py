@@ -29,19 +29,19 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 import torchvision
+from torch import Tensor, nn
 from torchvision.models.googlenet import BasicConv2d as TvBasicConv2d
 from torchvision.models.googlenet import Inception as TvInception
 from torchvision.models.resnet import BasicBlock as TvBasicBlock
 from torchvision.models.resnet import Bottleneck as TvBottleneck
-from torch import Tensor, nn
 
 from cnnbench.config.spec import TrialConfig
 from cnnbench.data.tensors import DatasetInfo
 from cnnbench.models import alexnet, inception, lenet, resnet
 from cnnbench.models.layers import ACTIVATIONS, BATCH_NORMS, Concat
 from cnnbench.models.tv import ResizeInput
-from cnnbench.train.per_trial import PerTrialOptimizer
 from cnnbench.train.device import autocast, build_model, use_channels_last
+from cnnbench.train.per_trial import PerTrialOptimizer
 
 
 class WideConv2d(nn.Module):
