@@ -18,7 +18,7 @@ __all__ = [*API, "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name in API:
-        from cnnbench import api
+        from cnnbench import api  # torch, MLflow, Optuna: imported when first used, not by `import cnnbench`
 
         return getattr(api, name)
     raise AttributeError(f"module 'cnnbench' has no attribute {name!r}")

@@ -37,6 +37,7 @@ from cnnbench.run.study import StudyOutcome
 from cnnbench.run.study import run_study as study_runner
 from cnnbench.run.sweep import run_sweep as sweep_runner
 from cnnbench.tools.bench import bench as run
+from cnnbench.tools.gpu_check import gpu_check as run_gpu_check
 from cnnbench.tools.notebooks import build_reports
 from cnnbench.tools.summary_documents import summary_command
 from cnnbench.tools.ui import screenshot_study
@@ -207,9 +208,7 @@ def screenshot(study: str, out: str | os.PathLike, *, charts: str | os.PathLike 
 
 def gpu_check(out: str | os.PathLike, **kwargs: Any) -> Any:
     """Every GPU measurement in one command, into `out` (`tools.gpu_check`)."""
-    from cnnbench.tools.gpu_check import gpu_check as run
-
-    return run(out, **kwargs)
+    return run_gpu_check(out, **kwargs)
 
 
 def command(name: str, *, typed: str = "", **o: Any) -> tuple[str, int]:

@@ -19,6 +19,7 @@ from typing import Any
 from cnnbench import __version__
 from cnnbench.config.spec import parse_overrides, settings_help  # light: no torch, --help stays quick
 from cnnbench.errors import ConfigError, DataError, DeviceError, TrackingError
+from cnnbench.util import interrupt
 from cnnbench.util.text import masked
 
 EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
@@ -218,8 +219,6 @@ def typed(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    from cnnbench.util import interrupt
-
     previous = None
     try:
         previous = interrupt.install()  # Ctrl-C works even where the parent ignored SIGINT

@@ -9,6 +9,7 @@ against the registries' lists; nothing else here touches torch.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import itertools
@@ -204,8 +205,6 @@ def _validate_trial(c: TrialConfig) -> None:
 
 
 def _suggest(key: str, known: Any) -> str:
-    import difflib
-
     close = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

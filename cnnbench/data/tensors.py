@@ -81,7 +81,7 @@ def load_arrays(dataset: str, root: str | os.PathLike) -> tuple[Tensor, Tensor, 
 
 
 def _read(info: DatasetInfo, root: Path, *, train: bool) -> tuple[Tensor, Tensor]:
-    import torchvision
+    import torchvision  # only where a data set is read from its files (its import takes a second)
 
     cls = getattr(torchvision.datasets, info.torchvision_class)
     split = "train" if train else "test"

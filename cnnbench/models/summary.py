@@ -31,6 +31,7 @@ import io
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -103,8 +104,6 @@ class Summary:
 
     def frame(self):
         """The rows as a pandas DataFrame (one row per layer, counts as integers)."""
-        import pandas as pd
-
         return pd.DataFrame([{"model": self.model, **_flat(r)} for r in self.rows])
 
 

@@ -92,7 +92,7 @@ def importance(study: Any) -> tuple[dict[str, float], str]:
 def plot(study: Any, function: str) -> tuple[Any, str]:
     """One of Optuna's matplotlib plots (`plot_slice`, ...) as a Figure and ""; or None and
     the reason when Optuna cannot draw it (e.g. importances of a single complete trial)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # Optuna's plots draw through pyplot: imported where they are drawn
 
     try:  # Optuna switches matplotlib to its ggplot style: keep that to its own figure
         with _quiet(), plt.rc_context():

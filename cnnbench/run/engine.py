@@ -51,6 +51,7 @@ from optuna.trial import TrialState, create_trial
 from cnnbench.config.space import OBJECTIVES, Plan, check_spec, describe, grid_points, spec_hash, suggest, trial_config
 from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig
 from cnnbench.data.tensors import data_dir, load_arrays
+from cnnbench.errors import DataError, DeviceError, TrackingError
 from cnnbench.run import storage as sweep_storage
 from cnnbench.run.progress import Board
 from cnnbench.run.search import PruningRecorder, make_pruner, make_sampler, objective_value
@@ -959,8 +960,6 @@ def worker_main(spec: StudySpec, kind: str, open_args: dict[str, Any], label: st
                 gpu: int | None, events: Any) -> None:
     """A worker process: join the study, train until nothing is left, exit (0; 3 when its
     trials kept failing; 2 on bad input; 130 on Ctrl-C)."""
-    from cnnbench.errors import ConfigError, DataError, DeviceError, TrackingError
-
     try:
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent

@@ -795,7 +795,6 @@ def bench(*, data_root: Any = None, device: str = "auto", model: str = "lenet5",
           engines: bool = False, results_dir: str | Path = "results") -> list[str]:
     """`cnnbench bench`: what it measures depends on the flags (see its --help); returns
     the files written. Every option is checked before anything runs."""
-    from cnnbench.train.device import resolve_device
 
     def given(value: int | None, default: int) -> int:  # 0 is given, and refused below
         return default if value is None else value

@@ -52,7 +52,7 @@ class Outcome:
 
 def check_kernel(name: str = KERNEL) -> None:
     """Fail early, with the fix, when Jupyter has no kernel of that name."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel  # the report extra: imported where used
 
     try:
         KernelSpecManager().get_kernel_spec(name)
@@ -123,8 +123,8 @@ def _kernel_imports_this_checkout() -> Iterator[None]:
 def execute(notebook: Path, parameters: dict[str, Any], *, cwd: Path, timeout: int = CELL_TIMEOUT):
     """Run `notebook` with papermill (parameters injected after the `parameters` cell) and
     return the executed notebook. Raises papermill's PapermillExecutionError on a failing cell."""
-    import nbformat
-    import papermill
+    import nbformat  # the report extra: imported where used
+    import papermill  # the report extra: imported where used
 
     with tempfile.TemporaryDirectory() as tmp, _kernel_imports_this_checkout():
         out = Path(tmp) / notebook.name
@@ -135,7 +135,7 @@ def execute(notebook: Path, parameters: dict[str, Any], *, cwd: Path, timeout: i
 
 def to_html(executed, title: str) -> str:
     """The executed notebook as one HTML page: text, tables and figures, without the code."""
-    from nbconvert import HTMLExporter
+    from nbconvert import HTMLExporter  # the report extra: imported where used
 
     exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True)
@@ -155,7 +155,7 @@ def build_reports(results_dir: Path, *, names: list[str] | None = None, tracking
     fileio.check_writable(results_dir)
     jobs, skipped = discover(results_dir, names=names, tracking_uri=uri)
     outcome = Outcome(skipped=skipped)
-    from papermill.exceptions import PapermillExecutionError
+    from papermill.exceptions import PapermillExecutionError  # the report extra: imported where used
 
     bar = tqdm(jobs, desc="report", unit="notebook", disable=not progress, dynamic_ncols=True)
     for job in bar:

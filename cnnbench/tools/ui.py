@@ -117,7 +117,7 @@ def check_chromium() -> None:
 @contextlib.contextmanager
 def browser_page(width: int = 1600, height: int = 1000) -> Iterator[object]:
     """A page of a fresh headless Chromium (a new profile each time, removed after)."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # the ui extra: imported where used
 
     check_chromium()
     with sync_playwright() as pw:
@@ -149,7 +149,7 @@ def _expand_study_runs(page, names: list[str]) -> None:
 def find_runs(url: str, study: str, names: list[str], *, screenshot: str | os.PathLike | None = None) -> list[str]:
     """Open the study's experiment in the UI, expand its study runs, and return which of
     `names` (trial run names, `lr=0.01 seed=0`) it shows. UIError if the first never shows."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout  # the ui extra: imported where used
 
     client = MlflowClient(url)
     parents = sorted(set(trial_runs(study, url)[f"tags.{MLFLOW_PARENT_RUN_ID}"].dropna()))

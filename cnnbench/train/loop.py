@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from cnnbench.config.record import EPOCH, EPOCH_SECONDS, LR, SPLIT_KEYS, TEST_ACC, TRAIN_EPOCH_LOSS, VAL_ACC, VAL_LOSS
 from cnnbench.config.spec import TrialConfig
@@ -37,6 +38,7 @@ from cnnbench.train.device import (
     sync,
     use_channels_last,
 )
+from cnnbench.train.fused import fused_engine
 from cnnbench.train.graphs import StepGraph, graph_reason
 from cnnbench.train.schedule import LRSchedule
 from cnnbench.util import fileio, interrupt
@@ -290,8 +292,6 @@ def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike 
         if k_trials == 1 and not fused:
             trainer: Any = SingleEngine(configs, device, data.info)
         else:
-            from cnnbench.train.fused import fused_engine  # fused imports this module
-
             trainer = fused_engine(configs, device, data.info, engine)
         _fit(trainer, configs, data, recorders, ckpt_dirs, results, started, evaluate_test, progress)
     except KeyboardInterrupt:
@@ -487,8 +487,6 @@ def _postfix(results: list[TrialResult], active: list[bool]) -> str:
 def _progress_bar(config: TrialConfig, progress: Any, total: int, k: int):
     if not config.progress or total <= 0:
         return None
-    from tqdm.auto import tqdm
-
     label = progress if isinstance(progress, str) else (f"{k} fused trials" if k > 1 else "trial")
     return tqdm(total=total, desc=label, unit="step", leave=False, dynamic_ncols=True)
 
