@@ -327,24 +327,68 @@ def _end_all(results, recorders, started, status, reason, wall0) -> None:
         recorders[i].finish(r)
 
 
-def _fit(engine, configs, data: DeviceData, recorders, ckpt_dirs, results, started, evaluate_test, progress) -> None:
-    k_trials = len(configs)
-    c0 = configs[0]
-    n_train, batch = len(data.train), c0.batch_size
-    steps_per_epoch = math.ceil(n_train / batch)
-    schedules = [LRSchedule(c, steps_per_epoch) for c in configs]
-    select = VAL_ACC if data.val is not None else TEST_ACC
-    active = [True] * k_trials
+@dataclass
+class Fit:
+    """What one call of `_fit` shares between its stages: the group, its data and its
+    per-trial state (schedules, results, which trials are still active)."""
 
-    # resume from epoch checkpoints (the caller groups trials that stopped at the same epoch)
+    engine: Any
+    configs: list[TrialConfig]
+    data: DeviceData
+    recorders: Sequence[Recorder]
+    ckpt_dirs: list[Path | None]
+    results: list[TrialResult]
+    schedules: list[LRSchedule]
+    active: list[bool]
+    streams: list[int]  # one batch order per distinct seed; trials that share a seed share it
+    stream_index: Tensor  # trial -> its stream
+    steps_per_epoch: int
+    bar: Any = None
+
+    @property
+    def k(self) -> int:
+        return len(self.configs)
+
+    def stop(self, k: int, status: str, reason: str) -> None:
+        _stop(self.engine, k, self.active, self.results, status, reason)
+
+
+def _fit(engine, configs, data: DeviceData, recorders, ckpt_dirs, results, started, evaluate_test, progress) -> None:
+    """Train the group's epochs: resume, then per epoch the steps and the epoch's end."""
+    c0 = configs[0]
+    steps_per_epoch = math.ceil(len(data.train) / c0.batch_size)
+    seeds = [c.seed for c in configs]
+    streams = sorted(set(seeds))
+    fit = Fit(engine, list(configs), data, recorders, list(ckpt_dirs), results,
+              [LRSchedule(c, steps_per_epoch) for c in configs], [True] * len(configs), streams,
+              torch.tensor([streams.index(s) for s in seeds], device=data.device), steps_per_epoch)
+    start_epoch = _resume(fit, started)
+    fit.bar = _progress_bar(c0, progress, total=(c0.epochs - start_epoch) * steps_per_epoch, k=fit.k)
+    step_graph = _step_graph(fit)
+    for epoch in range(start_epoch, c0.epochs):
+        seconds, lr_rows, epoch_loss, step_graph = _train_epoch(fit, epoch, step_graph)
+        if not any(fit.active):
+            break
+        _end_epoch(fit, epoch, seconds, lr_rows, epoch_loss, evaluate_test)
+        if fit.bar is not None:
+            fit.bar.set_postfix_str(_postfix(results, fit.active))
+        if not any(fit.active):
+            break
+    if fit.bar is not None:
+        fit.bar.close()
+
+
+def _resume(fit: Fit, started: list[bool]) -> int:
+    """Each trial's epoch checkpoint loaded (the caller groups trials that stopped at the
+    same epoch) and its recorder started. Returns the epoch to start from."""
     start_epoch = 0
-    for k, (c, d) in enumerate(zip(configs, ckpt_dirs)):
+    for k, (c, d) in enumerate(zip(fit.configs, fit.ckpt_dirs)):
         state = _resume_state(d, c)
         resumed = None
         if state:
-            engine.load_trial_state(k, state)
-            schedules[k].load_state_dict(state["schedule"])
-            r = results[k]
+            fit.engine.load_trial_state(k, state)
+            fit.schedules[k].load_state_dict(state["schedule"])
+            r = fit.results[k]
             r.history, r.curve = list(state["history"]), [tuple(p) for p in state["curve"]]
             r.train_seconds, r.images, r.best_epoch = state["train_seconds"], state["images"], state["best_epoch"]
             r.final_checkpoint = d / "last.pt"
@@ -352,129 +396,125 @@ def _fit(engine, configs, data: DeviceData, recorders, ckpt_dirs, results, start
             start_epoch = int(state["epoch"])
             resumed = r
         with interrupt.shielded():  # the run is created and known, or not created
-            recorders[k].start(c, {"device": str(data.device), "fused_with": k_trials,
-                                   "steps_per_epoch": steps_per_epoch}, resumed)
+            fit.recorders[k].start(c, {"device": str(fit.data.device), "fused_with": fit.k,
+                                       "steps_per_epoch": fit.steps_per_epoch}, resumed)
             started[k] = True
+    return start_epoch
 
-    seeds = [c.seed for c in configs]
-    streams = sorted(set(seeds))
-    stream_index = torch.tensor([streams.index(s) for s in seeds], device=data.device)
-    augment = c0.augmentations()
-    bar = _progress_bar(c0, progress, total=(c0.epochs - start_epoch) * steps_per_epoch, k=k_trials)
 
-    def make_batch(index: Tensor) -> tuple[Tensor, Tensor]:
-        """The batch of rows `index` (one row of image indices per stream), as below."""
-        xs = [data.to_float(data.train.x[index[i]]) for i in range(len(streams))]
-        ys = [data.train.y[index[i]] for i in range(len(streams))]
-        if len(streams) == 1:
-            return xs[0], ys[0]
-        return torch.stack(xs)[stream_index], torch.stack(ys)[stream_index]
+def _batch(fit: Fit, rows: list[Tensor], augmenters: list[Any] | None = None) -> tuple[Tensor, Tensor]:
+    """The batch of image indices `rows` (one row per stream): (B, ...) when every trial
+    shares one stream, else (K, B, ...), each trial its own stream's batch."""
+    data = fit.data
+    xs = [data.to_float(data.train.x[idx], augmenters[i] if augmenters else None) for i, idx in enumerate(rows)]
+    ys = [data.train.y[idx] for idx in rows]
+    if len(fit.streams) == 1:
+        return xs[0], ys[0]
+    return torch.stack(xs)[fit.stream_index], torch.stack(ys)[fit.stream_index]
 
-    why_not = graph_reason(configs, engine, data.device, schedules[0].per_step())
-    step_graph = StepGraph(engine, make_batch, len(streams), batch, data.device) \
-        if not why_not and n_train >= batch else None
 
-    for epoch in range(start_epoch, c0.epochs):
-        # batches: one stream per distinct seed; trials that share a seed share the batch
-        orders = {s: data.epoch_order(s, epoch) for s in streams}
-        augmenters = {s: data.augmenter(augment, s, epoch) for s in streams}
-        torch.manual_seed(mix_seed(seeds[0], epoch, 2))  # dropout
-        lr_rows = [[schedules[k].lr(epoch, step) if active[k] else 0.0 for k in range(k_trials)]
-                   for step in range(steps_per_epoch if schedules[0].per_step() else 1)]
-        engine.begin_epoch(lr_rows)
-        engine.train(True)
-        if step_graph is not None:
-            order_rows = torch.stack([orders[s] for s in streams])  # streams x n_train
-            try:
-                step_graph.capture(order_rows[:, :batch])
-            except Exception as err:  # the eager step computes the same: go on without graphs
-                print(f"cnnbench: cuda_graphs: capture failed, training eagerly ({type(err).__name__}: "
-                      f"{' '.join(str(err).split())[:300]})", file=sys.stderr)
-                step_graph = None
-        window = torch.zeros(k_trials, device=data.device)
-        in_window, epoch_sum, epoch_steps = 0, [0.0] * k_trials, 0
-        sync(data.device)
-        t0 = time.perf_counter()
-        for step in range(steps_per_epoch):
-            lo, hi = step * batch, min((step + 1) * batch, n_train)
-            if step_graph is not None and hi - lo == batch:
-                loss = step_graph.replay(order_rows[:, lo:hi])
-            else:
-                xs, ys = [], []
-                for s in streams:
-                    idx = orders[s][lo:hi]
-                    xs.append(data.to_float(data.train.x[idx], augmenters[s]))
-                    ys.append(data.train.y[idx])
-                if len(streams) == 1:
-                    x, y = xs[0], ys[0]
-                else:  # (K, B, ...): each trial gets its own stream's batch
-                    x, y = torch.stack(xs)[stream_index], torch.stack(ys)[stream_index]
-                loss = engine.train_step(x, y, step)
-            window += loss
-            in_window += 1
-            if in_window == c0.log_every or step == steps_per_epoch - 1:
-                means = (window / in_window).tolist()  # the only host sync inside an epoch
-                samples = epoch * n_train + hi
-                for k in range(k_trials):
-                    if not active[k]:
-                        continue
-                    epoch_sum[k] += means[k] * in_window
-                    if not math.isfinite(means[k]):
-                        _stop(engine, k, active, results, DIVERGED,
-                              f"training loss became {means[k]} at {samples} samples (epoch {epoch + 1})")
-                        continue
-                    results[k].curve.append((samples, means[k]))
-                    recorders[k].train_loss(samples, means[k])
-                epoch_steps += in_window
-                window.zero_()
-                in_window = 0
-                if not any(active):
-                    break
-            if bar is not None:
-                bar.update(1)
-        sync(data.device)
-        seconds = time.perf_counter() - t0
-        if not any(active):
-            break
+def _step_graph(fit: Fit) -> StepGraph | None:
+    """A whole training step as a CUDA graph, where `graph_reason` finds nothing against it."""
+    c0 = fit.configs[0]
+    why_not = graph_reason(fit.configs, fit.engine, fit.data.device, fit.schedules[0].per_step())
+    if why_not or len(fit.data.train) < c0.batch_size:
+        return None
+    return StepGraph(fit.engine, lambda index: _batch(fit, [index[i] for i in range(len(fit.streams))]),
+                     len(fit.streams), c0.batch_size, fit.data.device)
 
-        # evaluation, records, schedules, checkpoints
-        engine.train(False)
-        metrics: dict[str, list[float]] = {}
-        for split_name, split in (("val", data.val), ("test", data.test if evaluate_test else None)):
-            if split is not None:
-                loss_k, acc_k = evaluate(engine, data, split, c0.test_batch_size)
-                loss_key, acc_key = SPLIT_KEYS[split_name]
-                metrics[loss_key], metrics[acc_key] = loss_k, acc_k
-        for k in range(k_trials):
-            if not active[k]:
-                continue
-            r = results[k]
-            r.train_seconds += seconds
-            r.images += n_train
-            record = {EPOCH: epoch + 1, TRAIN_EPOCH_LOSS: epoch_sum[k] / max(epoch_steps, 1),
-                      LR: lr_rows[0][k], EPOCH_SECONDS: seconds,
-                      **{name: values[k] for name, values in metrics.items()}}
-            r.history.append(record)
-            bad = [n for n, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
-            if bad:
-                _stop(engine, k, active, results, DIVERGED, f"{bad[0]} became {record[bad[0]]} at epoch {epoch + 1}")
-                continue
-            monitored = record.get(VAL_LOSS, record[TRAIN_EPOCH_LOSS])
-            schedules[k].end_epoch(monitored)
-            is_best = select in record and record[select] == r.best(select)[0] and r.best(select)[1] == epoch + 1
-            if is_best:
-                r.best_epoch = epoch + 1
-            _write_checkpoints(engine, k, configs[k], r, epoch + 1, schedules[k], ckpt_dirs[k], is_best)
-            with interrupt.shielded():  # a Ctrl-C inside a database write would break the connection
-                verdict = recorders[k].epoch(record)
-            if verdict == "prune":
-                _stop(engine, k, active, results, PRUNED, f"pruned after epoch {epoch + 1}")
-        if bar is not None:
-            bar.set_postfix_str(_postfix(results, active))
-        if not any(active):
-            break
-    if bar is not None:
-        bar.close()
+
+def _train_epoch(fit: Fit, epoch: int, step_graph: StepGraph | None):
+    """One epoch's steps: the training loss recorded every `log_every` steps (against
+    samples seen), a trial whose loss is no longer finite stopped as diverged. Returns
+    (seconds, the learning rates used, each trial's mean loss, the step graph)."""
+    data, c0, engine = fit.data, fit.configs[0], fit.engine
+    n_train, batch = len(data.train), c0.batch_size
+    orders = [data.epoch_order(s, epoch) for s in fit.streams]
+    augmenters = [data.augmenter(c0.augmentations(), s, epoch) for s in fit.streams]
+    torch.manual_seed(mix_seed(fit.configs[0].seed, epoch, 2))  # dropout
+    lr_rows = [[fit.schedules[k].lr(epoch, step) if fit.active[k] else 0.0 for k in range(fit.k)]
+               for step in range(fit.steps_per_epoch if fit.schedules[0].per_step() else 1)]
+    engine.begin_epoch(lr_rows)
+    engine.train(True)
+    if step_graph is not None:
+        order_rows = torch.stack(orders)  # streams x n_train
+        try:
+            step_graph.capture(order_rows[:, :batch])
+        except Exception as err:  # the eager step computes the same: go on without graphs
+            print(f"cnnbench: cuda_graphs: capture failed, training eagerly ({type(err).__name__}: "
+                  f"{' '.join(str(err).split())[:300]})", file=sys.stderr)
+            step_graph = None
+    window = torch.zeros(fit.k, device=data.device)
+    in_window, epoch_sum, epoch_steps = 0, [0.0] * fit.k, 0
+    sync(data.device)
+    t0 = time.perf_counter()
+    for step in range(fit.steps_per_epoch):
+        lo, hi = step * batch, min((step + 1) * batch, n_train)
+        if step_graph is not None and hi - lo == batch:
+            loss = step_graph.replay(order_rows[:, lo:hi])
+        else:
+            x, y = _batch(fit, [order[lo:hi] for order in orders], augmenters)
+            loss = engine.train_step(x, y, step)
+        window += loss
+        in_window += 1
+        if in_window == c0.log_every or step == fit.steps_per_epoch - 1:
+            means = (window / in_window).tolist()  # the only host sync inside an epoch
+            samples = epoch * n_train + hi
+            for k in range(fit.k):
+                if not fit.active[k]:
+                    continue
+                epoch_sum[k] += means[k] * in_window
+                if not math.isfinite(means[k]):
+                    fit.stop(k, DIVERGED, f"training loss became {means[k]} at {samples} samples (epoch {epoch + 1})")
+                    continue
+                fit.results[k].curve.append((samples, means[k]))
+                fit.recorders[k].train_loss(samples, means[k])
+            epoch_steps += in_window
+            window.zero_()
+            in_window = 0
+            if not any(fit.active):
+                break
+        if fit.bar is not None:
+            fit.bar.update(1)
+    sync(data.device)
+    return time.perf_counter() - t0, lr_rows, [s / max(epoch_steps, 1) for s in epoch_sum], step_graph
+
+
+def _end_epoch(fit: Fit, epoch: int, seconds: float, lr_rows: list[list[float]], epoch_loss: list[float],
+               evaluate_test: bool) -> None:
+    """Evaluation, each trial's record, schedule, checkpoints and recorder (which may prune
+    it); a trial with a non-finite number in its record stops as diverged."""
+    data, c0 = fit.data, fit.configs[0]
+    select = VAL_ACC if data.val is not None else TEST_ACC
+    fit.engine.train(False)
+    metrics: dict[str, list[float]] = {}
+    for split_name, split in (("val", data.val), ("test", data.test if evaluate_test else None)):
+        if split is not None:
+            loss_k, acc_k = evaluate(fit.engine, data, split, c0.test_batch_size)
+            loss_key, acc_key = SPLIT_KEYS[split_name]
+            metrics[loss_key], metrics[acc_key] = loss_k, acc_k
+    for k in range(fit.k):
+        if not fit.active[k]:
+            continue
+        r = fit.results[k]
+        r.train_seconds += seconds
+        r.images += len(data.train)
+        record = {EPOCH: epoch + 1, TRAIN_EPOCH_LOSS: epoch_loss[k], LR: lr_rows[0][k], EPOCH_SECONDS: seconds,
+                  **{name: values[k] for name, values in metrics.items()}}
+        r.history.append(record)
+        bad = [n for n, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            fit.stop(k, DIVERGED, f"{bad[0]} became {record[bad[0]]} at epoch {epoch + 1}")
+            continue
+        fit.schedules[k].end_epoch(record.get(VAL_LOSS, record[TRAIN_EPOCH_LOSS]))
+        is_best = select in record and record[select] == r.best(select)[0] and r.best(select)[1] == epoch + 1
+        if is_best:
+            r.best_epoch = epoch + 1
+        _write_checkpoints(fit.engine, k, fit.configs[k], r, epoch + 1, fit.schedules[k], fit.ckpt_dirs[k], is_best)
+        with interrupt.shielded():  # a Ctrl-C inside a database write would break the connection
+            verdict = fit.recorders[k].epoch(record)
+        if verdict == "prune":
+            fit.stop(k, PRUNED, f"pruned after epoch {epoch + 1}")
 
 
 def _postfix(results: list[TrialResult], active: list[bool]) -> str:
