@@ -75,6 +75,7 @@ def check(url: str) -> None:
         return
     import sqlalchemy
 
+    stores.require_driver(url)
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
                                       connect_args={"connect_timeout": 10})
     try:

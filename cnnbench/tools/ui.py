@@ -5,7 +5,7 @@ exit; `find_runs` opens a study's experiment in the UI the way a person would (e
 the study run, read the trial names); `screenshot_compare` saves the comparison view
 of a study's trials side by side as a PNG (`make ui-screenshot`). The browser is
 Debian's `chromium` (CHROMIUM, or $CNNBENCH_CHROMIUM) driven by Playwright: no browser
-is downloaded.
+is downloaded. Playwright comes with the ui extra (`pip install 'cnnbench[ui]'`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Iterator
 
 from cnnbench.track.schema import (METRIC_FINAL_TEST_ACC, METRIC_TRAIN_LOSS, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME,
                                    PARAM_SEED, PREFIX_SCIENTIFIC)
+from cnnbench.util.extras import require
 
 CHROMIUM = os.environ.get("CNNBENCH_CHROMIUM", "/usr/bin/chromium")
 # no network chatter of its own: the only server it talks to is MLflow on loopback
@@ -256,6 +257,7 @@ def screenshot(study: str, out: str | os.PathLike, *, tracking_uri: str | None =
     """`make ui-screenshot`: the comparison view of `study` (and, with `charts`, its chart
     view of train/loss), from the server at an http tracking URI or from a server started
     here on the local store."""
+    require("ui", what="cnnbench ui-screenshot")
     from cnnbench.track.writer import tracking_uri as resolve_uri
 
     uri = resolve_uri(tracking_uri)
