@@ -277,6 +277,7 @@ def screenshot_study(study: str, out: str | os.PathLike, *, charts: str | os.Pat
                      tracking_uri: str | None = None) -> list[Path]:
     """`cnnbench ui-screenshot`: the tracking store checked first, then `screenshot`. A UI
     that cannot be shown, or a study without runs, is a one-line ConfigError."""
+    require("ui", what="cnnbench ui-screenshot")  # before the store is opened (and maybe created)
     from cnnbench.errors import ConfigError
     from cnnbench.report.analysis import NoRuns
     from cnnbench.track.writer import check_reachable, quiet_mlflow, tracking_uri as resolve_uri
