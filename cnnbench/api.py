@@ -36,6 +36,7 @@ from cnnbench.report.tables import history_text
 from cnnbench.run.study import StudyOutcome
 from cnnbench.run.study import run_study as study_runner
 from cnnbench.run.sweep import run_sweep as sweep_runner
+from cnnbench.tools import resources
 from cnnbench.tools.bench import bench as run
 from cnnbench.tools.gpu_check import gpu_check as run_gpu_check
 from cnnbench.tools.notebooks import build_reports
@@ -57,9 +58,12 @@ __all__ = ["evaluate", "load_runs", "load_spec", "run_study", "run_sweep", "run_
 def load_spec(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None,
               seeds: Iterable[int] | str | None = None) -> StudySpec:
     """A study or sweep spec (studies/*.yaml), validated, with fixed settings overridden
-    (`overrides`, as `--set`) and, for a study, its seeds replaced (a list, or "0,1,2")."""
+    (`overrides`, as `--set`) and, for a study, its seeds replaced (a list, or "0,1,2").
+    A shipped study may be named (`lr`, or `studies/lr.yaml` where no such file is): an
+    installed cnnbench runs the document studies too (tools/resources.py)."""
     if isinstance(seeds, str):
         seeds = parse_seeds(seeds)
+    path = resources.spec_file(os.fspath(path))
     spec = read_spec(path)
     overrides = dict(overrides or {})
     if spec.search and not spec.scientific:  # a sweep

@@ -16,3 +16,8 @@ class TrackingError(RuntimeError):
 
 class DeviceError(RuntimeError):
     """The device asked for (CUDA, MPS) is not on this machine. The message names it."""
+
+
+class MissingExtra(ConfigError):
+    """An optional part of cnnbench (a pyproject extra: report, ui, postgres) is not
+    installed. The message names the extra and the pip command that installs it."""

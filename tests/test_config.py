@@ -24,6 +24,10 @@ def test_defaults_are_document_003():
     ({"lr": "fast"}, "lr: expected a number, got 'fast'"),
     ({"batch_size": 64.5}, "batch_size: expected an integer"),
     ({"batch_size": True}, "batch_size: expected an integer"),
+    ({"lr": True}, "lr: expected a number, got True"),
+    ({"epochs": False}, "epochs: expected an integer, got False"),
+    ({"seed": True}, "seed: expected an integer, got True"),
+    ({"model": "lenet", "dropout": True}, "dropout: expected a number, got True"),
     ({"normalize": "yes"}, "normalize: expected true or false"),
     ({"model": "lenet7"}, "model: unknown value 'lenet7'; known: alexnet"),
     ({"dataset": "svhn"}, "dataset: unknown value 'svhn'"),
@@ -126,3 +130,50 @@ def test_overrides_change_fixed_settings_but_not_varied_ones(tmp_path):
         load_spec(path).with_overrides({"lr": 0.5})
     with pytest.raises(ConfigError, match="--set: unknown setting 'epoch'"):
         load_spec(path).with_overrides({"epoch": 3})
+
+
+SWEEP = """
+name: sw
+search: {lr: {type: float, low: 0.001, high: 0.1, log: true}, batch_size: {type: int, low: 32, high: 128}}
+fixed: {epochs: 1, val_size: 100}
+"""
+
+
+@pytest.mark.parametrize("text, message", [
+    # a study: YAML's true and false are ints to Python (bool subclasses int), no numbers to a spec
+    (GOOD.replace("[0, 1]", "[true]"), "seeds: expected a non-empty list of integers >= 0, got [True]"),
+    (GOOD.replace("[0, 1]", "[0, false]"), "seeds: expected a non-empty list of integers >= 0, got [0, False]"),
+    (GOOD.replace("seeds: [0, 1]", "seeds: true"), "seeds: expected a non-empty list of integers >= 0, got True"),
+    (GOOD.replace("[0.01, 0.1]", "[0.01, true]"), "scientific: lr: expected a number, got True"),
+    (GOOD.replace("{epochs: 1}", "{epochs: false}"), "fixed: epochs: expected an integer, got False"),
+    (GOOD.replace("{epochs: 1}", "{epochs: 1, momentum: true}"), "fixed: momentum: expected a number, got True"),
+    (GOOD + "reported: [{lr: 0.01, final_test_acc: true}]\n", "expected a percentage in [0, 100], got True"),
+    # a sweep's search space
+    (SWEEP.replace("low: 0.001", "low: true"), "search.lr.low: expected a number, got True"),
+    (SWEEP.replace("high: 0.1", "high: true"), "search.lr.high: expected a number, got True"),
+    (SWEEP.replace("low: 0.001, high: 0.1, log: true", "low: 0.001, high: 0.1, step: true"),
+     "search.lr.step: expected a number > 0 (and no log scale), got True"),
+    (SWEEP.replace("high: 128}", "high: 128, step: true}"),
+     "search.batch_size.step: expected an integer > 0 (and no log scale), got True"),
+    (SWEEP.replace("high: 128}", "high: 128, step: 0.5}"),
+     "search.batch_size.step: expected an integer > 0 (and no log scale), got 0.5"),
+    (SWEEP.replace("{type: int, low: 32, high: 128}", "[32, true]"), "batch_size: expected an integer, got True"),
+    # a sweep's settings
+    (SWEEP + "sweep: {startup_trials: true}\n", "sweep.startup_trials: expected an integer >= 0, got True"),
+    (SWEEP + "sweep: {n_trials: true}\n", "sweep.n_trials: expected an integer >= 1, got True"),
+    (SWEEP + "sweep: {final_seeds: [true]}\n", "sweep.final_seeds: expected a non-empty list of integers >= 0, got [True]"),
+    (SWEEP + "sweep: {final_seeds: [0, false]}\n", "sweep.final_seeds: expected a non-empty list of integers >= 0"),
+])
+def test_a_bool_is_refused_where_a_number_is_expected(tmp_path, text, message):
+    path = tmp_path / "bool.yaml"
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(ConfigError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(str(path)) and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_sweep_spec_of_the_bool_cases_loads_as_it_is(tmp_path):
+    path = tmp_path / "sw.yaml"
+    path.write_text(SWEEP + "sweep: {startup_trials: 0, n_trials: 4, final_seeds: [0, 1]}\n")
+    spec = load_spec(path)
+    assert spec.sweep.startup_trials == 0 and spec.sweep.final_seeds == (0, 1) and len(spec.search) == 2

@@ -1,12 +1,15 @@
 """The training loop on real MNIST subsets: curves, determinism, fusion, divergence, resume."""
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from cnnbench.train.schedule import LRSchedule
-from cnnbench.train.loop import DIVERGED, FINISHED, INTERRUPTED, Recorder, load_checkpoint, run_trial, train_group
+from cnnbench.train.loop import (DIVERGED, FINISHED, INTERRUPTED, Recorder, load_checkpoint, plain, run_trial,
+                                 train_group)
 
 from conftest import quick
 
@@ -115,6 +118,68 @@ def test_an_interrupted_trial_resumes_from_its_epoch_checkpoint(data_root, tmp_p
     assert [h["test/acc"] for h in resumed.history] == [h["test/acc"] for h in whole.history]
     assert [s for s, _ in resumed.curve] == [s for s, _ in whole.curve]
     assert [loss for _, loss in resumed.curve] == pytest.approx([loss for _, loss in whole.curve], rel=1e-6)
+
+
+def only_plain(value, where="checkpoint"):
+    """Every leaf of a loaded checkpoint is a tensor or a plain Python value."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            assert type(k) in (str, int), (where, k)
+            only_plain(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            only_plain(v, f"{where}[{i}]")
+    else:
+        assert isinstance(value, torch.Tensor) or value is None or type(value) in (str, int, float, bool), \
+            (where, type(value))
+
+
+@pytest.mark.parametrize("how", [dict(), dict(fused=True, engine="vmap"), dict(fused=True, engine="wide")],
+                         ids=["single", "vmap", "wide"])
+def test_a_checkpoint_loads_with_weights_only_and_the_trial_resumes_from_it(data_root, tmp_path, how):
+    """torch.load(weights_only=True), with nothing allowed beyond its defaults, reads an
+    epoch checkpoint of every engine (Adam's state and a plateau schedule's included),
+    and the trial resumes from it to the numbers of an uninterrupted run."""
+    config = quick(epochs=2, train_subset=256, test_subset=100, log_every=2, optimizer="adam", lr=0.002,
+                   schedule="plateau", patience=0)
+    (whole,) = train_group([config], data_root=data_root, **how)
+    with pytest.raises(KeyboardInterrupt):
+        train_group([config], data_root=data_root, recorders=[StopAfter(1)], checkpoint_dirs=[tmp_path], **how)
+    raw = torch.load(tmp_path / "last.pt", weights_only=True)
+    only_plain(raw)
+    assert raw["epoch"] == 1 and raw["torch"] == torch.__version__ and raw["optimizer"]
+    again = Points()
+    (resumed,) = train_group([config], data_root=data_root, recorders=[again], checkpoint_dirs=[tmp_path], **how)
+    assert [h["epoch"] for h in again.started[2]] == [1] and [e["epoch"] for e in again.epochs] == [2]
+    assert resumed.status == FINISHED
+    assert [h["test/acc"] for h in resumed.history] == pytest.approx([h["test/acc"] for h in whole.history], abs=1e-9)
+
+
+class Opaque:
+    """A class of the tests: weights_only unpickling refuses it."""
+
+
+def test_old_checkpoints_load_and_one_holding_other_objects_is_refused_in_one_line(tmp_path):
+    # before: torch's version stored as a TorchVersion (a str subclass), allowed by name
+    torch.save({"format": "cnnbench-checkpoint-1", "torch": torch.__version__, "epoch": 3}, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")["epoch"] == 3
+    for name, thing in (("path.pt", Path("x")), ("class.pt", Opaque())):
+        torch.save({"format": "cnnbench-checkpoint-1", "thing": thing}, tmp_path / name)
+        with pytest.raises(ValueError) as err:
+            load_checkpoint(tmp_path / name)
+        text = str(err.value)
+        assert text.startswith(str(tmp_path / name)) and type(thing).__name__ in text and "\n" not in text
+
+
+def test_plain_turns_values_into_plain_python_and_refuses_objects():
+    t = torch.ones(2)
+    out = plain({"v": torch.__version__, "p": Path("a/b"), "d": torch.device("cpu"), "n": np.float32(0.5),
+                 "i": np.int64(3), "a": np.arange(2), "c": [(1, 0.5)], "t": t})
+    assert out == {"v": str(torch.__version__), "p": "a/b", "d": "cpu", "n": 0.5, "i": 3, "a": [0, 1],
+                   "c": [(1, 0.5)], "t": t}
+    only_plain(out)
+    with pytest.raises(TypeError, match=r"checkpoint\.x: a .*Opaque is not a tensor"):
+        plain({"x": Opaque()})
 
 
 def test_checkpoints_keep_the_best_epoch(data_root, tmp_path):

@@ -144,8 +144,8 @@ def coerce(key: str, value: Any, *, where: str = "") -> Any:
         raise ConfigError(f"{prefix}{key}: a value is required, got null")
     base = kind.replace(" | None", "")
     ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "int": is_number(value, integer=True),
+        "float": is_number(value),
         "bool": isinstance(value, bool),
         "str": isinstance(value, str),
     }[base]
@@ -153,6 +153,14 @@ def coerce(key: str, value: Any, *, where: str = "") -> Any:
         expected = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[base]
         raise ConfigError(f"{prefix}{key}: expected {expected}, got {value!r}")
     return float(value) if base == "float" else value
+
+
+def is_number(value: Any, *, integer: bool = False) -> bool:
+    """An int (or, unless `integer`, a float), and not a bool: YAML's `true` is the int 1
+    to Python (bool subclasses int), and is no number to a spec."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if integer else isinstance(value, (int, float))
 
 
 def _check(cond: bool, message: str) -> None:
@@ -425,10 +433,9 @@ def load_spec(path: str | Path) -> StudySpec:
         raise ConfigError(f"{where}: fixed.seed: seeds are listed under 'seeds'")
 
     seeds = raw.get("seeds", [0])
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
+    if is_number(seeds, integer=True):
         seeds = [seeds]
-    if (not isinstance(seeds, list) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+    if not isinstance(seeds, list) or not seeds or not all(is_number(s, integer=True) and s >= 0 for s in seeds):
         raise ConfigError(f"{where}: seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{where}: seeds: values repeat")
@@ -443,7 +450,7 @@ def load_spec(path: str | Path) -> StudySpec:
             if not re.fullmatch(r"(epoch\d+|final|best)_test_acc", str(key)):
                 raise ConfigError(f"{where}: reported[{i}].{key}: expected a scientific hyperparameter or "
                                   "epochN_test_acc / final_test_acc / best_test_acc")
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 100:
+            if not is_number(value) or not 0 <= value <= 100:
                 raise ConfigError(f"{where}: reported[{i}].{key}: expected a percentage in [0, 100], got {value!r}")
 
     search = _load_search(raw.get("search"), where)
@@ -495,7 +502,7 @@ def _load_search(block: Any, where: str) -> tuple[SearchDim, ...]:
             continue
         low, high = d.get("low"), d.get("high")
         for key, value in (("low", low), ("high", high)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if not is_number(value):
                 raise ConfigError(f"{at}.{key}: expected a number, got {value!r}")
         if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
             raise ConfigError(f"{at}: low and high of an int range must be integers")
@@ -507,8 +514,9 @@ def _load_search(block: Any, where: str) -> tuple[SearchDim, ...]:
         if log and low <= 0:
             raise ConfigError(f"{at}.low: a log range needs low > 0")
         step = d.get("step")
-        if step is not None and (not isinstance(step, (int, float)) or step <= 0 or log):
-            raise ConfigError(f"{at}.step: expected a number > 0 (and no log scale)")
+        if step is not None and (not is_number(step, integer=kind == "int") or step <= 0 or log):
+            raise ConfigError(f"{at}.step: expected {'an integer' if kind == 'int' else 'a number'} > 0 "
+                              f"(and no log scale), got {step!r}")
         base_type = _FIELD_TYPES[name].replace(" | None", "")
         if base_type not in ("int", "float") or (base_type == "int" and kind == "float"):
             raise ConfigError(f"{at}.type: {name} takes {base_type} values, not a {kind} range")
@@ -536,12 +544,14 @@ def _load_sweep(block: Any, where: str) -> SweepSettings:
         raise ConfigError(f"{at}.direction: expected maximize or minimize, got {s.direction!r}")
     if s.objective not in ("val_acc", "val_loss"):
         raise ConfigError(f"{at}.objective: expected val_acc or val_loss (tuning never reads the test set)")
-    if not isinstance(s.n_trials, int) or isinstance(s.n_trials, bool) or s.n_trials < 1:
+    if not is_number(s.n_trials, integer=True) or s.n_trials < 1:
         raise ConfigError(f"{at}.n_trials: expected an integer >= 1, got {s.n_trials!r}")
-    if not isinstance(s.startup_trials, int) or s.startup_trials < 0:
-        raise ConfigError(f"{at}.startup_trials: expected an integer >= 0")
-    if not isinstance(s.final_seeds, tuple) or not s.final_seeds or not all(isinstance(x, int) and x >= 0 for x in s.final_seeds):
-        raise ConfigError(f"{at}.final_seeds: expected a non-empty list of integers >= 0")
+    if not is_number(s.startup_trials, integer=True) or s.startup_trials < 0:
+        raise ConfigError(f"{at}.startup_trials: expected an integer >= 0, got {s.startup_trials!r}")
+    if (not isinstance(s.final_seeds, tuple) or not s.final_seeds
+            or not all(is_number(x, integer=True) and x >= 0 for x in s.final_seeds)):
+        shown = list(s.final_seeds) if isinstance(s.final_seeds, tuple) else s.final_seeds
+        raise ConfigError(f"{at}.final_seeds: expected a non-empty list of integers >= 0, got {shown!r}")
     return s
 
 

@@ -74,6 +74,7 @@ def check(url: str) -> None:
             raise ConfigError(f"--storage {url}: {path} is not a file")
         return
 
+    stores.require_driver(url)
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
                                       connect_args={"connect_timeout": 10})
     try:

@@ -6,6 +6,8 @@ and becomes `results/<study>/report.html`; every sweep folder (`trials.csv` or
 `best.yaml`) whose Optuna storage is here gets `notebooks/sweep.ipynb` the same way; `notebooks/models.ipynb` runs
 once into `results/models.html`; `results/index.html` links them all. Each HTML file is
 written atomically, so a notebook that fails leaves the previous report in place.
+The notebooks are the checkout's `notebooks/`, or an installed cnnbench's copy of them
+(tools/resources.py); running them needs the report extra (`pip install 'cnnbench[report]'`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from tqdm.auto import tqdm
 
 from cnnbench.config.spec import ConfigError
 from cnnbench.report import analysis
+from cnnbench.tools import resources
 from cnnbench.track.writer import check_reachable, quiet_mlflow
 from cnnbench.track.writer import tracking_uri as resolve_uri
 from cnnbench.util import fileio
+from cnnbench.util.extras import require
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout: cnnbench/ and notebooks/
-NOTEBOOK_DIR = PACKAGE_ROOT / "notebooks"
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding this cnnbench package
+NOTEBOOK_DIR = resources.folder("notebooks")  # the checkout's notebooks/, else the installed copy
 KERNEL = "python3"  # `make install` registers the venv's interpreter under this name
 CELL_TIMEOUT = 600  # seconds one cell may run
 
@@ -146,6 +150,7 @@ def to_html(executed, title: str) -> str:
 def build_reports(results_dir: Path, *, names: list[str] | None = None, tracking_uri: str | None = None,
                   timeout: int = CELL_TIMEOUT, progress: bool = True) -> Outcome:
     """Run every notebook `discover` finds and write its HTML; then `results/index.html`."""
+    require("report", what="cnnbench report")
     check_results(results_dir, names)  # bad input first, before the slow imports
 
     quiet_mlflow()
@@ -161,7 +166,7 @@ def build_reports(results_dir: Path, *, names: list[str] | None = None, tracking
     for job in bar:
         bar.set_postfix_str(f"{job.notebook} {job.name}")
         try:
-            executed = execute(NOTEBOOK_DIR / job.notebook, job.parameters, cwd=Path.cwd(), timeout=timeout)
+            executed = execute(resources.path("notebooks", job.notebook), job.parameters, cwd=Path.cwd(), timeout=timeout)
         except PapermillExecutionError as err:
             outcome.failed.append((job, f"cell {err.exec_count}: {err.ename}: {' '.join(str(err.evalue).split())[:300]}"))
             continue

@@ -5,7 +5,7 @@ exit; `find_runs` opens a study's experiment in the UI the way a person would (e
 the study run, read the trial names); `screenshot_compare` saves the comparison view
 of a study's trials side by side as a PNG (`make ui-screenshot`). The browser is
 Debian's `chromium` (CHROMIUM, or $CNNBENCH_CHROMIUM) driven by Playwright: no browser
-is downloaded.
+is downloaded. Playwright comes with the ui extra (`pip install 'cnnbench[ui]'`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from cnnbench.track.schema import (
 from cnnbench.track.writer import check_reachable, quiet_mlflow
 from cnnbench.track.writer import tracking_uri as resolve_uri
 from cnnbench.util import fileio
+from cnnbench.util.extras import require
 
 CHROMIUM = os.environ.get("CNNBENCH_CHROMIUM", "/usr/bin/chromium")
 # no network chatter of its own: the only server it talks to is MLflow on loopback
@@ -261,6 +262,7 @@ def screenshot(study: str, out: str | os.PathLike, *, tracking_uri: str | None =
     """`make ui-screenshot`: the comparison view of `study` (and, with `charts`, its chart
     view of train/loss), from the server at an http tracking URI or from a server started
     here on the local store."""
+    require("ui", what="cnnbench ui-screenshot")
 
     uri = resolve_uri(tracking_uri)
     with contextlib.ExitStack() as stack:
@@ -279,6 +281,7 @@ def screenshot_study(study: str, out: str | os.PathLike, *, charts: str | os.Pat
                      tracking_uri: str | None = None) -> list[Path]:
     """`cnnbench ui-screenshot`: the tracking store checked first, then `screenshot`. A UI
     that cannot be shown, or a study without runs, is a one-line ConfigError."""
+    require("ui", what="cnnbench ui-screenshot")  # before the store is opened (and maybe created)
 
     quiet_mlflow()
     uri = resolve_uri(tracking_uri)

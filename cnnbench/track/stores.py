@@ -28,6 +28,9 @@ import optuna
 import sqlalchemy
 from mlflow import MlflowClient
 
+from cnnbench.util.extras import require
+from cnnbench.util.text import masked
+
 T = TypeVar("T")
 
 BUSY_S = 60.0  # how long an opening waits for a busy SQLite file, in all
@@ -41,6 +44,25 @@ def backend(url: str) -> str:
     """'sqlite', 'postgresql', or '' for anything else (an http server, a folder)."""
     head = url.split(":", 1)[0].split("+", 1)[0].lower()
     return head if head in ("sqlite", "postgresql") else ""
+
+
+# SQLAlchemy's PostgreSQL drivers that the postgres extra installs, and the module of each
+PG_DRIVERS = {"psycopg": "psycopg", "psycopg_async": "psycopg", "psycopg2": "psycopg2"}
+
+
+def require_driver(url: str) -> None:
+    """A postgresql:// URL whose driver is not installed is a one-line MissingExtra naming
+    the postgres extra, before a library fails on the import deep inside."""
+    if backend(url) != "postgresql":
+        return
+    import sqlalchemy
+
+    try:
+        driver = sqlalchemy.engine.make_url(url).get_driver_name()  # loads no driver
+    except Exception:  # a malformed URL: whoever opens it says so
+        return
+    if driver in PG_DRIVERS:
+        require("postgres", [PG_DRIVERS[driver]], what=f"the PostgreSQL store {masked(url)}")
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -62,6 +84,8 @@ class StoreLock:
         self.path = sqlite_file(url)
         self._engine = None
         if self.path is None and backend(url) == "postgresql":
+
+            require_driver(url)
 
             self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
                                                     connect_args={"connect_timeout": 30})

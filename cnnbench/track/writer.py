@@ -99,6 +99,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         folder = Path(uri[len("sqlite:///"):]).resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"MLflow tracking URI {shown}: folder {folder} is missing or not writable")
+    stores.require_driver(uri)
     try:
         client = stores.mlflow_client(uri)
         stores.retry_busy(lambda: client.search_experiments(max_results=1))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import re
 import sys
 import time
 import traceback
@@ -187,12 +189,38 @@ class SingleEngine:
 
 def _checkpoint_payload(engine, k: int, config: TrialConfig, result: TrialResult, epoch: int,
                         schedule: LRSchedule) -> dict[str, Any]:
-    return {
+    return plain({
         "format": "cnnbench-checkpoint-1", "config": config.to_dict(), "key": config.key(),
-        "epoch": epoch, "torch": torch.__version__, **engine.trial_state(k),
+        "epoch": epoch, "torch": str(torch.__version__), **engine.trial_state(k),
         "schedule": schedule.state_dict(), "history": result.history, "curve": result.curve,
         "train_seconds": result.train_seconds, "images": result.images, "best_epoch": result.best_epoch,
-    }
+    })
+
+
+def plain(value: Any, where: str = "checkpoint") -> Any:
+    """`value` with tensors kept and every other leaf a plain Python value (str, int, float,
+    bool, None; dicts, lists and tuples of them), so that `torch.load(weights_only=True)`
+    reads it back: a path, a device or a version becomes its text, a numpy scalar its
+    number. Anything else is a TypeError naming where it sits (a checkpoint never holds code)."""
+    if isinstance(value, Tensor) or value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, dict):
+        return {plain(k, where): plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # numpy scalars and arrays
+        return plain(value.tolist(), where)
+    if isinstance(value, str):  # str subclasses: torch's TorchVersion, enums of str
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, (os.PathLike, torch.device)):
+        return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    raise TypeError(f"{where}: a {type(value).__module__}.{type(value).__qualname__} is not a tensor or a plain "
+                    "Python value; store it as text or numbers")
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> Path:
@@ -201,7 +229,20 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    payload = torch.load(path, map_location=map_location, weights_only=False)
+    """A checkpoint read with `weights_only=True`: tensors and plain values, never code.
+    Checkpoints written before cnnbench stored torch's version as text load too (a
+    TorchVersion is a str); one holding anything else that is not allowed is a one-line
+    ValueError naming it, not a silent fall back to unsafe unpickling."""
+    from torch.torch_version import TorchVersion
+
+    try:
+        with torch.serialization.safe_globals([TorchVersion]):
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = found.group(1) if found else " ".join(str(err).split())[:200]
+        raise ValueError(f"{path}: holds {what}, which torch.load(weights_only=True) refuses; cnnbench "
+                         "checkpoints hold tensors and plain values only (is it a cnnbench checkpoint?)") from None
     if not isinstance(payload, dict) or payload.get("format") != "cnnbench-checkpoint-1":
         raise ValueError(f"{path}: not a cnnbench checkpoint")
     return payload

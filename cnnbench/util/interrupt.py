@@ -9,10 +9,10 @@ SIGINT raises KeyboardInterrupt, as in any Python program, with three difference
   results) a SIGINT is held and raised when the stretch ends, so that a record is never
   cut in half, and a second Ctrl-C (the terminal's, then the one a parent forwards)
   never cuts the clean-up of the first;
-- a worker process of a study's pool starts with SIGINT blocked (inherited from
-  `blocked()` in the parent) and stays shielded while it waits for work; only the
-  training of a task (`unshielded()`) is cut, and a Ctrl-C that came while it waited
-  stops its next task before it starts.
+- worker processes (a study's or a sweep's, run/engine.py) are started inside
+  `blocked()`: SIGINT blocked, so that a Ctrl-C while they start reaches none of them
+  half-started; each calls `install` (which unblocks it) and the parent forwards a
+  Ctrl-C to them.
 
 Signals reach only the main thread; elsewhere these are no-ops.
 """
@@ -26,7 +26,6 @@ from typing import Any, Iterator
 
 _depth = 0  # shielded stretches entered and not left (main thread)
 _pending = False  # a SIGINT came while shielded: raise it when the shield ends
-_requested = False  # a SIGINT came at all: a worker starts no further task
 
 
 def _main() -> bool:
@@ -34,8 +33,7 @@ def _main() -> bool:
 
 
 def _handler(signum: int, frame: Any) -> None:
-    global _pending, _requested
-    _requested = True
+    global _pending
     if _depth:
         _pending = True
         return
@@ -72,32 +70,6 @@ def shielded() -> Iterator[None]:
     finally:
         _depth -= 1
     _raise_pending()
-
-
-@contextlib.contextmanager
-def unshielded() -> Iterator[None]:
-    """Inside a shielded worker: a stretch (training a task) that Ctrl-C stops at once; a
-    Ctrl-C that came before it stops it before it begins."""
-    global _depth
-    if not _main():
-        yield
-        return
-    saved, _depth = _depth, 0
-    try:
-        if _requested:  # this worker was told to stop: no new task
-            raise KeyboardInterrupt
-        yield
-    finally:
-        _depth = saved
-
-
-def shield_worker() -> None:
-    """In a pool worker, at start: our handler, shielded while waiting for work, and the
-    SIGINT that the parent blocked for the spawn unblocked (a pending one is then held)."""
-    global _depth
-    if _main():
-        _depth = 1
-        install()
 
 
 @contextlib.contextmanager
