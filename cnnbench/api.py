@@ -215,7 +215,7 @@ def gpu_check(out: str | os.PathLike, **kwargs: Any) -> Any:
     return run_gpu_check(out, **kwargs)
 
 
-def command(name: str, *, typed: str = "", **o: Any) -> tuple[str, int]:
+def command(name: str, /, *, typed: str = "", **o: Any) -> tuple[str, int]:
     """A command of `cnnbench` other than run, study and sweep (models, evaluate, bench,
     summary, compare, report, ui-screenshot, gpu-check) from its command-line options:
     (the text to show, the exit status)."""
