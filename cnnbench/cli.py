@@ -36,11 +36,13 @@ STORAGE = ("--storage", dict(metavar="URL", help="Optuna storage of the trials, 
 
 
 def opt(flags: str, default: Any = None, text: str = "", kind: type | None = None, **kw: Any) -> tuple:
-    """An option as data: a flag (`kind` None, default None), else a typed value."""
-    if kind is None and default is None and "metavar" not in kw and "choices" not in kw and flags.startswith("--"):
-        return flags, dict(action="store_true", help=text, **kw)
+    """A value option as data (the default shown in its help)."""
     shown = f" (default: {default})" if default is not None else ""
     return flags, dict(type=kind, default=default, help=text + shown, **kw)
+
+
+def flag(flags: str, text: str) -> tuple:
+    return flags, dict(action="store_true", help=text)
 
 
 def command(sub: Any, name: str, run: Any, summary: str, description: str, options: list, epilog: str = "") -> None:
@@ -67,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     command(sub, "run", cmd_run, "train one trial", "Train one trial with the default settings (document 003's "
             "LeNet-5 run) changed by --set, and record it in MLflow.", [
                 SETS, DATA, TRACKING, STATE, opt("--experiment", "cnnbench-run", "MLflow experiment"),
-                opt("--no-track", text="do not record the trial in MLflow"),
-                opt("--resume", text="go on from the last epoch checkpoint of the same settings")], settings)
+                flag("--no-track", "do not record the trial in MLflow"),
+                flag("--resume", "go on from the last epoch checkpoint of the same settings")], settings)
     command(sub, "study", cmd_study, "run a study spec (studies/*.yaml)", "Train every trial of a study spec (those "
             "finished in the tracking store are read back) and write results/<study>/. The same command resumes it; "
             "processes here (--workers) or elsewhere (the same --storage) share its trials, each trained once, "
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 no="train every trial alone (default on the CPU: wide groups, for models that widen)")),
                 opt("--max-fuse", 16, "largest fused group", int, metavar="K"),
                 opt("--workers", None, workers + " (default: one per core on the CPU, 1 on CUDA/MPS)", int, metavar="N"),
-                opt("--no-final", text="only train; the process that ends the study writes the results")], settings)
+                flag("--no-final", "only train; the process that ends the study writes the results")], settings)
     command(sub, "sweep", cmd_sweep, "run an Optuna sweep over a spec's search space", "Find the best settings over a "
             "spec's search block with Optuna, each trial scored on a validation split (never the test set) and maybe "
             "pruned. The same command resumes it; workers elsewhere join with the same --storage. At the end the best "
@@ -92,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                 opt("--fuse-k", None, "trials each worker takes at once and trains fused, each still its own trial "
                     "(default: 16 on CUDA and MPS, 1 on the CPU)", int, metavar="K"),
                 opt("--results-dir", "results", "where results/<sweep>/ goes", metavar="DIR"), TRACKING, STATE,
-                opt("--no-final", text="only train trials; another worker writes the results"),
-                opt("--print-storage", text="print the sweep's default storage URL and exit")], settings)
+                flag("--no-final", "only train trials; another worker writes the results"),
+                flag("--print-storage", "print the sweep's default storage URL and exit")], settings)
     command(sub, "models", cmd_tool, "list the registered architectures", "The registry: name, parameters, source.", [])
     command(sub, "evaluate", cmd_tool, "re-test a saved checkpoint", "Measure a checkpoint's loss and accuracy on "
             "the test set (last.pt, best.pt, epoch_NNN.pt, or the MLflow artifact).", [
@@ -106,14 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                 opt("--steps", 200, "timed steps per measurement", int),
                 opt("--repeats", 3, "repeats per measurement (the median is shown)", int),
                 opt("--max-k", None, "largest K (default: 64 on CUDA, 16 elsewhere)", int),
-                opt("--options", text="also time channels_last, TF32, bf16, compile, CUDA graphs, one at a time"),
-                opt("--lr-study", text="also train the lr study's trials for real, naive vs cnnbench"),
+                flag("--options", "also time channels_last, TF32, bf16, compile, CUDA graphs, one at a time"),
+                flag("--lr-study", "also train the lr study's trials for real, naive vs cnnbench"),
                 opt("--epochs", 10, "epochs for --lr-study", int),
-                opt("--sweep", text="instead: time an Optuna sweep one trial at a time and --fuse-k at a time"),
+                flag("--sweep", "instead: time an Optuna sweep one trial at a time and --fuse-k at a time"),
                 opt("--fuse-k", None, "with --sweep: trials fused (default: 16 on CUDA and MPS, 8 on the CPU)", int),
                 opt("--sweep-trials", 32, "with --sweep: trials", int), opt("--sweep-epochs", 3, "with --sweep: epochs", int),
                 opt("--sweep-train-subset", None, "with --sweep: images per epoch (default: all)", int, metavar="N"),
-                opt("--engines", text="only the fused engines, wide against vmap, K = 1, 2, 4, ... --max-k"),
+                flag("--engines", "only the fused engines, wide against vmap, K = 1, 2, 4, ... --max-k"),
                 opt("--results-dir", "results", "writes RESULTS_DIR/bench/", metavar="DIR")])
     command(sub, "summary", cmd_tool, "per-layer shapes, parameters, MACs and memory of a model", "Per layer: output "
             "shape, parameters, multiply-accumulates (MACs = FLOPs / 2) and activation memory of one image, then "
@@ -122,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                 opt("--input", None, "one image, e.g. 1x28x28 (default: the model's own)", metavar="CxHxW"),
                 opt("--classes", 10, "outputs of the last layer", int, metavar="N"),
                 opt("--format", "table", "output", choices=("table", "markdown", "csv")),
-                opt("--all", text="every registered model"), opt("--documents", text="the documents' counts beside ours"),
+                flag("--all", "every registered model"), flag("--documents", "the documents' counts beside ours"),
                 opt("--results-dir", None, "write markdown under DIR/summary/ instead of printing", metavar="DIR")])
     command(sub, "compare", cmd_tool, "does execution B of a study reproduce execution A?", "Per trial config: the "
             "paired difference B - A over the seeds, its 95% interval, a Holm-corrected p-value and a verdict; in "
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
             "the CUDA tests, `bench --options`, a profile, and the document studies while the budget lasts. "
             "--dry-run takes the same path on the CPU at toy sizes.", [
                 opt("--out", "results/gpu", "folder for everything it writes", metavar="DIR"),
-                opt("--dry-run", text="the same path on the CPU, at toy sizes"),
+                flag("--dry-run", "the same path on the CPU, at toy sizes"),
                 opt("--budget", 480.0, "seconds in all; later studies are skipped past it", float),
                 opt("--parts", "tests,bench,studies", "comma-separated: tests, bench, kbench, studies", metavar="LIST"),
                 opt("--studies", None, "comma-separated NAME or NAME:KEY=VALUE (default: the documents')",

@@ -436,8 +436,8 @@ def test_fused_sweep_killed_mid_group_resumes_to_exactly_the_requested_trials(wo
     def group_mid_way():
         if not Path(url[len("sqlite:///"):]).exists():
             return None
-        try:
-            trials = optuna.load_study(study_name="fkilled", storage=url).get_trials()
+        try:  # opened as cnnbench opens it: a bare RDBStorage could race the sweep creating the tables
+            trials = load_running_study(url, "fkilled").get_trials()
         except Exception:  # the study is not created yet
             return None
         running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]

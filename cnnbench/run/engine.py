@@ -387,52 +387,67 @@ def _enqueue_run(sweep: Session, key: str) -> None:
 
 
 def _initialise_study(sweep: Session) -> str:
-    """A grid study, under the claim lock. The first process queues every planned run (one
-    that MLflow already holds finished, from an earlier execution, is added as complete)
-    and creates the MLflow parent run. A later one joins; when nothing is running or
-    queued (the last execution ended), the runs that failed are queued again."""
-
-    spec, study = sweep.spec, sweep.study
+    """A grid study, under the claim lock. The first process of an execution queues every
+    planned run not finished yet (one that MLflow holds finished, from an earlier
+    execution, is added as complete) and creates the execution's MLflow parent run; the
+    processes that come while the execution goes on join it. Once an execution has
+    written its results, the next command is a new execution: a new parent run, and the
+    runs that failed are queued again."""
+    study = sweep.study
     trials = study.get_trials(deepcopy=False)
+    complete = {t.user_attrs.get(ATTR_KEY) for t in trials if t.state == TrialState.COMPLETE}
     parent = _join(sweep)
-    if parent is not None:
-        complete = {t.user_attrs.get(ATTR_KEY) for t in trials if t.state == TrialState.COMPLETE}
+    if parent is not None and not _results_written_for(sweep, parent):
         sweep.skipped = len(complete & set(sweep.configs))
-        idle = not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
-        redo = [k for k in sweep.configs if k not in complete] if idle else []
-        for key in redo:  # a new execution tries its failed runs again
-            _enqueue_run(sweep, key)
-        if redo or not idle:
-            _reopen(sweep, parent)
+        _reopen(sweep, parent)  # the execution goes on
         return parent
+    if parent is not None:  # a new execution of a study whose runs are all in the storage
+        busy = {t.user_attrs.get(ATTR_KEY) for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
+        for key in sweep.configs:
+            if key not in complete and key not in busy:  # failed before: tried again
+                _enqueue_run(sweep, key)
+        sweep.skipped = len(complete & set(sweep.configs))
+    else:
+        done = sweep.tracker.finished_trials()
+        for key in sweep.configs:
+            if key in done:  # trained by an earlier execution: read back, not trained again
+                run = done[key]
+                acc = run.data.metrics.get(TEST_ACC)
+                study.add_trial(create_trial(state=TrialState.COMPLETE,
+                                             value=acc if acc is not None and math.isfinite(acc) else 0.0,
+                                             user_attrs={ATTR_KEY: key, ATTR_MLFLOW_RUN_ID: run.info.run_id,
+                                                         ATTR_STATUS: run.data.tags.get(TAG_STATUS, ""),
+                                                         ATTR_REUSED: True}))
+                sweep.skipped += 1
+            else:
+                _enqueue_run(sweep, key)
+    parent = _start_study_parent(sweep)
+    _mark_ready(sweep, parent, {})
+    return parent
 
-    done = sweep.tracker.finished_trials()
-    for key in sweep.configs:
-        if key in done:  # trained by an earlier execution: read back, not trained again
-            run = done[key]
-            acc = run.data.metrics.get(TEST_ACC)
-            study.add_trial(create_trial(state=TrialState.COMPLETE,
-                                         value=acc if acc is not None and math.isfinite(acc) else 0.0,
-                                         user_attrs={ATTR_KEY: key, ATTR_MLFLOW_RUN_ID: run.info.run_id,
-                                                     ATTR_STATUS: run.data.tags.get(TAG_STATUS, ""),
-                                                     ATTR_REUSED: True}))
-            sweep.skipped += 1
-        else:
-            _enqueue_run(sweep, key)
-    assert sweep.plan is not None
+
+def _results_written_for(sweep: Session, parent: str) -> bool:
+    """Whether the execution of `parent` ended: its results are written."""
+    claim = sweep.study.user_attrs.get(STUDY_FINAL_CLAIM) or {}
+    return bool(claim.get(CLAIM_DONE)) and str(claim.get(CLAIM_FINGERPRINT, "")).startswith(f"{parent}|")
+
+
+def _start_study_parent(sweep: Session) -> str:
+    """An execution's MLflow parent run, with the spec as its artifact."""
+    spec, plan = sweep.spec, sweep.plan
+    assert plan is not None
     parent = sweep.tracker.start_parent(
-        f"{spec.name} ({len(sweep.plan.trials)} trials)", kind="study",
+        f"{spec.name} ({len(plan.trials)} trials)", kind="study",
         tags={TAG_SCIENTIFIC: ",".join(spec.scientific), TAG_NUISANCE: ",".join(spec.nuisance),
               TAG_SPEC: spec.path, TAG_COMMAND: sweep.command[:500],
               TAG_FUSE: str(sweep.fuse_k > 1), TAG_FUSE_K: str(sweep.fuse_k),
-              TAG_OPTUNA_STUDY: study.study_name, TAG_OPTUNA_STORAGE: sweep_storage.masked(sweep.url)},
+              TAG_OPTUNA_STUDY: sweep.study.study_name, TAG_OPTUNA_STORAGE: sweep_storage.masked(sweep.url)},
         params={**{f"{PREFIX_FIXED}{k}": v for k, v in spec.fixed.items()},
                 **{f"{PREFIX_SCIENTIFIC}{k}": list(v) for k, v in spec.scientific.items()},
                 **{f"{PREFIX_NUISANCE}{k}": list(v) for k, v in spec.nuisance.items()},
-                PARAM_SEEDS: list(spec.seeds), PARAM_TRIALS: len(sweep.plan.trials), PARAM_RUNS: len(sweep.plan.runs)},
+                PARAM_SEEDS: list(spec.seeds), PARAM_TRIALS: len(plan.trials), PARAM_RUNS: len(plan.runs)},
         note=spec.description)
     sweep.tracker.log_artifacts(parent, [Path(spec.path)], "spec")
-    _mark_ready(sweep, parent, {})
     return parent
 
 
@@ -923,33 +938,31 @@ def launch_workers(sweep: Session, n: int, *, threads: int | None = None) -> Wor
     counts = count_states(sweep.study.get_trials(deepcopy=False))
     done = sweep.skipped if sweep.kind == "study" else counts["done"]
     board = Board(f"{sweep.kind} {sweep.spec.name}", sweep.target, min(done, sweep.target))
-    try:
-        with interrupt.blocked():  # a Ctrl-C while they start is raised once all are started
-            for i in range(n):
-                proc = ctx.Process(target=worker_main, name=f"cnnbench-w{i}",
-                                   args=(sweep.spec, sweep.kind, {**sweep.open_args, "storage": sweep.url},
-                                         f"w{i}", threads,
-                                         i % gpus if gpus else None, events))
-                proc.start()
-                procs.append(proc)
-        board.handle(("line", "", f"{sweep.kind} {sweep.spec.name}: {n} workers started (pids "
-                      f"{', '.join(str(p.pid) for p in procs)})" + (f" on {gpus} GPU(s)" if gpus else ""), None))
-        with board.listening(events):
+    with board.listening(events):  # read for the workers' whole life, Ctrl-C included
+        try:
+            with interrupt.blocked():  # a Ctrl-C while they start is raised once all are started
+                for i in range(n):
+                    proc = ctx.Process(target=worker_main, name=f"cnnbench-w{i}",
+                                       args=(sweep.spec, sweep.kind, {**sweep.open_args, "storage": sweep.url},
+                                             f"w{i}", threads, i % gpus if gpus else None, events))
+                    proc.start()
+                    procs.append(proc)
+            board.handle(("line", "", f"{sweep.kind} {sweep.spec.name}: {n} workers started (pids "
+                          f"{', '.join(str(p.pid) for p in procs)})" + (f" on {gpus} GPU(s)" if gpus else ""), None))
             for proc in procs:
                 while proc.is_alive():
                     proc.join(timeout=1.0)  # bounded: this thread looks at its signals every second
-    except KeyboardInterrupt:
-        # Ctrl-C to this process alone: pass it on (a worker that has it already, from the
-        # terminal, holds the second one); each stops at its next safe point
-        with interrupt.shielded():
-            board.close()
-            for proc in procs:
-                if proc.is_alive() and proc.pid:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGINT)
-            for proc in procs:
-                proc.join()
-        raise
+        except KeyboardInterrupt:
+            # Ctrl-C to this process alone: pass it on (a worker that has it already, from the
+            # terminal, holds the second one); each stops at its next safe point
+            with interrupt.shielded():
+                for proc in procs:
+                    if proc.is_alive() and proc.pid:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(proc.pid, signal.SIGINT)
+                for proc in procs:
+                    proc.join()
+            raise
     bad = [p.exitcode for p in procs if p.exitcode != 0]
     if bad:
         report.stopped = f"{len(bad)} worker(s) ended with status {', '.join(map(str, bad))}"

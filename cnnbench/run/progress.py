@@ -14,6 +14,7 @@ import math
 import queue as queues
 import sys
 import threading
+import time
 from typing import Any, Iterator, TextIO
 
 from tqdm.auto import tqdm
@@ -63,9 +64,10 @@ class Board:
         self.overall.close()
 
     @contextlib.contextmanager
-    def listening(self, events: Any) -> Iterator[None]:
-        """Show the events of `events` (a multiprocessing queue) from a thread until the
-        block ends; then show what is left."""
+    def listening(self, events: Any, *, drain_s: float = 2.0) -> Iterator[None]:
+        """Show the events of `events` (a multiprocessing queue) from a thread while the
+        block runs (the workers' whole life: a worker whose queue is not read cannot exit);
+        then what is left, for at most `drain_s` seconds."""
         stop = threading.Event()
 
         def pump() -> None:
@@ -84,8 +86,9 @@ class Board:
         finally:
             stop.set()
             thread.join(timeout=5)
-            # what is still in the pipe (a queue's feeder thread delivers late: wait a little)
+            # what is still in the pipe (a queue's feeder thread delivers late), bounded
+            deadline = time.monotonic() + drain_s
             with contextlib.suppress(queues.Empty, EOFError, OSError):
-                while True:
-                    self.handle(events.get(timeout=0.5))
+                while time.monotonic() < deadline:
+                    self.handle(events.get(timeout=min(0.5, max(0.01, deadline - time.monotonic()))))
             self.close()

@@ -166,7 +166,9 @@ def finish(session: Session) -> StudyOutcome | None:
             print(f"study {spec.name}: {len(chosen)}/{session.target} runs ended, {counts['RUNNING']} running "
                   "elsewhere; the process that ends the study writes the results", flush=True)
             return None
-        fingerprint = ",".join(f"{k}:{chosen[k].number}" if k in chosen else f"{k}:-" for k in sorted(session.configs))
+        # the execution (its parent run) and the trial holding each run's outcome
+        fingerprint = f"{session.parent}|" + ",".join(
+            f"{k}:{chosen[k].number}" if k in chosen else f"{k}:-" for k in sorted(session.configs))
         why = claim_results(session, fingerprint)
     p = session.plan
     assert p is not None
