@@ -600,3 +600,35 @@ def test_print_storage_names_the_default_sqlite_file(workdir, capsys):
     spec = write_spec(workdir, "where", {"lr": [0.1, 0.01]}, {})
     assert main(["sweep", str(spec), "--print-storage"]) == 0
     assert capsys.readouterr().out.strip() == storage_of(workdir, "where")
+
+
+def test_a_worker_killed_after_recording_its_trial_leaves_it_complete_not_trained_twice(workdir):
+    """SIGKILL between the end of a trial's MLflow run (FINISHED, result.json logged) and
+    Optuna's tell: the trial is lost, but its outcome is in MLflow, so recovery gives Optuna
+    that outcome instead of a retry (which would leave two FINISHED runs of one trial)."""
+    import subprocess as sp
+
+    from cnnbench.run import engine
+    from cnnbench.train.loop import run_trial
+
+    spec = load_spec(write_spec(workdir, "recorded", {"lr": [0.05]}, {"sampler": "grid", "pruner": "none"}))
+    sweep = engine.open_sweep(spec, fuse_k=1)
+    with sweep.lock():
+        trial, _ = engine._next_trial(sweep)
+    engine.suggest(trial, spec)
+    config = sweep.config_of(trial)
+    ckpt, inner = engine._checkpoints_and_run(sweep, trial, config)
+    result = run_trial(config, recorder=engine._recorder(sweep, inner, trial, config), checkpoint_dir=ckpt,
+                       evaluate_test=False)
+    assert sweep.tracker.client.get_run(inner.run_id).info.status == "FINISHED"
+    dead = sp.Popen(["true"])
+    dead.wait()  # a pid of this machine that no longer runs: the worker that "died" here
+    trial.set_user_attr("worker_pid", dead.pid)
+    with sweep.lock():
+        engine.recover(sweep)
+    states = [t.state for t in sweep.study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE]  # no WAITING retry
+    done = sweep.study.get_trials()[1]
+    assert done.params == {"lr": 0.05} and done.user_attrs["mlflow_run_id"] == inner.run_id
+    assert done.value == pytest.approx(engine.objective_value(result, "val_acc"))
+    assert sweep.tracker.client.get_run(inner.run_id).info.status == "FINISHED"

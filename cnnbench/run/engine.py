@@ -66,6 +66,8 @@ from cnnbench.track.schema import (
     ATTR_SEED,
     ATTR_STATUS,
     ATTR_TRAIN_SECONDS,
+    ATTR_WORKER_BOOT,
+    ATTR_WORKER_HOST,
     ATTR_WORKER_PID,
     CLAIM_DONE,
     CLAIM_FINGERPRINT,
@@ -481,10 +483,51 @@ def _lost(sweep: Session, trial: Any, why: str = "") -> None:
     MLflow run and queue the same parameters again (Optuna's retry callback)."""
 
     why = why or f"worker {worker_name(trial.user_attrs)} stopped beating for {sweep_storage.GRACE_S} s"
+    if _recorded(sweep, trial):
+        return
     _kill_run(sweep, trial.user_attrs.get(ATTR_MLFLOW_RUN_ID), why)
     with sweep_storage.quiet():
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(sweep.study, trial)
     sweep.say(f"[{sweep.worker}] trial {trial.number} lost ({why}); queued again")
+
+
+def _recorded(sweep: Session, trial: Any) -> bool:
+    """A lost trial whose worker died after its MLflow run had ended (finished, diverged or
+    pruned: result.json and all) but before Optuna was told: its outcome is in MLflow, so
+    Optuna gets it (a trial with its params and outcome) instead of a retry that would
+    train it twice. Returns whether it did."""
+    run_id = trial.user_attrs.get(ATTR_MLFLOW_RUN_ID)
+    if not run_id:
+        return False
+    try:
+        run = sweep.tracker.client.get_run(run_id)
+        status = run.data.tags.get(TAG_STATUS)
+        if run.info.status not in ("FINISHED", "FAILED") or status not in (FINISHED, DIVERGED, PRUNED):
+            return False
+        result = sweep.tracker.load_result(run)
+    except Exception:  # no such run, or no result.json: not recorded whole
+        return False
+    if sweep.kind == "study":
+        value = result.metric(TEST_ACC)
+        state, value = TrialState.COMPLETE, value if math.isfinite(value) else 0.0
+    else:
+        assert sweep.spec.sweep is not None
+        value = objective_value(result, sweep.spec.sweep.objective)
+        if status == PRUNED:
+            state, value = TrialState.PRUNED, None
+        elif math.isfinite(value):
+            state = TrialState.COMPLETE
+        else:
+            return False
+    workers = (ATTR_WORKER_HOST, ATTR_WORKER_BOOT, ATTR_WORKER_PID)
+    attrs = {k: v for k, v in trial.user_attrs.items() if k not in workers}
+    sweep.study.add_trial(create_trial(state=state, value=value, params=trial.params, distributions=trial.distributions,
+                                       user_attrs={**attrs, ATTR_STATUS: status},
+                                       intermediate_values=trial.intermediate_values))
+    with contextlib.suppress(Exception):  # the run's own record is complete without it
+        sweep.tracker.client.set_tag(run_id, TAG_STATE, state.name)
+    sweep.say(f"[{sweep.worker}] trial {trial.number}: its worker died after recording it; {state.name.lower()}")
+    return True
 
 
 def _kill_run(sweep: Session, run_id: str | None, why: str | None = None) -> None:
