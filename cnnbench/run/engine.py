@@ -230,9 +230,10 @@ def open_session(spec: StudySpec, kind: str, *, plan: Plan | None = None, storag
                  tracking: str | None = None, state: Any = None, results_root: Any = "results",
                  n_trials: int | None = None, sampler_seed: int | None = None, data_root: Any = None,
                  command: str = "", worker: str = "", fuse_k: int | None = None,
-                 wide_only: bool = False) -> Session:
+                 wide_only: bool = False, checked: bool = False) -> Session:
     """Check everything, then create or join the study's (or sweep's) Optuna study and
-    MLflow parent run."""
+    MLflow parent run. `checked`: a worker process whose parent checked the same input
+    (`preflight`) a moment ago."""
 
     quiet_mlflow()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -249,7 +250,8 @@ def open_session(spec: StudySpec, kind: str, *, plan: Plan | None = None, storag
     else:
         assert plan is not None
         configs = plan.runs
-    preflight(spec, configs, url=url, uri=uri, data_root=data_root, out_dir=out_dir)
+    if not checked:
+        preflight(spec, configs, url=url, uri=uri, data_root=data_root, out_dir=out_dir)
 
     tracker = Tracker(spec.name, uri)
     holder: dict[str, Session] = {}
@@ -986,7 +988,8 @@ def launch_workers(sweep: Session, n: int, *, threads: int | None = None) -> Wor
             with interrupt.blocked():  # a Ctrl-C while they start is raised once all are started
                 for i in range(n):
                     proc = ctx.Process(target=worker_main, name=f"cnnbench-w{i}",
-                                       args=(sweep.spec, sweep.kind, {**sweep.open_args, "storage": sweep.url},
+                                       args=(sweep.spec, sweep.kind,
+                                             {**sweep.open_args, "storage": sweep.url, "checked": True},
                                              f"w{i}", threads, i % gpus if gpus else None, events))
                     proc.start()
                     procs.append(proc)
