@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from cnnbench.config.spec import ConfigError, load_spec
+from cnnbench.track import stores
 from conftest import cli, tree
 
 TINY = {"train_subset": 2000, "val_size": 500, "test_subset": 500, "batch_size": 32, "epochs": 3,
@@ -427,8 +428,9 @@ def trial_config_of(spec, params):
 def test_fused_sweep_killed_mid_group_resumes_to_exactly_the_requested_trials(workdir):
     spec = write_spec(workdir, "fkilled", {"lr": {"type": "float", "low": 0.01, "high": 0.05, "log": True}},
                       {"sampler": "tpe", "pruner": "none", "n_trials": 4, "startup_trials": 2, "final_seeds": [0]},
-                      activation="relu", train_subset=1000)
+                      activation="relu", train_subset=3000)  # an epoch long enough to be caught mid-group
     url = storage_of(workdir, "fkilled")
+    opened: dict[str, object] = {}  # the storage, opened once it exists (a poll is then one query)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "sweep", str(spec), "--fuse-k", "2"], cwd=workdir,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -437,11 +439,13 @@ def test_fused_sweep_killed_mid_group_resumes_to_exactly_the_requested_trials(wo
         if not Path(url[len("sqlite:///"):]).exists():
             return None
         try:  # opened as cnnbench opens it: a bare RDBStorage could race the sweep creating the tables
-            trials = load_running_study(url, "fkilled").get_trials()
+            if "storage" not in opened:
+                opened["storage"] = stores.optuna_storage(url)
+            trials = optuna.load_study(study_name="fkilled", storage=opened["storage"]).get_trials()
         except Exception:  # the study is not created yet
             return None
         running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
-        return running if len(running) == 2 else None
+        return running if len(running) == 2 and len(trials) == 2 else None  # the first group, mid-way
 
     try:
         killed = _wait_for(group_mid_way, 240, proc, "both members of the first group had run an epoch")
