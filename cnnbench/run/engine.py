@@ -194,8 +194,6 @@ class Session:
             print(line, flush=True)
 
 
-Sweep = Session  # the name the sweep's modules and tests use
-
 
 def preflight(spec: StudySpec, configs: list[TrialConfig], *, url: str, uri: str, data_root: Any,
               out_dir: Path) -> None:
@@ -641,17 +639,25 @@ def trial_data(sweep: Session, config: TrialConfig, cache: dict[tuple, Any]) -> 
     return cache[key]
 
 
+def _config_or_fail(sweep: Session, trial: Any) -> TrialConfig | None:
+    """A claimed trial's settings; a combination of values that no trial can take fails
+    the trial (None)."""
+    try:
+        return sweep.config_of(trial)
+    except ConfigError as err:
+        trial.set_user_attr(ATTR_REASON, str(err)[:500])
+        sweep.study.tell(trial, state=TrialState.FAIL)
+        sweep.say(f"[{sweep.worker}] trial {trial.number} failed: {err}")
+        return None
+
+
 def _train(sweep: Session, trial: Any, data_cache: dict[tuple, Any]) -> str:
     """Train one trial, tell Optuna its outcome, tag its MLflow run. Returns the state."""
 
     if sweep.kind == "sweep":
         suggest(trial, sweep.spec)
-    try:
-        config = sweep.config_of(trial)
-    except ConfigError as err:  # a combination of values that no trial can take
-        trial.set_user_attr(ATTR_REASON, str(err)[:500])
-        sweep.study.tell(trial, state=TrialState.FAIL)
-        sweep.say(f"[{sweep.worker}] trial {trial.number} failed: {err}")
+    config = _config_or_fail(sweep, trial)
+    if config is None:
         return "FAIL"
     ckpt, inner = _checkpoints_and_run(sweep, trial, config)
     recorder = _recorder(sweep, inner, trial, config)
@@ -888,12 +894,8 @@ def train_batch(sweep: Session, batch: list[Any], data_cache: dict[tuple, Any]) 
     members: list[Member] = []
     states: list[str] = []
     for trial in batch:
-        try:
-            config = sweep.config_of(trial)
-        except ConfigError as err:  # a combination of values that no trial can take
-            trial.set_user_attr(ATTR_REASON, str(err)[:500])
-            sweep.study.tell(trial, state=TrialState.FAIL)
-            sweep.say(f"[{sweep.worker}] trial {trial.number} failed: {err}")
+        config = _config_or_fail(sweep, trial)
+        if config is None:
             states.append("FAIL")
             continue
         ckpt, inner = _checkpoints_and_run(sweep, trial, config)

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from cnnbench.config.space import trial_config
 from cnnbench.config.spec import TrialConfig
 from cnnbench.report import sweep as sweep_report
-from cnnbench.run.engine import Sweep, claim_results, count_states, is_finished, results_written, trial_data
+from cnnbench.run.engine import Session, claim_results, count_states, is_finished, results_written, trial_data
 from cnnbench.run.search import objective_value
 from cnnbench.track.schema import (
     METRIC_BEST_ACC,
@@ -68,19 +68,19 @@ class FinalRun:
 
 @dataclass
 class Outcome:
-    sweep: Sweep
+    sweep: Session
     best: Any  # optuna FrozenTrial
     finals: list[FinalRun]
     files: list[Path]
 
 
-def _fingerprint(sweep: Sweep) -> str:
+def _fingerprint(sweep: Session) -> str:
     """What the results depend on: the trials, the final seeds."""
     assert sweep.spec.sweep is not None
     return f"{len(sweep.study.get_trials(deepcopy=False))} trials, seeds {list(sweep.spec.sweep.final_seeds)}"
 
 
-def finalize(sweep: Sweep) -> Outcome | None:
+def finalize(sweep: Session) -> Outcome | None:
     """When every trial is done: re-run the best over the final seeds and write results.
     Exactly one worker does it; the others return None."""
 
@@ -105,7 +105,7 @@ def finalize(sweep: Sweep) -> Outcome | None:
     return Outcome(sweep, best, finals, files)
 
 
-def _close_parent(sweep: Sweep, best: Any, finals: list[FinalRun], counts: dict[str, int]) -> None:
+def _close_parent(sweep: Session, best: Any, finals: list[FinalRun], counts: dict[str, int]) -> None:
 
     ts = int(time.time() * 1000)
     metrics = {METRIC_TRIALS_COMPLETE: counts["COMPLETE"], METRIC_TRIALS_PRUNED: counts["PRUNED"],
@@ -125,7 +125,7 @@ def _close_parent(sweep: Sweep, best: Any, finals: list[FinalRun], counts: dict[
     sweep.tracker.end(sweep.parent, "FINISHED" if ok else "FAILED")
 
 
-def _final_runs(sweep: Sweep, best: Any) -> list[FinalRun]:
+def _final_runs(sweep: Session, best: Any) -> list[FinalRun]:
     """The best trial's config over the final seeds, trained with the same validation
     split and tested once, with the best-validation checkpoint. Runs already finished
     (an earlier, interrupted finalisation) are read back from MLflow."""
@@ -163,7 +163,7 @@ def _final_runs(sweep: Sweep, best: Any) -> list[FinalRun]:
     return [done[c.key()] for c in configs]
 
 
-def _test_once(sweep: Sweep, config: TrialConfig, result: TrialResult, run_id: str, data: Any) -> FinalRun:
+def _test_once(sweep: Session, config: TrialConfig, result: TrialResult, run_id: str, data: Any) -> FinalRun:
     """The test set, read once: the best-validation checkpoint's loss and accuracy."""
 
     assert sweep.spec.sweep is not None
