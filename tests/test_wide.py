@@ -51,33 +51,29 @@ def test_the_registry_is_covered():
         assert why in widen_reason(get_model(name))
 
 
-# The settings of each model's 200-step comparison. Smooth activations (tanh; lenet5 keeps
-# document 003's sigmoid/tanh): a ReLU's gradient jumps at 0, so a rounding difference
-# that flips a unit sends two runs apart, and the comparison would measure that, not the
-# engine. Dropout off: its masks are drawn for the wide tensor, not per trial.
+# The settings of each model's 200-step comparison, chosen where the model's own rounding
+# noise stays far below the 1e-4 rule: the same trial trained alone in channels-first and
+# in channels-last (the same maths, other rounding) must agree too. Where it does not, the
+# comparison would measure how fast the model amplifies a 1e-7 rounding difference, not the
+# engine (measured at one thread, 200 steps, alone channels-first vs channels-last ->
+# wide vs alone): resnet_bn at lr 1e-4 with momentum 0.9, 1.1e-3 -> 8.7e-4, and at lr 1e-3
+# without momentum 1.3e-3 -> 8.4e-4; resnet with ReLU at lr 1e-3, 1.8e-3 -> 1.4e-3; lenet
+# (tanh) at lr 0.01, 4.4e-4 for the wide trial; inception (tanh) at lr 0.01, 3.5e-3. Momentum
+# multiplies the step tenfold, and a ReLU or a max-pool turns a rounding difference into a
+# different gradient. At these settings (same measurement): lenet5 3.1e-7 -> 4.2e-7, lenet
+# 3.3e-7 -> 3.2e-7, alexnet -> 1.8e-5, inception 8.7e-7 -> 1.4e-6, resnet 1.8e-7 -> 2.2e-7,
+# resnet_bn 3.9e-5 -> 1.6e-5 (its batch statistics amplify rounding: channels-first and
+# channels-last differ by 3.7e-6 from the first step). Smooth activations (tanh; lenet5
+# keeps document 003's sigmoid/tanh). Dropout off: its masks are drawn for the wide tensor,
+# not per trial. Every model still learns in the 200 steps (asserted).
 SETTINGS = {
     "lenet5": dict(lr=0.02),
-    "lenet": dict(activation="tanh", lr=0.01),
-    "alexnet": dict(activation="tanh", lr=0.005, dropout=0.0),  # lr 0.01: 8e-4 at step 200
-    "inception": dict(activation="tanh", lr=0.01),
-    "resnet": dict(activation="tanh", lr=0.01),
-    "resnet_bn": dict(lr=1e-4),
+    "lenet": dict(activation="tanh", lr=0.001),
+    "alexnet": dict(activation="tanh", lr=0.005, dropout=0.0),
+    "inception": dict(activation="tanh", lr=0.001),
+    "resnet": dict(activation="tanh", lr=0.001),
+    "resnet_bn": dict(lr=1e-5),
 }
-# (steps, bound, bound over all 200 steps) where the 1e-4 rule cannot hold for 200 steps:
-# residual nets amplify rounding. resnet_bn trained alone in channels-last and in
-# channels-first (the same maths, other rounding) differed by 1.7% within 12 steps at lr
-# 0.02, and the wide trial parts from the single one likewise at every lr measured (0.02,
-# 0.01, 0.002, 1e-4); at lr 1e-4 it stays within 1e-4 for the first 20 steps (8e-6 after
-# 10) and reached 9.5e-4 over 200. resnet (tanh, lr 0.01): 2.1e-7 for 50 steps, 8.5e-5 at
-# 100, 1.1e-3 at 200. A trial whose channels or batch statistics mixed with its partner's
-# would be off by far more from the first steps. lenet (tanh, lr 0.01): 2.3e-7 over 200 steps
-# in one process, 4.4e-4 at worst in a pytest run on the loaded shared CPU (exact for the
-# first steps): bounded like the others until the cause is found.
-# inception (tanh, lr 0.01): 4.4e-7 over 200 steps in one process, 3.5e-3 in a full CI
-# run (1e-7 over its first steps), where earlier tests had changed torch's thread count:
-# the thread count is now fixed for this test (one, as a study's CPU worker trains).
-BOUNDS = {"resnet_bn": (20, 1e-4, 1e-2), "resnet": (100, 1e-4, 1e-2), "lenet": (20, 1e-4, 1e-2),
-          "inception": (20, 1e-4, 1e-2)}
 
 
 @pytest.fixture
@@ -94,20 +90,18 @@ def one_thread():
 @pytest.mark.parametrize("model", SMALL)
 def test_wide_trial_follows_the_same_loss_curve_as_alone(data_root, model, device, fp32, one_thread):
     """fp32: a trial trained in a wide group matches itself trained alone within 1e-4
-    relative over the first 200 steps (batch norm: see BOUNDS). Its partner has another lr
-    and another seed, so the batch is per trial, (K, B, ...)."""
+    relative over the first 200 steps, batch norm included. Its partner has another lr,
+    momentum and seed, so the batch is per trial, (K, B, ...)."""
     target = quick(model=model, train_subset=200 * 64, test_subset=500, epochs=1, log_every=1, device=device,
                    **SETTINGS[model])
-    other = target.replace(lr=target.lr / 2, seed=target.seed + 1)
+    other = target.replace(lr=target.lr / 2, momentum=0.5, seed=target.seed + 1)
     alone, fused = Losses(), Losses()
     train_group([target], data_root=data_root, recorders=[alone])
     results = train_group([target, other], data_root=data_root, recorders=[fused, Losses()], engine="wide")
     assert results[0].status == results[1].status == FINISHED and results[0].fused_with == 2
     assert len(alone.loss) == len(fused.loss) == 200
     gaps = [abs(a - f) / abs(a) for a, f in zip(alone.loss, fused.loss)]
-    steps, bound, bound_all = BOUNDS.get(model, (200, 1e-4, 1e-4))
-    assert max(gaps[:steps]) < bound, max(gaps[:steps])
-    assert max(gaps) < bound_all, max(gaps)
+    assert max(gaps) < 1e-4, (max(gaps), gaps.index(max(gaps)))
     assert sum(fused.loss[-20:]) < sum(fused.loss[:20])  # it learned
 
 
