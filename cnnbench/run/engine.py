@@ -53,6 +53,7 @@ from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig
 from cnnbench.data.tensors import data_dir, load_arrays
 from cnnbench.errors import DataError, DeviceError, TrackingError
 from cnnbench.run import storage as sweep_storage
+from cnnbench.run.cores import CoreShare
 from cnnbench.run.progress import Board
 from cnnbench.run.search import PruningRecorder, make_pruner, make_sampler, objective_value
 from cnnbench.track import stores
@@ -167,6 +168,7 @@ class Session:
     skipped: int = 0  # a study's runs already finished when this process opened it
     threads: int | None = None  # CPU threads per trial, where the runner chose them
     events: Any = None  # a queue that the parent's progress board reads (worker processes)
+    cores: CoreShare | None = None  # worker processes: the machine's workers training (cores.py)
     open_args: dict[str, Any] = field(default_factory=dict)  # how a worker process joins
 
     @property
@@ -607,10 +609,18 @@ def work(sweep: Session) -> WorkerReport:
                         trial, counts = _next_trial(sweep)
                         batch = [trial] if trial is not None else []
             if not batch:
+                if sweep.cores is not None:
+                    sweep.cores.idle()
                 if is_finished(sweep, counts):
                     return report
-                time.sleep(POLL_S)  # the rest runs elsewhere: wait, in case a worker is lost
+                # the rest runs elsewhere: wait, in case a worker is lost (or until one here ends)
+                if sweep.cores is not None:
+                    sweep.cores.wait(POLL_S)
+                else:
+                    time.sleep(POLL_S)
                 continue
+            if sweep.cores is not None:
+                sweep.cores.busy()
             if sweep.fuse_k > 1:  # train_batch fails and re-queues its own members on Ctrl-C
                 states = train_batch(sweep, batch, data_cache)
             else:
@@ -701,7 +711,8 @@ def _checkpoints_and_run(sweep: Session, trial: Any, config: TrialConfig) -> tup
 def _recorder(sweep: Session, inner: Any, trial: Any, config: TrialConfig) -> PruningRecorder:
     """The trial's MLflow recorder, wrapped: the run id to Optuna, a sweep's score each
     epoch (which may prune it), and each epoch to the progress board."""
-    return PruningRecorder(inner, trial, sweep.metric, on_epoch=_epoch_events(sweep, trial, config))
+    return PruningRecorder(inner, trial, sweep.metric, on_epoch=_epoch_events(sweep, trial, config),
+                           on_log=sweep.cores.adjust if sweep.cores is not None else None)
 
 
 def _epoch_events(sweep: Session, trial: Any, config: TrialConfig) -> Callable[[dict[str, float]], None] | None:
@@ -728,6 +739,9 @@ def _conclude(sweep: Session, trial: Any, inner: Any, result: Any, ckpt: Path, l
     fused = f" (fused with {result.fused_with - 1} other(s))" if result.fused_with > 1 else ""
     took = f"after {len(result.history)} epoch(s), {time.perf_counter() - t0:.1f} s{fused}"
     if sweep.kind == "study":
+        if sweep.cores is not None and sweep.threads and inner.run_id and sweep.cores.current != sweep.threads:
+            # it took the cores of workers that ended before it: "1-2" (started with 1, ended with 2)
+            sweep.tracker.client.set_tag(inner.run_id, TAG_TRIAL_THREADS, f"{sweep.threads}-{sweep.cores.current}")
         acc = result.metric(TEST_ACC)
         value_text = f"test acc {acc:.2f}%" if math.isfinite(acc) else result.status
         sweep.say(f"[{sweep.worker}] {label}: {result.status}, {value_text} {took}", ended=label)
@@ -980,6 +994,7 @@ def launch_workers(sweep: Session, n: int, *, threads: int | None = None) -> Wor
     gpus = torch.cuda.device_count()
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked CUDA or MLflow state
     events = ctx.Queue()
+    training = ctx.Value("i", n)  # workers training: CPU threads go to those still at it
     procs: list[Any] = []
     report = WorkerReport()
     counts = count_states(sweep.study.get_trials(deepcopy=False))
@@ -992,7 +1007,8 @@ def launch_workers(sweep: Session, n: int, *, threads: int | None = None) -> Wor
                     proc = ctx.Process(target=worker_main, name=f"cnnbench-w{i}",
                                        args=(sweep.spec, sweep.kind,
                                              {**sweep.open_args, "storage": sweep.url, "checked": True},
-                                             f"w{i}", threads, i % gpus if gpus else None, events))
+                                             f"w{i}", threads, i % gpus if gpus else None, events,
+                                             (training, n * threads if threads else None)))
                     proc.start()
                     procs.append(proc)
             board.handle(("line", "", f"{sweep.kind} {sweep.spec.name}: {n} workers started (pids "
@@ -1018,9 +1034,11 @@ def launch_workers(sweep: Session, n: int, *, threads: int | None = None) -> Wor
 
 
 def worker_main(spec: StudySpec, kind: str, open_args: dict[str, Any], label: str, threads: int | None,
-                gpu: int | None, events: Any) -> None:
+                gpu: int | None, events: Any, share: tuple[Any, int | None] | None = None) -> None:
     """A worker process: join the study, train until nothing is left, exit (0; 3 when its
-    trials kept failing; 2 on bad input; 130 on Ctrl-C)."""
+    trials kept failing; 2 on bad input; 130 on Ctrl-C). `share`: the counter of workers
+    training and the threads of all together (None off the CPU), to share the CPU's cores
+    out as workers end and to wake when one does (cores.CoreShare)."""
     try:
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
@@ -1041,6 +1059,8 @@ def worker_main(spec: StudySpec, kind: str, open_args: dict[str, Any], label: st
             torch.set_num_threads(threads)
         session = open_session(spec, kind, **{**open_args, "plan": plan}, worker=label)
         session.events, session.threads = events, threads
+        if share is not None:
+            session.cores = CoreShare(share[0], share[1], threads)
         report = work(session)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -1050,3 +1070,11 @@ def worker_main(spec: StudySpec, kind: str, open_args: dict[str, Any], label: st
     if report.stopped:
         events.put(("line", label, f"[{label}] stopped: {report.stopped}", None))
         sys.exit(3)
+    # Done, every outcome recorded (MLflow and Optuna write synchronously): exit without the
+    # interpreter's teardown of torch, MLflow and SQLAlchemy, which took 2-3 s of a study's
+    # wall time here, once the progress lines are sent.
+    events.close()
+    events.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

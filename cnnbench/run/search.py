@@ -52,11 +52,13 @@ def make_pruner(spec: StudySpec):
 class PruningRecorder(Recorder):
     """Passes every event to the trial's MLflow recorder and tells Optuna the run's id. In a
     sweep (`metric` set) it reports each epoch's validation score to Optuna and asks the
-    loop to stop when Optuna prunes the trial; `on_epoch` sees every epoch's record."""
+    loop to stop when Optuna prunes the trial; `on_epoch` sees every epoch's record, and
+    `on_log` is called at every logging point (every `log_every` steps)."""
 
     def __init__(self, inner: Any, trial: Any, metric: str | None,
-                 on_epoch: Callable[[dict[str, float]], None] | None = None) -> None:
-        self.inner, self.trial, self.metric, self.on_epoch = inner, trial, metric, on_epoch
+                 on_epoch: Callable[[dict[str, float]], None] | None = None,
+                 on_log: Callable[[], Any] | None = None) -> None:
+        self.inner, self.trial, self.metric, self.on_epoch, self.on_log = inner, trial, metric, on_epoch, on_log
 
     def start(self, config: TrialConfig, info: dict[str, Any], resumed: TrialResult | None) -> None:
         self.inner.start(config, info, resumed)
@@ -68,6 +70,8 @@ class PruningRecorder(Recorder):
 
     def train_loss(self, samples: int, loss: float) -> None:
         self.inner.train_loss(samples, loss)
+        if self.on_log is not None:
+            self.on_log()
 
     def epoch(self, record: dict[str, float]) -> str | None:
         self.inner.epoch(record)

@@ -1,0 +1,79 @@
+"""CPU worker processes share the machine's cores out again as they run out of work
+(run/cores.py): real processes over one shared counter."""
+
+import multiprocessing
+import time
+
+import torch
+
+from cnnbench.run.cores import CoreShare
+
+
+def _worker(training, cores, finish_first, ready, done, out):
+    torch.set_num_threads(1)
+    share = CoreShare(training, cores, threads=1)
+    out.put(("start", finish_first, share.adjust(), torch.get_num_threads()))
+    ready.wait()
+    if finish_first:  # its group is done and nothing is left to claim
+        share.idle()
+        share.idle()  # a second poll with nothing to claim counts once
+        done.set()
+        return
+    done.wait(30)
+    out.put(("alone", finish_first, share.adjust(), torch.get_num_threads()))
+    share.busy()  # claims again: still the only one training
+    out.put(("busy", finish_first, share.adjust(), torch.get_num_threads()))
+
+
+def test_a_worker_that_runs_out_of_work_gives_its_core_to_the_one_still_training():
+    ctx = multiprocessing.get_context("spawn")
+    training, out = ctx.Value("i", 2), ctx.Queue()
+    ready, done = ctx.Barrier(2), ctx.Event()
+    procs = [ctx.Process(target=_worker, args=(training, 2, first, ready, done, out)) for first in (True, False)]
+    for p in procs:
+        p.start()
+    rows = [out.get(timeout=60) for _ in range(4)]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sorted(r for r in rows if r[0] == "start") == [("start", False, 1, 1), ("start", True, 1, 1)]
+    assert ("alone", False, 2, 2) in rows and ("busy", False, 2, 2) in rows
+    assert training.value == 1
+
+
+def test_a_worker_that_claims_work_again_takes_its_share_back():
+    training = multiprocessing.get_context("spawn").Value("i", 2)
+    threads = torch.get_num_threads()
+    try:
+        a, b = CoreShare(training, 4, 2), CoreShare(training, 4, 2)
+        a.idle()
+        assert training.value == 1 and b.adjust() == 4 and torch.get_num_threads() == 4
+        a.busy()
+        assert training.value == 2 and b.adjust() == 2 and a.adjust() == 2
+        b.idle(), a.idle()
+        assert training.value == 0 and a.adjust() == 4  # never more than the cores
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_without_threads_only_the_count_moves_and_an_idle_worker_wakes_when_it_does():
+    ctx = multiprocessing.get_context("spawn")
+    training = ctx.Value("i", 2)
+    threads = torch.get_num_threads()
+    gpu = CoreShare(training, None, None)  # a GPU worker: threads left alone
+    assert gpu.adjust() == gpu.current and torch.get_num_threads() == threads
+    t0 = time.monotonic()
+    gpu.wait(0.3)  # nothing moves: the whole timeout
+    assert time.monotonic() - t0 >= 0.3
+    other = ctx.Process(target=_leave_after, args=(training, 0.5))
+    other.start()
+    t0 = time.monotonic()
+    gpu.wait(30)  # the other worker stops training after 0.5 s: wakes then, not after 30
+    woke = time.monotonic() - t0
+    other.join(30)
+    assert training.value == 1 and 0.4 < woke < 10, woke
+
+
+def _leave_after(training, seconds):
+    time.sleep(seconds)
+    CoreShare(training, None, None).idle()
