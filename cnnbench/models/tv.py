@@ -10,7 +10,6 @@ auxiliary heads so that it returns logits in train and eval mode alike.
 from __future__ import annotations
 
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 from cnnbench.models.registry import register_model
@@ -31,30 +30,36 @@ class ResizeInput(nn.Module):
         return self.net(x)
 
 
-def _tv(build, num_classes: int, **kwargs) -> nn.Module:
+def _tv(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """torchvision.models.<name>, resized input. torchvision is imported here, when one of its
+    models is built: importing it takes 1.4 s (it imports torch._dynamo), which every command
+    and every study worker paid before."""
+    import torchvision.models  # start-up time: here, not at the top (see above)
+
+    build = getattr(torchvision.models, name)
     return ResizeInput(build(weights=None, num_classes=num_classes, **kwargs), size=224, channels=3)
 
 
 @register_model("alexnet_tv", settings=("dropout",), source="torchvision.models.alexnet, input resized to 3x224x224")
 def alexnet_tv(*, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
                activation: str | None = None, dropout: float | None = None) -> nn.Module:
-    return _tv(torchvision.models.alexnet, num_classes, dropout=0.5 if dropout is None else dropout)
+    return _tv("alexnet", num_classes, dropout=0.5 if dropout is None else dropout)
 
 
 @register_model("googlenet", settings=("dropout",), source="torchvision.models.googlenet (no aux heads), input resized")
 def googlenet(*, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
               activation: str | None = None, dropout: float | None = None) -> nn.Module:
-    return _tv(torchvision.models.googlenet, num_classes, aux_logits=False, init_weights=True,
+    return _tv("googlenet", num_classes, aux_logits=False, init_weights=True,
                transform_input=False, dropout=0.2 if dropout is None else dropout)
 
 
 @register_model("resnet18", settings=(), source="torchvision.models.resnet18, input resized to 3x224x224")
 def resnet18(*, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
              activation: str | None = None, dropout: float | None = None) -> nn.Module:
-    return _tv(torchvision.models.resnet18, num_classes)
+    return _tv("resnet18", num_classes)
 
 
 @register_model("vgg16", settings=("dropout",), source="torchvision.models.vgg16 (no batch norm), input resized")
 def vgg16(*, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
           activation: str | None = None, dropout: float | None = None) -> nn.Module:
-    return _tv(torchvision.models.vgg16, num_classes, dropout=0.5 if dropout is None else dropout)
+    return _tv("vgg16", num_classes, dropout=0.5 if dropout is None else dropout)
