@@ -111,9 +111,10 @@ def execution(device: str, fuse: bool | None, workers: int | None) -> tuple[bool
     beat one two-thread process by about 1.3x, and a wide group (wide.py) in each worker
     beats one trial per worker (see the README's Speed section), where vmap-fused trials
     are slower than one at a time; on an accelerator fusing is the point. So by default:
-    on the CPU one worker per core, one thread each (the same for every trial, whatever is
-    left to run, since the thread count changes float rounding), each training a wide group
-    of the trials whose model widens (`cpu_groups`); elsewhere fused groups in one process."""
+    on the CPU one worker per core, one thread each, each training a wide group of the
+    trials whose model widens (`cpu_groups`); a worker that runs out of work gives its core
+    to those still training (run/cores.py: their trials' rounding then changes, not their
+    maths); elsewhere fused groups in one process."""
     on_cpu = resolve_device(device).type == "cpu"
     cores = usable_cores()
     fuse = True if fuse is None else fuse
