@@ -135,6 +135,8 @@ def fuse_groups(configs: Sequence[TrialConfig], *, max_k: int = 16, enabled: boo
 class FusedEngine:
     """The engine interface of train.SingleEngine, for K stacked models."""
 
+    eval_images: int | None = None  # test images per forward pass, at most (loop.evaluate)
+
     def __init__(self, configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo) -> None:
         self.configs = list(configs)
         self.k = len(configs)

@@ -108,6 +108,7 @@ class SingleEngine:
     """One nn.Module, one torch.optim optimizer (foreach kernels), optionally compiled."""
 
     k = 1
+    eval_images: int | None = None  # test images per forward pass, at most (evaluate)
 
     def __init__(self, configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo) -> None:
         (self.config,) = configs
@@ -591,12 +592,14 @@ def _write_checkpoints(engine, k, config, result, epoch, schedule, ckpt_dir, is_
 
 @torch.no_grad()
 def evaluate(engine, data: DeviceData, split, batch_size: int) -> tuple[list[float], list[float]]:
-    """Mean loss and accuracy (percent) of every trial of `engine` on `split`."""
+    """Mean loss and accuracy (percent) of every trial of `engine` on `split`, in batches of
+    `batch_size` images, or of the engine's `eval_images` where that is smaller."""
+    step = min(batch_size, engine.eval_images or batch_size)
     loss_sum = torch.zeros(engine.k, device=data.device)
     correct = torch.zeros(engine.k, device=data.device, dtype=torch.long)
-    for lo in range(0, len(split), batch_size):
-        x = data.to_float(split.x[lo:lo + batch_size])
-        loss, right = engine.eval_batch(x, split.y[lo:lo + batch_size])
+    for lo in range(0, len(split), step):
+        x = data.to_float(split.x[lo:lo + step])
+        loss, right = engine.eval_batch(x, split.y[lo:lo + step])
         loss_sum += loss
         correct += right
     n = len(split)

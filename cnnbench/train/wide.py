@@ -38,7 +38,7 @@ from cnnbench.models.tv import ResizeInput
 from cnnbench.train.device import autocast, build_model, use_channels_last
 from cnnbench.train.per_trial import PerTrialOptimizer
 
-# model-images forwarded at once by a test pass on the CPU (WideEngine.eval_batch)
+# model-images forwarded at once by a test pass on the CPU (WideEngine.eval_images)
 CPU_EVAL_IMAGES = 768
 
 
@@ -247,6 +247,11 @@ class WideEngine:
         self.views = [trial_view(p, shapes[n], self.k) for n, p in zip(self.names, self.params)]
         self.opt = PerTrialOptimizer(self.views, self.configs, device)
         self.forward = self.model if c0.compile == "none" else torch.compile(self.model, mode=c0.compile)
+        # test images per forward pass, at most (loop.evaluate): on the CPU, K trials'
+        # activations of a 1024-image test batch do not stay in cache (LeNet-5, K = 3, one
+        # thread: a test pass took 0.96 s in batches of 1024, 0.60 s in pieces of 256;
+        # K = 2: 0.65 s and 0.42 s)
+        self.eval_images = max(1, CPU_EVAL_IMAGES // self.k) if device.type == "cpu" else None
 
     # -- the engine interface ---------------------------------------------------------------
     def begin_epoch(self, lrs: list[list[float]]) -> None:
@@ -294,19 +299,10 @@ class WideEngine:
 
     @torch.no_grad()
     def eval_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Summed loss and correct predictions per trial. On the CPU the shared batch is
-        forwarded in pieces of CPU_EVAL_IMAGES // K images: K trials' activations of a
-        1024-image test batch do not stay in cache (LeNet-5, K = 3, one thread: a test pass
-        took 0.96 s in batches of 1024, 0.60 s in pieces of 256; K = 2: 0.65 s and 0.42 s)."""
-        piece = max(1, CPU_EVAL_IMAGES // self.k) if self.device.type == "cpu" and x.dim() == 4 else len(x)
-        loss = torch.zeros(self.k, device=self.device)
-        correct = torch.zeros(self.k, device=self.device, dtype=torch.long)
-        for lo in range(0, len(x), piece):
-            xs, ys = x[lo:lo + piece], y[lo:lo + piece]
-            with autocast(self.config, self.device):
-                logits = self.logits(xs).float()  # B x K x classes
-            loss += self.losses(logits, ys).sum(0)
-            correct += (logits.argmax(-1) == ys.unsqueeze(1)).sum(0)
+        with autocast(self.config, self.device):
+            logits = self.logits(x).float()  # B x K x classes
+        loss = self.losses(logits, y).sum(0)
+        correct = (logits.argmax(-1) == y.unsqueeze(1)).sum(0)
         return loss, correct
 
     # -- per-trial state, in SingleEngine's format ------------------------------------------
