@@ -102,7 +102,8 @@ def run_trial(config: TrialConfig | None = None, *, data_root: str | os.PathLike
 def run_study(spec: StudySpec | str | os.PathLike, **kwargs: Any) -> StudyOutcome | None:
     """Run (or join, or resume) a grid study: `results/<study>/` and one MLflow parent run.
     Keywords: data_root, results_root, tracking, state, storage (an Optuna storage URL
-    shared by several machines), fuse, workers, max_fuse, command, final. Returns the
+    shared by several machines), fuse, workers, max_fuse, command, final, share_cores
+    (off: every trial keeps one thread count, so its numbers repeat bit for bit). Returns the
     outcome (rows, files, counts), or None when another process writes the results."""
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
     if not spec.scientific:
@@ -117,7 +118,7 @@ def run_study(spec: StudySpec | str | os.PathLike, **kwargs: Any) -> StudyOutcom
 def run_sweep(spec: StudySpec | str | os.PathLike, **kwargs: Any) -> tuple[Any, Any, Any]:
     """Run (or join, or resume) an Optuna sweep over the spec's search block. Keywords:
     workers, final, storage, tracking, state, results_root, n_trials, sampler_seed,
-    data_root, command, fuse_k. Returns (session, worker report, outcome or None)."""
+    data_root, command, fuse_k, share_cores. Returns (session, worker report, outcome or None)."""
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
     for name in ("n_trials", "fuse_k"):
         if kwargs.get(name) is not None and kwargs[name] < 1:

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     settings = settings_help()
     workers = "worker processes here, one GPU each where there are GPUs"
+    share = flag("--share-cores", "on the CPU, a worker that runs out of trials gives its core to the workers still "
+                 "training: faster when groups end unevenly, but those trials' numbers then depend on when it ended "
+                 "(rounding, not maths; MLflow tag threads=1-2), so a rerun no longer repeats them bit for bit")
     command(sub, "run", cmd_run, "train one trial", "Train one trial with the default settings (document 003's "
             "LeNet-5 run) changed by --set, and record it in MLflow.", [
                 SETS, DATA, TRACKING, STATE, opt("--experiment", "cnnbench-run", "MLflow experiment"),
@@ -82,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 no="train every trial alone (default on the CPU: wide groups, for models that widen)")),
                 opt("--max-fuse", 16, "largest fused group", int, metavar="K"),
                 opt("--workers", None, workers + " (default: one per core on the CPU, 1 on CUDA/MPS)", int, metavar="N"),
+                share,
                 flag("--no-final", "only train; the process that ends the study writes the results")], settings)
     command(sub, "sweep", cmd_sweep, "run an Optuna sweep over a spec's search space", "Find the best settings over a "
             "spec's search block with Optuna, each trial scored on a validation split (never the test set) and maybe "
@@ -89,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
             "trial is trained over sweep.final_seeds, tested once, and results/<sweep>/ written.", [
                 ("spec", dict(help="the sweep's YAML file, e.g. studies/sweep-lenet.yaml")), SETS, DATA,
                 opt("--n-trials", None, "finished trials to reach (default: the spec's)", int, metavar="N"), STORAGE,
-                opt("--workers", 1, workers, int, metavar="N"),
+                opt("--workers", 1, workers, int, metavar="N"), share,
                 opt("--sampler-seed", None, "seed of the sampler (default: random)", int, metavar="S"),
                 opt("--fuse-k", None, "trials each worker takes at once and trains fused, each still its own trial "
                     "(default: 16 on CUDA and MPS, 1 on the CPU)", int, metavar="K"),
@@ -170,7 +174,8 @@ def cmd_study(args: argparse.Namespace, api: Any) -> int:
     spec = api.load_spec(args.spec, overrides=parse_overrides(args.sets), seeds=args.seeds)
     outcome = api.run_study(spec, data_root=args.data_dir, results_root=args.results_dir, tracking=args.tracking_uri,
                             state=args.state_dir, storage=args.storage, fuse=args.fuse, workers=args.workers,
-                            max_fuse=args.max_fuse, command=typed(args), final=not args.no_final)
+                            max_fuse=args.max_fuse, command=typed(args), final=not args.no_final,
+                            share_cores=args.share_cores)
     if outcome is None:  # another process writes the results
         return 0
     print(Path(outcome.files[1]).read_text())
@@ -189,7 +194,7 @@ def cmd_sweep(args: argparse.Namespace, api: Any) -> int:
     sweep, report, outcome = api.run_sweep(
         spec, workers=args.workers, final=not args.no_final, storage=args.storage, tracking=args.tracking_uri,
         state=args.state_dir, results_root=args.results_dir, n_trials=args.n_trials, sampler_seed=args.sampler_seed,
-        data_root=args.data_dir, command=typed(args), fuse_k=args.fuse_k)
+        data_root=args.data_dir, command=typed(args), fuse_k=args.fuse_k, share_cores=args.share_cores)
     if outcome is not None:
         print(Path(outcome.files[2]).read_text())
         print(f"results in {sweep.out_dir}/, MLflow parent run {sweep.parent} in experiment {spec.name!r}, "

@@ -1,9 +1,11 @@
 """CPU worker processes share the machine's cores out again as they run out of work
-(run/cores.py): real processes over one shared counter."""
+(run/cores.py, `--share-cores`): real processes over one shared counter, and a study
+whose workers end unevenly, with and without it."""
 
 import multiprocessing
 import time
 
+import pytest
 import torch
 
 from cnnbench.run.cores import CoreShare
@@ -77,3 +79,42 @@ def test_without_threads_only_the_count_moves_and_an_idle_worker_wakes_when_it_d
 def _leave_after(training, seconds):
     time.sleep(seconds)
     CoreShare(training, None, None).idle()
+
+
+SHARED = """
+name: {name}
+scientific: {{lr: [0.01, 0.02, 0.05]}}
+fixed: {{activation: relu, epochs: 3, train_subset: 3000, test_subset: 300, log_every: 5, progress: false}}
+"""
+
+
+def _threads_tags(folder, name):
+    from mlflow import MlflowClient
+
+    from cnnbench.track.schema import TAG_KIND, TAG_TRIAL_THREADS
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    return {r.data.params["lr"]: r.data.tags[TAG_TRIAL_THREADS] for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get(TAG_KIND) == "trial"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("share", [False, True], ids=["default", "share-cores"])
+def test_a_study_shares_cores_only_when_asked(workdir, share):
+    """3 trials on 2 single-trial workers: the third trains while the other worker has
+    nothing left. By default it keeps its thread count (a study's numbers repeat bit for
+    bit whatever the timing); with --share-cores it takes the idle worker's core."""
+    from cnnbench.cli import main
+
+    (workdir / "cores.yaml").write_text(SHARED.format(name="cores"))
+    args = ["study", str(workdir / "cores.yaml"), "--no-fuse", "--workers", "2"]
+    assert main(args + (["--share-cores"] if share else [])) == 0
+    tags = _threads_tags(workdir, "cores")
+    assert len(tags) == 3
+    steady = {t for t in tags.values() if "-" not in t}
+    changed = [t.split("-") for t in tags.values() if "-" in t]
+    if share:
+        assert changed and all(int(b) > int(a) for a, b in changed), tags
+    else:
+        assert not changed and len(steady) == 1, tags

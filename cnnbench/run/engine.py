@@ -986,10 +986,13 @@ def results_written(sweep: Session, fingerprint: str) -> None:
 # worker processes
 
 
-def launch_workers(sweep: Session, n: int, *, threads: int | None = None) -> WorkerReport:
+def launch_workers(sweep: Session, n: int, *, threads: int | None = None, share_cores: bool = False) -> WorkerReport:
     """`n` worker processes on this machine (one GPU each, round robin, where there are
     GPUs; `threads` CPU threads each) that join this session's study and train its
-    trials, their progress shown here one line per running trial. Returns when all end."""
+    trials, their progress shown here one line per running trial. Returns when all end.
+    `share_cores`: a CPU worker that runs out of work gives its threads to those still
+    training (cores.CoreShare); off, every trial keeps `threads` from start to end, so its
+    numbers are the same bits whenever the others end."""
 
     gpus = torch.cuda.device_count()
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked CUDA or MLflow state
@@ -1008,7 +1011,7 @@ def launch_workers(sweep: Session, n: int, *, threads: int | None = None) -> Wor
                                        args=(sweep.spec, sweep.kind,
                                              {**sweep.open_args, "storage": sweep.url, "checked": True},
                                              f"w{i}", threads, i % gpus if gpus else None, events,
-                                             (training, n * threads if threads else None)))
+                                             (training, n * threads if threads and share_cores else None)))
                     proc.start()
                     procs.append(proc)
             board.handle(("line", "", f"{sweep.kind} {sweep.spec.name}: {n} workers started (pids "
@@ -1037,8 +1040,8 @@ def worker_main(spec: StudySpec, kind: str, open_args: dict[str, Any], label: st
                 gpu: int | None, events: Any, share: tuple[Any, int | None] | None = None) -> None:
     """A worker process: join the study, train until nothing is left, exit (0; 3 when its
     trials kept failing; 2 on bad input; 130 on Ctrl-C). `share`: the counter of workers
-    training and the threads of all together (None off the CPU), to share the CPU's cores
-    out as workers end and to wake when one does (cores.CoreShare)."""
+    training, to wake when one ends, and the threads of all together, to share the CPU's
+    cores out as workers end (None: off the CPU, or without --share-cores; cores.CoreShare)."""
     try:
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent

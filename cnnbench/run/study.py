@@ -65,10 +65,12 @@ class StudyOutcome:
 def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.PathLike = "results",
               tracking: str | None = None, state: str | os.PathLike | None = None, storage: str | None = None,
               fuse: bool | None = None, workers: int | None = None, max_fuse: int = 16, command: str = "",
-              final: bool = True) -> StudyOutcome | None:
+              final: bool = True, share_cores: bool = False) -> StudyOutcome | None:
     """Run (or join) the study: train its runs here, or in `workers` processes, and write
     the results when this is the process that ends it (None where another one does).
-    `fuse` and `workers` None: chosen per device (see `execution`)."""
+    `fuse` and `workers` None: chosen per device (see `execution`). `share_cores`: on the
+    CPU, a worker that runs out of work gives its core to those still training (faster
+    when groups are uneven, but their trials' rounding then depends on when it ended)."""
     p = plan(spec)
     device = p.runs[0].device
     asked_to_fuse = fuse
@@ -87,7 +89,7 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
     try:
         workers = max(1, min(workers, pending))
         if pending and workers > 1:
-            report = launch_workers(session, workers, threads=threads)
+            report = launch_workers(session, workers, threads=threads, share_cores=share_cores)
         elif pending:
             if threads:
 
@@ -112,9 +114,10 @@ def execution(device: str, fuse: bool | None, workers: int | None) -> tuple[bool
     beats one trial per worker (see the README's Speed section), where vmap-fused trials
     are slower than one at a time; on an accelerator fusing is the point. So by default:
     on the CPU one worker per core, one thread each, each training a wide group of the
-    trials whose model widens (`cpu_groups`); a worker that runs out of work gives its core
-    to those still training (run/cores.py: their trials' rounding then changes, not their
-    maths); elsewhere fused groups in one process."""
+    trials whose model widens (`cpu_groups`), every trial on one thread from start to end,
+    so a study's numbers are the same bits however its workers' timing falls (with
+    `share_cores`, a worker that runs out of work gives its core to those still training:
+    run/cores.py); elsewhere fused groups in one process."""
     on_cpu = resolve_device(device).type == "cpu"
     cores = usable_cores()
     fuse = True if fuse is None else fuse

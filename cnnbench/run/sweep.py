@@ -19,17 +19,20 @@ from cnnbench.train.device import resolve_device, usable_cores
 from cnnbench.util import interrupt
 
 
-def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, **kwargs: Any) -> tuple[Any, Any, Any]:
+def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, share_cores: bool = False,
+              **kwargs: Any) -> tuple[Any, Any, Any]:
     """Open (or join) the sweep, train trials here (or in `workers` processes), and
     finish it when this is the process that ends it. Returns (session, report, outcome);
-    the outcome is None where another process writes the results."""
+    the outcome is None where another process writes the results. `share_cores`: as
+    for a study (study.run_study)."""
     sweep = open_sweep(spec, **kwargs)
     try:
         if workers > 1:
             # on the CPU the workers share the cores: N workers with every core each spend their
             # time waiting for each other's threads (measured: 6x slower for LeNet with 2 on 2)
             on_cpu = resolve_device(spec.base_config().device).type == "cpu"
-            report = launch_workers(sweep, workers, threads=max(1, usable_cores() // workers) if on_cpu else None)
+            report = launch_workers(sweep, workers, threads=max(1, usable_cores() // workers) if on_cpu else None,
+                                    share_cores=share_cores)
         else:
             report = work(sweep)
         if report.stopped:

@@ -499,18 +499,24 @@ def time_lr_study(*, data_root=None, device: str = "auto", epochs: int = 10, say
     spec = StudySpec(name="bench-lr", path="(cnnbench bench --lr-study)", title="lr study, timed",
                      source="document 003", description="", scientific={"lr": LR_STUDY}, nuisance={},
                      fixed=fixed, seeds=(0,), reported=())
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        run_study(spec, data_root=root, results_root=Path(tmp) / "results", tracking=f"sqlite:///{tmp}/mlflow.db",
-                  state=Path(tmp) / "state")
-        ours = time.perf_counter() - t0
-    say(f"cnnbench study runner, 5 trials x {epochs} epochs (test set after each epoch, MLflow, checkpoints, "
-        f"results): {ours:.1f} s")
+    timed = {}
+    for share in (False, True) if dev.type == "cpu" else (False,):  # --share-cores: only the CPU's threads
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            run_study(spec, data_root=root, results_root=Path(tmp) / "results", tracking=f"sqlite:///{tmp}/mlflow.db",
+                      state=Path(tmp) / "state", share_cores=share)
+            timed[share] = time.perf_counter() - t0
+        say(f"cnnbench study runner{' --share-cores' if share else ''}, 5 trials x {epochs} epochs (test set after "
+            f"each epoch, MLflow, checkpoints, results): {timed[share]:.1f} s")
+    ours = timed[False]
     base = TrialConfig.from_dict(fixed)
     naive = sum(naive_trial(base.replace(lr=lr), root, dev, epochs=epochs, evaluate=True)[1] for lr in LR_STUDY)
     say(f"naive loop, 5 trials one after another, the same epochs and test passes: {naive:.1f} s; "
-        f"cnnbench is {naive / ours:.2f}x faster")
+        f"cnnbench is {naive / ours:.2f}x faster" + (f", {naive / timed[True]:.2f}x with --share-cores"
+                                                     if True in timed else ""))
     if out_dir is not None:
+        shared = (f"| the same with `--share-cores` (a worker out of trials gives its core to the other; not "
+                  f"bitwise repeatable) | {timed[True]:.1f} | {naive / timed[True]:.2f} |\n" if True in timed else "")
         fileio.write_text(out_dir / "lr_study.md", (
             f"# The learning-rate study, timed both ways\n\n"
             f"5 trials (lr {', '.join(map(str, LR_STUDY))}) x {epochs} epochs of LeNet-5 on all of MNIST, a test "
@@ -518,8 +524,9 @@ def time_lr_study(*, data_root=None, device: str = "auto", epochs: int = 10, say
             f"| way | wall time (s) | x naive |\n|---|---|---|\n"
             f"| naive loop, trials one after another | {naive:.1f} | 1.00 |\n"
             f"| cnnbench study runner (its defaults here; MLflow, checkpoints, results included) | {ours:.1f} "
-            f"| {naive / ours:.2f} |\n"))
-    return {"naive_seconds": naive, "cnnbench_seconds": ours, "ratio": naive / ours}
+            f"| {naive / ours:.2f} |\n" + shared))
+    return {"naive_seconds": naive, "cnnbench_seconds": ours, "ratio": naive / ours,
+            **({"shared_seconds": timed[True]} if True in timed else {})}
 
 
 # ----------------------------------------------------------------------------------------

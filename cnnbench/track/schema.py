@@ -62,7 +62,7 @@ TAG_FUSED_WITH = "fused_with"  # trials trained together with it, itself include
 TAG_TORCH_VERSION = "torch_version"
 TAG_DIVERGED = "diverged"  # "true" when it diverged
 TAG_TRIAL_THREADS = "threads"  # a study trial's CPU threads (empty: torch's default; "1-2": it started
-# with 1 and ended with 2, taking the cores of worker processes that had ended, run/cores.py)
+# with 1 and ended with 2, taking the cores of worker processes that had ended: --share-cores, run/cores.py)
 TAG_PHASE = "cnnbench.phase"  # a sweep's trial: search | final
 TAG_SEARCHED = "cnnbench.searched"  # a sweep's trial: the searched hyperparameters, comma-separated
 TAG_TESTED = "cnnbench.tested"  # a sweep's final run: how its test set was read
