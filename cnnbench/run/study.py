@@ -114,7 +114,7 @@ def execution(device: str, fuse: bool | None, workers: int | None) -> tuple[bool
     beats one trial per worker (see the README's Speed section), where vmap-fused trials
     are slower than one at a time; on an accelerator fusing is the point. So by default:
     on the CPU one worker per core, one thread each, each training a wide group of the
-    trials whose model widens (`cpu_groups`), every trial on one thread from start to end,
+    trials whose model widens (`cpu_groups`), every trial on its threads from start to end,
     so a study's numbers are the same bits however its workers' timing falls (with
     `share_cores`, a worker that runs out of work gives its core to those still training:
     run/cores.py); elsewhere fused groups in one process."""
