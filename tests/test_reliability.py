@@ -189,6 +189,27 @@ def test_ctrl_c_while_the_workers_start_stops_cleanly(workdir, how):
     assert not (workdir / "results" / "early").exists()
 
 
+def test_ctrl_c_right_after_the_parent_run_is_created_leaves_it_killed(workdir, monkeypatch):
+    """The stretch between the parent run's creation and the training (its tags) is covered
+    too: CI once caught the Ctrl-C of the test above there, and the parent stayed RUNNING.
+    The Ctrl-C comes here as the signal handler would raise it, in the first tag's write."""
+    from cnnbench.api import run_study
+    from cnnbench.track.schema import TAG_FUSE
+
+    tag = MlflowClient.set_tag
+
+    def interrupted(self, run_id, key, *args, **kwargs):
+        if key == TAG_FUSE:
+            raise KeyboardInterrupt
+        return tag(self, run_id, key, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_tag", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(write_spec(workdir, name="tagged", epochs=1, subset=640))
+    _, every = runs(workdir, "tagged")
+    assert every and {r.info.status for r in every} == {"KILLED"}
+
+
 def test_a_diverging_trial_is_recorded_and_the_study_goes_on(workdir):
     spec = write_spec(workdir, name="div", epochs=2, subset=640)
     spec.write_text(spec.read_text().replace("[0.02, 0.05]", "[0.05, 10.0]"))

@@ -79,20 +79,19 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
     session = open_session(spec, "study", plan=p, storage=storage, tracking=tracking, state=state,
                            results_root=results_root, data_root=data_root, command=command,
                            fuse_k=max_fuse if fuse else 1, wide_only=wide_only)
-    pending = len(session.configs) - session.skipped
-    if wide_only:  # one wide group per worker
-        session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, workers, max_fuse)
-    session.threads = threads
-    for key, value in {TAG_FUSE: str(fuse), TAG_WORKERS: str(workers),
-                       TAG_THREADS: str(threads or "")}.items():
-        session.tracker.client.set_tag(session.parent, key, value)
-    try:
+    try:  # from here a Ctrl-C leaves the parent run KILLED (open_session covers its own stretch)
+        pending = len(session.configs) - session.skipped
+        if wide_only:  # one wide group per worker
+            session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, workers, max_fuse)
+        session.threads = threads
+        for key, value in {TAG_FUSE: str(fuse), TAG_WORKERS: str(workers),
+                           TAG_THREADS: str(threads or "")}.items():
+            session.tracker.client.set_tag(session.parent, key, value)
         workers = max(1, min(workers, pending))
         if pending and workers > 1:
             report = launch_workers(session, workers, threads=threads, share_cores=share_cores)
         elif pending:
             if threads:
-
                 torch.set_num_threads(threads)
             report = work(session)
         else:
