@@ -33,9 +33,12 @@ from cnnbench.models.summary import summarize as layer_summary
 from cnnbench.report import analysis
 from cnnbench.report.compare import compare_command
 from cnnbench.report.tables import history_text
+from cnnbench.run.final import SweepOutcome
+from cnnbench.run.session import Session
 from cnnbench.run.study import StudyOutcome
 from cnnbench.run.study import run_study as study_runner
 from cnnbench.run.sweep import run_sweep as sweep_runner
+from cnnbench.run.workers import WorkerReport
 from cnnbench.tools import resources
 from cnnbench.tools.bench import bench as run
 from cnnbench.tools.gpu_check import gpu_check as run_gpu_check
@@ -99,33 +102,54 @@ def run_trial(config: TrialConfig | None = None, *, data_root: str | os.PathLike
     return result
 
 
-def run_study(spec: StudySpec | str | os.PathLike, **kwargs: Any) -> StudyOutcome | None:
+def run_study(spec: StudySpec | str | os.PathLike, *, data_root: str | os.PathLike | None = None,
+              results_root: str | os.PathLike = "results", tracking: str | None = None,
+              state: str | os.PathLike | None = None, storage: str | None = None, fuse: bool | None = None,
+              workers: int | None = None, max_fuse: int = 16, command: str = "", final: bool = True,
+              share_cores: bool = False) -> StudyOutcome | None:
     """Run (or join, or resume) a grid study: `results/<study>/` and one MLflow parent run.
-    Keywords: data_root, results_root, tracking, state, storage (an Optuna storage URL
-    shared by several machines), fuse, workers, max_fuse, command, final, share_cores
-    (off: every trial keeps one thread count, so its numbers repeat bit for bit). Returns the
-    outcome (rows, files, counts), or None when another process writes the results."""
+
+    `storage`: an Optuna storage URL that processes on several machines share (default: a
+    SQLite file in the state folder). `fuse` and `workers` None: chosen per device (on the
+    CPU one worker per core, each training a wide group; on CUDA/MPS fused groups of up to
+    `max_fuse` in one process). `final` False: only train; the process that ends the study
+    writes the results. `share_cores`: on the CPU a worker that runs out of trials gives
+    its core to those still training (faster, but their numbers no longer repeat bit for
+    bit). `command`: the command line recorded with the runs. Returns the outcome (rows,
+    files, counts), or None when another process writes the results."""
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
     if not spec.scientific:
         raise ConfigError(f"{spec.path}: no scientific block; a spec with only a search block is run by run_sweep")
-    if kwargs.get("workers") is not None and kwargs["workers"] < 1:
-        raise ConfigError(f"--workers: must be >= 1, got {kwargs['workers']}")
-    if kwargs.get("max_fuse", 16) < 1:
-        raise ConfigError(f"--max-fuse: must be >= 1, got {kwargs['max_fuse']}")
-    return study_runner(spec, **kwargs)
+    at_least_one(workers=workers, max_fuse=max_fuse)
+    return study_runner(spec, data_root=data_root, results_root=results_root, tracking=tracking, state=state,
+                        storage=storage, fuse=fuse, workers=workers, max_fuse=max_fuse, command=command,
+                        final=final, share_cores=share_cores)
 
 
-def run_sweep(spec: StudySpec | str | os.PathLike, **kwargs: Any) -> tuple[Any, Any, Any]:
-    """Run (or join, or resume) an Optuna sweep over the spec's search block. Keywords:
-    workers, final, storage, tracking, state, results_root, n_trials, sampler_seed,
-    data_root, command, fuse_k, share_cores. Returns (session, worker report, outcome or None)."""
+def run_sweep(spec: StudySpec | str | os.PathLike, *, workers: int = 1, final: bool = True,
+              storage: str | None = None, tracking: str | None = None, state: str | os.PathLike | None = None,
+              results_root: str | os.PathLike = "results", n_trials: int | None = None,
+              sampler_seed: int | None = None, data_root: str | os.PathLike | None = None, command: str = "",
+              fuse_k: int | None = None, share_cores: bool = False) -> tuple[Session, WorkerReport, SweepOutcome | None]:
+    """Run (or join, or resume) an Optuna sweep over the spec's search block.
+
+    `workers` processes here (more join with the same `storage` from elsewhere);
+    `n_trials` finished trials to reach (default: the spec's); `sampler_seed` seeds the
+    sampler; `fuse_k` trials each worker takes at once and trains fused (default: 16 on
+    CUDA and MPS, 1 on the CPU); `final` False: only train trials. Returns (session,
+    worker report, outcome), the outcome None where another process writes the results."""
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
-    for name in ("n_trials", "fuse_k"):
-        if kwargs.get(name) is not None and kwargs[name] < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {kwargs[name]}")
-    if kwargs.get("workers", 1) < 1:
-        raise ConfigError(f"--workers: must be >= 1, got {kwargs['workers']}")
-    return sweep_runner(spec, **kwargs)
+    at_least_one(n_trials=n_trials, fuse_k=fuse_k, workers=workers)
+    return sweep_runner(spec, workers=workers, final=final, storage=storage, tracking=tracking, state=state,
+                        results_root=results_root, n_trials=n_trials, sampler_seed=sampler_seed,
+                        data_root=data_root, command=command, fuse_k=fuse_k, share_cores=share_cores)
+
+
+def at_least_one(**counts: int | None) -> None:
+    """A count option given below 1 is bad input (None: the default)."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
 
 
 def evaluate(checkpoint: str | os.PathLike, *, device: str = "auto", data_root: str | os.PathLike | None = None,
@@ -184,11 +208,13 @@ def bench(**kwargs: Any) -> list[str]:
     return run(**kwargs)
 
 
-def summary_text(model: str | None = None, **kwargs: Any) -> str:
-    """`cnnbench summary`: per-layer tables (or the documents' counts) as text, or written
-    under `results_dir`."""
-
-    return summary_command(model, **kwargs)
+def summary_text(model: str | None = None, *, input: str | None = None, classes: int = 10, fmt: str = "table",
+                 all_models: bool = False, documents: bool = False, results_dir: str | None = None) -> str:
+    """`cnnbench summary`: per-layer tables of `model` (or every model, `all_models`), with
+    the documents' counts beside ours (`documents`), as text in `fmt` (table, markdown,
+    csv), or written under `results_dir`/summary/; `input` one image as CxHxW."""
+    return summary_command(model, input=input, classes=classes, fmt=fmt, all_models=all_models, documents=documents,
+                           results_dir=results_dir)
 
 
 def compare(a: str, b: str, *, labels: str | None = None, name: str | None = None, out: str = "results",
@@ -211,9 +237,12 @@ def screenshot(study: str, out: str | os.PathLike, *, charts: str | os.PathLike 
     return screenshot_study(study, out, charts=charts, tracking_uri=tracking)
 
 
-def gpu_check(out: str | os.PathLike, **kwargs: Any) -> Any:
-    """Every GPU measurement in one command, into `out` (`tools.gpu_check`)."""
-    return run_gpu_check(out, **kwargs)
+def gpu_check(out: str | os.PathLike, *, dry_run: bool = False, data_root: str | os.PathLike | None = None,
+              budget: float = 480.0, parts: str = "tests,bench,studies", studies: str | None = None) -> Any:
+    """Every GPU measurement in one command, into `out` (`tools.gpu_check`): `parts`
+    (comma-separated: tests, bench, kbench, studies) within `budget` seconds; `studies`
+    comma-separated NAME or NAME:KEY=VALUE; `dry_run` takes the same path on the CPU."""
+    return run_gpu_check(out, dry_run=dry_run, data_root=data_root, budget=budget, parts=parts, studies=studies)
 
 
 def command(name: str, /, *, typed: str = "", **o: Any) -> tuple[str, int]:

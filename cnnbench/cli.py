@@ -65,99 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cnnbench {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     settings = settings_help()
-    workers = "worker processes here, one GPU each where there are GPUs"
-    share = flag("--share-cores", "on the CPU, a worker that runs out of trials gives its core to the workers still "
-                 "training: faster when groups end unevenly, but those trials' numbers then depend on when it ended "
-                 "(rounding, not maths; MLflow tag threads=1-2), so a rerun no longer repeats them bit for bit")
-    command(sub, "run", cmd_run, "train one trial", "Train one trial with the default settings (document 003's "
-            "LeNet-5 run) changed by --set, and record it in MLflow.", [
-                SETS, DATA, TRACKING, STATE, opt("--experiment", "cnnbench-run", "MLflow experiment"),
-                flag("--no-track", "do not record the trial in MLflow"),
-                flag("--resume", "go on from the last epoch checkpoint of the same settings")], settings)
-    command(sub, "study", cmd_study, "run a study spec (studies/*.yaml)", "Train every trial of a study spec (those "
-            "finished in the tracking store are read back) and write results/<study>/. The same command resumes it; "
-            "processes here (--workers) or elsewhere (the same --storage) share its trials, each trained once, "
-            "under one MLflow parent run.", [
-                ("spec", dict(help="the study's YAML file, e.g. studies/lr.yaml")), SETS, DATA,
-                opt("--seeds", None, "seeds to repeat over, replacing the spec's", metavar="S[,S...]"),
-                opt("--results-dir", "results", "where results/<study>/ goes", metavar="DIR"), TRACKING, STATE, STORAGE,
-                ("--fuse", dict(help="train compatible trials fused, up to --max-fuse (default on CUDA/MPS)",
-                                no="train every trial alone (default on the CPU: wide groups, for models that widen)")),
-                opt("--max-fuse", 16, "largest fused group", int, metavar="K"),
-                opt("--workers", None, workers + " (default: one per core on the CPU, 1 on CUDA/MPS)", int, metavar="N"),
-                share,
-                flag("--no-final", "only train; the process that ends the study writes the results")], settings)
-    command(sub, "sweep", cmd_sweep, "run an Optuna sweep over a spec's search space", "Find the best settings over a "
-            "spec's search block with Optuna, each trial scored on a validation split (never the test set) and maybe "
-            "pruned. The same command resumes it; workers elsewhere join with the same --storage. At the end the best "
-            "trial is trained over sweep.final_seeds, tested once, and results/<sweep>/ written.", [
-                ("spec", dict(help="the sweep's YAML file, e.g. studies/sweep-lenet.yaml")), SETS, DATA,
-                opt("--n-trials", None, "finished trials to reach (default: the spec's)", int, metavar="N"), STORAGE,
-                opt("--workers", 1, workers, int, metavar="N"), share,
-                opt("--sampler-seed", None, "seed of the sampler (default: random)", int, metavar="S"),
-                opt("--fuse-k", None, "trials each worker takes at once and trains fused, each still its own trial "
-                    "(default: 16 on CUDA and MPS, 1 on the CPU)", int, metavar="K"),
-                opt("--results-dir", "results", "where results/<sweep>/ goes", metavar="DIR"), TRACKING, STATE,
-                flag("--no-final", "only train trials; another worker writes the results"),
-                flag("--print-storage", "print the sweep's default storage URL and exit")], settings)
-    command(sub, "models", cmd_tool, "list the registered architectures", "The registry: name, parameters, source.", [])
-    command(sub, "evaluate", cmd_tool, "re-test a saved checkpoint", "Measure a checkpoint's loss and accuracy on "
-            "the test set (last.pt, best.pt, epoch_NNN.pt, or the MLflow artifact).", [
-                ("checkpoint", dict(help="path of the .pt file")), DATA, DEVICE,
-                opt("--test-batch-size", 1024, "evaluation batch size", int)])
-    command(sub, "bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time on one device: the naive "
-            "loop (a DataLoader, .to(device), loss.item() each step), cnnbench's loop, and K fused trials for K = 1, "
-            "2, 4, ... until throughput stops rising; model-images/s and ratios in results/bench/.", [
-                DATA, DEVICE, opt("--model", "lenet5", "registry name"), opt("--batch-size", 64, "batch size", int),
-                opt("--steps", 200, "timed steps per measurement", int),
-                opt("--repeats", 3, "repeats per measurement (the median is shown)", int),
-                opt("--max-k", None, "largest K (default: 64 on CUDA, 16 elsewhere)", int),
-                flag("--options", "also time channels_last, TF32, bf16, compile, CUDA graphs, one at a time"),
-                flag("--lr-study", "also train the lr study's trials for real, naive vs cnnbench"),
-                opt("--epochs", 10, "epochs for --lr-study", int),
-                flag("--sweep", "instead: time an Optuna sweep one trial at a time and --fuse-k at a time"),
-                opt("--fuse-k", None, "with --sweep: trials fused (default: 16 on CUDA and MPS, 8 on the CPU)", int),
-                opt("--sweep-trials", 32, "with --sweep: trials", int), opt("--sweep-epochs", 3, "with --sweep: epochs", int),
-                opt("--sweep-train-subset", None, "with --sweep: images per epoch (default: all)", int, metavar="N"),
-                flag("--engines", "only the fused engines, wide against vmap, K = 1, 2, 4, ... --max-k"),
-                opt("--results-dir", "results", "writes RESULTS_DIR/bench/", metavar="DIR")])
-    command(sub, "summary", cmd_tool, "per-layer shapes, parameters, MACs and memory of a model", "Per layer: output "
-            "shape, parameters, multiply-accumulates (MACs = FLOPs / 2) and activation memory of one image, then "
-            "totals; --documents checks the documents' hand counts against them.", [
-                ("model", dict(nargs="?", help="a registered model (see `cnnbench models`)")),
-                opt("--input", None, "one image, e.g. 1x28x28 (default: the model's own)", metavar="CxHxW"),
-                opt("--classes", 10, "outputs of the last layer", int, metavar="N"),
-                opt("--format", "table", "output", choices=("table", "markdown", "csv")),
-                flag("--all", "every registered model"), flag("--documents", "the documents' counts beside ours"),
-                opt("--results-dir", None, "write markdown under DIR/summary/ instead of printing", metavar="DIR")])
-    command(sub, "compare", cmd_tool, "does execution B of a study reproduce execution A?", "Per trial config: the "
-            "paired difference B - A over the seeds, its 95% interval, a Holm-corrected p-value and a verdict; in "
-            "OUT/compare-NAME/compare.md and compare.csv.", [
-                ("a", dict(metavar="A", help="the reference: a results/<study>/ folder, or a study run's MLflow id")),
-                ("b", dict(metavar="B", help="the execution checked against A, in the same forms")),
-                opt("--labels", None, "names of A and B, e.g. fp32,bf16", metavar="A,B"),
-                opt("--name", None, "the output folder is OUT/compare-NAME (default: from the labels)"),
-                opt("--out", "results", "where compare-NAME/ goes", metavar="DIR"), TRACKING])
-    command(sub, "report", cmd_tool, "the notebooks as HTML for the studies and sweeps in results/", "Execute "
-            "notebooks/analysis.ipynb for every study folder with runs in the tracking store, sweep.ipynb for every "
-            "sweep, models.ipynb once; HTML beside them, results/index.html. Needs cnnbench[report].", [
-                ("names", dict(nargs="*", metavar="NAME", help="only these studies or sweeps (default: all)")),
-                opt("--results-dir", "results", "the results folder", metavar="DIR"), TRACKING,
-                opt("--timeout", 600, "seconds one notebook cell may run", int, metavar="S")])
-    command(sub, "ui-screenshot", cmd_tool, "the MLflow UI's view of a study as PNG files", "Open the MLflow UI in "
-            "headless Chromium on a study's comparison view and save it. Needs cnnbench[ui].", [
-                opt("--study", "lr", "the study (MLflow experiment)"),
-                opt("--out", "results/mlflow-compare.png", "the comparison view's file", metavar="PNG"),
-                opt("--charts", None, "also the chart view of train/loss by value", metavar="PNG"), TRACKING])
-    command(sub, "gpu-check", cmd_tool, "every GPU measurement in one command", "On a CUDA machine, into one folder: "
-            "the CUDA tests, `bench --options`, a profile, and the document studies while the budget lasts. "
-            "--dry-run takes the same path on the CPU at toy sizes.", [
-                opt("--out", "results/gpu", "folder for everything it writes", metavar="DIR"),
-                flag("--dry-run", "the same path on the CPU, at toy sizes"),
-                opt("--budget", 480.0, "seconds in all; later studies are skipped past it", float),
-                opt("--parts", "tests,bench,studies", "comma-separated: tests, bench, kbench, studies", metavar="LIST"),
-                opt("--studies", None, "comma-separated NAME or NAME:KEY=VALUE (default: the documents')",
-                    metavar="LIST"), DATA])
+    for name, run, summary, description, options, *epilog in COMMANDS:
+        command(sub, name, run, summary, description, options, settings if epilog else "")
     return parser
 
 
@@ -221,6 +130,105 @@ def typed(args: argparse.Namespace) -> str:
         return f"{name}{eq}{masked(value)}" if "://" in value else arg
 
     return "cnnbench " + " ".join(shlex.quote(hide(a)) for a in args.argv)
+
+
+# ----------------------------------------------------------------------------------------
+# the commands, as data: (name, handler, summary, description, options[, True: the settings epilog])
+
+WORKERS = "worker processes here, one GPU each where there are GPUs"
+SHARE = flag("--share-cores", "on the CPU, a worker that runs out of trials gives its core to the workers still "
+             "training: faster when groups end unevenly, but those trials' numbers then depend on when it ended "
+             "(rounding, not maths; MLflow tag threads=1-2), so a rerun no longer repeats them bit for bit")
+RUN = ("run", cmd_run, "train one trial", "Train one trial with the default settings (document 003's "
+        "LeNet-5 run) changed by --set, and record it in MLflow.", [
+            SETS, DATA, TRACKING, STATE, opt("--experiment", "cnnbench-run", "MLflow experiment"),
+            flag("--no-track", "do not record the trial in MLflow"),
+            flag("--resume", "go on from the last epoch checkpoint of the same settings")], True)
+STUDY = ("study", cmd_study, "run a study spec (studies/*.yaml)", "Train every trial of a study spec (those "
+        "finished in the tracking store are read back) and write results/<study>/. The same command resumes it; "
+        "processes here (--workers) or elsewhere (the same --storage) share its trials, each trained once, "
+        "under one MLflow parent run.", [
+            ("spec", dict(help="the study's YAML file, e.g. studies/lr.yaml")), SETS, DATA,
+            opt("--seeds", None, "seeds to repeat over, replacing the spec's", metavar="S[,S...]"),
+            opt("--results-dir", "results", "where results/<study>/ goes", metavar="DIR"), TRACKING, STATE, STORAGE,
+            ("--fuse", dict(help="train compatible trials fused, up to --max-fuse (default on CUDA/MPS)",
+                            no="train every trial alone (default on the CPU: wide groups, for models that widen)")),
+            opt("--max-fuse", 16, "largest fused group", int, metavar="K"),
+            opt("--workers", None, WORKERS + " (default: one per core on the CPU, 1 on CUDA/MPS)", int, metavar="N"),
+            SHARE,
+            flag("--no-final", "only train; the process that ends the study writes the results")], True)
+SWEEP = ("sweep", cmd_sweep, "run an Optuna sweep over a spec's search space", "Find the best settings over a "
+        "spec's search block with Optuna, each trial scored on a validation split (never the test set) and maybe "
+        "pruned. The same command resumes it; workers elsewhere join with the same --storage. At the end the best "
+        "trial is trained over sweep.final_seeds, tested once, and results/<sweep>/ written.", [
+            ("spec", dict(help="the sweep's YAML file, e.g. studies/sweep-lenet.yaml")), SETS, DATA,
+            opt("--n-trials", None, "finished trials to reach (default: the spec's)", int, metavar="N"), STORAGE,
+            opt("--workers", 1, WORKERS, int, metavar="N"), SHARE,
+            opt("--sampler-seed", None, "seed of the sampler (default: random)", int, metavar="S"),
+            opt("--fuse-k", None, "trials each worker takes at once and trains fused, each still its own trial "
+                "(default: 16 on CUDA and MPS, 1 on the CPU)", int, metavar="K"),
+            opt("--results-dir", "results", "where results/<sweep>/ goes", metavar="DIR"), TRACKING, STATE,
+            flag("--no-final", "only train trials; another worker writes the results"),
+            flag("--print-storage", "print the sweep's default storage URL and exit")], True)
+MODELS = ("models", cmd_tool, "list the registered architectures", "The registry: name, parameters, source.", [])
+EVALUATE = ("evaluate", cmd_tool, "re-test a saved checkpoint", "Measure a checkpoint's loss and accuracy on "
+        "the test set (last.pt, best.pt, epoch_NNN.pt, or the MLflow artifact).", [
+            ("checkpoint", dict(help="path of the .pt file")), DATA, DEVICE,
+            opt("--test-batch-size", 1024, "evaluation batch size", int)])
+BENCH = ("bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time on one device: the naive "
+        "loop (a DataLoader, .to(device), loss.item() each step), cnnbench's loop, and K fused trials for K = 1, "
+        "2, 4, ... until throughput stops rising; model-images/s and ratios in results/bench/.", [
+            DATA, DEVICE, opt("--model", "lenet5", "registry name"), opt("--batch-size", 64, "batch size", int),
+            opt("--steps", 200, "timed steps per measurement", int),
+            opt("--repeats", 3, "repeats per measurement (the median is shown)", int),
+            opt("--max-k", None, "largest K (default: 64 on CUDA, 16 elsewhere)", int),
+            flag("--options", "also time channels_last, TF32, bf16, compile, CUDA graphs, one at a time"),
+            flag("--lr-study", "also train the lr study's trials for real, naive vs cnnbench"),
+            opt("--epochs", 10, "epochs for --lr-study", int),
+            flag("--sweep", "instead: time an Optuna sweep one trial at a time and --fuse-k at a time"),
+            opt("--fuse-k", None, "with --sweep: trials fused (default: 16 on CUDA and MPS, 8 on the CPU)", int),
+            opt("--sweep-trials", 32, "with --sweep: trials", int), opt("--sweep-epochs", 3, "with --sweep: epochs", int),
+            opt("--sweep-train-subset", None, "with --sweep: images per epoch (default: all)", int, metavar="N"),
+            flag("--engines", "only the fused engines, wide against vmap, K = 1, 2, 4, ... --max-k"),
+            opt("--results-dir", "results", "writes RESULTS_DIR/bench/", metavar="DIR")])
+SUMMARY = ("summary", cmd_tool, "per-layer shapes, parameters, MACs and memory of a model", "Per layer: output "
+        "shape, parameters, multiply-accumulates (MACs = FLOPs / 2) and activation memory of one image, then "
+        "totals; --documents checks the documents' hand counts against them.", [
+            ("model", dict(nargs="?", help="a registered model (see `cnnbench models`)")),
+            opt("--input", None, "one image, e.g. 1x28x28 (default: the model's own)", metavar="CxHxW"),
+            opt("--classes", 10, "outputs of the last layer", int, metavar="N"),
+            opt("--format", "table", "output", choices=("table", "markdown", "csv")),
+            flag("--all", "every registered model"), flag("--documents", "the documents' counts beside ours"),
+            opt("--results-dir", None, "write markdown under DIR/summary/ instead of printing", metavar="DIR")])
+COMPARE = ("compare", cmd_tool, "does execution B of a study reproduce execution A?", "Per trial config: the "
+        "paired difference B - A over the seeds, its 95% interval, a Holm-corrected p-value and a verdict; in "
+        "OUT/compare-NAME/compare.md and compare.csv.", [
+            ("a", dict(metavar="A", help="the reference: a results/<study>/ folder, or a study run's MLflow id")),
+            ("b", dict(metavar="B", help="the execution checked against A, in the same forms")),
+            opt("--labels", None, "names of A and B, e.g. fp32,bf16", metavar="A,B"),
+            opt("--name", None, "the output folder is OUT/compare-NAME (default: from the labels)"),
+            opt("--out", "results", "where compare-NAME/ goes", metavar="DIR"), TRACKING])
+REPORT = ("report", cmd_tool, "the notebooks as HTML for the studies and sweeps in results/", "Execute "
+        "notebooks/analysis.ipynb for every study folder with runs in the tracking store, sweep.ipynb for every "
+        "sweep, models.ipynb once; HTML beside them, results/index.html. Needs cnnbench[report].", [
+            ("names", dict(nargs="*", metavar="NAME", help="only these studies or sweeps (default: all)")),
+            opt("--results-dir", "results", "the results folder", metavar="DIR"), TRACKING,
+            opt("--timeout", 600, "seconds one notebook cell may run", int, metavar="S")])
+UI_SCREENSHOT = ("ui-screenshot", cmd_tool, "the MLflow UI's view of a study as PNG files", "Open the MLflow UI in "
+        "headless Chromium on a study's comparison view and save it. Needs cnnbench[ui].", [
+            opt("--study", "lr", "the study (MLflow experiment)"),
+            opt("--out", "results/mlflow-compare.png", "the comparison view's file", metavar="PNG"),
+            opt("--charts", None, "also the chart view of train/loss by value", metavar="PNG"), TRACKING])
+GPU_CHECK = ("gpu-check", cmd_tool, "every GPU measurement in one command", "On a CUDA machine, into one folder: "
+        "the CUDA tests, `bench --options`, a profile, and the document studies while the budget lasts. "
+        "--dry-run takes the same path on the CPU at toy sizes.", [
+            opt("--out", "results/gpu", "folder for everything it writes", metavar="DIR"),
+            flag("--dry-run", "the same path on the CPU, at toy sizes"),
+            opt("--budget", 480.0, "seconds in all; later studies are skipped past it", float),
+            opt("--parts", "tests,bench,studies", "comma-separated: tests, bench, kbench, studies", metavar="LIST"),
+            opt("--studies", None, "comma-separated NAME or NAME:KEY=VALUE (default: the documents')",
+                metavar="LIST"), DATA])
+COMMANDS = [RUN, STUDY, SWEEP, MODELS, EVALUATE, BENCH, SUMMARY, COMPARE, REPORT, UI_SCREENSHOT, GPU_CHECK]
 
 
 def main(argv: list[str] | None = None) -> int:

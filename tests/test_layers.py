@@ -19,7 +19,7 @@ PACKAGE = ROOT / "cnnbench"
 ALLOWED = {
     # Optuna keeps a trial's storage id as `_trial_id` and has no public accessor; its
     # storage API needs that id (heartbeats, state changes). One helper reads it.
-    ("cnnbench.run.engine", "trial_id", "_trial_id"),
+    ("cnnbench.run.session", "trial_id", "_trial_id"),
     # torch's multi-tensor kernels (what torch.optim's foreach path runs) have no public
     # name; the per-trial optimizer's step is the one user.
     ("cnnbench.train.per_trial", "PerTrialOptimizer.step", "_foreach_*"),

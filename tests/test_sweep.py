@@ -336,7 +336,8 @@ def test_ctrl_c_stops_a_sweep_mid_trial_and_queues_the_trial_again(workdir, how)
 def test_a_trial_whose_worker_stops_beating_on_another_machine_is_queued_again(workdir, monkeypatch):
     from cnnbench.run import storage as sweep_storage
     from cnnbench.config.space import suggest
-    from cnnbench.run.engine import open_sweep, recover
+    from cnnbench.run.claims import recover
+    from cnnbench.run.sweep import open_sweep
 
     monkeypatch.setattr(sweep_storage, "GRACE_S", 1)  # seconds without a heartbeat (60 in use)
     spec = load_spec(write_spec(workdir, "stale", {"lr": [0.1, 0.01]}, {"sampler": "random"}))
@@ -371,7 +372,8 @@ def _curve(client, run_id: str, key: str = "train/loss") -> list[tuple[int, floa
 
 @pytest.mark.slow
 def test_fused_sweep_prunes_one_member_while_the_others_finish(workdir):
-    from cnnbench.run.engine import open_sweep, work
+    from cnnbench.run.sweep import open_sweep
+    from cnnbench.run.workers import work
     from cnnbench.train.loop import run_trial
 
     # one fused group of three grid points; the threshold pruner must stop lr 0.0002 (near
@@ -612,27 +614,29 @@ def test_a_worker_killed_after_recording_its_trial_leaves_it_complete_not_traine
     that outcome instead of a retry (which would leave two FINISHED runs of one trial)."""
     import subprocess as sp
 
-    from cnnbench.run import engine
+    from cnnbench.run.claims import claim, recover
+    from cnnbench.run.search import objective_value
+    from cnnbench.run.sweep import open_sweep
+    from cnnbench.run.trials import prepare, recorder
     from cnnbench.train.loop import run_trial
 
     spec = load_spec(write_spec(workdir, "recorded", {"lr": [0.05]}, {"sampler": "grid", "pruner": "none"}))
-    sweep = engine.open_sweep(spec, fuse_k=1)
+    sweep = open_sweep(spec, fuse_k=1)
     with sweep.lock():
-        trial, _ = engine._next_trial(sweep)
-    engine.suggest(trial, spec)
-    config = sweep.config_of(trial)
-    ckpt, inner = engine._checkpoints_and_run(sweep, trial, config)
-    result = run_trial(config, recorder=engine._recorder(sweep, inner, trial, config), checkpoint_dir=ckpt,
+        (trial,), _ = claim(sweep, 1)  # asked and suggested, with this worker's identity
+    member = prepare(sweep, trial)
+    inner = member.inner
+    result = run_trial(member.config, recorder=recorder(sweep, member), checkpoint_dir=member.ckpt,
                        evaluate_test=False)
     assert sweep.tracker.client.get_run(inner.run_id).info.status == "FINISHED"
     dead = sp.Popen(["true"])
     dead.wait()  # a pid of this machine that no longer runs: the worker that "died" here
     trial.set_user_attr("worker_pid", dead.pid)
     with sweep.lock():
-        engine.recover(sweep)
+        recover(sweep)
     states = [t.state for t in sweep.study.get_trials()]
     assert states == [TrialState.FAIL, TrialState.COMPLETE]  # no WAITING retry
     done = sweep.study.get_trials()[1]
     assert done.params == {"lr": 0.05} and done.user_attrs["mlflow_run_id"] == inner.run_id
-    assert done.value == pytest.approx(engine.objective_value(result, "val_acc"))
+    assert done.value == pytest.approx(objective_value(result, "val_acc"))
     assert sweep.tracker.client.get_run(inner.run_id).info.status == "FINISHED"

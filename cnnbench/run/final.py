@@ -22,7 +22,9 @@ from optuna.trial import TrialState
 from cnnbench.config.space import trial_config
 from cnnbench.config.spec import TrialConfig
 from cnnbench.report import sweep as sweep_report
-from cnnbench.run.engine import Session, claim_results, count_states, is_finished, results_written, trial_data
+from cnnbench.run.claims import claim_results, results_written
+from cnnbench.run.session import Session, count_states
+from cnnbench.run.trials import trial_data
 from cnnbench.run.search import objective_value
 from cnnbench.track.schema import (
     METRIC_BEST_ACC,
@@ -67,45 +69,45 @@ class FinalRun:
 
 
 @dataclass
-class Outcome:
-    sweep: Session
+class SweepOutcome:
+    session: Session
     best: Any  # optuna FrozenTrial
     finals: list[FinalRun]
     files: list[Path]
 
 
-def _fingerprint(sweep: Session) -> str:
+def _fingerprint(session: Session) -> str:
     """What the results depend on: the trials, the final seeds."""
-    assert sweep.spec.sweep is not None
-    return f"{len(sweep.study.get_trials(deepcopy=False))} trials, seeds {list(sweep.spec.sweep.final_seeds)}"
+    assert session.spec.sweep is not None
+    return f"{len(session.study.get_trials(deepcopy=False))} trials, seeds {list(session.spec.sweep.final_seeds)}"
 
 
-def finalize(sweep: Session) -> Outcome | None:
+def finalize(session: Session) -> SweepOutcome | None:
     """When every trial is done: re-run the best over the final seeds and write results.
     Exactly one worker does it; the others return None."""
 
-    with sweep.lock():
-        counts = count_states(sweep.study.get_trials(deepcopy=False))
-        if not is_finished(sweep, counts) or counts["RUNNING"]:
-            print(f"sweep {sweep.spec.name}: {counts['done']}/{sweep.target} trials done, {counts['RUNNING']} running "
+    with session.lock():
+        counts = count_states(session.study.get_trials(deepcopy=False))
+        if not session.is_finished(counts) or counts["RUNNING"]:
+            print(f"sweep {session.spec.name}: {counts['done']}/{session.target} trials done, {counts['RUNNING']} running "
                   "elsewhere; the worker that ends the sweep writes the results", flush=True)
             return None
-        why = claim_results(sweep, _fingerprint(sweep))
+        why = claim_results(session, _fingerprint(session))
     if why:
-        print(f"sweep {sweep.spec.name}: all trials done; {why}", flush=True)
+        print(f"sweep {session.spec.name}: all trials done; {why}", flush=True)
         return None
-    complete = sweep.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    best = sweep.study.best_trial if complete else None
-    finals = _final_runs(sweep, best) if best is not None else []
+    complete = session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    best = session.study.best_trial if complete else None
+    finals = _final_runs(session, best) if best is not None else []
 
-    files = sweep_report.write(sweep, best, finals)
-    sweep.tracker.log_artifacts(sweep.parent, files, "results")
-    _close_parent(sweep, best, finals, counts)
-    results_written(sweep, _fingerprint(sweep))
-    return Outcome(sweep, best, finals, files)
+    files = sweep_report.write(session, best, finals)
+    session.tracker.log_artifacts(session.parent, files, "results")
+    _close_parent(session, best, finals, counts)
+    results_written(session, _fingerprint(session))
+    return SweepOutcome(session, best, finals, files)
 
 
-def _close_parent(sweep: Session, best: Any, finals: list[FinalRun], counts: dict[str, int]) -> None:
+def _close_parent(session: Session, best: Any, finals: list[FinalRun], counts: dict[str, int]) -> None:
 
     ts = int(time.time() * 1000)
     metrics = {METRIC_TRIALS_COMPLETE: counts["COMPLETE"], METRIC_TRIALS_PRUNED: counts["PRUNED"],
@@ -119,25 +121,25 @@ def _close_parent(sweep: Session, best: Any, finals: list[FinalRun], counts: dic
         metrics[METRIC_FINAL_N] = len(accs)
         if len(accs) > 1:
             metrics[METRIC_FINAL_TEST_ACC_STD] = statistics.stdev(accs)
-    sweep.tracker.client.log_batch(sweep.parent, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
+    session.tracker.client.log_batch(session.parent, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
                                    synchronous=True)
     ok = best is not None and all(f.status == FINISHED for f in finals)
-    sweep.tracker.end(sweep.parent, "FINISHED" if ok else "FAILED")
+    session.tracker.end(session.parent, "FINISHED" if ok else "FAILED")
 
 
-def _final_runs(sweep: Session, best: Any) -> list[FinalRun]:
+def _final_runs(session: Session, best: Any) -> list[FinalRun]:
     """The best trial's config over the final seeds, trained with the same validation
     split and tested once, with the best-validation checkpoint. Runs already finished
     (an earlier, interrupted finalisation) are read back from MLflow."""
 
-    spec, s = sweep.spec, sweep.spec.sweep
+    spec, s = session.spec, session.spec.sweep
     assert s is not None
     names = [d.name for d in spec.search]
     configs = [trial_config(spec, best.params, seed) for seed in s.final_seeds]
-    sweep.tracker.close_orphans("the process running it died",
-                                extra=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent}'")
+    session.tracker.close_orphans("the process running it died",
+                                extra=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{session.parent}'")
     done: dict[str, FinalRun] = {}
-    for run in sweep.tracker.trial_runs(parent=sweep.parent, extra=f"tags.`{TAG_PHASE}` = 'final'"):
+    for run in session.tracker.trial_runs(parent=session.parent, extra=f"tags.`{TAG_PHASE}` = 'final'"):
         m, key = run.data.metrics, run.data.tags.get(TAG_KEY)
         if run.info.status in ("FINISHED", "FAILED") and TEST_ACC in m and key and key not in done:
             done[key] = FinalRun(int(run.data.tags.get(TAG_SEED, -1)), run.info.run_id,
@@ -145,29 +147,29 @@ def _final_runs(sweep: Session, best: Any) -> list[FinalRun]:
                                  m.get(METRIC_BEST_ACC, math.nan), int(m.get(METRIC_BEST_EPOCH, 0)), m[TEST_ACC],
                                  m.get(TEST_LOSS, math.nan))
     pending = [c for c in configs if c.key() not in done]
-    ckpt_root = sweep.ckpt_root / "final"
+    ckpt_root = session.ckpt_root / "final"
     data_cache: dict[tuple, Any] = {}
     for idx in fuse_groups(pending):
         group = [pending[i] for i in idx]
-        recorders = [sweep.tracker.recorder(c, parent=sweep.parent, name=f"final: {run_name(c, names)}",
+        recorders = [session.tracker.recorder(c, parent=session.parent, name=f"final: {run_name(c, names)}",
                                             tags={TAG_PHASE: "final", TAG_TRIAL: str(best.number),
                                                   TAG_OPTUNA_STUDY: spec.name, TAG_SEARCHED: ",".join(names)})
                      for c in group]
-        data = trial_data(sweep, group[0], data_cache)
+        data = trial_data(session, group[0], data_cache)
         results = train_group(group, recorders=recorders, data=data, evaluate_test=False,
                               checkpoint_dirs=[ckpt_root / c.key() for c in group],
                               progress=f"final: best trial {best.number}, seeds {','.join(str(c.seed) for c in group)}")
         for c, r, rec in zip(group, results, recorders):
-            done[c.key()] = _test_once(sweep, c, r, rec.run_id or "", data)
+            done[c.key()] = _test_once(session, c, r, rec.run_id or "", data)
             shutil.rmtree(ckpt_root / c.key(), ignore_errors=True)
     return [done[c.key()] for c in configs]
 
 
-def _test_once(sweep: Session, config: TrialConfig, result: TrialResult, run_id: str, data: Any) -> FinalRun:
+def _test_once(session: Session, config: TrialConfig, result: TrialResult, run_id: str, data: Any) -> FinalRun:
     """The test set, read once: the best-validation checkpoint's loss and accuracy."""
 
-    assert sweep.spec.sweep is not None
-    best_val, best_epoch = objective_value(result, sweep.spec.sweep.objective), result.best_epoch
+    assert session.spec.sweep is not None
+    best_val, best_epoch = objective_value(result, session.spec.sweep.objective), result.best_epoch
     path = result.best_checkpoint or result.final_checkpoint
     test_loss = test_acc = math.nan
     if path is not None and Path(path).exists():
@@ -179,7 +181,7 @@ def _test_once(sweep: Session, config: TrialConfig, result: TrialResult, run_id:
             (test_loss,), (test_acc,) = evaluate(engine, data, data.test, config.test_batch_size)
         best_epoch = int(payload["epoch"])
         if run_id:
-            client = sweep.tracker.client
+            client = session.tracker.client
             client.log_metric(run_id, TEST_ACC, test_acc, step=best_epoch)
             client.log_metric(run_id, TEST_LOSS, test_loss, step=best_epoch)
             client.set_tag(run_id, TAG_TESTED, f"once, with the best-validation checkpoint (epoch {best_epoch})")

@@ -1,5 +1,6 @@
 """Grid studies: a spec's planned runs (values x seeds) trained by the one engine
-(`run.engine`), and `results/<study>/` written by the process that ends the study.
+(`run.grid` says what a grid study is to it), and `results/<study>/` written by the
+process that ends the study.
 
 A trial is identified by its resolved config and seed (`TrialConfig.key`), not by its
 position. The study's runs live in an Optuna study (its storage: a SQLite file in the
@@ -32,16 +33,11 @@ from cnnbench.config.space import plan
 from cnnbench.config.spec import StudySpec
 from cnnbench.data.tensors import train_size
 from cnnbench.report.tables import TrialRow, truncate, write_results
-from cnnbench.run.engine import (
-    Session,
-    claim_results,
-    count_states,
-    launch_workers,
-    open_session,
-    pause_parent,
-    results_written,
-    work,
-)
+from cnnbench.run.claims import claim_results, results_written
+from cnnbench.run.grid import GRID
+from cnnbench.run.opening import open_session, pause_parent
+from cnnbench.run.session import Session, count_states
+from cnnbench.run.workers import launch_workers, work
 from cnnbench.track.schema import ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON, TAG_FUSE, TAG_THREADS, TAG_WORKERS
 from cnnbench.train.device import resolve_device, usable_cores
 from cnnbench.train.loop import DIVERGED, FAILED, FINISHED, TrialResult
@@ -76,7 +72,7 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
     asked_to_fuse = fuse
     fuse, workers, threads = execution(device, fuse, workers)
     wide_only = resolve_device(device).type == "cpu" and asked_to_fuse is None  # the CPU fuses only what widens
-    session = open_session(spec, "study", plan=p, storage=storage, tracking=tracking, state=state,
+    session = open_session(spec, GRID, plan=p, storage=storage, tracking=tracking, state=state,
                            results_root=results_root, data_root=data_root, command=command,
                            fuse_k=max_fuse if fuse else 1, wide_only=wide_only)
     try:  # from here a Ctrl-C leaves the parent run KILLED (open_session covers its own stretch)

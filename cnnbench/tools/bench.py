@@ -44,7 +44,8 @@ from cnnbench.config.spec import SearchDim, StudySpec, SweepSettings, TrialConfi
 from cnnbench.data.tensors import DATASETS, data_dir, load_arrays
 from cnnbench.errors import ConfigError
 from cnnbench.models import get_model, list_models
-from cnnbench.run.engine import default_fuse_k, open_sweep, work
+from cnnbench.run.sweep import default_fuse_k, open_sweep
+from cnnbench.run.workers import work
 from cnnbench.run.study import execution, run_study
 from cnnbench.track.schema import ATTR_FUSED_WITH, ATTR_TRAIN_SECONDS
 from cnnbench.train.device import configure_backends, resolve_device, set_tf32, sync

@@ -9,7 +9,7 @@ SIGINT raises KeyboardInterrupt, as in any Python program, with three difference
   results) a SIGINT is held and raised when the stretch ends, so that a record is never
   cut in half, and a second Ctrl-C (the terminal's, then the one a parent forwards)
   never cuts the clean-up of the first;
-- worker processes (a study's or a sweep's, run/engine.py) are started inside
+- worker processes (a study's or a sweep's, run/workers.py) are started inside
   `blocked()`: SIGINT blocked, so that a Ctrl-C while they start reaches none of them
   half-started; each calls `install` (which unblocks it) and the parent forwards a
   Ctrl-C to them.

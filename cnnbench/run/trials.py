@@ -1,0 +1,135 @@
+"""Training a claimed batch of trials and telling each one's outcome.
+
+One path whatever the batch's size: the claimed trials are split into groups that can
+train fused (fused.group_key, and the epoch their checkpoints resume from), and each
+group goes through `train_group`: one FusedEngine, or the SingleEngine for a lone trial.
+Every member stays its own trial: its own heartbeat, MLflow child run, pruning (only it
+stops), checkpoints and outcome. An error fails every member not told yet with the
+reason (a Ctrl-C is the worker loop's: it queues them again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Callable
+
+from cnnbench.config.spec import ConfigError, TrialConfig
+from cnnbench.run import storage as optuna_store
+from cnnbench.run.claims import failed, tell
+from cnnbench.run.search import PruningRecorder
+from cnnbench.run.session import Member, Session, trial_id
+from cnnbench.track.schema import EPOCH
+from cnnbench.track.writer import run_name
+from cnnbench.train.device import resolve_device
+from cnnbench.train.fused import fuse_groups
+from cnnbench.train.loop import load_data, resume_epoch, train_group
+from cnnbench.util import interrupt
+
+
+def train_claimed(session: Session, batch: list[Any], data_cache: dict[tuple, Any]) -> list[str]:
+    """Train a claimed batch group by group; tell Optuna each member's outcome. Returns
+    the states' names. Every member's heartbeat beats until the whole batch is done."""
+    members: list[Member] = []
+    states: list[str] = []
+    for trial in batch:
+        member = prepare(session, trial)
+        if member is None:
+            states.append("FAIL")
+        else:
+            members.append(member)
+    try:
+        with contextlib.ExitStack() as beats:
+            for m in members:
+                beats.enter_context(optuna_store.Heartbeat(session.storage, trial_id(m.trial)))
+            for group in fused_groups(members, session.fuse_k, wide_only=session.wide_only):
+                states += train_members(session, group, data_cache)
+    except KeyboardInterrupt:  # the worker loop fails and queues again every member not told
+        raise
+    except BaseException as err:
+        for m in members:
+            if not m.told:
+                tell(session, m.trial, m.run_id, failed(), f"{type(err).__name__}: {err}")
+        raise
+    return states
+
+
+def prepare(session: Session, trial: Any) -> Member | None:
+    """A claimed trial's settings, checkpoint folder and MLflow recorder; a combination of
+    values that no trial can take fails the trial (None)."""
+    try:
+        config = session.config_of(trial)
+    except ConfigError as err:
+        tell(session, trial, None, failed(str(err)), str(err))
+        session.say(f"[{session.worker}] trial {trial.number} failed: {err}")
+        return None
+    ckpt, name, tags = session.kind.run_of(session, trial, config)
+    return Member(trial, config, ckpt, session.tracker.recorder(config, parent=session.parent, name=name, tags=tags))
+
+
+def fused_groups(members: list[Member], max_k: int, *, wide_only: bool = False) -> list[list[Member]]:
+    """Members that can train as one FusedEngine together (fused.group_key), split by
+    what breaks fusing (batch size, model, activation, epochs...) and by the epoch their
+    checkpoints resume from (a group starts at one epoch); order kept, nothing dropped."""
+    out = []
+    for idx in fuse_groups([m.config for m in members], max_k=max_k, wide_only=wide_only):
+        by_epoch: dict[int, list[Member]] = {}
+        for i in idx:
+            by_epoch.setdefault(resume_epoch(members[i].ckpt, members[i].config), []).append(members[i])
+        out.extend(by_epoch.values())
+    return out
+
+
+def train_members(session: Session, group: list[Member], data_cache: dict[tuple, Any]) -> list[str]:
+    """One group through train_group (a lone member: the SingleEngine), one PruningRecorder
+    per member reporting to its own trial and MLflow run. A pruned or diverging member
+    stops alone; the group ends when none is left. Returns the states' names."""
+    configs = [m.config for m in group]
+    t0 = time.perf_counter()
+    label = ", ".join(run_name(c, session.names) for c in configs)[:60]
+    results = train_group(configs, recorders=[recorder(session, m) for m in group],
+                          checkpoint_dirs=[m.ckpt for m in group], evaluate_test=session.kind.evaluate_test,
+                          data=trial_data(session, configs[0], data_cache), progress=label)
+    states = []
+    for m, result in zip(group, results):
+        with interrupt.shielded():  # the outcome is recorded whole (a Ctrl-C is raised after)
+            outcome = session.kind.outcome(session, result)
+            tell(session, m.trial, m.run_id, outcome, result.reason)
+            m.told = True
+        fused = f" (fused with {result.fused_with - 1} other(s))" if result.fused_with > 1 else ""
+        session.kind.ended(session, m, result, outcome,
+                           f"after {len(result.history)} epoch(s), {time.perf_counter() - t0:.1f} s{fused}")
+        states.append(outcome.state.name)
+    return states
+
+
+def recorder(session: Session, member: Member) -> PruningRecorder:
+    """The member's MLflow recorder, wrapped: the run id to Optuna, a sweep's score each
+    epoch (which may prune it), and each epoch to the progress board."""
+    return PruningRecorder(member.inner, member.trial, session.metric, on_epoch=epoch_events(session, member),
+                           on_log=session.cores.adjust if session.cores is not None else None)
+
+
+def epoch_events(session: Session, member: Member) -> Callable[[dict[str, float]], None] | None:
+    """Each epoch of a trial as an event for the parent's progress board (worker processes)."""
+    if session.events is None:
+        return None
+    label = session.kind.label(session, member.trial, member.config)
+    metric = session.kind.board_metric(session.spec)
+    events, worker, epochs = session.events, session.worker, member.config.epochs
+
+    def send(record: dict[str, float]) -> None:
+        events.put(("epoch", worker, label, int(record[EPOCH]), epochs, metric, float(record.get(metric, math.nan))))
+
+    return send
+
+
+def trial_data(session: Session, config: TrialConfig, cache: dict[tuple, Any]) -> Any:
+    """The data set of `config` on its device, loaded once per worker (one at a time)."""
+    c = config
+    key = (c.dataset, c.normalize, c.train_subset, c.test_subset, c.val_size, c.channels_last, c.device)
+    if key not in cache:
+        cache.clear()  # one data set on the device at a time
+        cache[key] = load_data(c, session.data_root, resolve_device(c.device))
+    return cache[key]
