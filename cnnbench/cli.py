@@ -1,8 +1,10 @@
 """The `cnnbench` command: it parses, calls the Python API (`cnnbench.api`), prints, and
 turns bad input into one-line errors.
 
-Exit status: 0 success; 1 some trials failed (out of memory, say); 2 bad input (spec,
-setting, data, tracking URI, results folder); 130 interrupted by Ctrl-C.
+Exit status: 0 success; 1 ran but could not finish (some trials failed, out of memory
+say; no space left; workers that kept dying); 2 bad input, refused before anything was
+created (spec, setting, data, tracking URI, results folder, a damaged store); 130, 143,
+129: stopped by Ctrl-C, SIGTERM, SIGHUP (run the same command to resume).
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from typing import Any
 
 from cnnbench import __version__
 from cnnbench.config.spec import parse_overrides, settings_help  # light: no torch, --help stays quick
-from cnnbench.errors import ConfigError, DataError, DeviceError, TrackingError
+from cnnbench.errors import ConfigError, DataError, DeviceError, StorageError, TrackingError, Unfinished
 from cnnbench.util import interrupt
 from cnnbench.util.text import masked
 
-EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILED, EXIT_INPUT = 1, 2
 DATA = ("--data-dir", dict(metavar="DIR", help="data sets in torchvision's layout (default: $CNNBENCH_DATA, else "
                            "./data, where torchvision downloads them)"))
 SETS = ("--set", dict(metavar="KEY=VALUE", action="append", default=[], dest="sets",
@@ -236,19 +238,22 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     previous = None
     try:
-        previous = interrupt.install()  # Ctrl-C works even where the parent ignored SIGINT
+        previous = interrupt.install()  # stop requests work even where the parent ignored SIGINT
         from cnnbench import api  # torch, MLflow, Optuna: imported once a command runs, not for --help
 
         return args.run(args, api)
     except (ConfigError, DataError, DeviceError, TrackingError, PermissionError) as err:
         print(f"cnnbench: error: {' '.join(str(err).split())}", file=sys.stderr)
         return EXIT_INPUT
-    except KeyboardInterrupt:
-        print("\ncnnbench: interrupted; finished trials are saved, run the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except (StorageError, Unfinished) as err:  # ran, stopped cleanly, could not finish
+        print(f"cnnbench: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: 130, 143, 129
+        why = "interrupted" if interrupt.signal_of(err) == signal.SIGINT else f"stopped by {err}"
+        print(f"\ncnnbench: {why}; finished trials are saved, run the same command to resume", file=sys.stderr)
+        return interrupt.exit_status(err)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        interrupt.restore(previous)
 
 
 def entry() -> None:

@@ -31,7 +31,9 @@ from cnnbench.track.schema import (
     ATTR_STATUS,
     ATTR_WORKER_BOOT,
     ATTR_WORKER_HOST,
+    ATTR_WORKER_DEATHS,
     ATTR_WORKER_PID,
+    ATTR_WORKER_SUPERVISOR,
     CLAIM_DONE,
     CLAIM_FINGERPRINT,
     CLAIM_SINCE,
@@ -63,11 +65,10 @@ def claim(session: Session, k: int) -> tuple[list[Any], dict[str, int]]:
     recover(session)
     trials = session.study.get_trials(deepcopy=False)
     counts = count_states(trials)
-    room = session.target - counts["done"] - counts["RUNNING"]  # never more than the target
-    if session.grid_size:
-        room = min(room, counts["WAITING"])  # every grid point is taken once
-    room = min(room, session.kind.room(session, trials, k))
-    me = {**optuna_store.identity(), ATTR_MLFLOW_RUN_ID: ""}
+    # never more than the target, every grid point taken once, a fused group as a unit
+    room = min(session.room(counts), session.kind.room(session, trials, k))
+    me = {**optuna_store.identity(), ATTR_MLFLOW_RUN_ID: "",
+          **({ATTR_WORKER_SUPERVISOR: session.supervisor} if session.supervisor else {})}
     batch = []
     for _ in range(max(0, min(k, room))):
         with optuna_store.quiet():  # "heartbeat is meant for optimize()": we beat ourselves
@@ -153,6 +154,8 @@ def recover(session: Session) -> None:
         taken = ATTR_WORKER_PID in t.user_attrs
         if taken and not optuna_store.dead_here(t.user_attrs):  # this machine: the process is gone
             continue
+        if taken and optuna_store.watched_here(t.user_attrs):  # its supervisor recovers it (worker_died)
+            continue
         try:
             changed = session.storage.set_trial_state_values(trial_id(t), state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -160,6 +163,38 @@ def recover(session: Session) -> None:
         if changed:
             lost(session, session.storage.get_trial(trial_id(t)),
                  f"its process {worker_name(t.user_attrs)} is gone" if taken else "its worker died while taking it")
+
+
+MAX_WORKER_DEATHS = 2  # a trial under which this many workers died (their supervisor alive) fails for good
+
+
+def worker_died(session: Session, pid: int, why: str, *, count: bool = True) -> None:
+    """Under the claim lock, in the process that started worker `pid` and saw it die: its
+    running trials failed and queued again at once, not after the heartbeat's grace. With
+    `count` (the worker died, it was not stopped), each death is counted on the trial, and
+    one under which MAX_WORKER_DEATHS workers died fails for good with `why` (killed by
+    signal 9, likely out of memory, say): a third try would die the same way."""
+    me = optuna_store.identity()
+    for t in session.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = t.user_attrs
+        if attrs.get(ATTR_WORKER_PID) != pid or not optuna_store.here(attrs) or attrs.get(ATTR_WORKER_SUPERVISOR) != me[ATTR_WORKER_PID]:
+            continue
+        deaths = int(attrs.get(ATTR_WORKER_DEATHS, 0)) + (1 if count else 0)
+        given_up = deaths >= MAX_WORKER_DEATHS
+        reason = (f"its worker died {deaths} times under it, the last {why}" if given_up else f"its worker {why}")
+        try:
+            session.storage.set_trial_user_attr(trial_id(t), ATTR_WORKER_DEATHS, deaths)
+            session.storage.set_trial_user_attr(trial_id(t), ATTR_REASON, reason[:500])
+            if not session.storage.set_trial_state_values(trial_id(t), state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        frozen = session.storage.get_trial(trial_id(t))
+        if not given_up:
+            lost(session, frozen, reason)
+        elif not recorded(session, frozen):
+            kill_run(session, attrs.get(ATTR_MLFLOW_RUN_ID), reason)
+            session.say(f"[{session.worker}] trial {t.number} failed for good: {reason}")
 
 
 def lost(session: Session, trial: Any, why: str = "") -> None:

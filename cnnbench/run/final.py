@@ -37,7 +37,6 @@ from cnnbench.track.schema import (
     METRIC_TRIALS_COMPLETE,
     METRIC_TRIALS_FAILED,
     METRIC_TRIALS_PRUNED,
-    MLFLOW_PARENT_RUN_ID,
     TAG_KEY,
     TAG_OPTUNA_STUDY,
     TAG_PHASE,
@@ -136,8 +135,7 @@ def _final_runs(session: Session, best: Any) -> list[FinalRun]:
     assert s is not None
     names = [d.name for d in spec.search]
     configs = [trial_config(spec, best.params, seed) for seed in s.final_seeds]
-    session.tracker.close_orphans("the process running it died",
-                                extra=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{session.parent}'")
+    session.tracker.close_orphans("the process running it died", keep=(session.parent,))
     done: dict[str, FinalRun] = {}
     for run in session.tracker.trial_runs(parent=session.parent, extra=f"tags.`{TAG_PHASE}` = 'final'"):
         m, key = run.data.metrics, run.data.tags.get(TAG_KEY)

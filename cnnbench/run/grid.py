@@ -22,9 +22,10 @@ import optuna
 from optuna.trial import TrialState, create_trial
 
 from cnnbench.config.space import Plan
-from cnnbench.config.spec import StudySpec, TrialConfig
+from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig
 from cnnbench.run.claims import results_written_for
-from cnnbench.run.opening import join, mark_ready, reopen
+from cnnbench.run.opening import ParentLost, join, mark_ready, reopen
+from cnnbench.run.storage import dead_here
 from cnnbench.run.session import Kind, Member, Opened, Outcome, Session
 from cnnbench.track.schema import (
     ATTR_FUSED_WITH,
@@ -78,6 +79,11 @@ class GridStudy(Kind):
         assert plan is not None
         return plan.runs
 
+    def execution(self, spec: StudySpec, plan: Plan | None, *, uri: str, url: str) -> tuple[str, str]:
+        assert plan is not None
+        name = study_name(spec, plan, uri)
+        return name, f"{name} in {masked(url)}"
+
     def create(self, spec: StudySpec, *, plan: Plan | None, store: Any, uri: str, n_trials: int | None,
                sampler_seed: int | None, fuse_k: int | None) -> Opened:
         assert plan is not None
@@ -90,10 +96,14 @@ class GridStudy(Kind):
         return Opened(study, len(by_key), len(by_key), by_key, fuse_k or 1)
 
     def initialise(self, session: Session) -> str:
+        try:
+            parent = join(session)
+        except ParentLost:  # MLflow is the record: what it no longer holds is trained again
+            parent = None
+            self.start_over(session)
         study = session.study
         trials = study.get_trials(deepcopy=False)
         complete = {t.user_attrs.get(ATTR_KEY) for t in trials if t.state == TrialState.COMPLETE}
-        parent = join(session)
         if parent is not None and not results_written_for(session, parent):
             session.skipped = len(complete & set(session.configs))
             reopen(session, parent)  # the execution goes on
@@ -109,6 +119,18 @@ class GridStudy(Kind):
         parent = start_parent(session)
         mark_ready(session, parent, {})
         return parent
+
+    def start_over(self, session: Session) -> None:
+        """Under the claim lock: the Optuna study deleted and created anew, when the MLflow
+        store it refers to lost its runs (refused while a trial of it still runs)."""
+        running = session.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if any(not dead_here(t.user_attrs) for t in running):
+            raise ConfigError(f"{session.spec.path}: the MLflow store lost study {session.spec.name}'s parent run, "
+                              f"but {len(running)} of its trials still run; stop them first")
+        assert session.plan is not None
+        optuna.delete_study(study_name=session.study.study_name, storage=session.storage)
+        session.study = self.create(session.spec, plan=session.plan, store=session.storage, uri=session.tracker.uri,
+                                    n_trials=None, sampler_seed=None, fuse_k=session.fuse_k).study
 
     # -- claiming -------------------------------------------------------------------------------
 

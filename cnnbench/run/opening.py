@@ -10,6 +10,7 @@ created leaves it created and recorded, or not created.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,16 @@ from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig
 from cnnbench.data.tensors import data_dir, load_arrays
 from cnnbench.run import storage as optuna_store
 from cnnbench.run.claims import lost
+from cnnbench.run.owner import ResultsOwner
 from cnnbench.run.session import Kind, Session
 from cnnbench.track import stores
 from cnnbench.track.schema import (
-    MLFLOW_PARENT_RUN_ID,
     STUDY_EXPERIMENT,
     STUDY_KIND,
     STUDY_PARENT_RUN_ID,
     STUDY_READY,
     STUDY_SPEC,
     STUDY_TRACKING_URI,
-    TAG_KIND,
     worker_name,
 )
 from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, tracking_uri
@@ -40,9 +40,16 @@ from cnnbench.util.paths import state_dir
 from cnnbench.util.text import masked
 
 
-def preflight(configs: list[TrialConfig], *, url: str, uri: str, data_root: Any, out_dir: Path) -> None:
+def preflight(spec: StudySpec, configs: list[TrialConfig], *, url: str, uri: str, data_root: Any, out_dir: Path,
+              paths: list[Path]) -> None:
     """Everything that can be checked before anything is created: storage, device, data,
-    results folder, tracking store. Bad input fails here and writes nothing."""
+    results folder, tracking store, and that the file system can hold the names of
+    `paths` (the files the study will write). Bad input fails here and writes nothing."""
+    for path in paths:
+        part = fileio.too_long(path)
+        if part is not None:
+            raise ConfigError(f"{spec.path}: name: {spec.name!r} is too long for the file system here ({path.parent}"
+                              f" cannot hold the {len(os.fsencode(part))}-byte name {part[:40]!r}...)")
     optuna_store.check(url)
     for device in sorted({c.device for c in configs}):
         resolve_device(device)
@@ -56,10 +63,11 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
                  tracking: str | None = None, state: Any = None, results_root: Any = "results",
                  n_trials: int | None = None, sampler_seed: int | None = None, data_root: Any = None,
                  command: str = "", worker: str = "", fuse_k: int | None = None,
-                 wide_only: bool = False, checked: bool = False) -> Session:
+                 wide_only: bool = False, checked: bool = False, supervisor: int | None = None) -> Session:
     """Check everything, then create or join the study's (or sweep's) Optuna study and
     MLflow parent run. `checked`: a worker process whose parent checked the same input
-    (`preflight`) a moment ago."""
+    (`preflight`) a moment ago. `supervisor`: the pid of the process that started this
+    worker and watches it (run/workers.py), which keeps the parent run going."""
     quiet_mlflow()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     open_args = dict(plan=plan, storage=storage, tracking=tracking, state=state, results_root=results_root,
@@ -70,8 +78,15 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
     uri = tracking_uri(tracking)
     out_dir = Path(results_root) / spec.name
     configs = kind.configs_to_check(spec, plan)
+    name, execution = kind.execution(spec, plan, uri=uri, url=url)
+    owner = ResultsOwner(out_dir, execution, f"{kind.name} {spec.name}") if supervisor is None else None
     if not checked:
-        preflight(configs, url=url, uri=uri, data_root=data_root, out_dir=out_dir)
+        lock_file = optuna_store.ClaimLock(url, name).file
+        preflight(spec, configs, url=url, uri=uri, data_root=data_root, out_dir=out_dir,
+                  paths=[out_dir / "summary.csv", root / "checkpoints" / spec.name / "x"]
+                  + ([owner.path] if owner else []) + ([lock_file] if lock_file else []))
+    if owner is not None and not owner.take():
+        owner = None  # the same execution holds it: this process joins it
 
     holder: dict[str, Session] = {}
     store = optuna_store.open_storage(url, lambda study, trial: lost(holder["session"], trial))
@@ -82,13 +97,17 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
                       parent="", target=opened.target, out_dir=out_dir, ckpt_root=root / "checkpoints" / spec.name,
                       data_root=data_root, command=command, worker=worker or worker_name(optuna_store.identity()),
                       grid_size=opened.grid_size, fuse_k=opened.fuse_k, wide_only=wide_only, configs=opened.configs,
-                      plan=plan, open_args=open_args)
+                      plan=plan, open_args=open_args, supervisor=supervisor, owner=owner)
     holder["session"] = session
-    start_or_join(session)
+    try:
+        start_or_join(session, lead=supervisor is None)
+    except BaseException:
+        session.close()
+        raise
     return session
 
 
-def start_or_join(session: Session) -> None:
+def start_or_join(session: Session, *, lead: bool = True) -> None:
     """The parent run created (or joined) under the claim lock, and the runs that dead
     processes left RUNNING closed."""
     kind = session.kind
@@ -96,13 +115,11 @@ def start_or_join(session: Session) -> None:
         with interrupt.shielded():  # the parent run is created and recorded, or not created
             with session.lock():
                 session.parent = kind.initialise(session)
-        # runs of this study whose process died here before Optuna knew their run id
-        session.tracker.close_orphans("the process running it died",
-                                      extra=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{session.parent}'")
-        # parent runs of a start that died before the study recorded them (the current
-        # parent stays RUNNING while the study goes on, whoever created it)
-        session.tracker.close_orphans(f"a start of the {kind.name} that died before it was recorded",
-                                      extra=f"tags.`{TAG_KIND}` = '{kind.name}'", keep=(session.parent,))
+        if lead:  # this process keeps the execution going (a supervised worker leaves that to its supervisor)
+            session.tracker.keep_alive(session.parent)
+        # runs of this experiment whose process died (any execution, state folder or spec);
+        # the current parent stays RUNNING while the study goes on, whoever created it
+        session.tracker.close_orphans("the process running it died", keep=(session.parent,))
     except KeyboardInterrupt:
         if session.parent:
             with interrupt.shielded():
@@ -110,16 +127,26 @@ def start_or_join(session: Session) -> None:
         raise
 
 
-def pause_parent(session: Session) -> None:
-    """Ctrl-C: the parent run shows KILLED unless other workers go on with the study."""
+def pause_parent(session: Session, status: str = "KILLED", reason: str = "") -> None:
+    """This process stops before the study's end (a stop request, a fault of the machine,
+    workers that kept dying): the parent run ends with `status` and `reason`, unless
+    trials still run elsewhere (those processes go on with it). Best effort: a store that
+    cannot be written leaves it to the next execution (liveness.orphaned)."""
     with contextlib.suppress(Exception):
         if not session.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if session.tracker.client.get_run(session.parent).info.status == "RUNNING":
-                session.tracker.end(session.parent, "KILLED")
+                session.tracker.end(session.parent, status, reason)
+
+
+class ParentLost(ConfigError):
+    """The tracking store the study was started with no longer holds its parent run: the
+    MLflow store was deleted or replaced while the state folder (the Optuna study) stayed."""
 
 
 def join(session: Session) -> str | None:
-    """A later process: the parent run that the first one recorded (None: it is the first)."""
+    """A later process: the parent run that the first one recorded (None: it is the first).
+    ConfigError when this process uses another tracking store; ParentLost when the same
+    store no longer holds the parent."""
     attrs = session.study.user_attrs
     if not attrs.get(STUDY_READY):
         return None
@@ -127,9 +154,17 @@ def join(session: Session) -> str | None:
     try:
         session.tracker.client.get_run(parent)
     except Exception:
+        started_with = attrs.get(STUDY_TRACKING_URI)
+        if started_with == masked(session.tracker.uri):
+            where = optuna_store.sqlite_path(session.url)
+            raise ParentLost(f"MLflow tracking URI {masked(session.tracker.uri)} no longer holds this "
+                             f"{session.kind.name}'s parent run {parent} (was the store deleted?), so the "
+                             f"{session.kind.name}'s Optuna record in {masked(session.url)} refers to runs that are "
+                             f"gone; remove {where or 'that Optuna study'} (or give another --storage) to start "
+                             "again") from None
         raise ConfigError(f"MLflow tracking URI {session.tracker.uri} does not hold this {session.kind.name}'s "
                           f"parent run {parent}; every worker must use the tracking store it was started with "
-                          f"({attrs.get(STUDY_TRACKING_URI)})") from None
+                          f"({started_with})") from None
     return parent
 
 

@@ -90,6 +90,11 @@ class Kind:
         """The settings whose device and data the preflight checks."""
         raise NotImplementedError
 
+    def execution(self, spec: StudySpec, plan: Plan | None, *, uri: str, url: str) -> tuple[str, str]:
+        """(the Optuna study's name, the identity of an execution with these settings): two
+        processes with one identity share an execution and its results folder."""
+        raise NotImplementedError
+
     def create(self, spec: StudySpec, *, plan: Plan | None, store: Any, uri: str, n_trials: int | None,
                sampler_seed: int | None, fuse_k: int | None) -> Opened:
         """Create or load the Optuna study in `store`."""
@@ -176,6 +181,13 @@ class Session:
     events: Any = None  # a queue that the parent's progress board reads (worker processes)
     cores: CoreShare | None = None  # worker processes: the machine's workers training (cores.py)
     open_args: dict[str, Any] = field(default_factory=dict)  # how a worker process joins
+    supervisor: int | None = None  # a worker process: the pid of the process that started it and watches it
+    owner: Any = None  # the lock on the results folder (owner.ResultsOwner), held by the process leading
+
+    def close(self) -> None:
+        """This process is done with the session: the results folder's lock is let go."""
+        if self.owner is not None:
+            self.owner.release()
 
     @property
     def metric(self) -> str | None:
@@ -193,6 +205,12 @@ class Session:
 
     def counts(self) -> dict[str, int]:
         return count_states(self.study.get_trials(deepcopy=False))
+
+    def room(self, counts: dict[str, int]) -> int:
+        """Trials that could still be claimed: the target's rest not done or running, and
+        of a grid only its queued points."""
+        room = self.target - counts["done"] - counts["RUNNING"]
+        return min(room, counts["WAITING"]) if self.grid_size else room
 
     def is_finished(self, counts: dict[str, int]) -> bool:
         """The target is reached, or a grid has no point left to run (a point that failed for

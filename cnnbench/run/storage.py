@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 import warnings
 from pathlib import Path
@@ -31,8 +30,8 @@ from sqlalchemy.exc import ArgumentError
 
 from cnnbench.config.spec import ConfigError
 from cnnbench.track import stores
-from cnnbench.track.schema import ATTR_WORKER_BOOT, ATTR_WORKER_HOST, ATTR_WORKER_PID
-from cnnbench.util import fileio, interrupt
+from cnnbench.track.schema import ATTR_WORKER_BOOT, ATTR_WORKER_HOST, ATTR_WORKER_PID, ATTR_WORKER_SUPERVISOR
+from cnnbench.util import fileio, interrupt, processes
 from cnnbench.util.text import masked
 
 HEARTBEAT_S = 10  # seconds between a running trial's heartbeats
@@ -72,6 +71,11 @@ def check(url: str) -> None:
             raise ConfigError(f"--storage {url}: {err}") from None
         if path.exists() and not path.is_file():
             raise ConfigError(f"--storage {url}: {path} is not a file")
+        why = stores.damaged(path)
+        if why:
+            raise ConfigError(f"--storage {url}: {path} is {why}; move it away or give another --storage (a grid "
+                              "study reads its finished trials back from MLflow, so nothing is trained twice; a "
+                              "sweep starts its search again)")
         return
 
     stores.require_driver(url)
@@ -151,38 +155,29 @@ class Heartbeat:
         self._thread.join()
 
 
-def _boot_id() -> str:
-    """Distinguishes machines (and reboots) that share a host name."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
 def identity() -> dict[str, Any]:
-    return {ATTR_WORKER_HOST: socket.gethostname(), ATTR_WORKER_BOOT: _boot_id(), ATTR_WORKER_PID: os.getpid()}
+    return {ATTR_WORKER_HOST: processes.host(), ATTR_WORKER_BOOT: processes.boot_id(), ATTR_WORKER_PID: os.getpid()}
+
+
+def here(attrs: dict[str, Any]) -> bool:
+    """True when `attrs` (a trial's or a claim's worker identity) name this machine, since its last boot."""
+    me = identity()
+    return attrs.get(ATTR_WORKER_HOST) == me[ATTR_WORKER_HOST] and attrs.get(ATTR_WORKER_BOOT) == me[ATTR_WORKER_BOOT]
 
 
 def dead_here(attrs: dict[str, Any]) -> bool:
     """True when `attrs` name a process of this machine that no longer exists."""
-    me = identity()
-    if attrs.get(ATTR_WORKER_HOST) != me[ATTR_WORKER_HOST] or attrs.get(ATTR_WORKER_BOOT) != me[ATTR_WORKER_BOOT]:
-        return False
     pid = attrs.get(ATTR_WORKER_PID)
-    if not isinstance(pid, int) or pid == me[ATTR_WORKER_PID]:
+    if not here(attrs) or not isinstance(pid, int) or pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # someone else's live process
-        return False
-    return _zombie(pid)
+    return not processes.alive(pid)
 
 
-def _zombie(pid: int) -> bool:
-    """A killed child that its parent has not reaped yet is dead for our purposes."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
+def watched_here(attrs: dict[str, Any]) -> bool:
+    """True when a live process of this machine other than this one supervises the trial's
+    worker (run/workers.py): that process recovers the trials of a worker that dies, at once
+    and knowing why, so no other worker steps in."""
+    supervisor = attrs.get(ATTR_WORKER_SUPERVISOR)
+    if not here(attrs) or not isinstance(supervisor, int) or supervisor == os.getpid():
         return False
+    return processes.alive(supervisor)

@@ -41,7 +41,9 @@ from cnnbench.run.workers import launch_workers, work
 from cnnbench.track.schema import ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON, TAG_FUSE, TAG_THREADS, TAG_WORKERS
 from cnnbench.train.device import resolve_device, usable_cores
 from cnnbench.train.loop import DIVERGED, FAILED, FINISHED, TrialResult
+from cnnbench.errors import StorageError, Unfinished
 from cnnbench.util import interrupt
+from cnnbench.util.faults import storage_fault
 
 
 @dataclass
@@ -75,30 +77,54 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
     session = open_session(spec, GRID, plan=p, storage=storage, tracking=tracking, state=state,
                            results_root=results_root, data_root=data_root, command=command,
                            fuse_k=max_fuse if fuse else 1, wide_only=wide_only)
-    try:  # from here a Ctrl-C leaves the parent run KILLED (open_session covers its own stretch)
-        pending = len(session.configs) - session.skipped
-        if wide_only:  # one wide group per worker
-            session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, workers, max_fuse)
-        session.threads = threads
-        for key, value in {TAG_FUSE: str(fuse), TAG_WORKERS: str(workers),
-                           TAG_THREADS: str(threads or "")}.items():
-            session.tracker.client.set_tag(session.parent, key, value)
-        workers = max(1, min(workers, pending))
-        if pending and workers > 1:
-            report = launch_workers(session, workers, threads=threads, share_cores=share_cores)
-        elif pending:
-            if threads:
-                torch.set_num_threads(threads)
-            report = work(session)
-        else:
-            report = None
+    try:  # from here a stop request leaves the parent run KILLED (open_session covers its own stretch)
+        report = train(session, fuse, workers, threads, share_cores, max_fuse)
         if report is not None and report.stopped:
-            print(f"study {spec.name}: {report.stopped}", flush=True)
+            left_undone(session, report.stopped)
         return finish(session) if final else None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         with interrupt.shielded():
-            pause_parent(session)
+            pause_parent(session, reason=f"stopped by {err}")
         raise
+    except StorageError as err:
+        with interrupt.shielded():
+            pause_parent(session, "FAILED", str(err))
+        raise
+    finally:
+        session.close()
+
+
+def train(session: Session, fuse: bool, workers: int, threads: int | None, share_cores: bool, max_fuse: int) -> Any:
+    """The study's pending runs trained here, or by `workers` processes; their report
+    (None when nothing was pending)."""
+    pending = len(session.configs) - session.skipped
+    if session.wide_only:  # one wide group per worker
+        session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, workers, max_fuse)
+    session.threads = threads
+    for key, value in {TAG_FUSE: str(fuse), TAG_WORKERS: str(workers), TAG_THREADS: str(threads or "")}.items():
+        session.tracker.client.set_tag(session.parent, key, value)
+    workers = max(1, min(workers, pending))
+    if pending and workers > 1:
+        return launch_workers(session, workers, threads=threads, share_cores=share_cores)
+    if pending:
+        if threads:
+            torch.set_num_threads(threads)
+        return work(session)
+    return None
+
+
+def left_undone(session: Session, why: str) -> None:
+    """Workers stopped before the end: Unfinished (exit status 1) when trials are left that
+    no process takes, with the parent run ended; nothing when the rest runs elsewhere."""
+    counts = session.counts()
+    left = session.room(counts)
+    if left <= 0:
+        print(f"{session.kind.name} {session.spec.name}: {why}", flush=True)
+        return
+    message = (f"{session.kind.name} {session.spec.name}: {left} trial(s) left undone ({why}); "
+               "run the same command to go on")
+    pause_parent(session, "FAILED", message)
+    raise Unfinished(message)
 
 
 def execution(device: str, fuse: bool | None, workers: int | None) -> tuple[bool, int, int | None]:
@@ -169,13 +195,23 @@ def finish(session: Session) -> StudyOutcome | None:
         fingerprint = f"{session.parent}|" + ",".join(
             f"{k}:{chosen[k].number}" if k in chosen else f"{k}:-" for k in sorted(session.configs))
         why = claim_results(session, fingerprint)
-    p = session.plan
-    assert p is not None
     out_dir = session.out_dir
     files = [out_dir / "summary.csv", out_dir / "table.md", out_dir / "stats.csv"]
     if why and not (why.startswith("the results are up to date") and all(f.exists() for f in files)):
         print(f"study {spec.name}: all runs ended; {why}", flush=True)
         return None
+    outcome = StudyOutcome(spec, collect_rows(session, chosen), session.parent, files,
+                           trained=len(session.configs) - session.skipped, skipped=session.skipped)
+    if not why:  # else up to date: the files are those of these very runs
+        write(session, outcome, fingerprint)
+    return outcome
+
+
+def collect_rows(session: Session, chosen: dict[str, Any]) -> list[TrialRow]:
+    """One row per planned trial, its result read back from MLflow (a shorter epoch count
+    of a reused run: its record truncated)."""
+    p = session.plan
+    assert p is not None
     results = {key: _result(session, key, chosen.get(key)) for key in session.configs}
     c0 = p.runs[0]
     n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset)
@@ -186,19 +222,30 @@ def finish(session: Session) -> StudyOutcome | None:
         if trial.epochs < run_cfg.epochs and result.history:
             result = truncate(result, trial.epochs, n_train)
         rows.append(TrialRow(i, trial, result, run_id))
-    outcome = StudyOutcome(spec, rows, session.parent, files, trained=len(session.configs) - session.skipped,
-                           skipped=session.skipped)
-    if why:  # up to date: the files are those of these very runs
-        return outcome
-    device = sorted({r.result.device for r in rows if r.result.device})
-    # every run is done: the results are written whole and the parent closed, and a Ctrl-C
-    # meanwhile is raised after that
+    return rows
+
+
+def write(session: Session, outcome: StudyOutcome, fingerprint: str) -> None:
+    """The results written whole, on the parent run too, and the parent closed; a stop
+    request meanwhile is raised after that. A folder that cannot be written stops the
+    study (StorageError) with the parent run FAILED and the results claim left to retake."""
+    spec, p = session.spec, session.plan
+    assert p is not None
+    c0 = p.runs[0]
+    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset)
+    device = sorted({r.result.device for r in outcome.rows if r.result.device})
     with interrupt.shielded():
-        outcome.files = write_results(spec, rows, out_dir, n_train=n_train, command=session.command,
-                                      device=", ".join(device))
-        tracker = session.tracker
-        tracker.log_artifacts(session.parent, outcome.files, "results")
-        tracker.log_stats(session.parent, pd.read_csv(outcome.files[2]), list(spec.scientific) + list(spec.nuisance))
+        try:
+            outcome.files = write_results(spec, outcome.rows, session.out_dir, n_train=n_train,
+                                          command=session.command, device=", ".join(device))
+            tracker = session.tracker
+            tracker.log_artifacts(session.parent, outcome.files, "results")
+            tracker.log_stats(session.parent, pd.read_csv(outcome.files[2]),
+                              list(spec.scientific) + list(spec.nuisance))
+        except Exception as err:
+            fault = storage_fault(err)
+            if fault is None:
+                raise
+            raise StorageError(f"results of {spec.name} not written: {fault}") from err
         tracker.end(session.parent, "FINISHED" if not outcome.failed else "FAILED")
         results_written(session, fingerprint)
-    return outcome

@@ -60,6 +60,7 @@ from cnnbench.track.schema import (
 from cnnbench.track.writer import run_name
 from cnnbench.train.device import resolve_device, usable_cores
 from cnnbench.train.loop import DIVERGED, FINISHED, PRUNED, TrialResult
+from cnnbench.errors import StorageError
 from cnnbench.util import interrupt
 from cnnbench.util.text import masked
 
@@ -84,6 +85,9 @@ class Sweep(Kind):
     def configs_to_check(self, spec: StudySpec, plan: Plan | None) -> list[TrialConfig]:
         check_spec(spec)
         return [spec.base_config()]
+
+    def execution(self, spec: StudySpec, plan: Plan | None, *, uri: str, url: str) -> tuple[str, str]:
+        return spec.name, f"{spec.name} {spec_hash(spec)} in {masked(url)}, tracked in {masked(uri)}"
 
     def create(self, spec: StudySpec, *, plan: Plan | None, store: Any, uri: str, n_trials: int | None,
                sampler_seed: int | None, fuse_k: int | None) -> Opened:
@@ -246,9 +250,17 @@ def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, share_co
         else:
             report = work(session)
         if report.stopped:
+            with interrupt.shielded():
+                pause_parent(session, "FAILED", f"sweep {spec.name}: {report.stopped}")
             return session, report, None
         return session, report, finalize(session) if final else None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         with interrupt.shielded():
-            pause_parent(session)
+            pause_parent(session, reason=f"stopped by {err}")
         raise
+    except StorageError as err:
+        with interrupt.shielded():
+            pause_parent(session, "FAILED", str(err))
+        raise
+    finally:
+        session.close()

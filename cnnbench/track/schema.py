@@ -36,6 +36,8 @@ TAG_STUDY = "cnnbench.study"  # the experiment: the study's or sweep's name
 TAG_KIND = "cnnbench.kind"  # study | trial | sweep | run
 TAG_PID = "cnnbench.pid"  # the process that created the run ...
 TAG_HOST = "cnnbench.host"  # ... and its machine (a run of a dead process here is closed)
+TAG_BOOT = "cnnbench.boot"  # ... and the machine's boot id (a pid means nothing across a reboot)
+TAG_HEARTBEAT = "cnnbench.heartbeat"  # "SECONDS HOST BOOT PID": the last stamp of a process that keeps the run going
 TAG_STATUS = "cnnbench.status"  # running | finished | diverged | pruned | failed | interrupted
 TAG_REASON = "cnnbench.reason"  # why a run failed, diverged or was closed
 
@@ -134,6 +136,8 @@ ATTR_REUSED = "reused"  # a study trial read back from MLflow (an earlier execut
 ATTR_WORKER_HOST = "worker_host"
 ATTR_WORKER_BOOT = "worker_boot"  # the machine's boot id: tells machines (and reboots) with one host name apart
 ATTR_WORKER_PID = "worker_pid"
+ATTR_WORKER_SUPERVISOR = "worker_supervisor"  # the process that started the worker and watches it (its pid)
+ATTR_WORKER_DEATHS = "worker_deaths"  # times a worker died under this trial while its supervisor lived
 
 # ----------------------------------------------------------------------------------------
 # Optuna: a study's user attributes, ATTR + name

@@ -74,6 +74,27 @@ def sqlite_file(url: str) -> Path | None:
     return Path(database) if database and database != ":memory:" else None
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def damaged(path: Path) -> str | None:
+    """Why an existing SQLite file is not a usable database (None: it is, or it is empty or
+    absent, which SQLite starts afresh): the cause in a few words."""
+    import sqlite3
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with open(path, "rb") as f:
+        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            return "not a SQLite database: truncated or overwritten?"
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_S)) as conn:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as err:
+        return f"a damaged SQLite database ({err})"
+    return None
+
+
 class StoreLock:
     """Mutual exclusion of the processes using one store, on one machine or on many:
     `StoreLock(url, name)()` is a context manager. A file `<db>.<name>.lock` (`<db>.lock`

@@ -32,6 +32,7 @@ from cnnbench.config.spec import TrialConfig
 from cnnbench.errors import TrackingError
 from cnnbench.track import stores
 from cnnbench.track.figure import save_trial_figure
+from cnnbench.track.liveness import heartbeat, orphaned
 from cnnbench.track.schema import (
     EPOCH,
     METRIC_BEST_ACC,
@@ -48,6 +49,7 @@ from cnnbench.track.schema import (
     PREFIX_STATS,
     STATS_METRICS,
     STATS_TAGS,
+    TAG_BOOT,
     TAG_DATASET,
     TAG_DEVICE,
     TAG_DIVERGED,
@@ -67,7 +69,7 @@ from cnnbench.track.schema import (
     VAL_ACC,
 )
 from cnnbench.train.loop import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, Recorder, TrialResult
-from cnnbench.util import interrupt
+from cnnbench.util import interrupt, processes
 from cnnbench.util.text import fmt, masked  # noqa: F401  (re-exported here)
 
 # how each outcome shows in MLflow's own run status
@@ -96,9 +98,13 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                                 "start the server or fix MLFLOW_TRACKING_URI") from None
         return
     if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).resolve().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise TrackingError(f"MLflow tracking URI {shown}: folder {folder} is missing or not writable")
+        path = Path(uri[len("sqlite:///"):]).resolve()
+        if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+            raise TrackingError(f"MLflow tracking URI {shown}: folder {path.parent} is missing or not writable")
+        why = stores.damaged(path)
+        if why:
+            raise TrackingError(f"MLflow tracking URI {shown}: {path} is {why}; restore it from a backup, or move it "
+                                "away to start a new record (the studies then train again)")
     stores.require_driver(uri)
     try:
         client = stores.mlflow_client(uri)
@@ -124,6 +130,11 @@ def git_commit() -> str:
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def creator() -> dict[str, str]:
+    """The tags that name the process creating a run (liveness.orphaned reads them)."""
+    return {TAG_PID: str(os.getpid()), TAG_HOST: processes.host(), TAG_BOOT: processes.boot_id()}
 
 
 def _now_ms() -> int:
@@ -167,8 +178,7 @@ class Tracker:
                       note: str) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             TAG_STUDY: self.experiment_name, TAG_KIND: kind, MLFLOW_GIT_COMMIT: git_commit(),
-            MLFLOW_SOURCE_NAME: "cnnbench", TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname(),
-            **({MLFLOW_RUN_NOTE: note} if note else {}), **tags})
+            MLFLOW_SOURCE_NAME: "cnnbench", **creator(), **({MLFLOW_RUN_NOTE: note} if note else {}), **tags})
         if params:
             self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -178,7 +188,11 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
 
-    def end(self, run_id: str, status: str = "FINISHED") -> None:
+    def end(self, run_id: str, status: str = "FINISHED", reason: str = "") -> None:
+        """A run ended (`reason`: why, for a run that did not finish); its heartbeat stops."""
+        self.let_go(run_id)
+        if reason:
+            self.client.set_tag(run_id, TAG_REASON, reason[:5000])
         self.client.set_terminated(run_id, status=status)
 
     def log_artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
@@ -231,24 +245,28 @@ class Tracker:
                     done[key] = run
         return done
 
-    def close_orphans(self, reason: str, *, extra: str = "", keep: Iterable[str] = ()) -> list[str]:
-        """Runs left RUNNING by a process that died (SIGKILL, power cut) become KILLED.
-        `extra` narrows the search (a sweep closes only its own parent's children); the
-        runs in `keep` stay as they are."""
-        closed = []
-        query = "attributes.status = 'RUNNING'" + (f" and {extra}" if extra else "")
-        for run in self.client.search_runs([self.experiment_id], query, max_results=1000):
-            tags = run.data.tags
-            if run.info.run_id in set(keep):
+    def close_orphans(self, reason: str, *, keep: Iterable[str] = ()) -> list[str]:
+        """Runs of this experiment left RUNNING by a process that died (SIGKILL, out of
+        memory, a power cut), whatever execution, state folder or spec they belong to, become
+        KILLED with `reason`: those whose last heartbeat came from a process of this machine
+        that is gone, and those of any machine whose heartbeat is older than ORPHAN_GRACE_S.
+        The runs in `keep` stay as they are."""
+        closed, keep, now = [], set(keep), time.time()
+        for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
+            if run.info.run_id in keep or not orphaned(run, now):
                 continue
-            # a run of another machine, or of a live process here, is not ours to close
-            if tags.get(TAG_HOST) != socket.gethostname() or _alive(tags.get(TAG_PID)):
-                continue
-            self.client.set_tag(run.info.run_id, TAG_STATUS, INTERRUPTED)
-            self.client.set_tag(run.info.run_id, TAG_REASON, reason)
+            self.client.log_batch(run.info.run_id, tags=[RunTag(TAG_STATUS, INTERRUPTED), RunTag(TAG_REASON, reason)],
+                                  synchronous=True)
             self.client.set_terminated(run.info.run_id, status="KILLED")
             closed.append(run.info.run_id)
         return closed
+
+    def keep_alive(self, run_id: str) -> None:
+        """Stamp `run_id`'s heartbeat every HEARTBEAT_S seconds while this process keeps it going."""
+        heartbeat().add(self.client, run_id)
+
+    def let_go(self, run_id: str) -> None:
+        heartbeat().discard(run_id)
 
     def recorder(self, config: TrialConfig, *, parent: str, name: str, tags: dict[str, str]) -> "MlflowRecorder":
         return MlflowRecorder(self, config, parent=parent, name=name, tags=tags)
@@ -258,24 +276,6 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             path = self.client.download_artifacts(run.info.run_id, "result.json", tmp)
             return result_from_json(json.loads(Path(path).read_text()))
-
-
-def _alive(pid: str | None) -> bool:
-    """Whether process `pid` on this machine still runs (a zombie, killed but not yet
-    reaped, does not: a container's init may leave one for a while)."""
-    if not pid or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
 
 
 class MlflowRecorder(Recorder):
@@ -296,12 +296,13 @@ class MlflowRecorder(Recorder):
             TAG_SEED: str(c.seed), TAG_DEVICE: str(info.get("device", "")),
             TAG_FUSED_WITH: str(info.get("fused_with", 1)), TAG_TORCH_VERSION: _torch_version(),
             MLFLOW_GIT_COMMIT: git_commit(), MLFLOW_SOURCE_NAME: "cnnbench",
-            TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname(), **self.tags,
+            **creator(), **self.tags,
         }
         if resumed is not None:
             tags[TAG_RESUMED_FROM_EPOCH] = str(len(resumed.history))
         run = self.client.create_run(self.tracker.experiment_id, run_name=self.name, tags=tags)
         self.run_id = run.info.run_id
+        self.tracker.keep_alive(self.run_id)
         self.tracker.log_params(self.run_id, c.to_dict())
         if resumed is not None:  # the restored epochs, so that this run holds the whole history
             for samples, loss in resumed.curve:
@@ -341,6 +342,7 @@ class MlflowRecorder(Recorder):
             status = "KILLED" if status == "FINISHED" else status
             raise
         finally:
+            self.tracker.let_go(self.run_id)
             self.client.set_terminated(self.run_id, status=status)
 
     def _finish(self, result: TrialResult) -> None:

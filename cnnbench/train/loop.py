@@ -12,6 +12,8 @@ knows nothing of MLflow or Optuna.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import pickle
@@ -43,7 +45,9 @@ from cnnbench.train.device import (
 from cnnbench.train.fused import fused_engine
 from cnnbench.train.graphs import StepGraph, graph_reason
 from cnnbench.train.schedule import LRSchedule
+from cnnbench.errors import StorageError
 from cnnbench.util import fileio, interrupt
+from cnnbench.util.faults import storage_fault
 
 FINISHED, DIVERGED, PRUNED, FAILED, INTERRUPTED = "finished", "diverged", "pruned", "failed", "interrupted"
 
@@ -225,7 +229,12 @@ def plain(value: Any, where: str = "checkpoint") -> Any:
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> Path:
-    fileio.write_with(path, lambda tmp: torch.save(payload, tmp))
+    """Written whole or not at all. Serialised in memory first: torch's file writer turns a
+    full disk into a RuntimeError without the path or the cause (inline_container.cc),
+    where Python's own write raises the OSError that names both."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    fileio.write_with(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
     return path
 
 
@@ -340,6 +349,11 @@ def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike 
         _end(results, recorders, started, INTERRUPTED, "interrupted (Ctrl-C)", wall0)
         raise
     except Exception as err:  # out of memory, a bad device, a bug: the study goes on
+        fault = storage_fault(err)
+        if fault is not None:  # the machine's, not the trial's: the study stops (faults.py)
+            with contextlib.suppress(Exception):  # the stores may be the ones that cannot be written
+                _end(results, recorders, started, INTERRUPTED, fault, wall0)
+            raise StorageError(fault) from err
         reason = f"out of memory: {err}" if is_out_of_memory(err) else f"{type(err).__name__}: {err}"
         traceback.print_exc()
         _end(results, recorders, started, FAILED, " ".join(reason.split())[:500], wall0)

@@ -62,3 +62,20 @@ def check_writable(folder: str | os.PathLike) -> None:
         raise PermissionError(f"{folder}: not writable ({err.strerror})") from None
     os.close(fd)
     os.unlink(tmp)
+
+
+def too_long(path: str | os.PathLike) -> str | None:
+    """The first component of `path` longer than its file system allows (NAME_MAX, in
+    bytes, of the nearest folder that exists), or None when every one fits."""
+    path = Path(path).absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        limit = os.pathconf(probe if probe.is_dir() else probe.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in path.parts:
+        if len(os.fsencode(part)) > limit:
+            return part
+    return None

@@ -1,18 +1,21 @@
-"""Ctrl-C: a study or sweep stops at the next safe point, whatever it is doing.
+"""Stop requests: a study or sweep stops at the next safe point, whatever it is doing,
+on Ctrl-C (SIGINT), SIGTERM (what Slurm, Kubernetes, systemd and a cloud's preemption
+send before they kill) and SIGHUP (a closed terminal).
 
-SIGINT raises KeyboardInterrupt, as in any Python program, with three differences:
+Each raises `Stop`, a KeyboardInterrupt that remembers its signal (so every handler of
+a Ctrl-C handles the others too, and the command exits with 128 + the signal's number:
+130, 143, 129), with three differences from Python's own SIGINT handling:
 
-- `install` sets that handler whatever the parent left: a shell starts a background job
+- `install` sets the handlers whatever the parent left: a shell starts a background job
   (`make test &`, a CI runner) with SIGINT ignored, and Python keeps an ignored SIGINT
   ignored, so without it `kill -INT` would let a study run to its end;
 - inside `shielded()` (recording a trial's end in MLflow, telling Optuna, writing the
-  results) a SIGINT is held and raised when the stretch ends, so that a record is never
-  cut in half, and a second Ctrl-C (the terminal's, then the one a parent forwards)
+  results) a stop request is held and raised when the stretch ends, so that a record is
+  never cut in half, and a second one (the terminal's, then the one a parent forwards)
   never cuts the clean-up of the first;
-- worker processes (a study's or a sweep's, run/workers.py) are started inside
-  `blocked()`: SIGINT blocked, so that a Ctrl-C while they start reaches none of them
-  half-started; each calls `install` (which unblocks it) and the parent forwards a
-  Ctrl-C to them.
+- worker processes (run/workers.py) are started inside `blocked()`: the signals blocked,
+  so that a stop request while they start reaches none of them half-started; each calls
+  `install` (which unblocks them) and the parent forwards a stop request to them.
 
 Signals reach only the main thread; elsewhere these are no-ops.
 """
@@ -24,8 +27,28 @@ import signal
 import threading
 from typing import Any, Iterator
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # the stop requests
+
 _depth = 0  # shielded stretches entered and not left (main thread)
-_pending = False  # a SIGINT came while shielded: raise it when the shield ends
+_pending: int | None = None  # a stop request that came while shielded: raised when the shield ends
+
+
+class Stop(KeyboardInterrupt):
+    """A stop request, from signal `signum` (SIGINT: Ctrl-C)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def signal_of(err: BaseException) -> int:
+    """The signal behind a KeyboardInterrupt (SIGINT for Python's own)."""
+    return getattr(err, "signum", int(signal.SIGINT))
+
+
+def exit_status(err: BaseException) -> int:
+    """The exit status of a process stopped by `err`: 128 + its signal (130 for Ctrl-C)."""
+    return 128 + signal_of(err)
 
 
 def _main() -> bool:
@@ -35,31 +58,38 @@ def _main() -> bool:
 def _handler(signum: int, frame: Any) -> None:
     global _pending
     if _depth:
-        _pending = True
+        _pending = _pending or signum
         return
-    raise KeyboardInterrupt
+    raise Stop(signum)
 
 
-def install() -> Any:
-    """SIGINT raises KeyboardInterrupt (held inside `shielded`), even when the parent
-    ignored or blocked it. Returns the previous handler (None off the main thread)."""
+def install() -> dict[int, Any] | None:
+    """SIGINT, SIGTERM and SIGHUP raise `Stop` (held inside `shielded`), even when the
+    parent ignored or blocked them. Returns the previous handlers (None off the main thread)."""
     if not _main():
         return None
-    previous = signal.signal(signal.SIGINT, _handler)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    previous = {int(s): signal.signal(s, _handler) for s in SIGNALS}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(SIGNALS))
     return previous
+
+
+def restore(previous: dict[int, Any] | None) -> None:
+    """The handlers `install` replaced."""
+    if previous and _main():
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _raise_pending() -> None:
     global _pending
     if _pending and not _depth:
-        _pending = False
-        raise KeyboardInterrupt
+        signum, _pending = _pending, None
+        raise Stop(signum)
 
 
 @contextlib.contextmanager
 def shielded() -> Iterator[None]:
-    """A stretch that a Ctrl-C must not cut; one that came within it is raised at its end."""
+    """A stretch that a stop request must not cut; one that came within it is raised at its end."""
     global _depth
     if not _main():
         yield
@@ -74,18 +104,18 @@ def shielded() -> Iterator[None]:
 
 @contextlib.contextmanager
 def blocked() -> Iterator[None]:
-    """SIGINT blocked in this thread while child processes (which inherit the mask) and
-    helper threads are started, and shielded (another thread of ours may still take the
-    signal); a Ctrl-C that came meanwhile is raised at the end."""
+    """The stop signals blocked in this thread while child processes (which inherit the
+    mask) and helper threads are started, and shielded (another thread of ours may still
+    take a signal); a stop request that came meanwhile is raised at the end."""
     global _depth
     if not _main():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(SIGNALS))
     _depth += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending SIGINT is held here
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(SIGNALS))  # a pending signal is taken here
         _depth -= 1
     _raise_pending()
