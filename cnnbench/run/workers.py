@@ -75,10 +75,10 @@ def work(session: Session) -> WorkerReport:
             if session.cores is not None:
                 session.cores.busy()
             report.add(train_claimed(session, batch, data_cache))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             with interrupt.shielded():
                 for trial in batch:
-                    interrupted(session, trial)
+                    interrupted(session, trial, interrupt.reason(err))
             raise
         except Exception as err:
             fault = str(err) if isinstance(err, StorageError) else storage_fault(err)

@@ -345,8 +345,8 @@ def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike 
         else:
             trainer = fused_engine(configs, device, data.info, engine)
         _fit(trainer, configs, data, recorders, ckpt_dirs, results, started, evaluate_test, progress)
-    except KeyboardInterrupt:
-        _end(results, recorders, started, INTERRUPTED, "interrupted (Ctrl-C)", wall0)
+    except KeyboardInterrupt as err:
+        _end(results, recorders, started, INTERRUPTED, interrupt.reason(err), wall0)
         raise
     except Exception as err:  # out of memory, a bad device, a bug: the study goes on
         fault = storage_fault(err)

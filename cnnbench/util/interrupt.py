@@ -51,6 +51,12 @@ def exit_status(err: BaseException) -> int:
     return 128 + signal_of(err)
 
 
+def reason(err: BaseException) -> str:
+    """Why a run stopped, for its record: `interrupted (Ctrl-C)`, `stopped by SIGTERM`..."""
+    signum = signal_of(err)
+    return "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+
+
 def _main() -> bool:
     return threading.current_thread() is threading.main_thread()
 

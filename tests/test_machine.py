@@ -1,0 +1,452 @@
+"""When the machine misbehaves: workers killed while the study's main process lives, a
+full disk, a results folder that turns read-only, stop signals from a scheduler, runs
+orphaned with their state folder, two executions of one results folder, a name the file
+system cannot hold, damaged and deleted stores.
+
+Each test states the behaviour it checks and fails without it: before these, the main
+process exited 0 with every trial RUNNING after its workers were killed, a full disk
+failed every remaining trial one after another with 100-line tracebacks, SIGTERM left
+everything RUNNING, and so on (issue "Reliability when the machine misbehaves").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import tree
+
+SPEC = """
+name: {name}
+scientific: {{lr: {lrs}}}
+fixed: {{activation: relu, epochs: {epochs}, train_subset: {subset}, test_subset: 300, log_every: 5, progress: false}}
+"""
+
+
+def write_spec(folder: Path, name: str, lrs: str = "[0.02, 0.05]", epochs: int = 3, subset: int = 2000) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(SPEC.format(name=name, lrs=lrs, epochs=epochs, subset=subset))
+    return path
+
+
+def start(folder: Path, *args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cnnbench", *args], cwd=folder, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def wait_for(predicate, timeout: float = 300, what: str = ""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def runs(folder: Path, experiment: str) -> list:
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+def trials_of(folder: Path, experiment: str) -> list:
+    return [r for r in runs(folder, experiment) if r.data.tags.get("cnnbench.kind") == "trial"]
+
+
+def running_trials(folder: Path, experiment: str) -> list:
+    with contextlib.suppress(Exception):  # the store is being written: look again
+        return [r for r in trials_of(folder, experiment) if r.info.status == "RUNNING"]
+    return []
+
+
+def assert_done_once(folder: Path, experiment: str, keys: int) -> list:
+    """Nothing RUNNING, and exactly one FINISHED run per trial key."""
+    every = runs(folder, experiment)
+    assert not [r for r in every if r.info.status == "RUNNING"], [r.data.tags.get("mlflow.runName") for r in every]
+    finished = [r for r in every if r.data.tags.get("cnnbench.kind") == "trial" and r.info.status == "FINISHED"]
+    assert len({r.data.tags["cnnbench.trial_key"] for r in finished}) == len(finished) == keys
+    return finished
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+# ----------------------------------------------------------------------------------------
+# the main process owns its workers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_killed_while_the_main_process_lives_are_replaced(workdir, sig):
+    """Every worker of a study killed at once (the out-of-memory killer's SIGKILL, or a
+    SIGTERM to the workers alone): their trials are queued again at once, new workers take
+    their place, and the study finishes with exit 0, each trial trained once, nothing RUNNING."""
+    spec = write_spec(workdir, "owned", lrs="[0.02, 0.05, 0.1]")
+    proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2")
+    training = wait_for(lambda: len(running_trials(workdir, "owned")) >= 2 and running_trials(workdir, "owned"),
+                        what="two trials training")
+    pids = {int(r.data.tags["cnnbench.pid"]) for r in training}
+    assert os.getpid() not in pids and proc.pid not in pids
+    killed_at = time.time()
+    for pid in pids:
+        os.kill(pid, sig)
+    wait_for(lambda: not any(alive(p) for p in pids), timeout=60, what="the workers to die")
+    # queued again at once: no trial is left held by a dead worker (the heartbeat's grace is 60 s)
+    storage = f"sqlite:///{workdir / '.cnnbench' / 'optuna' / 'owned.db'}"
+
+    def released():
+        with contextlib.suppress(Exception):
+            (name,) = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+            trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+            return not [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("worker_pid") in pids]
+        return False
+
+    wait_for(released, timeout=20, what="the dead workers' trials to be queued again")
+    assert time.time() - killed_at < 20
+    out = finish(proc)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "a new worker takes its place" in out.stderr
+    assert_done_once(workdir, "owned", keys=3)
+    parent = [r for r in runs(workdir, "owned") if r.data.tags.get("cnnbench.kind") == "study"]
+    assert [r.info.status for r in parent] == ["FINISHED"]
+
+
+@pytest.mark.slow
+def test_a_trial_that_kills_its_worker_twice_fails_with_the_reason(workdir):
+    """The trial with lr 0.05 kills whichever worker trains it (as a trial too large for
+    memory would): after two deaths it fails for good, with the reason; the other trials
+    finish; the study exits 1 with nothing RUNNING."""
+    spec = write_spec(workdir, "oom", lrs="[0.02, 0.05]")
+    proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2")
+    killed: set[int] = set()
+    while len(killed) < 2 and proc.poll() is None:
+        for r in running_trials(workdir, "oom"):
+            pid = int(r.data.tags["cnnbench.pid"])
+            if r.data.params.get("lr") == "0.05" and pid not in killed and alive(pid):
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        time.sleep(0.1)
+    out = finish(proc)
+    assert len(killed) == 2, out.stderr[-3000:]
+    assert out.returncode == 1, out.stderr[-3000:]
+    every = runs(workdir, "oom")
+    assert not [r for r in every if r.info.status == "RUNNING"]
+    done = [r for r in every if r.data.tags.get("cnnbench.kind") == "trial" and r.info.status == "FINISHED"]
+    assert [r.data.params["lr"] for r in done] == ["0.02"]
+    assert "killed by signal 9" in out.stderr and "likely out of memory" in out.stderr
+    (name,) = [s.study_name for s in optuna.get_all_study_summaries(
+        f"sqlite:///{workdir / '.cnnbench' / 'optuna' / 'oom.db'}")]
+    trials = optuna.load_study(study_name=name, storage=f"sqlite:///{workdir / '.cnnbench' / 'optuna' / 'oom.db'}")
+    states = [t.state for t in trials.get_trials()]
+    assert TrialState.WAITING not in states and TrialState.RUNNING not in states
+    gave_up = [t for t in trials.get_trials() if t.user_attrs.get("worker_deaths") == 2]
+    assert len(gave_up) == 1 and "signal 9" in gave_up[0].user_attrs["reason"]
+
+
+# ----------------------------------------------------------------------------------------
+# faults of the machine: one line, a clean stop, and the same command finishes
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "16m"):
+    """A small file system of its own at `path` (root only; skipped where mounts are not allowed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()[:100]}); the full-disk case needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Every free byte of `folder`'s file system taken by one file."""
+    path = folder / "filler"
+    with open(path, "wb") as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+    return path
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_study_cleanly_and_the_same_command_finishes_it(workdir, monkeypatch):
+    """The checkpoints' disk fills up mid-study: one line naming the path and the cause, no
+    traceback, exit 1, every run ended with the reason, the parent FAILED; once space is
+    freed the same command finishes the study, resuming the trials, none trained twice."""
+    with tmpfs(workdir / "state") as state:
+        monkeypatch.setenv("CNNBENCH_HOME", str(state))
+        spec = write_spec(workdir, "full", epochs=4)
+        args = ["study", str(spec), "--storage", f"sqlite:///{workdir / 'optuna.db'}", "--workers", "2", "--no-fuse"]
+        proc = start(workdir, *args)
+        wait_for(lambda: list((state / "checkpoints" / "full").glob("*/last.pt")) or proc.poll() is not None,
+                 what="a first checkpoint")
+        assert proc.poll() is None, "the study ended before the disk filled"
+        filler = fill(state)
+        out = finish(proc)
+        assert out.returncode == 1, out.stderr[-3000:]
+        assert "Traceback" not in out.stderr, out.stderr[-3000:]
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("cnnbench: error:") and "no space left on device" in last, last
+        every = runs(workdir, "full")
+        assert every and not [r for r in every if r.info.status == "RUNNING"]
+        parent = [r for r in every if r.data.tags.get("cnnbench.kind") == "study"]
+        assert [r.info.status for r in parent] == ["FAILED"]
+        assert "no space left on device" in parent[0].data.tags["cnnbench.reason"]
+        stopped = [r for r in every if r.data.tags.get("cnnbench.kind") == "trial" and r.info.status != "FINISHED"]
+        assert stopped and all(r.info.status == "KILLED" and r.data.tags.get("cnnbench.reason") for r in stopped)
+        filler.unlink()
+        again = finish(start(workdir, *args))
+        assert again.returncode == 0, again.stderr[-3000:]
+        finished = assert_done_once(workdir, "full", keys=2)
+        assert any(r.data.tags.get("cnnbench.resumed_from_epoch") for r in finished)
+
+
+@pytest.mark.slow
+def test_a_results_folder_that_turns_read_only_stops_cleanly(workdir):
+    """results/<study>/ becomes read-only while the study trains (a read-only bind mount):
+    one line, exit 1, the parent run FAILED with the reason; once writable again the same
+    command writes the results without training anything again."""
+    spec = write_spec(workdir, "ro", epochs=2, subset=1000)
+    out_dir = workdir / "results" / "ro"
+    out_dir.mkdir(parents=True)
+    proc = start(workdir, "study", str(spec), "--no-fuse")
+    wait_for(lambda: running_trials(workdir, "ro") or proc.poll() is not None, what="a trial training")
+    bind = subprocess.run(["mount", "--bind", str(out_dir), str(out_dir)], capture_output=True)
+    if bind.returncode:
+        proc.kill()
+        pytest.skip("cannot bind-mount here (root only)")
+    try:
+        assert subprocess.run(["mount", "-o", "remount,bind,ro", str(out_dir)]).returncode == 0
+        out = finish(proc)
+    finally:
+        subprocess.run(["umount", "-l", str(out_dir)], capture_output=True)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert "read-only file system" in last and "ro" in last, last
+    parent = [r for r in runs(workdir, "ro") if r.data.tags.get("cnnbench.kind") == "study"]
+    assert [r.info.status for r in parent] == ["FAILED"] and parent[0].data.tags.get("cnnbench.reason")
+    again = finish(start(workdir, "study", str(spec), "--no-fuse"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 run(s) trained" in again.stdout
+    assert (out_dir / "summary.csv").exists()
+    assert_done_once(workdir, "ro", keys=2)
+
+
+def test_faults_of_the_machine_are_told_apart_from_a_trial_s(tmp_path):
+    """What counts as the machine's fault, through the wrappers SQLAlchemy and torch put around it."""
+    import sqlalchemy
+    import torch
+
+    from cnnbench.util.faults import storage_fault
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "last.pt"))
+    assert storage_fault(full) == f"{tmp_path / 'last.pt'}: no space left on device"
+    wrapped = sqlalchemy.exc.OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+    assert "database or disk is full" in storage_fault(wrapped)
+    try:
+        try:
+            raise OSError(errno.EROFS, "Read-only file system", "/results/lr/summary.csv")
+        except OSError as err:
+            raise RuntimeError("writing the results") from err
+    except RuntimeError as outer:
+        assert storage_fault(outer) == "/results/lr/summary.csv: read-only file system"
+    torch_full = RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                              "data/0: file write failed")
+    assert storage_fault(torch_full) is not None
+    # a trial's own faults are not the machine's
+    assert storage_fault(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) is None
+    assert storage_fault(ValueError("loss is nan")) is None
+    assert storage_fault(ConnectionRefusedError(errno.ECONNREFUSED, "refused")) is None
+
+
+# ----------------------------------------------------------------------------------------
+# stop requests from a scheduler, a closed terminal
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_the_study_like_ctrl_c(workdir, sig):
+    """What Slurm, Kubernetes and systemd send before they kill, and a closed terminal: the
+    study (main process and workers) stops at the next safe point, every run KILLED, exit
+    128 + the signal; the same command finishes it."""
+    spec = write_spec(workdir, "term")
+    proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2", start_new_session=True)
+    wait_for(lambda: list((workdir / ".cnnbench" / "checkpoints" / "term").glob("*/last.pt"))
+             or proc.poll() is not None, what="a first checkpoint")
+    assert proc.poll() is None
+    os.killpg(proc.pid, sig)  # the whole group, as a scheduler or a terminal sends it
+    out = finish(proc)
+    assert out.returncode == 128 + sig, out.stderr[-3000:]
+    assert f"stopped by {signal.Signals(sig).name}" in out.stderr
+    every = runs(workdir, "term")
+    assert every and {r.info.status for r in every} == {"KILLED"}
+    again = finish(start(workdir, "study", str(spec), "--no-fuse", "--workers", "2"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_done_once(workdir, "term", keys=2)
+
+
+# ----------------------------------------------------------------------------------------
+# no orphans, whatever was lost
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lost", ["state folder", "spec edited"])
+def test_runs_of_a_killed_execution_are_closed_whatever_was_lost(workdir, lost):
+    """After a SIGKILL of the whole study, the next execution cannot find the old one's
+    state (its state folder removed, or the spec edited, so the study is a new one): the
+    killed execution's runs are still closed KILLED, not left RUNNING for ever."""
+    spec = write_spec(workdir, "orphans", epochs=4)
+    proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2", start_new_session=True)
+    wait_for(lambda: len(running_trials(workdir, "orphans")) >= 2 or proc.poll() is not None, what="two trials")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    assert [r for r in runs(workdir, "orphans") if r.info.status == "RUNNING"]
+    if lost == "state folder":
+        shutil.rmtree(workdir / ".cnnbench")
+    else:
+        spec.write_text(spec.read_text().replace("epochs: 4", "epochs: 2"))
+    again = finish(start(workdir, "study", str(spec), "--no-fuse", "--workers", "2"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    every = runs(workdir, "orphans")
+    assert not [r for r in every if r.info.status == "RUNNING"]
+    closed = [r for r in every if r.info.status == "KILLED"]
+    assert len(closed) >= 3  # the old parent and its two trials
+    assert all(r.data.tags.get("cnnbench.status") == "interrupted" and r.data.tags.get("cnnbench.reason")
+               for r in closed)
+
+
+def test_a_run_of_another_machine_is_an_orphan_only_once_its_heartbeat_is_stale():
+    """Other machines' processes cannot be asked whether they live: their runs are closed
+    once their heartbeat is older than the grace period; this machine's by their pid."""
+    from types import SimpleNamespace
+
+    from cnnbench.track import liveness
+
+    def run(stamp: str, start_s: float = 0.0, **tags: str):
+        return SimpleNamespace(data=SimpleNamespace(tags={"cnnbench.heartbeat": stamp, **tags} if stamp else tags),
+                               info=SimpleNamespace(start_time=start_s * 1000))
+
+    now = time.time()
+    fresh, stale = now - 10, now - liveness.ORPHAN_GRACE_S - 10
+    assert not liveness.orphaned(run(f"{fresh:.0f} elsewhere boot-x 4242"), now)
+    assert liveness.orphaned(run(f"{stale:.0f} elsewhere boot-x 4242"), now)
+    host, boot = liveness.processes.host(), liveness.processes.boot_id()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert liveness.orphaned(run(f"{fresh:.0f} {host} {boot} {dead.pid}"), now)  # here: its pid is gone
+    assert not liveness.orphaned(run(f"{stale:.0f} {host} {boot} {os.getpid()}"), now)  # here: alive
+    # a run from before heartbeats: its creator's pid here, its start time elsewhere
+    assert liveness.orphaned(run("", **{"cnnbench.host": host, "cnnbench.pid": str(dead.pid)}), now)
+    assert not liveness.orphaned(run("", start_s=fresh, **{"cnnbench.host": "elsewhere", "cnnbench.pid": "1"}), now)
+
+
+# ----------------------------------------------------------------------------------------
+# one execution's results are its own
+
+
+@pytest.mark.slow
+def test_a_second_execution_with_other_settings_is_refused_while_the_first_runs(workdir, capsys):
+    """The same results folder, other settings (another --set, or another spec with the same
+    name), while the first execution runs: refused in one line before anything is created."""
+    from cnnbench.cli import main
+
+    spec = write_spec(workdir, "mine", epochs=4)
+    proc = start(workdir, "study", str(spec), "--no-fuse")
+    try:
+        wait_for(lambda: running_trials(workdir, "mine") or proc.poll() is not None, what="the first execution")
+        assert proc.poll() is None
+        before = {r.info.run_id for r in runs(workdir, "mine")}
+        studies = len(optuna.get_all_study_summaries(f"sqlite:///{workdir / '.cnnbench' / 'optuna' / 'mine.db'}"))
+        other = workdir / "other.yaml"
+        other.write_text(spec.read_text().replace("[0.02, 0.05]", "[0.1]"))
+        for argv in (["study", str(spec), "--set", "epochs=2"], ["study", str(other)]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "another execution of study mine with other settings" in err[0], err
+        assert {r.info.run_id for r in runs(workdir, "mine")} == before
+        assert len(optuna.get_all_study_summaries(f"sqlite:///{workdir / '.cnnbench' / 'optuna' / 'mine.db'}")) \
+            == studies
+    finally:
+        out = finish(proc)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_a_name_the_file_system_cannot_hold_is_refused_in_the_preflight(workdir, capsys):
+    from cnnbench.cli import main
+
+    name = "n" * 200  # valid by the spec's rules; its lock file's name would be over 255 bytes
+    spec = workdir / "long.yaml"
+    spec.write_text(SPEC.format(name=name, lrs="[0.1]", epochs=1, subset=256))
+    before = tree(workdir)
+    assert main(["study", str(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "too long for the file system" in err[0], err
+    assert tree(workdir) == before
+
+
+# ----------------------------------------------------------------------------------------
+# damaged and deleted stores
+
+
+@pytest.mark.parametrize("store", ["optuna", "mlflow"])
+def test_a_store_that_is_not_a_database_is_refused_with_what_to_do(workdir, capsys, store):
+    from cnnbench.cli import main
+
+    spec = write_spec(workdir, "damaged", lrs="[0.1]", epochs=1, subset=256)
+    path = workdir / ".cnnbench" / "optuna" / "damaged.db" if store == "optuna" else workdir / "mlflow.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"this is not a database, it was overwritten " * 100)
+    before = tree(workdir)
+    assert main(["study", str(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "not a SQLite database" in err[0], err
+    assert "move it away" in err[0]
+    assert tree(workdir) == before
+
+
+@pytest.mark.slow
+def test_a_deleted_mlflow_store_trains_again_what_it_no_longer_holds(workdir):
+    """MLflow is the record: its store deleted while the state folder remains, the next
+    execution starts a new parent run and trains the study again, instead of refusing every
+    rerun for a parent run that no longer exists."""
+    spec = write_spec(workdir, "lost", epochs=1, subset=640)
+    first = finish(start(workdir, "study", str(spec)))
+    assert first.returncode == 0, first.stderr[-3000:]
+    (workdir / "mlflow.db").unlink()
+    again = finish(start(workdir, "study", str(spec)))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 run(s) trained, 0 already finished" in again.stdout
+    assert_done_once(workdir, "lost", keys=2)
