@@ -45,7 +45,9 @@ from cnnbench.tools.ui import screenshot_study
 from cnnbench.track.stores import default_url
 from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
 from cnnbench.train.device import resolve_device
-from cnnbench.train.loop import Recorder, TrialResult, evaluate_checkpoint, load_checkpoint
+from cnnbench.train.checkpoint import load_checkpoint
+from cnnbench.train.loop import evaluate_checkpoint
+from cnnbench.train.result import Recorder, TrialResult
 from cnnbench.train.loop import run_trial as train_one
 from cnnbench.util.paths import state_dir
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from cnnbench.train.checkpoint import load_checkpoint, plain
+from cnnbench.train.loop import run_trial, train_group
+from cnnbench.train.result import DIVERGED, FINISHED, INTERRUPTED, Recorder
 from cnnbench.train.schedule import LRSchedule
-from cnnbench.train.loop import (DIVERGED, FINISHED, INTERRUPTED, Recorder, load_checkpoint, plain, run_trial,
-                                 train_group)
 
 from conftest import quick
 

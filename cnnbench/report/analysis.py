@@ -67,7 +67,7 @@ from cnnbench.track.schema import (
 from cnnbench.track.stores import default_url
 from cnnbench.track.writer import quiet_mlflow
 from cnnbench.track.writer import tracking_uri as resolve_uri
-from cnnbench.train.loop import TrialResult
+from cnnbench.train.result import TrialResult
 from cnnbench.util.paths import state_dir
 from cnnbench.util.text import fmt
 

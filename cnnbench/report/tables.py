@@ -27,7 +27,7 @@ from cnnbench.data.tensors import DATASETS
 from cnnbench.models.summary import model_cost
 from cnnbench.report import stats  # noqa: E402
 from cnnbench.track.schema import EPOCH, TEST_ACC, TEST_LOSS, TRAIN_EPOCH_LOSS, VAL_ACC  # noqa: E402
-from cnnbench.train.loop import DIVERGED, TrialResult  # noqa: E402
+from cnnbench.train.result import DIVERGED, TrialResult  # noqa: E402
 from cnnbench.util import fileio
 from cnnbench.util.text import fmt
 

@@ -118,9 +118,11 @@ from cnnbench.track.schema import (
     worker_name,
 )
 from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
+from cnnbench.train.checkpoint import resume_epoch
 from cnnbench.train.device import resolve_device
 from cnnbench.train.fused import fusable, fuse_groups, group_key
-from cnnbench.train.loop import DIVERGED, FINISHED, INTERRUPTED, PRUNED, load_data, resume_epoch, run_trial, train_group
+from cnnbench.train.loop import load_data, run_trial, train_group
+from cnnbench.train.result import DIVERGED, FINISHED, INTERRUPTED, PRUNED
 from cnnbench.util import fileio, interrupt
 from cnnbench.util.paths import state_dir
 from cnnbench.util.text import fmt, masked

@@ -48,8 +48,11 @@ from cnnbench.track.schema import (
     TEST_LOSS,
 )
 from cnnbench.track.writer import run_name
+from cnnbench.train.checkpoint import load_checkpoint
 from cnnbench.train.fused import fuse_groups
-from cnnbench.train.loop import FINISHED, SingleEngine, TrialResult, evaluate, load_checkpoint, train_group
+from cnnbench.train.loop import evaluate, train_group
+from cnnbench.train.result import FINISHED, TrialResult
+from cnnbench.train.single import SingleEngine
 
 # ----------------------------------------------------------------------------------------
 # the end: the best trial over seeds, tested once, and the results

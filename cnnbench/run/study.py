@@ -44,7 +44,7 @@ from cnnbench.run.engine import (
 )
 from cnnbench.track.schema import ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON, TAG_FUSE, TAG_THREADS, TAG_WORKERS
 from cnnbench.train.device import resolve_device, usable_cores
-from cnnbench.train.loop import DIVERGED, FAILED, FINISHED, TrialResult
+from cnnbench.train.result import DIVERGED, FAILED, FINISHED, TrialResult
 from cnnbench.util import interrupt
 
 

@@ -49,7 +49,8 @@ from cnnbench.run.study import execution, run_study
 from cnnbench.track.schema import ATTR_FUSED_WITH, ATTR_TRAIN_SECONDS
 from cnnbench.train.device import configure_backends, resolve_device, set_tf32, sync
 from cnnbench.train.fused import FusedEngine, fusable
-from cnnbench.train.loop import SingleEngine, evaluate, load_data, train_group
+from cnnbench.train.loop import evaluate, load_data, train_group
+from cnnbench.train.single import SingleEngine
 from cnnbench.util import fileio
 
 LR_STUDY = (0.001, 0.005, 0.01, 0.05, 0.1)

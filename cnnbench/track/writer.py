@@ -66,7 +66,7 @@ from cnnbench.track.schema import (
     TEST_ACC,
     VAL_ACC,
 )
-from cnnbench.train.loop import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, Recorder, TrialResult
+from cnnbench.train.result import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, Recorder, TrialResult
 from cnnbench.util import interrupt
 from cnnbench.util.text import fmt, masked  # noqa: F401  (re-exported here)
 

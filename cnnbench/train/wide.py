@@ -225,7 +225,7 @@ def trial_view(wide: Tensor, shape: torch.Size, k: int) -> Tensor:
 
 
 class WideEngine:
-    """The engine interface of train.SingleEngine, for K trials widened into one model."""
+    """The engine (engine.Engine) for K trials widened into one model."""
 
     def __init__(self, configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo) -> None:
         self.configs = list(configs)
