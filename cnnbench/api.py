@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from cnnbench.config.space import with_overrides as sweep_overrides
-from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig, parse_seeds
+from cnnbench.config.spec import StudySpec, parse_seeds
 from cnnbench.config.spec import load_spec as read_spec
+from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import data_dir, load_arrays
+from cnnbench.errors import ConfigError
 from cnnbench.models import get_model, list_models, model_entry
 from cnnbench.models.summary import summarize as layer_summary
 from cnnbench.report import analysis
@@ -44,11 +46,11 @@ from cnnbench.tools.summary_documents import summary_command
 from cnnbench.tools.ui import screenshot_study
 from cnnbench.track.stores import default_url
 from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
-from cnnbench.train.device import resolve_device
 from cnnbench.train.checkpoint import load_checkpoint
+from cnnbench.train.device import resolve_device
 from cnnbench.train.loop import evaluate_checkpoint
-from cnnbench.train.result import Recorder, TrialResult
 from cnnbench.train.loop import run_trial as train_one
+from cnnbench.train.result import Recorder, TrialResult
 from cnnbench.util.paths import state_dir
 
 __all__ = ["evaluate", "load_runs", "load_spec", "run_study", "run_sweep", "run_trial", "statistics", "summarize",

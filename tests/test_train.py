@@ -193,7 +193,7 @@ def test_checkpoints_keep_the_best_epoch(data_root, tmp_path):
 
 @pytest.mark.parametrize("kind", ["step", "plateau", "onecycle"])
 def test_schedules_match_torch(kind):
-    from cnnbench.config.spec import TrialConfig
+    from cnnbench.config.trial import TrialConfig
 
     c = TrialConfig(schedule=kind, lr=0.1, epochs=6, step_size=2, gamma=0.5, patience=1)
     steps = 7

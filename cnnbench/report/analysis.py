@@ -30,7 +30,8 @@ import optuna
 import pandas as pd
 from mlflow import MlflowClient
 
-from cnnbench.config.spec import RUNTIME_FIELDS, StudySpec, TrialConfig, load_spec, parse_value
+from cnnbench.config.spec import StudySpec, load_spec, parse_value
+from cnnbench.config.trial import RUNTIME_FIELDS, TrialConfig
 from cnnbench.data.tensors import DATASETS, train_size
 from cnnbench.models import list_models
 from cnnbench.models.summary import model_cost

@@ -27,7 +27,7 @@ import optuna.visualization.matplotlib as ovm
 import yaml
 
 from cnnbench.config.space import describe, trial_config
-from cnnbench.config.spec import RUNTIME_FIELDS, TrialConfig
+from cnnbench.config.trial import RUNTIME_FIELDS, TrialConfig
 from cnnbench.track.schema import (
     ATTR_BEST_EPOCH,
     ATTR_MLFLOW_RUN_ID,

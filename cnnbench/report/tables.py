@@ -22,7 +22,8 @@ import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cnnbench.config.spec import StudySpec, TrialConfig  # noqa: E402
+from cnnbench.config.spec import StudySpec  # noqa: E402
+from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DATASETS
 from cnnbench.models.summary import model_cost
 from cnnbench.report import stats  # noqa: E402

@@ -49,9 +49,10 @@ import torch
 from optuna.trial import TrialState, create_trial
 
 from cnnbench.config.space import OBJECTIVES, Plan, check_spec, describe, grid_points, spec_hash, suggest, trial_config
-from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig
+from cnnbench.config.spec import StudySpec
+from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import data_dir, load_arrays
-from cnnbench.errors import DataError, DeviceError, TrackingError
+from cnnbench.errors import ConfigError, DataError, DeviceError, TrackingError
 from cnnbench.run import storage as sweep_storage
 from cnnbench.run.cores import CoreShare
 from cnnbench.run.progress import Board

@@ -20,7 +20,7 @@ from mlflow.entities import Metric
 from optuna.trial import TrialState
 
 from cnnbench.config.space import trial_config
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 from cnnbench.report import sweep as sweep_report
 from cnnbench.run.engine import Session, claim_results, count_states, is_finished, results_written, trial_data
 from cnnbench.run.search import objective_value

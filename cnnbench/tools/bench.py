@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
-from cnnbench.config.spec import SearchDim, StudySpec, SweepSettings, TrialConfig
+from cnnbench.config.spec import SearchDim, StudySpec, SweepSettings
+from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DATASETS, data_dir, load_arrays
 from cnnbench.errors import ConfigError
 from cnnbench.models import get_model, list_models

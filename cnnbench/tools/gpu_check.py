@@ -36,7 +36,7 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import data_dir
 from cnnbench.errors import ConfigError, DeviceError
 from cnnbench.tools import resources

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 from tqdm.auto import tqdm
 
-from cnnbench.config.spec import ConfigError
+from cnnbench.errors import ConfigError
 from cnnbench.report import analysis
 from cnnbench.tools import resources
 from cnnbench.track.writer import check_reachable, quiet_mlflow

@@ -28,7 +28,7 @@ import mlflow
 import torch
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 from cnnbench.errors import TrackingError
 from cnnbench.track import stores
 from cnnbench.track.figure import save_trial_figure

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 from cnnbench.train.engine import Engine
 from cnnbench.train.result import TrialResult
 from cnnbench.train.schedule import LRSchedule

@@ -9,7 +9,7 @@ import os
 import torch
 from torch import nn
 
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DatasetInfo
 from cnnbench.errors import DeviceError
 from cnnbench.models import get_model

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DATASETS, DatasetInfo
 from cnnbench.models.layers import BATCH_NORMS
 from cnnbench.train.device import autocast, build_model, resolve_device

@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cnnbench.config.record import EPOCH, EPOCH_SECONDS, LR, SPLIT_KEYS, TEST_ACC, TRAIN_EPOCH_LOSS, VAL_ACC, VAL_LOSS
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DeviceData, data_dir, mix_seed
 from cnnbench.train.checkpoint import load_checkpoint, restore_result, resume_state, write_checkpoints
 from cnnbench.train.device import configure_backends, is_out_of_memory, resolve_device, sync, use_channels_last

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnbench.config.record import EPOCH, TEST_ACC
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 
 FINISHED, DIVERGED, PRUNED, FAILED, INTERRUPTED = "finished", "diverged", "pruned", "failed", "interrupted"
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DatasetInfo
 from cnnbench.models import alexnet, inception, lenet, resnet
 from cnnbench.models.layers import ACTIVATIONS, BATCH_NORMS, Concat
