@@ -44,6 +44,7 @@ from cnnbench.tools.gpu_check import gpu_check as run_gpu_check
 from cnnbench.tools.notebooks import build_reports
 from cnnbench.tools.summary_documents import summary_command
 from cnnbench.tools.ui import screenshot_study
+from cnnbench.track import reader
 from cnnbench.track.stores import default_url
 from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
 from cnnbench.train.checkpoint import load_checkpoint
@@ -151,7 +152,7 @@ def evaluate(checkpoint: str | os.PathLike, *, device: str = "auto", data_root: 
 def load_runs(study: str, tracking: str | None = None, *, run_ids: list[str] | None = None):
     """A study's trials read back from MLflow: one row per trial x epoch (pandas), with
     `frame.attrs` naming its scientific, nuisance and fixed hyperparameters."""
-    return analysis.load_runs(study, tracking, run_ids=run_ids)
+    return reader.load_runs(study, tracking, run_ids=run_ids)
 
 
 def statistics(runs, spec: StudySpec | None = None):
