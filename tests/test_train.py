@@ -231,7 +231,7 @@ def test_augmentation_and_adam_train(data_root):
 def test_an_engine_restored_from_its_state_tensors_trains_as_if_untouched(data_root, k):
     """What a CUDA graph's warm-up relies on (graphs.StepGraph): every tensor a step
     changes is in `state_tensors()`, so steps taken and undone leave no trace."""
-    from cnnbench.tools.bench import make_engine
+    from cnnbench.tools.bench.steps import make_engine
     from cnnbench.train.loop import load_data
 
     base = quick(activation="relu", lr=0.05, momentum=0.9, weight_decay=1e-4)

@@ -40,8 +40,9 @@ from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import data_dir
 from cnnbench.errors import ConfigError, DeviceError
 from cnnbench.tools import resources
-from cnnbench.tools.bench import profile_steps, run_bench, time_evaluation
-from cnnbench.train.device import resolve_device
+from cnnbench.tools.bench.steps import profile_steps, time_evaluation
+from cnnbench.tools.bench.throughput import run_bench
+from cnnbench.train.device import device_name, resolve_device
 from cnnbench.train.loop import load_data
 from cnnbench.util import fileio
 
@@ -92,7 +93,7 @@ def run_gpu_check(out: Path, *, dry_run: bool = False, data_root: str | os.PathL
     if data_root:
         env["CNNBENCH_DATA"] = str(Path(data_root).resolve())
     steps: list[Step] = []
-    say(f"gpu-check: {device} ({_device_name(device)}), torch {torch.__version__}, python "
+    say(f"gpu-check: {device} ({device_name(device)}), torch {torch.__version__}, python "
         f"{platform.python_version()}, budget {budget:.0f} s{' (dry run: CPU, toy sizes)' if dry_run else ''}")
     steps.append(_environment(out, device))
 
@@ -156,15 +157,10 @@ def run_gpu_check(out: Path, *, dry_run: bool = False, data_root: str | os.PathL
     return steps
 
 
-def _device_name(device) -> str:
-
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-
-
 def _environment(out: Path, device) -> Step:
 
     lines = [f"python {platform.python_version()}", f"torch {torch.__version__}",
-             f"cuda {torch.version.cuda}", f"device {device} ({_device_name(device)})"]
+             f"cuda {torch.version.cuda}", f"device {device} ({device_name(device)})"]
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         lines.append(f"{p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
@@ -239,7 +235,7 @@ def _line(step: Step) -> str:
 
 def _summary(steps: list[Step], device, budget: float, total: float) -> str:
 
-    lines = [f"# gpu-check on {device} ({_device_name(device)})", "",
+    lines = [f"# gpu-check on {device} ({device_name(device)})", "",
              f"torch {torch.__version__}, python {platform.python_version()}; {total:.0f} s of a {budget:.0f} s budget", "",
              "| step | status | seconds | detail |", "|---|---|---:|---|"]
     for s in steps:
