@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from cnnbench.config.space import with_overrides as sweep_overrides
-from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig, parse_seeds
+from cnnbench.config.spec import StudySpec, parse_seeds
 from cnnbench.config.spec import load_spec as read_spec
+from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import data_dir, load_arrays
+from cnnbench.errors import ConfigError
 from cnnbench.models import get_model, list_models, model_entry
 from cnnbench.models.summary import summarize as layer_summary
 from cnnbench.report import analysis
@@ -45,11 +47,14 @@ from cnnbench.tools.gpu_check import gpu_check as run_gpu_check
 from cnnbench.tools.notebooks import build_reports
 from cnnbench.tools.summary_documents import summary_command
 from cnnbench.tools.ui import screenshot_study
+from cnnbench.track import reader
 from cnnbench.track.stores import default_url
 from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
+from cnnbench.train.checkpoint import load_checkpoint
 from cnnbench.train.device import resolve_device
-from cnnbench.train.loop import Recorder, TrialResult, evaluate_checkpoint, load_checkpoint
+from cnnbench.train.loop import evaluate_checkpoint
 from cnnbench.train.loop import run_trial as train_one
+from cnnbench.train.result import Recorder, TrialResult
 from cnnbench.util.paths import state_dir
 
 __all__ = ["evaluate", "load_runs", "load_spec", "run_study", "run_sweep", "run_trial", "statistics", "summarize",
@@ -171,7 +176,7 @@ def evaluate(checkpoint: str | os.PathLike, *, device: str = "auto", data_root: 
 def load_runs(study: str, tracking: str | None = None, *, run_ids: list[str] | None = None):
     """A study's trials read back from MLflow: one row per trial x epoch (pandas), with
     `frame.attrs` naming its scientific, nuisance and fixed hyperparameters."""
-    return analysis.load_runs(study, tracking, run_ids=run_ids)
+    return reader.load_runs(study, tracking, run_ids=run_ids)
 
 
 def statistics(runs, spec: StudySpec | None = None):

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from cnnbench import __version__
-from cnnbench.config.spec import parse_overrides, settings_help  # light: no torch, --help stays quick
+from cnnbench.config.spec import parse_overrides  # light: no torch, --help stays quick
+from cnnbench.config.trial import settings_help
 from cnnbench.errors import ConfigError, DataError, DeviceError, StorageError, TrackingError, Unfinished
 from cnnbench.util import interrupt
 from cnnbench.util.text import masked

@@ -40,7 +40,7 @@ def workdir(tmp_path, monkeypatch, data_root) -> Path:
 
 def quick(**overrides):
     """Settings of a trial that trains in a second or two on real MNIST."""
-    from cnnbench.config.spec import TrialConfig
+    from cnnbench.config.trial import TrialConfig
 
     base = dict(train_subset=1280, test_subset=500, epochs=2, log_every=5, progress=False)
     return TrialConfig.from_dict({**base, **overrides})

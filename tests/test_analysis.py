@@ -2,8 +2,9 @@
 
 One module-wide lab (a working folder with its own MLflow store) holds the lr study over
 two seeds, a batch-size study with the learning rate as nuisance, a models study and a
-three-trial `cnnbench sweep`; the tests read it back through `cnnbench.report.analysis` and compare with
-what `cnnbench study` wrote to `results/`, then run every notebook headless.
+three-trial `cnnbench sweep`; the tests read it back through `cnnbench.track.reader` and
+`cnnbench.report.analysis` and compare with what `cnnbench study` wrote to `results/`, then run
+every notebook headless.
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ def test_stored_notebooks_have_no_outputs_and_take_parameters():
 @pytest.mark.slow
 def test_load_runs_is_one_row_per_trial_and_epoch_and_agrees_with_results(lab):
     from cnnbench.report import analysis
+    from cnnbench.track import reader
 
-    frame = analysis.load_runs("lr")
+    frame = reader.load_runs("lr")
     assert len(frame) == 5 * 2 * 2 and not frame.duplicated(["trial", "epoch"]).any()
     assert frame.attrs["scientific"] == ["lr"] and frame.attrs["nuisance"] == [] and frame.attrs["seeds"] == [0, 1]
     assert frame.attrs["fixed"]["batch_size"] == 64 and frame.attrs["fixed"]["activation"] == "sigmoid"
@@ -104,7 +106,7 @@ def test_load_runs_is_one_row_per_trial_and_epoch_and_agrees_with_results(lab):
     assert one["test_acc"].tolist() == [m.value for m in client.get_metric_history(one["run_id"].iloc[0], "test/acc")]
 
     # the same numbers as results/lr/ that `cnnbench study` wrote
-    spec = analysis.study_spec(frame)
+    spec = reader.study_spec(frame)
     assert spec.seeds == (0, 1) and spec.fixed["epochs"] == 2 and spec.reported  # the document's figures
     ours = analysis.summary(frame, spec).sort_values("mlflow_run_id", ignore_index=True)
     saved = pd.read_csv(lab / "results" / "lr" / "summary.csv").sort_values("mlflow_run_id", ignore_index=True)
@@ -115,7 +117,7 @@ def test_load_runs_is_one_row_per_trial_and_epoch_and_agrees_with_results(lab):
     assert table == [line for line in (lab / "results" / "lr" / "table.md").read_text().splitlines()
                      if line.startswith("|")]
 
-    curve = analysis.load_loss_curve(frame)  # the first epoch only: 640 images, a point every 2 steps of 64
+    curve = reader.load_loss_curve(frame)  # the first epoch only: 640 images, a point every 2 steps of 64
     assert curve["run_id"].nunique() == 10
     assert sorted(curve["samples"].unique()) == [128, 256, 384, 512, 640]
 
@@ -123,10 +125,11 @@ def test_load_runs_is_one_row_per_trial_and_epoch_and_agrees_with_results(lab):
 @pytest.mark.slow
 def test_nuisance_is_optimised_away_and_lr_x_batch_size_has_a_heatmap(lab):
     from cnnbench.report import analysis
+    from cnnbench.track import reader
     from cnnbench.report import figures
 
-    frame = analysis.load_runs("lrbatch")
-    spec = analysis.study_spec(frame)
+    frame = reader.load_runs("lrbatch")
+    spec = reader.study_spec(frame)
     assert spec.scientific == {"batch_size": (32, 128)} and spec.nuisance == {"lr": (0.05, 0.1)}
     trials = analysis.summary(frame, spec)
     best = analysis.isolated(frame, spec)
@@ -141,18 +144,19 @@ def test_nuisance_is_optimised_away_and_lr_x_batch_size_has_a_heatmap(lab):
     assert cells == pytest.approx(sorted(trials["final_test_acc"].tolist()))
     assert figures.isolation(trials, spec) is not None
 
-    lr = analysis.load_runs("lr")
-    assert not figures.has_heatmap(analysis.study_spec(lr)) and figures.heatmap(analysis.summary(lr), analysis.study_spec(lr)) is None
+    lr = reader.load_runs("lr")
+    assert not figures.has_heatmap(reader.study_spec(lr)) and figures.heatmap(analysis.summary(lr), reader.study_spec(lr)) is None
 
 
 @pytest.mark.slow
 def test_epoch_reuse_gives_every_trial_its_epochs(workdir):
     from cnnbench.report import analysis
+    from cnnbench.track import reader
 
     (workdir / "epochs.yaml").write_text("name: epochs-tiny\nscientific:\n  epochs: [1, 2]\nfixed:\n  model: lenet\n"
                                          "  lr: 0.05\n" + TINY + "seeds: [0]\n")
     study("epochs.yaml")
-    frame = analysis.load_runs("epochs-tiny")
+    frame = reader.load_runs("epochs-tiny")
     assert frame["run_id"].nunique() == 1  # the 1-epoch trial reads the 2-epoch run
     assert frame.groupby("trial")["epoch"].apply(list).to_dict() == {"epochs=1 seed=0": [1], "epochs=2 seed=0": [1, 2]}
     saved = pd.read_csv(workdir / "results" / "epochs-tiny" / "summary.csv").set_index("epochs")
@@ -162,18 +166,18 @@ def test_epoch_reuse_gives_every_trial_its_epochs(workdir):
 
 @pytest.mark.slow
 def test_the_loader_reads_the_study_as_last_executed(workdir):
-    from cnnbench.report import analysis
+    from cnnbench.track import reader
 
     (workdir / "sel.yaml").write_text("name: sel\nscientific:\n  lr: [0.05, 0.1]\nfixed:\n  model: lenet\n"
                                       + TINY + "seeds: [0]\n")
     study("sel.yaml", "--set", "epochs=1")
     study("sel.yaml", "--set", "epochs=2")
-    frame = analysis.load_runs("sel")
+    frame = reader.load_runs("sel")
     assert frame["run_id"].nunique() == 2 and set(frame["epochs"]) == {2} and frame["epoch"].max() == 2
-    everything = analysis.trial_runs("sel", run_ids=None)
+    everything = reader.trial_runs("sel", run_ids=None)
     client = MlflowClient(frame.attrs["tracking_uri"])
     old = [r.info.run_id for r in client.search_runs([everything.attrs["experiment_id"]], "params.epochs = '1'")]
-    assert len(old) == 2 and set(analysis.load_runs("sel", run_ids=old)["epochs"]) == {1}
+    assert len(old) == 2 and set(reader.load_runs("sel", run_ids=old)["epochs"]) == {1}
 
 
 @pytest.mark.slow

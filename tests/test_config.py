@@ -4,7 +4,9 @@ import textwrap
 
 import pytest
 
-from cnnbench.config.spec import ConfigError, TrialConfig, load_spec, parse_overrides, parse_value
+from cnnbench.config.spec import load_spec, parse_overrides, parse_value
+from cnnbench.config.trial import TrialConfig
+from cnnbench.errors import ConfigError
 
 from conftest import REPO
 

@@ -15,8 +15,9 @@ import torch
 from cnnbench.config.spec import StudySpec
 from cnnbench.data.tensors import DeviceData
 from cnnbench.run.study import run_study
-from cnnbench.train.loop import FAILED, FINISHED, Recorder, evaluate_checkpoint, load_data, train_group
 from cnnbench.train.device import resolve_device, set_tf32
+from cnnbench.train.loop import evaluate_checkpoint, load_data, train_group
+from cnnbench.train.result import FAILED, FINISHED, Recorder
 
 from conftest import quick
 

@@ -1,5 +1,6 @@
 """The package's shape: layers (import-linter's contract in pyproject.toml), no import
-cycle, no private name crossing a module boundary. See README, Layout."""
+cycle, no private name crossing a module boundary, modules and functions short enough to
+read in one sitting. See README, Layout."""
 
 from __future__ import annotations
 
@@ -164,3 +165,68 @@ def test_no_private_name_crosses_a_module_boundary():
 ])
 def test_the_private_name_walk(source, expected):
     assert private_uses("m", source) == expected
+
+
+# One job per module: a module of a few hundred lines at most, a function that fits on a
+# screen. Lines as the file has them (docstrings and comments count).
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60
+# Modules that are data tables rather than code, allowed past MAX_MODULE_LINES, each with
+# its reason. None today: the documents' figures of `cnnbench summary --documents` were
+# split off into tools/summary_claims.py (154 lines), away from the code that checks them.
+DATA_TABLES: dict[str, str] = {}
+def too_long(name: str, source: str) -> list[tuple[str, int]]:
+    """(name, lines) of one module's source: the module itself when over MAX_MODULE_LINES,
+    and every function (methods and nested ones too, as `module.Class.method`) over
+    MAX_FUNCTION_LINES."""
+    found = []
+    lines = source.count("\n")
+    if lines > MAX_MODULE_LINES:
+        found.append((name, lines))
+
+    def walk(node: ast.AST, where: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = where
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                inner = f"{where}.{child.name}"
+                length = child.end_lineno - child.lineno + 1
+                if not isinstance(child, ast.ClassDef) and length > MAX_FUNCTION_LINES:
+                    found.append((inner, length))
+            walk(child, inner)
+
+    walk(ast.parse(source), name)
+    return found
+
+
+def test_modules_and_functions_are_short():
+    found = [f for name, path in modules().items() for f in too_long(name, path.read_text())]
+    bad = [(n, lines) for n, lines in found if n not in DATA_TABLES]
+    assert bad == [], "\n".join(f"{n}: {lines} lines (modules <= {MAX_MODULE_LINES}, functions <= "
+                                 f"{MAX_FUNCTION_LINES})" for n, lines in bad)
+    # the exceptions are still needed, so a stale one is noticed
+    assert {n for n, _ in found} >= set(DATA_TABLES)
+
+
+def _function(name: str, lines: int, indent: str = "") -> str:
+    """A function of exactly `lines` lines."""
+    return f"{indent}def {name}():\n" + f"{indent}    x = 1\n" * (lines - 1)
+
+
+@pytest.mark.parametrize("source, expected", [
+    (_function("f", 60), []),
+    (_function("f", 61), [("m.f", 61)]),
+    ("class A:\n" + _function("g", 61, "    "), [("m.A.g", 61)]),
+    ("def outer():\n" + _function("inner", 61, "    "), [("m.outer", 62), ("m.outer.inner", 61)]),
+    ("x = 1\n" * 500, []),
+    ("x = 1\n" * 501, [("m", 501)]),
+])
+def test_the_length_walk(source, expected):
+    assert too_long("m", source) == expected
+
+
+def test_a_long_function_planted_in_the_package_is_found():
+    """The check can fail: a real module with a 61-line function added."""
+    name, path = "cnnbench.util.text", PACKAGE / "util" / "text.py"
+    assert too_long(name, path.read_text()) == []
+    assert too_long(name, path.read_text() + "\n\n" + _function("planted", 61)) == [(f"{name}.planted", 61)]
+

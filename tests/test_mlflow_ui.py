@@ -90,7 +90,7 @@ def test_ui_screenshot_saves_the_comparison_view(server, tmp_path, capsys, monke
     """`cnnbench ui-screenshot` as `make ui-screenshot` runs it (a server of its own over
     the sqlite store), and the same view straight from the running server."""
     _need_chromium()
-    from cnnbench.report.analysis import NoRuns
+    from cnnbench.track.reader import NoRuns
     from cnnbench.cli import main
     from cnnbench.tools.ui import screenshot
 

@@ -419,7 +419,7 @@ def invalid_specs(draw) -> dict:
     if kind == "top_key":
         spec[draw(junk_text.filter(lambda k: k not in SPEC_KEYS))] = draw(st.integers())
     elif kind == "setting":
-        from cnnbench.config.spec import TrialConfig
+        from cnnbench.config.trial import TrialConfig
 
         known = set(TrialConfig.__dataclass_fields__)
         spec["fixed"][draw(junk_text.filter(lambda k: k not in known))] = 1

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import cli
 from cnnbench.tools import summary_documents as sd
+from cnnbench.tools.summary_layouts import Counts
 from cnnbench.cli import main
 from cnnbench.models import get_model, list_models
 from cnnbench.models.summary import model_cost, natural_input, render, summarize
@@ -42,7 +43,7 @@ def test_alexnet_paper_conv1_is_96x55x55_with_34944_parameters():
 def test_vgg16_matches_document_004_table_with_biases_noted():
     s = summarize("vgg16", (3, 224, 224), num_classes=1000)
     assert s.params == 138_357_544  # "TOTAL params: 138M"
-    rows = sd.vgg16_rows(sd.Counts())
+    rows = sd.vgg16_rows(Counts())
     assert len(rows) == 22
     for r in rows:
         assert r["shape ok"] and r["memory ok"], r
@@ -74,10 +75,10 @@ def test_every_claim_is_off_exactly_when_the_data_says_why():
 
 
 def test_lecun_1998_layout_counts():
-    s = sd.Counts().lenet1998
-    assert s.row("3").type == "SparseC3" and sd.Counts().under(s, "3", "params") == 1_516
+    s = Counts().lenet1998
+    assert s.row("3").type == "SparseC3" and Counts().under(s, "3", "params") == 1_516
     assert s.params == 156 + 12 + 1_516 + 32 + 48_120 + 10_164 + 840 == 60_840
-    assert sd.Counts().lenet1998_trainable == 60_000  # the paper's "60,000 trainable parameters"
+    assert Counts().lenet1998_trainable == 60_000  # the paper's "60,000 trainable parameters"
 
 
 @pytest.mark.parametrize("figure, value, expected", [

@@ -17,7 +17,8 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from cnnbench.config.spec import ConfigError, load_spec
+from cnnbench.config.spec import load_spec
+from cnnbench.errors import ConfigError
 from cnnbench.track import stores
 from conftest import cli, tree
 

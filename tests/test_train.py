@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from cnnbench.train.checkpoint import load_checkpoint, plain
+from cnnbench.train.loop import run_trial, train_group
+from cnnbench.train.result import DIVERGED, FINISHED, INTERRUPTED, Recorder
 from cnnbench.train.schedule import LRSchedule
-from cnnbench.train.loop import (DIVERGED, FINISHED, INTERRUPTED, Recorder, load_checkpoint, plain, run_trial,
-                                 train_group)
 
 from conftest import quick
 
@@ -192,7 +193,7 @@ def test_checkpoints_keep_the_best_epoch(data_root, tmp_path):
 
 @pytest.mark.parametrize("kind", ["step", "plateau", "onecycle"])
 def test_schedules_match_torch(kind):
-    from cnnbench.config.spec import TrialConfig
+    from cnnbench.config.trial import TrialConfig
 
     c = TrialConfig(schedule=kind, lr=0.1, epochs=6, step_size=2, gamma=0.5, patience=1)
     steps = 7
@@ -230,7 +231,7 @@ def test_augmentation_and_adam_train(data_root):
 def test_an_engine_restored_from_its_state_tensors_trains_as_if_untouched(data_root, k):
     """What a CUDA graph's warm-up relies on (graphs.StepGraph): every tensor a step
     changes is in `state_tensors()`, so steps taken and undone leave no trace."""
-    from cnnbench.tools.bench import make_engine
+    from cnnbench.tools.bench.steps import make_engine
     from cnnbench.train.loop import load_data
 
     base = quick(activation="relu", lr=0.05, momentum=0.9, weight_decay=1e-4)

@@ -7,7 +7,9 @@ import torch
 
 from cnnbench.train.fused import engine_for, fuse_groups, fusable
 from cnnbench.models import get_model, list_models
-from cnnbench.train.loop import FINISHED, Recorder, load_checkpoint, train_group
+from cnnbench.train.checkpoint import load_checkpoint
+from cnnbench.train.loop import train_group
+from cnnbench.train.result import FINISHED, Recorder
 from cnnbench.train.device import set_tf32
 from cnnbench.train.wide import widen, widen_reason
 
@@ -177,3 +179,45 @@ def test_a_wide_group_with_batch_norm_resumes_and_writes_single_trial_checkpoint
         assert [h["epoch"] for h in b.history] == [1, 2, 3]
         assert [h["test/acc"] for h in b.history] == [h["test/acc"] for h in a.history]
         assert [loss for _, loss in b.curve] == pytest.approx([loss for _, loss in a.curve], rel=1e-6)
+
+
+def test_every_engine_meets_the_one_engine_protocol():
+    """The loop calls an engine only through `engine.Engine`'s members, and SingleEngine,
+    FusedEngine and WideEngine each have every one of them; a class lacking one is no Engine."""
+    import ast
+    import inspect
+
+    from cnnbench.data.tensors import DATASETS
+    from cnnbench.train import loop
+    from cnnbench.train.engine import Engine
+    from cnnbench.train.fused import FusedEngine
+    from cnnbench.train.single import SingleEngine
+    from cnnbench.train.wide import WideEngine
+
+    members = set(Engine.__annotations__) | {n for n, v in vars(Engine).items() if inspect.isfunction(v)}
+    assert members >= {"k", "eval_images", "begin_epoch", "train_step", "eval_batch", "trial_state"}
+
+    def engine_of(node):  # `engine.x` or `fit.engine.x`
+        v = node.value
+        return (isinstance(v, ast.Name) and v.id == "engine") or (isinstance(v, ast.Attribute) and v.attr == "engine")
+
+    called = {n.attr for n in ast.walk(ast.parse(inspect.getsource(loop)))
+              if isinstance(n, ast.Attribute) and engine_of(n)}
+    assert called and called <= members, called - members
+
+    info, cpu = DATASETS["mnist"], torch.device("cpu")
+    two = [quick(activation="relu"), quick(activation="relu", lr=0.02)]
+    for engine in (SingleEngine(two[:1], cpu, info), FusedEngine(two, cpu, info), WideEngine(two, cpu, info)):
+        assert isinstance(engine, Engine), type(engine).__name__
+
+    class NoEvalBatch:
+        k, eval_images = 1, None
+
+        def begin_epoch(self, lrs): ...
+        def deactivate(self, k): ...
+        def train(self, mode): ...
+        def train_step(self, x, y, step): ...
+        def trial_state(self, k): ...
+        def load_trial_state(self, k, state): ...
+
+    assert not isinstance(NoEvalBatch(), Engine)

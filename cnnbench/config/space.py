@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnnbench.config.record import VAL_ACC, VAL_LOSS
-from cnnbench.config.spec import ConfigError, SearchDim, StudySpec, TrialConfig
+from cnnbench.config.spec import SearchDim, StudySpec
+from cnnbench.config.trial import TrialConfig
+from cnnbench.errors import ConfigError
 
 OBJECTIVES = {"val_acc": VAL_ACC, "val_loss": VAL_LOSS}  # spec name -> per-epoch metric
 DIRECTION_OF = {"val_acc": "maximize", "val_loss": "minimize"}

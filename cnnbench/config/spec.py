@@ -1,220 +1,25 @@
-"""Settings of one trial (`TrialConfig`) and of a study or sweep (`StudySpec`).
+"""A study or sweep spec (`StudySpec`, a YAML file in studies/) and the text a user gives:
+`load_spec` reads and validates a spec, `--set key=value` and `--seeds` are parsed here.
 
-Both are frozen data, validated when they are made: a wrong key, type or value is a
+Specs are frozen data, validated when loaded: a wrong key, type or value is a
 `ConfigError` whose one-line message names the file and the field, raised before
-anything is trained or logged. Names of models, data sets and activations are checked
-against the registries' lists; nothing else here touches torch.
+anything is trained or logged. One trial's settings are `trial.TrialConfig`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
-import hashlib
 import itertools
-import json
-import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cnnbench.errors import ConfigError  # noqa: F401  (re-exported here)
-
-
-@functools.cache
-def _names() -> dict[str, tuple[str, ...]]:
-    """The registries' name lists (imported late: the registries import torch)."""
-    from cnnbench.data.tensors import AUGMENTATIONS, DATASETS
-    from cnnbench.models import ACTIVATIONS, list_models, model_entry
-
-    return {"model": tuple(list_models()), "activation": tuple(ACTIVATIONS),
-            "dataset": tuple(DATASETS), "augment": tuple(AUGMENTATIONS),
-            **{f"settings:{m}": model_entry(m).settings for m in list_models()}}
-
-
-# Settings that change how a run is executed or recorded but not what it computes:
-# they are left out of a trial's identity, so a study resumes on another device.
-RUNTIME_FIELDS = ("device", "log_every", "checkpoints", "progress", "cudnn_benchmark", "cuda_graphs")
-# Settings added after trials were first recorded: at these values they are left out of a
-# trial's identity, so the keys of trials recorded before them (and their resume) stay.
-LATER_FIELDS = {"tf32": False}
-
-
-@dataclass(frozen=True)
-class TrialConfig:
-    """Every setting of one training run. Defaults follow document 003's LeNet-5 run."""
-
-    # what is trained
-    model: str = field(default="lenet5", metadata={"doc": "architecture, a registry name (`cnnbench models`)"})
-    activation: str | None = field(default=None, metadata={"doc": "hidden activation; null keeps the model's own (lenet5: sigmoid, tanh on F6)"})
-    dropout: float | None = field(default=None, metadata={"doc": "dropout probability of the classifier; null keeps the model's own"})
-    # data
-    dataset: str = field(default="mnist", metadata={"doc": "mnist, fashion_mnist or cifar10 (torchvision)"})
-    normalize: bool = field(default=True, metadata={"doc": "subtract the data set's mean and divide by its std, as documents 002/003 do"})
-    augment: str = field(default="none", metadata={"doc": "comma list of batch augmentations on the device: hflip, grayscale, crop; none"})
-    train_subset: int = field(default=0, metadata={"doc": "train on the first N training images (0 = all); for quick runs"})
-    test_subset: int = field(default=0, metadata={"doc": "test on the first N test images (0 = all)"})
-    val_size: int = field(default=0, metadata={"doc": "hold out N training images as a fixed, seeded validation split (0 = none)"})
-    # optimisation
-    epochs: int = field(default=10, metadata={"doc": "passes over the training set"})
-    batch_size: int = field(default=64, metadata={"doc": "training batch size (images per step)"})
-    test_batch_size: int = field(default=1024, metadata={"doc": "batch size of evaluation passes (does not change results)"})
-    optimizer: str = field(default="sgd", metadata={"doc": "sgd or adam"})
-    lr: float = field(default=0.01, metadata={"doc": "learning rate (peak rate of the one-cycle schedule)"})
-    momentum: float = field(default=0.9, metadata={"doc": "SGD momentum (document 003: 0.9); ignored by adam"})
-    weight_decay: float = field(default=0.0, metadata={"doc": "L2 weight decay (document 004's AlexNet: 5e-4)"})
-    schedule: str = field(default="none", metadata={"doc": "learning-rate schedule: none, step, plateau (reduce on plateau) or onecycle"})
-    step_size: int = field(default=5, metadata={"doc": "step schedule: epochs between decays"})
-    gamma: float = field(default=0.1, metadata={"doc": "step and plateau schedules: factor applied at each decay"})
-    patience: int = field(default=2, metadata={"doc": "plateau schedule: epochs without improvement before a decay"})
-    seed: int = field(default=0, metadata={"doc": "seeds weight init, data order, dropout and augmentation"})
-    # execution (no effect on the maths beyond float rounding)
-    device: str = field(default="auto", metadata={"doc": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"})
-    amp: str = field(default="none", metadata={"doc": "autocast precision: none or bf16"})
-    channels_last: bool | None = field(default=None, metadata={"doc": "channels-last memory format; null: on for the CPU, where `cnnbench bench` measured it faster for every model, off elsewhere"})
-    compile: str = field(default="none", metadata={"doc": "torch.compile mode: none, default, reduce-overhead (CUDA graphs) or max-autotune"})
-    tf32: bool = field(default=False, metadata={"doc": "CUDA: TF32 tensor-core math for float32 convolutions and matrix products (PyTorch's own default turns it on for convolutions; off here: plain fp32)"})
-    cuda_graphs: bool | None = field(default=None, metadata={"doc": "CUDA: replay each whole training step as one captured CUDA graph (the same kernels, one launch); null: on for CUDA where the step allows it (SGD, a per-epoch rate, no augmentation, no compile)"})
-    cudnn_benchmark: bool = field(default=True, metadata={"doc": "CUDA: let cuDNN time its convolution algorithms and keep the fastest (off with deterministic)"})
-    deterministic: bool = field(default=False, metadata={"doc": "deterministic kernels (torch.use_deterministic_algorithms)"})
-    # recording
-    log_every: int = field(default=50, metadata={"doc": "steps between points of the train/loss curve"})
-    checkpoints: str = field(default="best", metadata={"doc": "final, best (final + best epoch) or all (one per epoch)"})
-    progress: bool = field(default=True, metadata={"doc": "show progress bars"})
-
-    def __post_init__(self) -> None:
-        _validate_trial(self)
-
-    # -- construction -------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], *, where: str = "") -> "TrialConfig":
-        """Strict: unknown keys and wrong types are errors naming `where` and the key."""
-        prefix = f"{where}: " if where else ""
-        known = {f.name: f for f in fields(cls)}
-        clean: dict[str, Any] = {}
-        for key, value in values.items():
-            if key not in known:
-                raise ConfigError(f"{prefix}unknown setting {key!r}{_suggest(key, known)}")
-            clean[key] = coerce(key, value, where=where)
-        try:
-            return cls(**clean)
-        except ConfigError as err:
-            raise ConfigError(f"{prefix}{err}") from None
-
-    def replace(self, **changes: Any) -> "TrialConfig":
-        return TrialConfig.from_dict({**self.to_dict(), **changes})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    # -- identity -----------------------------------------------------------------------
-    def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items()
-                if k not in RUNTIME_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
-
-    def key(self) -> str:
-        """Stable hash of what the trial computes (resolved settings and seed)."""
-        blob = json.dumps(self.identity(), sort_keys=True, default=str)
-        return hashlib.sha1(blob.encode()).hexdigest()[:16]
-
-    def augmentations(self) -> tuple[str, ...]:
-        return () if self.augment == "none" else tuple(a.strip() for a in self.augment.split(","))
-
-
-def setting_docs() -> list[tuple[str, Any, str]]:
-    """(name, default, doc) of every trial setting, for --help."""
-    return [(f.name, f.default, f.metadata["doc"]) for f in fields(TrialConfig)]
-
-
-_FIELD_TYPES = {f.name: f.type for f in fields(TrialConfig)}
-
-
-def coerce(key: str, value: Any, *, where: str = "") -> Any:
-    """Check one setting's type strictly (ints are accepted where a float is expected)."""
-    prefix = f"{where}: " if where else ""
-    kind = _FIELD_TYPES[key]
-    optional = "None" in kind
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{prefix}{key}: a value is required, got null")
-    base = kind.replace(" | None", "")
-    ok = {
-        "int": is_number(value, integer=True),
-        "float": is_number(value),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-    }[base]
-    if not ok:
-        expected = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[base]
-        raise ConfigError(f"{prefix}{key}: expected {expected}, got {value!r}")
-    return float(value) if base == "float" else value
-
-
-def is_number(value: Any, *, integer: bool = False) -> bool:
-    """An int (or, unless `integer`, a float), and not a bool: YAML's `true` is the int 1
-    to Python (bool subclasses int), and is no number to a spec."""
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, int) if integer else isinstance(value, (int, float))
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
-    _check(value in choices, f"{name}: unknown value {value!r}; known: {', '.join(choices)}")
-
-
-def _validate_trial(c: TrialConfig) -> None:
-    for f in fields(c):  # types first, also when constructed directly in code
-        coerce(f.name, getattr(c, f.name))
-    names = _names()
-    _choice("model", c.model, names["model"])
-    for setting in ("activation", "dropout"):
-        if getattr(c, setting) is not None and setting not in names[f"settings:{c.model}"]:
-            raise ConfigError(f"{setting}: model {c.model} has no {setting} setting (leave it null)")
-    if c.activation is not None:
-        _choice("activation", c.activation, names["activation"])
-    _choice("dataset", c.dataset, names["dataset"])
-    _choice("optimizer", c.optimizer, ("sgd", "adam"))
-    _choice("schedule", c.schedule, ("none", "step", "plateau", "onecycle"))
-    _choice("amp", c.amp, ("none", "bf16"))
-    _choice("compile", c.compile, ("none", "default", "reduce-overhead", "max-autotune"))
-    _choice("checkpoints", c.checkpoints, ("final", "best", "all"))
-    _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.device) is not None,
-           f"device: unknown value {c.device!r}; known: auto, cpu, cuda, cuda:N, mps")
-    for aug in c.augmentations():
-        _choice("augment", aug, names["augment"])
-    finite = all(math.isfinite(getattr(c, k)) for k in ("lr", "momentum", "weight_decay", "gamma"))
-    _check(finite, "lr, momentum, weight_decay, gamma: must be finite numbers")
-    _check(c.lr > 0, f"lr: must be > 0, got {c.lr}")
-    _check(0 <= c.momentum < 1, f"momentum: must be in [0, 1), got {c.momentum}")
-    _check(c.weight_decay >= 0, f"weight_decay: must be >= 0, got {c.weight_decay}")
-    _check(c.epochs >= 1, f"epochs: must be >= 1, got {c.epochs}")
-    _check(c.batch_size >= 1, f"batch_size: must be >= 1, got {c.batch_size}")
-    _check(c.test_batch_size >= 1, f"test_batch_size: must be >= 1, got {c.test_batch_size}")
-    _check(c.train_subset >= 0, f"train_subset: must be >= 0, got {c.train_subset}")
-    _check(c.test_subset >= 0, f"test_subset: must be >= 0, got {c.test_subset}")
-    _check(c.val_size >= 0, f"val_size: must be >= 0, got {c.val_size}")
-    _check(c.step_size >= 1, f"step_size: must be >= 1, got {c.step_size}")
-    _check(0 < c.gamma <= 1, f"gamma: must be in (0, 1], got {c.gamma}")
-    _check(c.patience >= 0, f"patience: must be >= 0, got {c.patience}")
-    _check(c.seed >= 0, f"seed: must be >= 0, got {c.seed}")
-    _check(c.log_every >= 1, f"log_every: must be >= 1, got {c.log_every}")
-    if c.dropout is not None:
-        _check(0 <= c.dropout < 1, f"dropout: must be in [0, 1), got {c.dropout}")
-
-
-def _suggest(key: str, known: Any) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+from cnnbench.config.trial import FIELD_TYPES, RUNTIME_FIELDS, TrialConfig, coerce, is_number
+from cnnbench.errors import ConfigError
+from cnnbench.util.text import suggestion
 
 
 # --------------------------------------------------------------------------------------
@@ -380,6 +185,36 @@ class StudySpec:
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study or sweep spec. Raises ConfigError naming file and field."""
     path = Path(path)
+    raw, where = _read_mapping(path)
+    name = _name(raw, where, path)
+    scientific, nuisance = _grid(raw, where, "scientific"), _grid(raw, where, "nuisance")
+    overlap = set(scientific) & set(nuisance)
+    if overlap:
+        raise ConfigError(f"{where}: {sorted(overlap)[0]}: listed as both scientific and nuisance")
+    fixed = _fixed(raw, where, scientific, nuisance)
+    seeds = _seeds(raw, where)
+    reported = _reported(raw, where, scientific)
+    search = _load_search(raw.get("search"), where)
+    sweep = _load_sweep(raw.get("sweep"), where) if ("sweep" in raw or search) else None
+    if "sweep" in raw and not search:
+        raise ConfigError(f"{where}: search: a sweep needs a non-empty search space")
+    if not search and not scientific:
+        raise ConfigError(f"{where}: scientific: a study needs at least one scientific hyperparameter (or a search block for a sweep)")
+
+    spec = StudySpec(
+        name=name, path=where, title=_text(raw, where, "title", name), source=_text(raw, where, "source"),
+        description=_text(raw, where, "description"), scientific=scientific, nuisance=nuisance,
+        fixed=dict(fixed), seeds=tuple(seeds), reported=tuple(reported),
+        search=search, sweep=sweep,
+    )
+    spec.base_config()
+    if scientific:
+        spec.trial_configs()
+    return spec
+
+
+def _read_mapping(path: Path) -> tuple[dict[Any, Any], str]:
+    """The spec file's top-level mapping (every key one of SPEC_KEYS) and its name for messages."""
     if not path.exists():
         raise ConfigError(f"{path}: no such spec file")
     raw = load_yaml(path)
@@ -388,41 +223,48 @@ def load_spec(path: str | Path) -> StudySpec:
         raise ConfigError(f"{where}: expected a mapping of {', '.join(SPEC_KEYS)}")
     for key in raw:
         if key not in SPEC_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(str(key), SPEC_KEYS)}")
+            raise ConfigError(f"{where}: unknown key {key!r}{suggestion(str(key), SPEC_KEYS)}")
+    return raw, where
 
-    def text(key: str, default: str = "") -> str:
-        value = raw.get(key, default)
-        if value is None:
-            value = default
-        if not isinstance(value, (str, int)):
-            raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
-        return str(value)
 
-    name = text("name", path.stem)
+def _text(raw: dict[Any, Any], where: str, key: str, default: str = "") -> str:
+    value = raw.get(key, default)
+    if value is None:
+        value = default
+    if not isinstance(value, (str, int)):
+        raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
+    return str(value)
+
+
+def _name(raw: dict[Any, Any], where: str, path: Path) -> str:
+    """The study's name (the file's stem unless given): the MLflow experiment and results folder."""
+    name = _text(raw, where, "name", path.stem)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ConfigError(f"{where}: name: {name!r} must be letters, digits, '.', '_' or '-'")
+    return name
 
-    def grid(key: str) -> dict[str, tuple[Any, ...]]:
-        block = raw.get(key) or {}
-        if not isinstance(block, dict):
-            raise ConfigError(f"{where}: {key}: expected a mapping of setting -> list of values")
-        out = {}
-        for setting, values in block.items():
-            if setting not in _FIELD_TYPES:
-                raise ConfigError(f"{where}: {key}.{setting}: unknown setting{_suggest(str(setting), _FIELD_TYPES)}")
-            if setting == "seed":
-                raise ConfigError(f"{where}: {key}.seed: seeds are listed under 'seeds'")
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"{where}: {key}.{setting}: expected a non-empty list of values")
-            out[setting] = tuple(coerce(setting, v, where=f"{where}: {key}") for v in values)
-            if len(set(map(repr, out[setting]))) != len(out[setting]):
-                raise ConfigError(f"{where}: {key}.{setting}: values repeat")
-        return out
 
-    scientific, nuisance = grid("scientific"), grid("nuisance")
-    overlap = set(scientific) & set(nuisance)
-    if overlap:
-        raise ConfigError(f"{where}: {sorted(overlap)[0]}: listed as both scientific and nuisance")
+def _grid(raw: dict[Any, Any], where: str, key: str) -> dict[str, tuple[Any, ...]]:
+    """The `scientific` or `nuisance` block: setting -> its distinct values, each checked."""
+    block = raw.get(key) or {}
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}: {key}: expected a mapping of setting -> list of values")
+    out = {}
+    for setting, values in block.items():
+        if setting not in FIELD_TYPES:
+            raise ConfigError(f"{where}: {key}.{setting}: unknown setting{suggestion(str(setting), FIELD_TYPES)}")
+        if setting == "seed":
+            raise ConfigError(f"{where}: {key}.seed: seeds are listed under 'seeds'")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: {key}.{setting}: expected a non-empty list of values")
+        out[setting] = tuple(coerce(setting, v, where=f"{where}: {key}") for v in values)
+        if len(set(map(repr, out[setting]))) != len(out[setting]):
+            raise ConfigError(f"{where}: {key}.{setting}: values repeat")
+    return out
+
+
+def _fixed(raw: dict[Any, Any], where: str, scientific: dict[str, Any], nuisance: dict[str, Any]) -> dict[str, Any]:
+    """The `fixed` block: settings held constant, none of them varied, no seed."""
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise ConfigError(f"{where}: fixed: expected a mapping of setting -> value")
@@ -431,7 +273,11 @@ def load_spec(path: str | Path) -> StudySpec:
             raise ConfigError(f"{where}: fixed.{key}: also varied by the study")
     if "seed" in fixed:
         raise ConfigError(f"{where}: fixed.seed: seeds are listed under 'seeds'")
+    return fixed
 
+
+def _seeds(raw: dict[Any, Any], where: str) -> list[int]:
+    """The `seeds` list (one integer is a list of one): distinct integers >= 0; [0] by default."""
     seeds = raw.get("seeds", [0])
     if is_number(seeds, integer=True):
         seeds = [seeds]
@@ -439,7 +285,11 @@ def load_spec(path: str | Path) -> StudySpec:
         raise ConfigError(f"{where}: seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{where}: seeds: values repeat")
+    return seeds
 
+
+def _reported(raw: dict[Any, Any], where: str, scientific: dict[str, Any]) -> list[dict[str, Any]]:
+    """The document's figures: rows of scientific values and percentages (epochN/final/best_test_acc)."""
     reported = raw.get("reported") or []
     if not isinstance(reported, list) or not all(isinstance(r, dict) for r in reported):
         raise ConfigError(f"{where}: reported: expected a list of mappings")
@@ -452,24 +302,7 @@ def load_spec(path: str | Path) -> StudySpec:
                                   "epochN_test_acc / final_test_acc / best_test_acc")
             if not is_number(value) or not 0 <= value <= 100:
                 raise ConfigError(f"{where}: reported[{i}].{key}: expected a percentage in [0, 100], got {value!r}")
-
-    search = _load_search(raw.get("search"), where)
-    sweep = _load_sweep(raw.get("sweep"), where) if ("sweep" in raw or search) else None
-    if "sweep" in raw and not search:
-        raise ConfigError(f"{where}: search: a sweep needs a non-empty search space")
-    if not search and not scientific:
-        raise ConfigError(f"{where}: scientific: a study needs at least one scientific hyperparameter (or a search block for a sweep)")
-
-    spec = StudySpec(
-        name=name, path=where, title=text("title", name), source=text("source"),
-        description=text("description"), scientific=scientific, nuisance=nuisance,
-        fixed=dict(fixed), seeds=tuple(seeds), reported=tuple(reported),
-        search=search, sweep=sweep,
-    )
-    spec.base_config()
-    if scientific:
-        spec.trial_configs()
-    return spec
+    return reported
 
 
 def _load_search(block: Any, where: str) -> tuple[SearchDim, ...]:
@@ -480,8 +313,8 @@ def _load_search(block: Any, where: str) -> tuple[SearchDim, ...]:
     dims = []
     for name, d in block.items():
         at = f"{where}: search.{name}"
-        if name not in _FIELD_TYPES or name in RUNTIME_FIELDS:
-            raise ConfigError(f"{at}: unknown setting{_suggest(str(name), _FIELD_TYPES)}")
+        if name not in FIELD_TYPES or name in RUNTIME_FIELDS:
+            raise ConfigError(f"{at}: unknown setting{suggestion(str(name), FIELD_TYPES)}")
         if isinstance(d, list):
             d = {"type": "categorical", "choices": d}
         if not isinstance(d, dict):
@@ -517,7 +350,7 @@ def _load_search(block: Any, where: str) -> tuple[SearchDim, ...]:
         if step is not None and (not is_number(step, integer=kind == "int") or step <= 0 or log):
             raise ConfigError(f"{at}.step: expected {'an integer' if kind == 'int' else 'a number'} > 0 "
                               f"(and no log scale), got {step!r}")
-        base_type = _FIELD_TYPES[name].replace(" | None", "")
+        base_type = FIELD_TYPES[name].replace(" | None", "")
         if base_type not in ("int", "float") or (base_type == "int" and kind == "float"):
             raise ConfigError(f"{at}.type: {name} takes {base_type} values, not a {kind} range")
         for value in (low, high):
@@ -553,15 +386,6 @@ def _load_sweep(block: Any, where: str) -> SweepSettings:
         shown = list(s.final_seeds) if isinstance(s.final_seeds, tuple) else s.final_seeds
         raise ConfigError(f"{at}.final_seeds: expected a non-empty list of integers >= 0, got {shown!r}")
     return s
-
-
-def settings_help() -> str:
-    """Every training setting with its default and meaning: the commands' --help epilog."""
-    lines = ["training settings (--set key=value; yaml-style values: 0.01, 64, true, null, relu):"]
-    for name, default, doc in setting_docs():
-        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
-        lines.append(f"  {name:<16} {shown:<8} {doc}")
-    return "\n".join(lines)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:

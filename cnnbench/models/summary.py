@@ -173,74 +173,83 @@ def _trace(module: nn.Module, input_shape: tuple[int, ...]) -> list[LayerRow]:
     params = list(module.parameters())
     device = params[0].device if params else torch.device("cpu")
     dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
-    x = torch.zeros(1, *input_shape, device=device, dtype=dtype)
+    return _Tracer(module).run(torch.zeros(1, *input_shape, device=device, dtype=dtype))
 
-    names = {m: (n or "(model)") for n, m in module.named_modules()}
-    memory = _Memory()
-    counted_params: set[int] = set()
-    calls: dict[nn.Module, int] = {}
-    stack: list[list[Any]] = []  # per open call: [module, FLOPs at entry, children's FLOPs, own FLOPs shown]
-    rows = [_row("input", "-", x, memory.new(x), params=0, flops=0, notes=[])]
-    counter = FlopCounterMode(display=False)
 
-    def own_params(m: nn.Module) -> int:
+class _Tracer:
+    """One traced forward pass: a row per leaf call and per container doing work of its own
+    (a resize, a functional conv or pool), with the FLOPs each did itself, the activation
+    memory it newly wrote and the parameters it owns (each counted once)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.names = {m: (n or "(model)") for n, m in module.named_modules()}
+        self.memory = _Memory()
+        self.counted_params: set[int] = set()
+        self.calls: dict[nn.Module, int] = {}
+        self.stack: list[list[Any]] = []  # per open call: [module, FLOPs at entry, children's FLOPs, own FLOPs shown]
+        self.rows: list[LayerRow] = []
+        self.counter = FlopCounterMode(display=False)
+
+    def run(self, x: Tensor) -> list[LayerRow]:
+        self.rows.append(_row("input", "-", x, self.memory.new(x), params=0, flops=0, notes=[]))
+        handles = []
+        for m in self.names:
+            handles.append(m.register_forward_pre_hook(self.pre))
+            handles.append(m.register_forward_hook(self.post))
+        modes = {m: m.training for m in self.names}
+        self.module.eval()  # eval: dropout passes its input through, batch norm uses running statistics
+        try:
+            with torch.no_grad(), self.counter:
+                self.module(x)
+        finally:
+            for h in handles:
+                h.remove()
+            for m, training in modes.items():
+                m.training = training
+        for m, name in self.names.items():  # parameters of modules the forward pass never called
+            n = self.own_params(m)
+            if n:
+                self.rows.append(LayerRow(name, type(m).__name__, (), n, 0, 0, 0, "not called"))
+        return self.rows
+
+    def own_params(self, m: nn.Module) -> int:
         n = 0
         for p in m.parameters(recurse=False):
-            if id(p) not in counted_params:
-                counted_params.add(id(p))
+            if id(p) not in self.counted_params:
+                self.counted_params.add(id(p))
                 n += p.numel()
         return n
 
-    def own_flops(entry: list[Any]) -> int:
+    def own_flops(self, entry: list[Any]) -> int:
         """FLOPs of an open call's own code since it last looked (children's excluded)."""
-        done = counter.get_total_flops() - entry[1] - entry[2] - entry[3]
+        done = self.counter.get_total_flops() - entry[1] - entry[2] - entry[3]
         entry[3] += done
         return done
 
-    def pre(m: nn.Module, args: Any) -> None:
-        if stack:  # work the caller did itself before this call: a resize, a functional conv or pool
-            entry = stack[-1]
-            caller, flops = entry[0], own_flops(entry)
-            new = sum(memory.new(t) for t in _tensors(args))  # an input no module has output yet
+    def pre(self, m: nn.Module, args: Any) -> None:
+        if self.stack:  # work the caller did itself before this call: a resize, a functional conv or pool
+            entry = self.stack[-1]
+            caller, flops = entry[0], self.own_flops(entry)
+            new = sum(self.memory.new(t) for t in _tensors(args))  # an input no module has output yet
             if flops or new:
-                rows.append(_row(names[caller], type(caller).__name__, args, new, params=own_params(caller),
-                                 flops=flops, notes=["own ops"]))
-        stack.append([m, counter.get_total_flops(), 0, 0])
+                self.rows.append(_row(self.names[caller], type(caller).__name__, args, new,
+                                      params=self.own_params(caller), flops=flops, notes=["own ops"]))
+        self.stack.append([m, self.counter.get_total_flops(), 0, 0])
 
-    def post(m: nn.Module, args: Any, out: Any) -> None:
-        entry = stack.pop()
-        flops = own_flops(entry)
-        if stack:
-            stack[-1][2] += entry[2] + entry[3]  # everything this call did is a child's work to its caller
-        calls[m] = calls.get(m, 0) + 1
-        notes = [f"call {calls[m]}"] if calls[m] > 1 else []
-        new = sum(memory.new(t) for t in _tensors(out))
-        row = _row(names[m], type(m).__name__, out, new, params=own_params(m), flops=flops, notes=notes)
+    def post(self, m: nn.Module, args: Any, out: Any) -> None:
+        entry = self.stack.pop()
+        flops = self.own_flops(entry)
+        if self.stack:
+            self.stack[-1][2] += entry[2] + entry[3]  # everything this call did is a child's work to its caller
+        self.calls[m] = self.calls.get(m, 0) + 1
+        notes = [f"call {self.calls[m]}"] if self.calls[m] > 1 else []
+        new = sum(self.memory.new(t) for t in _tensors(out))
+        row = _row(self.names[m], type(m).__name__, out, new, params=self.own_params(m), flops=flops, notes=notes)
         if next(m.children(), None) is None:  # a leaf: always a row
-            rows.append(_replace(row, note=", ".join(notes + ([] if new else ["aliases input"]))))
+            self.rows.append(_replace(row, note=", ".join(notes + ([] if new else ["aliases input"]))))
         elif row.flops or row.activations or row.params:  # a container doing work of its own
-            rows.append(_replace(row, note=", ".join(notes + ["own ops"])))
-
-    handles = []
-    for m in names:
-        handles.append(m.register_forward_pre_hook(pre))
-        handles.append(m.register_forward_hook(post))
-    modes = {m: m.training for m in names}
-    module.eval()  # eval: dropout passes its input through, batch norm uses running statistics
-    try:
-        with torch.no_grad(), counter:
-            module(x)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
-
-    for m, name in names.items():  # parameters of modules the forward pass never called
-        n = own_params(m)
-        if n:
-            rows.append(LayerRow(name, type(m).__name__, (), n, 0, 0, 0, "not called"))
-    return rows
+            self.rows.append(_replace(row, note=", ".join(notes + ["own ops"])))
 
 
 class _Memory:

@@ -199,56 +199,85 @@ def study_stats(frame: pd.DataFrame, by: Sequence[str], metrics: Sequence[str], 
     for metric in metrics:
         if metric not in frame:
             continue
-        rows = []
-        for key, group in groups:
-            valid = _valid(group, metric)
-            row = {**dict(zip(by, key)), "metric": metric, **describe(valid[metric]), "diverged": _diverged(group)}
-            row.update(document_verdict(valid[metric], reported.get(key, {}).get(metric, math.nan)))
-            rows.append((key, valid, row))
-        candidates = [r for r in rows if r[2]["n"] > 0 and r[2]["diverged"] == 0] or [r for r in rows if r[2]["n"] > 0]
-        best = max(candidates, key=lambda r: r[2]["mean"]) if candidates else None
-        for key, valid, row in rows:
-            row.update({"best": label(by, best[0]) if best else "", "diff": math.nan, "diff_ci_low": math.nan,
-                        "diff_ci_high": math.nan, "test": "", "p": math.nan, "seeds_needed": math.nan})
-            if best is None or row["n"] == 0:
-                continue
-            if key == best[0]:
-                row.update({"diff": 0.0, "verdict": BEST})
-                continue
-            x, y = valid.set_index(seed)[metric], best[1].set_index(seed)[metric]
-            paired = paired_seeds and set(x.index) == set(y.index) and x.index.is_unique and y.index.is_unique
-            if paired:
-                y = y.loc[x.index]
-            row.update(difference(x.to_numpy(), y.to_numpy(), paired=paired))
-            if math.isnan(row["p"]):
-                row["test"] = ""
+        rows = _value_rows(groups, by, metric, reported)
+        best = _best_value(rows)
+        _against_best(rows, best, by, metric, seed, paired_seeds)
         family = [r[2] for r in rows if not math.isnan(r[2].get("p", math.nan))]
         for r, adjusted in zip(family, holm([r["p"] for r in family])):
             r["p_holm"] = adjusted
-        for key, valid, row in rows:
-            row.setdefault("p_holm", math.nan)
-            if "verdict" in row:
-                continue
-            if row["n"] == 0:
-                row["verdict"] = UNTESTED
-            elif row["diverged"] and best is not None and best[2]["diverged"] == 0:
-                row["verdict"] = WORSE  # a seed that diverged is worse than any that finished
-            elif math.isnan(row["p_holm"]):
-                row["verdict"] = UNTESTED
-            elif row["p_holm"] < ALPHA:
-                row["verdict"] = WORSE
-            else:
-                row["verdict"] = WITHIN
-                x, y = valid.set_index(seed)[metric], best[1].set_index(seed)[metric]
-                paired = row["test"] == PAIRED
-                # at the family's strictest Holm level, so that this many seeds settle it whatever its rank
-                row["seeds_needed"] = seeds_needed(x.to_numpy(), (y.loc[x.index] if paired else y).to_numpy(),
-                                                   paired=paired, alpha=ALPHA / len(family))
+        _verdicts(rows, best, metric, seed, len(family))
         out.extend(r[2] for r in rows)
     columns = [*by, "metric", "n", "diverged", "mean", "std", "ci_low", "ci_high", "best", "diff", "diff_ci_low",
                "diff_ci_high", "test", "p", "p_holm", "verdict", "seeds_needed", "doc", "pi_low", "pi_high",
                "doc_verdict"]
     return pd.DataFrame.from_records(out, columns=columns)  # metric by metric, values in the frame's order
+
+
+# (value key, its valid trials, its row of the statistics) per value, in the frame's order
+_Rows = list[tuple[tuple, pd.DataFrame, dict[str, Any]]]
+
+
+def _value_rows(groups: list[tuple[tuple, pd.DataFrame]], by: list[str], metric: str,
+                reported: dict[tuple, dict[str, float]]) -> _Rows:
+    """Each value's description of `metric` (diverged trials left out) and its document verdict."""
+    rows = []
+    for key, group in groups:
+        valid = _valid(group, metric)
+        row = {**dict(zip(by, key)), "metric": metric, **describe(valid[metric]), "diverged": _diverged(group)}
+        row.update(document_verdict(valid[metric], reported.get(key, {}).get(metric, math.nan)))
+        rows.append((key, valid, row))
+    return rows
+
+
+def _best_value(rows: _Rows) -> tuple | None:
+    """The value with the highest mean, among those with no diverged trial if any has none."""
+    candidates = [r for r in rows if r[2]["n"] > 0 and r[2]["diverged"] == 0] or [r for r in rows if r[2]["n"] > 0]
+    return max(candidates, key=lambda r: r[2]["mean"]) if candidates else None
+
+
+def _against_best(rows: _Rows, best: tuple | None, by: list[str], metric: str, seed: str,
+                  paired_seeds: bool) -> None:
+    """Each value's difference to the best one, with its interval and test (paired where
+    the seeds pair up)."""
+    for key, valid, row in rows:
+        row.update({"best": label(by, best[0]) if best else "", "diff": math.nan, "diff_ci_low": math.nan,
+                    "diff_ci_high": math.nan, "test": "", "p": math.nan, "seeds_needed": math.nan})
+        if best is None or row["n"] == 0:
+            continue
+        if key == best[0]:
+            row.update({"diff": 0.0, "verdict": BEST})
+            continue
+        x, y = valid.set_index(seed)[metric], best[1].set_index(seed)[metric]
+        paired = paired_seeds and set(x.index) == set(y.index) and x.index.is_unique and y.index.is_unique
+        if paired:
+            y = y.loc[x.index]
+        row.update(difference(x.to_numpy(), y.to_numpy(), paired=paired))
+        if math.isnan(row["p"]):
+            row["test"] = ""
+
+
+def _verdicts(rows: _Rows, best: tuple | None, metric: str, seed: str, family: int) -> None:
+    """Each value's verdict from its Holm p (a diverged seed is worse than any that finished),
+    and for `within noise of best` the seeds that would settle it."""
+    for key, valid, row in rows:
+        row.setdefault("p_holm", math.nan)
+        if "verdict" in row:
+            continue
+        if row["n"] == 0:
+            row["verdict"] = UNTESTED
+        elif row["diverged"] and best is not None and best[2]["diverged"] == 0:
+            row["verdict"] = WORSE  # a seed that diverged is worse than any that finished
+        elif math.isnan(row["p_holm"]):
+            row["verdict"] = UNTESTED
+        elif row["p_holm"] < ALPHA:
+            row["verdict"] = WORSE
+        else:
+            row["verdict"] = WITHIN
+            x, y = valid.set_index(seed)[metric], best[1].set_index(seed)[metric]
+            paired = row["test"] == PAIRED
+            # at the family's strictest Holm level, so that this many seeds settle it whatever its rank
+            row["seeds_needed"] = seeds_needed(x.to_numpy(), (y.loc[x.index] if paired else y).to_numpy(),
+                                               paired=paired, alpha=ALPHA / family)
 
 
 def label(by: Sequence[str], key: Sequence[Any]) -> str:

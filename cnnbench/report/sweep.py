@@ -27,7 +27,7 @@ import optuna.visualization.matplotlib as ovm
 import yaml
 
 from cnnbench.config.space import describe, trial_config
-from cnnbench.config.spec import RUNTIME_FIELDS, TrialConfig
+from cnnbench.config.trial import RUNTIME_FIELDS, TrialConfig
 from cnnbench.track.schema import (
     ATTR_BEST_EPOCH,
     ATTR_MLFLOW_RUN_ID,
@@ -180,58 +180,14 @@ def best_yaml(sweep: Any, best: Any, finals: list[Any]) -> str:
 
 def final_markdown(sweep: Any, best: Any, finals: list[Any], frame: Any, importances: dict[str, float],
                    why_not: str) -> str:
-
-    spec, s, study = sweep.spec, sweep.spec.sweep, sweep.study
-    trials = study.get_trials(deepcopy=False)
-    states = {st: sum(t.state.name == st for t in trials) for st in ("COMPLETE", "PRUNED", "FAIL")}
-    starts = [t.datetime_start for t in trials if t.datetime_start]
-    ends = [t.datetime_complete for t in trials if t.datetime_complete]
-    wall = (max(ends) - min(starts)).total_seconds() if starts and ends else math.nan
-    busy = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
-               if t.datetime_start and t.datetime_complete)
-    workers: dict[str, int] = {}
-    for t in trials:
-        if t.user_attrs.get(ATTR_WORKER_HOST):
-            w = worker_name(t.user_attrs)
-            workers[w] = workers.get(w, 0) + 1
-    base = spec.base_config()
+    """results/<sweep>/final.md: the search, its trials and time, the best trial, the best
+    settings re-trained over seeds and tested once, the top trials and the importances."""
+    spec, s = sweep.spec, sweep.spec.sweep
     label = "validation accuracy (%)" if s.objective == "val_acc" else "validation loss"
-    out = [f"# Sweep {spec.name}: {spec.title}", ""]
-    out += [f"Search space: {', '.join(f'{d.name} {describe(d)}' for d in spec.search)}.",
-            f"Fixed: {', '.join(f'{k}={_fmt(v)}' for k, v in spec.fixed.items())}; seed {spec.seeds[0]} for every trial.",
-            f"Sampler {s.sampler}, pruner {s.pruner} (per-epoch {label}), objective: the best {label} over epochs "
-            f"on {base.val_size} images held out of the training set (a fixed, seeded split); the test set is "
-            "never read while tuning.", ""]
-    out += [f"**Trials:** {states['COMPLETE'] + states['PRUNED']} finished of {sweep.target} requested: "
-            f"{states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed "
-            "(lost workers' trials, which were queued again, count here).",
-            f"**Time:** {_duration(wall)} from the first trial's start to the last one's end; "
-            f"{_duration(busy)} of trial time in all, on {len(workers)} worker(s)"
-            + (f" ({', '.join(f'{w}: {n}' for w, n in sorted(workers.items()))})" if workers else "") + ".", ""]
+    out = _search_lines(spec, label) + _trials_lines(sweep)
     if best is None:
         return "\n".join(out + ["No trial completed, so there is no best trial to re-run.", ""])
-    out += [f"## Best trial: #{best.number}", "",
-            f"{label} {best.value:.4g} at epoch {best.user_attrs.get(ATTR_BEST_EPOCH, '?')} "
-            f"(MLflow run `{best.user_attrs.get(ATTR_MLFLOW_RUN_ID, '')}`).", "",
-            "| parameter | value |", "|---|---|"]
-    out += [f"| {k} | {_fmt(v)} |" for k, v in best.params.items()]
-    out += ["", f"Alone: `{reproduce_command(_config(sweep, best))}`", ""]
-    out += ["## The best trial over seeds, tested once", "",
-            "Each seed trains the best settings again on the same split; the test set is read once per run, "
-            "with its best-validation checkpoint.", "",
-            f"| seed | status | best epoch | {label} | test acc (%) | test loss | MLflow run |", "|---|---|---|---|---|---|---|"]
-    for f in finals:
-        out.append(f"| {f.seed} | {f.status} | {f.best_epoch} | {f.best_val:.4g} | {f.test_acc:.2f} | "
-                   f"{f.test_loss:.4f} | `{f.run_id}` |")
-    out += ["", f"**Test accuracy of the best settings: {_mean_std([f.test_acc for f in finals])}** "
-                f"(mean ± std over seeds {', '.join(str(f.seed) for f in finals)}).", ""]
-    same = [f for f in finals if f.seed == spec.seeds[0]]
-    if same and math.isfinite(same[0].best_val):
-        # the final seeds train fused (one vmapped model): same maths as a trial trained
-        # alone, other float rounding, so the sweep's own seed need not repeat to the digit
-        out += [f"Seed {spec.seeds[0]}, the sweep's own, re-trained with the others gives {label} "
-                f"{same[0].best_val:.4g} against the sweep's {best.value:.4g} (Δ {same[0].best_val - best.value:+.2g}; "
-                "seeds trained together are fused, which changes float rounding, not the maths).", ""]
+    out += _best_lines(sweep, best, label) + _finals_lines(spec, best, finals, label)
     out += _top_table(frame, [d.name for d in spec.search], s.direction)
     out += ["## Parameter importance", ""]
     if importances:
@@ -244,6 +200,68 @@ def final_markdown(sweep: Any, best: Any, finals: list[Any], frame: Any, importa
     if sweep.command:
         out += [f"Produced by `{sweep.command}` (storage {masked(sweep.url)}).", ""]
     return "\n".join(out)
+
+
+def _search_lines(spec: Any, label: str) -> list[str]:
+    s, base = spec.sweep, spec.base_config()
+    return [f"# Sweep {spec.name}: {spec.title}", "",
+            f"Search space: {', '.join(f'{d.name} {describe(d)}' for d in spec.search)}.",
+            f"Fixed: {', '.join(f'{k}={_fmt(v)}' for k, v in spec.fixed.items())}; seed {spec.seeds[0]} for every trial.",
+            f"Sampler {s.sampler}, pruner {s.pruner} (per-epoch {label}), objective: the best {label} over epochs "
+            f"on {base.val_size} images held out of the training set (a fixed, seeded split); the test set is "
+            "never read while tuning.", ""]
+
+
+def _trials_lines(sweep: Any) -> list[str]:
+    """How many trials ended how, and the time they took on which workers."""
+    trials = sweep.study.get_trials(deepcopy=False)
+    states = {st: sum(t.state.name == st for t in trials) for st in ("COMPLETE", "PRUNED", "FAIL")}
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    wall = (max(ends) - min(starts)).total_seconds() if starts and ends else math.nan
+    busy = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+               if t.datetime_start and t.datetime_complete)
+    workers: dict[str, int] = {}
+    for t in trials:
+        if t.user_attrs.get(ATTR_WORKER_HOST):
+            w = worker_name(t.user_attrs)
+            workers[w] = workers.get(w, 0) + 1
+    return [f"**Trials:** {states['COMPLETE'] + states['PRUNED']} finished of {sweep.target} requested: "
+            f"{states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed "
+            "(lost workers' trials, which were queued again, count here).",
+            f"**Time:** {_duration(wall)} from the first trial's start to the last one's end; "
+            f"{_duration(busy)} of trial time in all, on {len(workers)} worker(s)"
+            + (f" ({', '.join(f'{w}: {n}' for w, n in sorted(workers.items()))})" if workers else "") + ".", ""]
+
+
+def _best_lines(sweep: Any, best: Any, label: str) -> list[str]:
+    out = [f"## Best trial: #{best.number}", "",
+           f"{label} {best.value:.4g} at epoch {best.user_attrs.get(ATTR_BEST_EPOCH, '?')} "
+           f"(MLflow run `{best.user_attrs.get(ATTR_MLFLOW_RUN_ID, '')}`).", "",
+           "| parameter | value |", "|---|---|"]
+    out += [f"| {k} | {_fmt(v)} |" for k, v in best.params.items()]
+    return out + ["", f"Alone: `{reproduce_command(_config(sweep, best))}`", ""]
+
+
+def _finals_lines(spec: Any, best: Any, finals: list[Any], label: str) -> list[str]:
+    """The best settings over seeds, tested once, and the sweep's own seed against its trial."""
+    out = ["## The best trial over seeds, tested once", "",
+           "Each seed trains the best settings again on the same split; the test set is read once per run, "
+           "with its best-validation checkpoint.", "",
+           f"| seed | status | best epoch | {label} | test acc (%) | test loss | MLflow run |", "|---|---|---|---|---|---|---|"]
+    for f in finals:
+        out.append(f"| {f.seed} | {f.status} | {f.best_epoch} | {f.best_val:.4g} | {f.test_acc:.2f} | "
+                   f"{f.test_loss:.4f} | `{f.run_id}` |")
+    out += ["", f"**Test accuracy of the best settings: {_mean_std([f.test_acc for f in finals])}** "
+                f"(mean ± std over seeds {', '.join(str(f.seed) for f in finals)}).", ""]
+    same = [f for f in finals if f.seed == spec.seeds[0]]
+    if same and math.isfinite(same[0].best_val):
+        # the final seeds train fused (one vmapped model): same maths as a trial trained
+        # alone, other float rounding, so the sweep's own seed need not repeat to the digit
+        out += [f"Seed {spec.seeds[0]}, the sweep's own, re-trained with the others gives {label} "
+                f"{same[0].best_val:.4g} against the sweep's {best.value:.4g} (Δ {same[0].best_val - best.value:+.2g}; "
+                "seeds trained together are fused, which changes float rounding, not the maths).", ""]
+    return out
 
 
 def _config(sweep: Any, best: Any) -> TrialConfig:

@@ -22,12 +22,13 @@ import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cnnbench.config.spec import StudySpec, TrialConfig  # noqa: E402
+from cnnbench.config.spec import StudySpec  # noqa: E402
+from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DATASETS
 from cnnbench.models.summary import model_cost
 from cnnbench.report import stats  # noqa: E402
 from cnnbench.track.schema import EPOCH, TEST_ACC, TEST_LOSS, TRAIN_EPOCH_LOSS, VAL_ACC  # noqa: E402
-from cnnbench.train.loop import DIVERGED, TrialResult  # noqa: E402
+from cnnbench.train.result import DIVERGED, TrialResult  # noqa: E402
 from cnnbench.util import fileio
 from cnnbench.util.text import fmt
 
@@ -187,80 +188,136 @@ def _p(value: float) -> str:
     return "–" if value != value else ("< 0.001" if value < 0.001 else f"{value:.3f}")
 
 
+@dataclass
+class _Layout:
+    """What every row of a study's table shares: its keys, columns and statistics."""
+
+    sci: list[str]
+    nui: list[str]
+    doc_keys: list[str]  # our accuracy columns: epoch 1, the document's other epochs, final
+    labels: dict[str, str]  # doc key -> "epoch 1", "final", ...
+    have_doc: list[str]  # the doc keys the document gives figures for
+    main: str  # the headline metric the verdicts are about
+    costs: bool  # params, MACs, time and speed columns
+    rows_of: dict[tuple[str, tuple[str, ...]], dict[str, Any]]  # (metric, value key) -> its statistics
+    reported: dict[tuple[str, ...], dict[str, Any]]  # scientific value key -> the document's figures
+
+    @property
+    def main_label(self) -> str:
+        return self.labels.get(self.main, "best")
+
+
 def table_markdown(spec: StudySpec, frame: pd.DataFrame, *, command: str = "", device: str = "",
                    table_stats: pd.DataFrame | None = None) -> str:
     """The study's table: per value, ours (mean ± std [95% CI]) beside the document's
     figures, the difference to the best value with its verdict, and each document figure
     against our prediction interval. `table_stats`: `statistics(spec, frame)` if already
     computed."""
-    sci, nui = list(spec.scientific), list(spec.nuisance)
     frame = isolate(spec, frame)
     table_stats = statistics(spec, frame) if table_stats is None else table_stats
+    layout = _layout(spec, frame, table_stats)
+    head = _table_head(layout)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    tests: set[str] = set()
+    for values, group in frame.groupby(layout.sci + layout.nui, sort=False, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        lines.append("| " + " | ".join(_row_cells(layout, values, group, tests)) + " |")
     last_epoch = int(frame["epochs"].max()) if not frame.empty else 0
+    out = _table_preamble(spec, layout, tests, last_epoch) + lines + [""]
+    if command or device:
+        out += [f"Produced by `{command}`" + (f" on {device}" if device else "") + ".", ""]
+    return "\n".join(out)
+
+
+def _layout(spec: StudySpec, frame: pd.DataFrame, table_stats: pd.DataFrame) -> _Layout:
+    sci, nui = list(spec.scientific), list(spec.nuisance)
     extra = _epoch_columns(spec)
-    reported = {tuple(fmt(r.get(k)) for k in sci): r for r in spec.reported}
     doc_keys = ["epoch1_test_acc", *[f"epoch{e}_test_acc" for e in extra], "final_test_acc"]
     labels = {"epoch1_test_acc": "epoch 1", "final_test_acc": "final", **{f"epoch{e}_test_acc": f"epoch {e}" for e in extra}}
-    have_doc = [k for k in doc_keys if any(k in r for r in spec.reported)]
-    main = headline(frame) if not frame.empty else "final_test_acc"
-    main_label = labels.get(main, "best")
-    rows_of = {(r["metric"], tuple(fmt(r[k]) for k in sci + nui)): r for r in table_stats.to_dict("records")}
+    return _Layout(
+        sci=sci, nui=nui, doc_keys=doc_keys, labels=labels,
+        have_doc=[k for k in doc_keys if any(k in r for r in spec.reported)],
+        main=headline(frame) if not frame.empty else "final_test_acc", costs="params" in frame,
+        rows_of={(r["metric"], tuple(fmt(r[k]) for k in sci + nui)): r for r in table_stats.to_dict("records")},
+        reported={tuple(fmt(r.get(k)) for k in sci): r for r in spec.reported})
 
-    costs = "params" in frame
-    head = sci + nui + ["n"] + [f"ours {labels[k]}" for k in doc_keys] + ["best (epoch)"]
-    if costs:
+
+def _table_head(t: _Layout) -> list[str]:
+    head = t.sci + t.nui + ["n"] + [f"ours {t.labels[k]}" for k in t.doc_keys] + ["best (epoch)"]
+    if t.costs:
         head += ["params", "MACs / image", "train s", "images/s"]
-    head += [f"Δ {main_label} vs best [95% CI]", "p (Holm)", "verdict", "seeds for 80% power"]
-    if have_doc:
-        head += [f"doc {labels[k]}" for k in have_doc] + [f"Δ {labels[k]}" for k in have_doc]
-        head += [f"doc {labels[k]} vs our 95% PI" for k in have_doc]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    tests = set()
-    for values, group in frame.groupby(sci + nui, sort=False, dropna=False):
-        values = values if isinstance(values, tuple) else (values,)
-        key = tuple(fmt(v) for v in values)
-        n = len(group)
-        div = int(group["diverged"].sum())
-        cells = [fmt(v) for v in values] + [str(n)]
-        for k in doc_keys:
-            cells.append(_fmt_ci(group[k]) if k in group else "–")
-        best_epochs = group["best_epoch"].dropna().astype(int).tolist()
-        cells.append(f"{_fmt(group['best_test_acc'])} ({', '.join(map(str, best_epochs)) or '–'})")
-        failed = int((~group["status"].isin(["finished", DIVERGED])).sum())
-        final = len(values) + 1 + len(doc_keys)  # the "ours final" cell
-        for count, word in ((div, "diverged"), (failed, "failed")):
-            if count:
-                cells[final] = f"{word} ({count}/{n})" if cells[final] == "–" else f"{cells[final]}, {word} ({count}/{n})"
-        if costs:
-            cells += [f"{int(group['params'].iloc[0]):,}", f"{int(group['macs_per_image'].iloc[0]):,}",
-                      _fmt(group["train_seconds"], 1), _fmt(group["images_per_second"], 0)]
-        row = rows_of.get((main, key), {})
-        verdict = row.get("verdict", stats.UNTESTED)
-        if verdict in (stats.BEST, ""):
-            cells += ["–", "–"]
-        else:
-            diff = _num(row.get("diff", math.nan), sign="+")
-            ci = (f" [{_num(row['diff_ci_low'], sign='+')}, {_num(row['diff_ci_high'], sign='+')}]"
-                  if row.get("diff_ci_low") == row.get("diff_ci_low") else "")
-            cells += [diff + ci, _p(row.get("p_holm", math.nan))]
-            if row.get("test"):
-                tests.add(row["test"])
-        cells += [f"**{verdict}**" if verdict == stats.BEST else verdict,
-                  _num(row.get("seeds_needed", math.nan), 0) if verdict == stats.WITHIN else "–"]
-        if have_doc:
-            doc = reported.get(key[:len(sci)], {})
-            cells += [f"{doc[k]:.2f}" if k in doc else "–" for k in have_doc]
-            for k in have_doc:
-                ours = group[k].dropna() if k in group else pd.Series(dtype=float)
-                cells.append(f"{ours.mean() - doc[k]:+.2f}" if k in doc and not ours.empty else "–")
-            for k in have_doc:
-                r = rows_of.get((k, key), {})
-                word = r.get("doc_verdict", "") if k in doc else ""
-                if word in (stats.CONSISTENT, stats.OUTSIDE):
-                    word += f" [{r['pi_low']:.2f}, {r['pi_high']:.2f}]"
-                cells.append(word or "–")
-        lines.append("| " + " | ".join(cells) + " |")
+    head += [f"Δ {t.main_label} vs best [95% CI]", "p (Holm)", "verdict", "seeds for 80% power"]
+    if t.have_doc:
+        head += [f"doc {t.labels[k]}" for k in t.have_doc] + [f"Δ {t.labels[k]}" for k in t.have_doc]
+        head += [f"doc {t.labels[k]} vs our 95% PI" for k in t.have_doc]
+    return head
 
+
+def _row_cells(t: _Layout, values: tuple, group: pd.DataFrame, tests: set[str]) -> list[str]:
+    """One value's row (its trials `group`); the test its verdict used is added to `tests`."""
+    key = tuple(fmt(v) for v in values)
+    cells = _ours_cells(t, values, group)
+    if t.costs:
+        cells += [f"{int(group['params'].iloc[0]):,}", f"{int(group['macs_per_image'].iloc[0]):,}",
+                  _fmt(group["train_seconds"], 1), _fmt(group["images_per_second"], 0)]
+    cells += _verdict_cells(t.rows_of.get((t.main, key), {}), tests)
+    if t.have_doc:
+        cells += _doc_cells(t, key, group)
+    return cells
+
+
+def _ours_cells(t: _Layout, values: tuple, group: pd.DataFrame) -> list[str]:
+    """The value, n, our accuracy per doc key and the best epoch; diverged and failed trials
+    counted in the final cell."""
+    n = len(group)
+    div = int(group["diverged"].sum())
+    cells = [fmt(v) for v in values] + [str(n)]
+    for k in t.doc_keys:
+        cells.append(_fmt_ci(group[k]) if k in group else "–")
+    best_epochs = group["best_epoch"].dropna().astype(int).tolist()
+    cells.append(f"{_fmt(group['best_test_acc'])} ({', '.join(map(str, best_epochs)) or '–'})")
+    failed = int((~group["status"].isin(["finished", DIVERGED])).sum())
+    final = len(values) + 1 + len(t.doc_keys)  # the "ours final" cell
+    for count, word in ((div, "diverged"), (failed, "failed")):
+        if count:
+            cells[final] = f"{word} ({count}/{n})" if cells[final] == "–" else f"{cells[final]}, {word} ({count}/{n})"
+    return cells
+
+
+def _verdict_cells(row: dict[str, Any], tests: set[str]) -> list[str]:
+    """Δ vs best [CI], p (Holm), the verdict and the seeds for 80% power, from the row's statistics."""
+    verdict = row.get("verdict", stats.UNTESTED)
+    if verdict in (stats.BEST, ""):
+        cells = ["–", "–"]
+    else:
+        diff = _num(row.get("diff", math.nan), sign="+")
+        ci = (f" [{_num(row['diff_ci_low'], sign='+')}, {_num(row['diff_ci_high'], sign='+')}]"
+              if row.get("diff_ci_low") == row.get("diff_ci_low") else "")
+        cells = [diff + ci, _p(row.get("p_holm", math.nan))]
+        if row.get("test"):
+            tests.add(row["test"])
+    return cells + [f"**{verdict}**" if verdict == stats.BEST else verdict,
+                    _num(row.get("seeds_needed", math.nan), 0) if verdict == stats.WITHIN else "–"]
+
+
+def _doc_cells(t: _Layout, key: tuple[str, ...], group: pd.DataFrame) -> list[str]:
+    """The document's figures, ours minus them, and each against our prediction interval."""
+    doc = t.reported.get(key[:len(t.sci)], {})
+    cells = [f"{doc[k]:.2f}" if k in doc else "–" for k in t.have_doc]
+    for k in t.have_doc:
+        ours = group[k].dropna() if k in group else pd.Series(dtype=float)
+        cells.append(f"{ours.mean() - doc[k]:+.2f}" if k in doc and not ours.empty else "–")
+    for k in t.have_doc:
+        r = t.rows_of.get((k, key), {})
+        word = r.get("doc_verdict", "") if k in doc else ""
+        if word in (stats.CONSISTENT, stats.OUTSIDE):
+            word += f" [{r['pi_low']:.2f}, {r['pi_high']:.2f}]"
+        cells.append(word or "–")
+    return cells
+
+
+def _table_preamble(spec: StudySpec, t: _Layout, tests: set[str], last_epoch: int) -> list[str]:
+    """The title, source and the paragraph that says what the columns are and which test ran."""
     fixed = ", ".join(f"{k}={fmt(v)}" for k, v in spec.fixed.items())
     seeds = ", ".join(map(str, spec.seeds))
     out = [f"# {spec.title}", ""]
@@ -272,8 +329,9 @@ def table_markdown(spec: StudySpec, frame: pd.DataFrame, *, command: str = "", d
                                                  else ""))
     else:
         how = "Welch's t test" + ("" if paired_seeds(spec) else " (the architecture varies, so seeds are not paired)")
-    out += [f"Scientific: {', '.join(sci)}" + (f"; nuisance: {', '.join(nui)} (best setting per value shown)" if nui else "")
-            + f"; fixed: {fixed or '(defaults)'}; seeds: {seeds} (n per row).", "",
+    main_label = t.main_label
+    nuisance = f"; nuisance: {', '.join(t.nui)} (best setting per value shown)" if t.nui else ""
+    out += [f"Scientific: {', '.join(t.sci)}{nuisance}; fixed: {fixed or '(defaults)'}; seeds: {seeds} (n per row).", "",
             f"Test accuracy in percent after epoch 1 and after the last epoch ({last_epoch}): mean ± std over seeds "
             "[the 95% Student-t interval of the mean; none when n = 1]. "
             f"Δ {main_label} vs best: this value's {main_label} accuracy minus the best value's, with its 95% interval, "
@@ -283,11 +341,8 @@ def table_markdown(spec: StudySpec, frame: pd.DataFrame, *, command: str = "", d
             f"(not shown where the verdict is settled). `stats.csv` has the same for every accuracy."
             + (" `doc` is the document's figure (one run), Δ = ours − doc, and the figure is judged against our 95% "
                "prediction interval for a single run, mean ± t·s·√(1 + 1/n): `consistent` inside it, `outside` not."
-               if have_doc else ""), ""]
-    out += lines + [""]
-    if command or device:
-        out += [f"Produced by `{command}`" + (f" on {device}" if device else "") + ".", ""]
-    return "\n".join(out)
+               if t.have_doc else ""), ""]
+    return out
 
 
 # -- figures ---------------------------------------------------------------------------------

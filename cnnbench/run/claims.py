@@ -44,7 +44,7 @@ from cnnbench.track.schema import (
     TAG_STATUS,
     worker_name,
 )
-from cnnbench.train.loop import DIVERGED, FINISHED, INTERRUPTED, PRUNED
+from cnnbench.train.result import DIVERGED, FINISHED, INTERRUPTED, PRUNED
 
 MAX_RETRY = 3  # a trial whose worker is lost this many times is given up
 

@@ -20,7 +20,7 @@ from mlflow.entities import Metric
 from optuna.trial import TrialState
 
 from cnnbench.config.space import trial_config
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 from cnnbench.report import sweep as sweep_report
 from cnnbench.run.claims import claim_results, results_written
 from cnnbench.run.session import Session, count_states
@@ -49,8 +49,11 @@ from cnnbench.track.schema import (
     TEST_LOSS,
 )
 from cnnbench.track.writer import run_name
+from cnnbench.train.checkpoint import load_checkpoint
 from cnnbench.train.fused import fuse_groups
-from cnnbench.train.loop import FINISHED, SingleEngine, TrialResult, evaluate, load_checkpoint, train_group
+from cnnbench.train.loop import evaluate, train_group
+from cnnbench.train.result import FINISHED, TrialResult
+from cnnbench.train.single import SingleEngine
 
 # ----------------------------------------------------------------------------------------
 # the end: the best trial over seeds, tested once, and the results

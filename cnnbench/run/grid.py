@@ -22,7 +22,9 @@ import optuna
 from optuna.trial import TrialState, create_trial
 
 from cnnbench.config.space import Plan
-from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig
+from cnnbench.config.spec import StudySpec
+from cnnbench.config.trial import TrialConfig
+from cnnbench.errors import ConfigError
 from cnnbench.run.claims import results_written_for
 from cnnbench.run.opening import ParentLost, join, mark_ready, reopen
 from cnnbench.run.storage import dead_here
@@ -57,7 +59,7 @@ from cnnbench.track.schema import (
 )
 from cnnbench.track.writer import run_name
 from cnnbench.train.fused import fusable, group_key
-from cnnbench.train.loop import DIVERGED, FINISHED, TrialResult
+from cnnbench.train.result import DIVERGED, FINISHED, TrialResult
 from cnnbench.util.text import fmt, masked
 
 

@@ -17,7 +17,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig
+from cnnbench.config.spec import StudySpec
+from cnnbench.config.trial import TrialConfig
+from cnnbench.errors import ConfigError
 from cnnbench.data.tensors import data_dir, load_arrays
 from cnnbench.run import storage as optuna_store
 from cnnbench.run.claims import lost

@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from cnnbench.config.spec import ConfigError
+from cnnbench.errors import ConfigError
 from cnnbench.util import processes
 
 

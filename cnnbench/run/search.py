@@ -10,10 +10,11 @@ from typing import Any, Callable
 import optuna
 
 from cnnbench.config.space import OBJECTIVES
-from cnnbench.config.spec import StudySpec, TrialConfig
+from cnnbench.config.spec import StudySpec
+from cnnbench.config.trial import TrialConfig
 from cnnbench.run import storage as sweep_storage
 from cnnbench.track.schema import ATTR_MLFLOW_RUN_ID, EPOCH
-from cnnbench.train.loop import Recorder, TrialResult
+from cnnbench.train.result import Recorder, TrialResult
 
 PRUNE_FROM_EPOCH = 2  # median pruning judges a trial from its second epoch on: epoch 1 is too noisy
 

@@ -19,11 +19,12 @@ from typing import Any, NamedTuple
 from optuna.trial import TrialState
 
 from cnnbench.config.space import Plan
-from cnnbench.config.spec import StudySpec, TrialConfig
+from cnnbench.config.spec import StudySpec
+from cnnbench.config.trial import TrialConfig
 from cnnbench.run.cores import CoreShare
 from cnnbench.run.storage import ClaimLock
 from cnnbench.track.schema import TEST_ACC
-from cnnbench.train.loop import TrialResult
+from cnnbench.train.result import TrialResult
 
 
 def trial_id(trial: Any) -> int:

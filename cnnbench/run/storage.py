@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import sqlalchemy
 from sqlalchemy.exc import ArgumentError
 
-from cnnbench.config.spec import ConfigError
+from cnnbench.errors import ConfigError
 from cnnbench.track import stores
 from cnnbench.track.schema import ATTR_WORKER_BOOT, ATTR_WORKER_HOST, ATTR_WORKER_PID, ATTR_WORKER_SUPERVISOR
 from cnnbench.util import fileio, interrupt, processes

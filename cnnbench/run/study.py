@@ -40,8 +40,8 @@ from cnnbench.run.session import Session, count_states
 from cnnbench.run.workers import launch_workers, work
 from cnnbench.track.schema import ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON, TAG_FUSE, TAG_THREADS, TAG_WORKERS
 from cnnbench.train.device import resolve_device, usable_cores
-from cnnbench.train.loop import DIVERGED, FAILED, FINISHED, TrialResult
 from cnnbench.errors import StorageError, Unfinished
+from cnnbench.train.result import DIVERGED, FAILED, FINISHED, TrialResult
 from cnnbench.util import interrupt
 from cnnbench.util.faults import storage_fault
 

@@ -25,7 +25,9 @@ import optuna
 from optuna.trial import TrialState
 
 from cnnbench.config.space import OBJECTIVES, Plan, check_spec, describe, grid_points, spec_hash, suggest, trial_config
-from cnnbench.config.spec import ConfigError, StudySpec, TrialConfig
+from cnnbench.config.spec import StudySpec
+from cnnbench.config.trial import TrialConfig
+from cnnbench.errors import ConfigError, StorageError
 from cnnbench.run.final import finalize
 from cnnbench.run.opening import join, mark_ready, open_session, pause_parent, reopen
 from cnnbench.run.search import make_pruner, make_sampler, objective_value
@@ -59,8 +61,7 @@ from cnnbench.track.schema import (
 )
 from cnnbench.track.writer import run_name
 from cnnbench.train.device import resolve_device, usable_cores
-from cnnbench.train.loop import DIVERGED, FINISHED, PRUNED, TrialResult
-from cnnbench.errors import StorageError
+from cnnbench.train.result import DIVERGED, FINISHED, PRUNED, TrialResult
 from cnnbench.util import interrupt
 from cnnbench.util.text import masked
 

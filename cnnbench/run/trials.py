@@ -15,7 +15,8 @@ import math
 import time
 from typing import Any, Callable
 
-from cnnbench.config.spec import ConfigError, TrialConfig
+from cnnbench.config.trial import TrialConfig
+from cnnbench.errors import ConfigError
 from cnnbench.run import storage as optuna_store
 from cnnbench.run.claims import failed, tell
 from cnnbench.run.search import PruningRecorder
@@ -24,7 +25,8 @@ from cnnbench.track.schema import EPOCH
 from cnnbench.track.writer import run_name
 from cnnbench.train.device import resolve_device
 from cnnbench.train.fused import fuse_groups
-from cnnbench.train.loop import load_data, resume_epoch, train_group
+from cnnbench.train.checkpoint import resume_epoch
+from cnnbench.train.loop import load_data, train_group
 from cnnbench.util import interrupt
 
 

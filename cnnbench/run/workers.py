@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from cnnbench.config.spec import ConfigError, StudySpec
-from cnnbench.errors import DataError, DeviceError, StorageError, TrackingError
+from cnnbench.config.spec import StudySpec
+from cnnbench.errors import ConfigError, DataError, DeviceError, StorageError, TrackingError
 from cnnbench.run.claims import claim, interrupted, worker_died
 from cnnbench.run.cores import CoreShare
 from cnnbench.run.opening import open_session

@@ -119,14 +119,29 @@ def run(seed: int, folder: Path, *, budget: float = 240.0, data_root: str | None
     t0 = time.monotonic()
     for job in jobs:
         job.start(folder, env)
-    problems: list[str] = []
+    late = _kill_while_running(jobs, folder, env, rng, moments, t0=t0, budget=budget, seed=seed, out=out)
+    if late:
+        return late
+    problems = _exit_problems(jobs, folder, seed)
+    done = sum(j.kills for j in jobs)
+    out(f"chaos: all processes ended by themselves after {time.monotonic() - t0:.0f} s; {done} kill(s)"
+        + (f" ({kills - done} planned too late: every process had ended)" if done < kills else ""))
+    if not problems:
+        problems = check(folder, specs)
+    return problems
+
+
+def _kill_while_running(jobs: list[Job], folder: Path, env: dict[str, str], rng: random.Random,
+                        moments: list[float], *, t0: float, budget: float, seed: int, out) -> list[str]:
+    """Until every job has ended by itself: at each of `moments` (seconds after the first
+    checkpoint) SIGKILL a random running job and start it again. Past `budget` seconds
+    every job is killed and that is the problem returned; else none."""
     began: float | None = None
     try:
         while any(job.running() for job in jobs):
             now = time.monotonic() - t0
             if now > budget:
-                problems.append(f"not done after {budget:.0f} s (seed {seed})")
-                return problems
+                return [f"not done after {budget:.0f} s (seed {seed})"]
             if began is None and next((folder / ".cnnbench" / "checkpoints").glob("*/*/last.pt"), None):
                 began = now
                 out(f"chaos: {now:5.1f} s  first checkpoint")
@@ -143,17 +158,18 @@ def run(seed: int, folder: Path, *, budget: float = 240.0, data_root: str | None
         for job in jobs:
             if job.running():
                 job.kill()
+    return []
+
+
+def _exit_problems(jobs: list[Job], folder: Path, seed: int) -> list[str]:
+    """A job that ended with a non-zero status, with the end of its last log."""
+    problems = []
     for job in jobs:
         assert job.proc is not None
         if job.proc.returncode != 0:
             log = folder / "logs" / f"{job.name}.{job.starts}.log"
             tail = log.read_text()[-1500:] if log.exists() else ""
             problems.append(f"{job.name}: exit status {job.proc.returncode} (seed {seed}); its log ends:\n{tail}")
-    done = sum(j.kills for j in jobs)
-    out(f"chaos: all processes ended by themselves after {time.monotonic() - t0:.0f} s; {done} kill(s)"
-        + (f" ({kills - done} planned too late: every process had ended)" if done < kills else ""))
-    if not problems:
-        problems = check(folder, specs)
     return problems
 
 

@@ -36,12 +36,13 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import data_dir
 from cnnbench.errors import ConfigError, DeviceError
 from cnnbench.tools import resources
-from cnnbench.tools.bench import profile_steps, run_bench, time_evaluation
-from cnnbench.train.device import resolve_device
+from cnnbench.tools.bench.steps import profile_steps, time_evaluation
+from cnnbench.tools.bench.throughput import run_bench
+from cnnbench.train.device import device_name, resolve_device
 from cnnbench.train.loop import load_data
 from cnnbench.util import fileio
 
@@ -92,62 +93,23 @@ def run_gpu_check(out: Path, *, dry_run: bool = False, data_root: str | os.PathL
     if data_root:
         env["CNNBENCH_DATA"] = str(Path(data_root).resolve())
     steps: list[Step] = []
-    say(f"gpu-check: {device} ({_device_name(device)}), torch {torch.__version__}, python "
+    say(f"gpu-check: {device} ({device_name(device)}), torch {torch.__version__}, python "
         f"{platform.python_version()}, budget {budget:.0f} s{' (dry run: CPU, toy sizes)' if dry_run else ''}")
     steps.append(_environment(out, device))
-
     if "tests" in parts:  # 1. the CUDA tests (they live in the repository, not in an installed cnnbench)
-        repo = resources.checkout()
-        if repo is None or not (repo / "tests" / "test_cuda.py").is_file():
-            steps.append(Step("cuda tests", detail="skipped: no repository checkout here (the tests are in its tests/)"))
-        else:
-            cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", "-rs",
-                   f"--junitxml={out / 'cuda_tests.xml'}", str(repo / "tests" / "test_cuda.py")]
-            steps.append(_subprocess("cuda tests", cmd, out / "cuda_tests.log", env=env, cwd=repo,
-                                     timeout=max(60.0, min(left() * 0.35, 240.0))))
+        steps.append(_cuda_tests(out, env, timeout=max(60.0, min(left() * 0.35, 240.0))))
         say(_line(steps[-1]))
-
     if "bench" in parts:  # 2. the bench, the test pass per batch size, a profile
         steps.append(_bench(out / "bench", device, dry_run=dry_run, data_root=data_root, say=say))
         say(_line(steps[-1]))
-
     if "kbench" in parts:  # 2b. only naive, single and fused K (the device's defaults), short
-
-        step = Step("bench, K sweep", command="cnnbench bench --steps 50 --repeats 2")
-        t0 = time.perf_counter()
-        try:
-            sizes = dict(steps=20, repeats=1, max_k=2) if dry_run else dict(steps=50, repeats=2, max_k=None)
-            summary = run_bench(data_root=data_root, device=str(device), out_dir=out / "bench-k", say=say, **sizes)
-            best = max((r for r in summary["rows"] if r["method"] == "fused"), key=lambda r: r["model_images_per_s"])
-            step.status, step.extra = "ok", {"rows": summary["rows"]}
-            step.detail = f"best fused K={best['k']}: {best['model_images_per_s']:,.0f} model-images/s"
-        except Exception as err:
-            step.status, step.detail = "failed", f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
-        step.seconds = time.perf_counter() - t0
-        steps.append(step)
-        say(_line(step))
-
+        steps.append(_k_bench(out / "bench-k", device, dry_run=dry_run, data_root=data_root, say=say))
+        say(_line(steps[-1]))
     if "studies" in parts:  # 3. the studies, end to end through the command
         chosen = studies or (("lr", "activation", "lr:amp=bf16") if dry_run else DEFAULT_STUDIES)
         for entry in chosen:
-            name, _, variant = entry.partition(":")
-            extra = [a for kv in filter(None, variant.split(",")) for a in ("--set", kv)]
-            folder = "results" + "".join(f"-{kv.replace('=', '-')}" for kv in filter(None, variant.split(",")))
-            label = f"study {name}" + (f" ({variant})" if variant else "")
-            if name not in REQUIRED_STUDIES and left() < 30:
-                steps.append(Step(label, detail=f"skipped: {max(left(), 0):.0f} s of the budget left"))
-                say(_line(steps[-1]))
-                continue
-            if dry_run:
-                extra += list(TINY)
-            results = out / folder
-            cmd = [sys.executable, "-m", "cnnbench", "study", str(_studies_dir() / f"{name}.yaml"),
-                   "--results-dir", str(results), "--set", "progress=false", *extra]
-            step = _subprocess(label, cmd, out / f"study-{name}{folder.removeprefix('results')}.log", env=env,
-                               cwd=out, timeout=max(60.0, left()))
-            step.extra["results"] = str(results / name)
-            steps.append(step)
-            say(_line(step))
+            steps.append(_study(entry, out, env, dry_run=dry_run, left=left))
+            say(_line(steps[-1]))
 
     summary = _summary(steps, device, budget, time.perf_counter() - t_start)
     fileio.write_text(out / "summary.md", summary)
@@ -156,15 +118,56 @@ def run_gpu_check(out: Path, *, dry_run: bool = False, data_root: str | os.PathL
     return steps
 
 
-def _device_name(device) -> str:
+def _cuda_tests(out: Path, env: dict[str, str], *, timeout: float) -> Step:
+    """`pytest -m cuda` on the checkout's tests/test_cuda.py (skipped without a checkout)."""
+    repo = resources.checkout()
+    if repo is None or not (repo / "tests" / "test_cuda.py").is_file():
+        return Step("cuda tests", detail="skipped: no repository checkout here (the tests are in its tests/)")
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", "-rs",
+           f"--junitxml={out / 'cuda_tests.xml'}", str(repo / "tests" / "test_cuda.py")]
+    return _subprocess("cuda tests", cmd, out / "cuda_tests.log", env=env, cwd=repo, timeout=timeout)
 
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+
+def _k_bench(out: Path, device, *, dry_run: bool, data_root, say) -> Step:
+    """The bench's K sweep alone (naive, single, fused K; the device's defaults, no options)."""
+    step = Step("bench, K sweep", command="cnnbench bench --steps 50 --repeats 2")
+    t0 = time.perf_counter()
+    try:
+        sizes = dict(steps=20, repeats=1, max_k=2) if dry_run else dict(steps=50, repeats=2, max_k=None)
+        summary = run_bench(data_root=data_root, device=str(device), out_dir=out, say=say, **sizes)
+        best = max((r for r in summary["rows"] if r["method"] == "fused"), key=lambda r: r["model_images_per_s"])
+        step.status, step.extra = "ok", {"rows": summary["rows"]}
+        step.detail = f"best fused K={best['k']}: {best['model_images_per_s']:,.0f} model-images/s"
+    except Exception as err:
+        step.status, step.detail = "failed", f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    step.seconds = time.perf_counter() - t0
+    return step
+
+
+def _study(entry: str, out: Path, env: dict[str, str], *, dry_run: bool, left: Callable[[], float]) -> Step:
+    """One study (`NAME` or `NAME:KEY=VALUE,...`) end to end through `cnnbench study`, with
+    the rest of the budget (`left()` seconds); skipped when under 30 s are left, unless required."""
+    name, _, variant = entry.partition(":")
+    extra = [a for kv in filter(None, variant.split(",")) for a in ("--set", kv)]
+    folder = "results" + "".join(f"-{kv.replace('=', '-')}" for kv in filter(None, variant.split(",")))
+    label = f"study {name}" + (f" ({variant})" if variant else "")
+    if name not in REQUIRED_STUDIES and left() < 30:
+        return Step(label, detail=f"skipped: {max(left(), 0):.0f} s of the budget left")
+    if dry_run:
+        extra += list(TINY)
+    results = out / folder
+    cmd = [sys.executable, "-m", "cnnbench", "study", str(_studies_dir() / f"{name}.yaml"),
+           "--results-dir", str(results), "--set", "progress=false", *extra]
+    step = _subprocess(label, cmd, out / f"study-{name}{folder.removeprefix('results')}.log", env=env,
+                       cwd=out, timeout=max(60.0, left()))
+    step.extra["results"] = str(results / name)
+    return step
 
 
 def _environment(out: Path, device) -> Step:
 
     lines = [f"python {platform.python_version()}", f"torch {torch.__version__}",
-             f"cuda {torch.version.cuda}", f"device {device} ({_device_name(device)})"]
+             f"cuda {torch.version.cuda}", f"device {device} ({device_name(device)})"]
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         lines.append(f"{p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
@@ -239,7 +242,7 @@ def _line(step: Step) -> str:
 
 def _summary(steps: list[Step], device, budget: float, total: float) -> str:
 
-    lines = [f"# gpu-check on {device} ({_device_name(device)})", "",
+    lines = [f"# gpu-check on {device} ({device_name(device)})", "",
              f"torch {torch.__version__}, python {platform.python_version()}; {total:.0f} s of a {budget:.0f} s budget", "",
              "| step | status | seconds | detail |", "|---|---|---:|---|"]
     for s in steps:

@@ -23,9 +23,9 @@ from typing import Any, Iterator
 
 from tqdm.auto import tqdm
 
-from cnnbench.config.spec import ConfigError
-from cnnbench.report import analysis
+from cnnbench.errors import ConfigError
 from cnnbench.tools import resources
+from cnnbench.track import reader
 from cnnbench.track.writer import check_reachable, quiet_mlflow
 from cnnbench.track.writer import tracking_uri as resolve_uri
 from cnnbench.util import fileio
@@ -88,15 +88,15 @@ def discover(results_dir: Path, *, names: list[str] | None = None,
             continue
         if _is_sweep(folder):
             try:
-                analysis.load_sweep(name)
-            except analysis.NoRuns as err:
+                reader.load_sweep(name)
+            except reader.NoRuns as err:
                 skipped.append(f"{name}: {err}")
                 continue
             jobs.append(Job("sweep.ipynb", name, "sweep", {"sweep": name, **common}, folder / "report.html"))
         elif (folder / "summary.csv").is_file():
             try:
-                analysis.trial_runs(name, tracking_uri)
-            except analysis.NoRuns as err:
+                reader.trial_runs(name, tracking_uri)
+            except reader.NoRuns as err:
                 skipped.append(f"{name}: {err}")
                 continue
             jobs.append(Job("analysis.ipynb", name, "study", {"study": name, **common}, folder / "report.html"))

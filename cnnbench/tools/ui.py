@@ -27,7 +27,7 @@ from typing import Iterator
 from mlflow import MlflowClient
 
 from cnnbench.errors import ConfigError
-from cnnbench.report.analysis import NoRuns, trial_runs
+from cnnbench.track.reader import NoRuns, trial_runs
 from cnnbench.track.schema import (
     METRIC_FINAL_TEST_ACC,
     METRIC_TRAIN_LOSS,

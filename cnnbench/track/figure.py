@@ -9,7 +9,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from cnnbench.track.schema import EPOCH, TEST_ACC, VAL_ACC
-from cnnbench.train.loop import TrialResult
+from cnnbench.train.result import TrialResult
 from cnnbench.util.text import fmt
 
 

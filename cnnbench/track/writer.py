@@ -28,7 +28,7 @@ import mlflow
 import torch
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 from cnnbench.errors import TrackingError
 from cnnbench.track import stores
 from cnnbench.track.figure import save_trial_figure
@@ -68,7 +68,7 @@ from cnnbench.track.schema import (
     TEST_ACC,
     VAL_ACC,
 )
-from cnnbench.train.loop import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, Recorder, TrialResult
+from cnnbench.train.result import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, Recorder, TrialResult
 from cnnbench.util import interrupt, processes
 from cnnbench.util.text import fmt, masked  # noqa: F401  (re-exported here)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 
 import torch
 from torch import nn
 
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DatasetInfo
 from cnnbench.errors import DeviceError
 from cnnbench.models import get_model
@@ -34,6 +35,13 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DeviceError(f"device {name}: MPS is not available on this machine")
     return device
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA (H100, ...), else the host's processor, for reports."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
 
 
 def configure_backends(config: TrialConfig, device: torch.device) -> None:

@@ -7,7 +7,7 @@ gradient (the losses are summed, and trial k's loss depends only on trial k's we
 and the optimizer step is a handful of foreach kernels with per-trial learning rate,
 momentum and weight decay as `(K, 1, ...)` tensors (`per_trial.PerTrialOptimizer`,
 torch.optim's SGD and Adam written out, shared with the wide engine), so that a fused
-trial follows the same path as the trial trained alone by `SingleEngine`. Which groups
+trial follows the same path as the trial trained alone by `single.SingleEngine`. Which groups
 form, and which engine trains them, is decided here too (`fuse_groups`, `engine_for`).
 
 Trials fuse when they share everything but lr, momentum, weight decay and seed
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DATASETS, DatasetInfo
 from cnnbench.models.layers import BATCH_NORMS
 from cnnbench.train.device import autocast, build_model, resolve_device
@@ -133,7 +133,7 @@ def fuse_groups(configs: Sequence[TrialConfig], *, max_k: int = 16, enabled: boo
 
 
 class FusedEngine:
-    """The engine interface of train.SingleEngine, for K stacked models."""
+    """The engine (engine.Engine) for K stacked models, vmapped."""
 
     eval_images: int | None = None  # test images per forward pass, at most (loop.evaluate)
 

@@ -1,261 +1,62 @@
 """The training loop. Every entry point trains through `train_group` (or `run_trial`).
 
 One loop serves one trial and K fused trials alike: it draws each epoch's batches from
-the device-resident data, asks an *engine* for one optimisation step of all K trials at
-once, records the training loss every `log_every` steps (against samples seen) and the
-test (and validation) loss and accuracy after each epoch, stops a trial that diverges or
-that its recorder prunes, and writes resumable epoch checkpoints. The engines:
-`SingleEngine` (an nn.Module and a torch.optim optimizer) here, `FusedEngine` (K models
-stacked and vmapped) in fused.py, `WideEngine` (K models as one wide model) in wide.py. The loop reports through the `Recorder` interface and
+the device-resident data, asks an *engine* (engine.Engine) for one optimisation step of
+all K trials at once, records the training loss every `log_every` steps (against samples
+seen) and the test (and validation) loss and accuracy after each epoch, stops a trial
+that diverges or that its recorder prunes, and writes resumable epoch checkpoints
+(checkpoint.py). The engines: `single.SingleEngine` (an nn.Module and a torch.optim
+optimizer), `fused.FusedEngine` (K models stacked and vmapped), `wide.WideEngine` (K
+models as one wide model). The loop reports through the `result.Recorder` interface and
 knows nothing of MLflow or Optuna.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
-import pickle
-import re
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from cnnbench.config.record import EPOCH, EPOCH_SECONDS, LR, SPLIT_KEYS, TEST_ACC, TRAIN_EPOCH_LOSS, VAL_ACC, VAL_LOSS
-from cnnbench.config.spec import TrialConfig
-from cnnbench.data.tensors import DatasetInfo, DeviceData, data_dir, mix_seed
-from cnnbench.train.device import (
-    autocast,
-    build_model,
-    configure_backends,
-    is_out_of_memory,
-    resolve_device,
-    sync,
-    use_channels_last,
-)
+from cnnbench.config.trial import TrialConfig
+from cnnbench.data.tensors import DeviceData, data_dir, mix_seed
+from cnnbench.errors import StorageError
+from cnnbench.train.checkpoint import load_checkpoint, restore_result, resume_state, write_checkpoints
+from cnnbench.train.device import configure_backends, is_out_of_memory, resolve_device, sync, use_channels_last
+from cnnbench.train.engine import Engine
 from cnnbench.train.fused import fused_engine
 from cnnbench.train.graphs import StepGraph, graph_reason
+from cnnbench.train.result import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, Recorder, TrialResult
 from cnnbench.train.schedule import LRSchedule
-from cnnbench.errors import StorageError
-from cnnbench.util import fileio, interrupt
+from cnnbench.train.single import SingleEngine
+from cnnbench.util import interrupt
 from cnnbench.util.faults import storage_fault
 
-FINISHED, DIVERGED, PRUNED, FAILED, INTERRUPTED = "finished", "diverged", "pruned", "failed", "interrupted"
+
+def run_trial(config: TrialConfig, *, data_root: str | os.PathLike | None = None,
+              recorder: Recorder | None = None, checkpoint_dir: str | os.PathLike | None = None,
+              data: DeviceData | None = None, evaluate_test: bool = True) -> TrialResult:
+    """Train one trial; the result carries per-epoch metrics and the loss curve."""
+    return train_group([config], data_root=data_root, recorders=[recorder or Recorder()],
+                       checkpoint_dirs=[Path(checkpoint_dir)] if checkpoint_dir else None,
+                       data=data, evaluate_test=evaluate_test)[0]
 
 
-@dataclass
-class TrialResult:
-    config: TrialConfig
-    status: str = "running"
-    reason: str = ""
-    history: list[dict[str, float]] = field(default_factory=list)  # one record per epoch
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (samples seen, mean train loss)
-    train_seconds: float = 0.0  # time in training steps (evaluation excluded)
-    wall_seconds: float = 0.0
-    images: int = 0  # training images this trial processed
-    device: str = ""
-    fused_with: int = 1  # trials trained together with this one (itself included)
-    best_epoch: int | None = None
-    best_checkpoint: Path | None = None
-    final_checkpoint: Path | None = None
-    run_id: str = ""  # the tracking run that recorded it, when one did (set by the caller)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.train_seconds if self.train_seconds > 0 else 0.0
-
-    def metric(self, name: str, epoch: int | None = None) -> float:
-        """`name` (e.g. "test/acc") at 1-based `epoch`; the last epoch when None; NaN if absent."""
-        if not self.history:
-            return math.nan
-        rec = self.history[-1] if epoch is None else next((r for r in self.history if r[EPOCH] == epoch), {})
-        return float(rec.get(name, math.nan))
-
-    def best(self, name: str = TEST_ACC) -> tuple[float, int | None]:
-        values = [(r[name], r[EPOCH]) for r in self.history if name in r and math.isfinite(r[name])]
-        if not values:
-            return math.nan, None
-        return max(values, key=lambda v: (v[0], -v[1]))
-
-
-class Recorder:
-    """What the loop tells the outside world. Every method is a no-op here."""
-
-    def start(self, config: TrialConfig, info: dict[str, Any], resumed: TrialResult | None) -> None:
-        """Called once before training; `resumed` holds the epochs a checkpoint restored."""
-
-    def train_loss(self, samples: int, loss: float) -> None:
-        """Mean training loss of the last `log_every` steps, at `samples` images seen."""
-
-    def epoch(self, record: dict[str, float]) -> str | None:
-        """After each epoch. Return "prune" to stop this trial as pruned."""
-        return None
-
-    def finish(self, result: TrialResult) -> None:
-        """Once, with the final status (finished, diverged, pruned, failed or interrupted)."""
-
-
-# ----------------------------------------------------------------------------------------
-# the single engine
-
-
-class SingleEngine:
-    """One nn.Module, one torch.optim optimizer (foreach kernels), optionally compiled."""
-
-    k = 1
-    eval_images: int | None = None  # test images per forward pass, at most (evaluate)
-
-    def __init__(self, configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo) -> None:
-        (self.config,) = configs
-        c = self.config
-        self.device = device
-        self.model = build_model(c, info).to(device)
-        if use_channels_last(c, device):
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.names = [n for n, _ in self.model.named_parameters()]
-        params = [p for _, p in self.model.named_parameters()]
-        # one fused kernel per step on CUDA; foreach (a few kernels for all tensors) elsewhere
-        kernels = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        if c.optimizer == "sgd":
-            self.opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, **kernels)
-            if c.momentum:  # zeros now rather than a copy of the first gradient: the same numbers
-                for p in params:  # (0 * momentum + g == g), and a step that a CUDA graph can replay
-                    self.opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        else:
-            self.opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay, **kernels)
-        self.forward = self.model if c.compile == "none" else torch.compile(self.model, mode=c.compile)
-        self.lrs: list[list[float]] = [[c.lr]]
-
-    def begin_epoch(self, lrs: list[list[float]]) -> None:
-        """`lrs[step][k]`: one row for the whole epoch, or one row per step."""
-        self.lrs = lrs
-        for g in self.opt.param_groups:
-            g["lr"] = lrs[0][0]
-
-    def deactivate(self, k: int) -> None:
-        self.lrs = [[0.0]]
-        for g in self.opt.param_groups:
-            g["lr"] = 0.0
-
-    def train(self, mode: bool) -> None:
-        self.model.train(mode)
-
-    def train_step(self, x: Tensor, y: Tensor, step: int) -> Tensor:
-        if len(self.lrs) > 1:
-            for g in self.opt.param_groups:
-                g["lr"] = self.lrs[step][0]
-        with autocast(self.config, self.device):
-            loss = F.cross_entropy(self.forward(x), y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.detach().float().view(1)
-
-    @torch.no_grad()
-    def eval_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        with autocast(self.config, self.device):
-            logits = self.forward(x).float()
-        loss = F.cross_entropy(logits, y, reduction="sum").view(1)
-        correct = (logits.argmax(1) == y).sum().view(1)
-        return loss, correct
-
-    def state_tensors(self) -> list[Tensor]:
-        """Every tensor a training step changes (weights, buffers, optimizer state)."""
-        opt = [v for st in self.opt.state.values() for v in st.values() if isinstance(v, Tensor)]
-        return [*self.model.parameters(), *self.model.buffers(), *opt]
-
-    def trial_state(self, k: int) -> dict[str, Any]:
-        by_param = dict(zip(self.names, self.model.parameters()))
-        state = {n: {key: v.detach().clone() if isinstance(v, Tensor) else v
-                     for key, v in self.opt.state.get(p, {}).items()} for n, p in by_param.items()}
-        return {"model": {k_: v.detach().clone() for k_, v in self.model.state_dict().items()},
-                "optimizer": {n: s for n, s in state.items() if s}}
-
-    def load_trial_state(self, k: int, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        by_param = dict(zip(self.names, self.model.parameters()))
-        for name, s in state["optimizer"].items():
-            p = by_param[name]
-            self.opt.state[p] = {key: v.to(p.device) if isinstance(v, Tensor) else v for key, v in s.items()}
-
-
-# ----------------------------------------------------------------------------------------
-# checkpoints
-
-
-def _checkpoint_payload(engine, k: int, config: TrialConfig, result: TrialResult, epoch: int,
-                        schedule: LRSchedule) -> dict[str, Any]:
-    return plain({
-        "format": "cnnbench-checkpoint-1", "config": config.to_dict(), "key": config.key(),
-        "epoch": epoch, "torch": str(torch.__version__), **engine.trial_state(k),
-        "schedule": schedule.state_dict(), "history": result.history, "curve": result.curve,
-        "train_seconds": result.train_seconds, "images": result.images, "best_epoch": result.best_epoch,
-    })
-
-
-def plain(value: Any, where: str = "checkpoint") -> Any:
-    """`value` with tensors kept and every other leaf a plain Python value (str, int, float,
-    bool, None; dicts, lists and tuples of them), so that `torch.load(weights_only=True)`
-    reads it back: a path, a device or a version becomes its text, a numpy scalar its
-    number. Anything else is a TypeError naming where it sits (a checkpoint never holds code)."""
-    if isinstance(value, Tensor) or value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, dict):
-        return {plain(k, where): plain(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return items if isinstance(value, list) else tuple(items)
-    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # numpy scalars and arrays
-        return plain(value.tolist(), where)
-    if isinstance(value, str):  # str subclasses: torch's TorchVersion, enums of str
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, (os.PathLike, torch.device)):
-        return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
-    raise TypeError(f"{where}: a {type(value).__module__}.{type(value).__qualname__} is not a tensor or a plain "
-                    "Python value; store it as text or numbers")
-
-
-def save_checkpoint(payload: dict[str, Any], path: Path) -> Path:
-    """Written whole or not at all. Serialised in memory first: torch's file writer turns a
-    full disk into a RuntimeError without the path or the cause (inline_container.cc),
-    where Python's own write raises the OSError that names both."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    fileio.write_with(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint read with `weights_only=True`: tensors and plain values, never code.
-    Checkpoints written before cnnbench stored torch's version as text load too (a
-    TorchVersion is a str); one holding anything else that is not allowed is a one-line
-    ValueError naming it, not a silent fall back to unsafe unpickling."""
-    from torch.torch_version import TorchVersion
-
-    try:
-        with torch.serialization.safe_globals([TorchVersion]):
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        what = found.group(1) if found else " ".join(str(err).split())[:200]
-        raise ValueError(f"{path}: holds {what}, which torch.load(weights_only=True) refuses; cnnbench "
-                         "checkpoints hold tensors and plain values only (is it a cnnbench checkpoint?)") from None
-    if not isinstance(payload, dict) or payload.get("format") != "cnnbench-checkpoint-1":
-        raise ValueError(f"{path}: not a cnnbench checkpoint")
-    return payload
+def load_data(config: TrialConfig, root: str | os.PathLike | None, device: torch.device) -> DeviceData:
+    return DeviceData.load(dataset=config.dataset, root=data_dir(root), device=device,
+                           normalize=config.normalize, train_subset=config.train_subset,
+                           test_subset=config.test_subset, val_size=config.val_size,
+                           channels_last=use_channels_last(config, device))
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], *, device: str = "auto",
@@ -273,42 +74,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], *, devic
     engine.train(False)
     loss, acc = evaluate(engine, data, data.test, config.test_batch_size)
     return loss[0], acc[0], len(data.test)
-
-
-def _resume_state(ckpt_dir: Path | None, config: TrialConfig) -> dict[str, Any] | None:
-    if ckpt_dir is None or not (ckpt_dir / "last.pt").exists():
-        return None
-    try:
-        payload = load_checkpoint(ckpt_dir / "last.pt")
-    except Exception:  # a checkpoint we cannot read is no checkpoint: start over
-        return None
-    return payload if payload.get("key") == config.key() else None
-
-
-def resume_epoch(ckpt_dir: Path | None, config: TrialConfig) -> int:
-    """Epochs already done according to the trial's last checkpoint (0 when none)."""
-    state = _resume_state(ckpt_dir, config)
-    return int(state["epoch"]) if state else 0
-
-
-# ----------------------------------------------------------------------------------------
-# the loop
-
-
-def run_trial(config: TrialConfig, *, data_root: str | os.PathLike | None = None,
-              recorder: Recorder | None = None, checkpoint_dir: str | os.PathLike | None = None,
-              data: DeviceData | None = None, evaluate_test: bool = True) -> TrialResult:
-    """Train one trial; the result carries per-epoch metrics and the loss curve."""
-    return train_group([config], data_root=data_root, recorders=[recorder or Recorder()],
-                       checkpoint_dirs=[Path(checkpoint_dir)] if checkpoint_dir else None,
-                       data=data, evaluate_test=evaluate_test)[0]
-
-
-def load_data(config: TrialConfig, root: str | os.PathLike | None, device: torch.device) -> DeviceData:
-    return DeviceData.load(dataset=config.dataset, root=data_dir(root), device=device,
-                           normalize=config.normalize, train_subset=config.train_subset,
-                           test_subset=config.test_subset, val_size=config.val_size,
-                           channels_last=use_channels_last(config, device))
 
 
 def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike | None = None,
@@ -341,7 +106,7 @@ def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike 
     started = [False] * k_trials
     try:
         if k_trials == 1 and not fused:
-            trainer: Any = SingleEngine(configs, device, data.info)
+            trainer: Engine = SingleEngine(configs, device, data.info)
         else:
             trainer = fused_engine(configs, device, data.info, engine)
         _fit(trainer, configs, data, recorders, ckpt_dirs, results, started, evaluate_test, progress)
@@ -388,7 +153,7 @@ class Fit:
     """What one call of `_fit` shares between its stages: the group, its data and its
     per-trial state (schedules, results, which trials are still active)."""
 
-    engine: Any
+    engine: Engine
     configs: list[TrialConfig]
     data: DeviceData
     recorders: Sequence[Recorder]
@@ -409,7 +174,8 @@ class Fit:
         _stop(self.engine, k, self.active, self.results, status, reason)
 
 
-def _fit(engine, configs, data: DeviceData, recorders, ckpt_dirs, results, started, evaluate_test, progress) -> None:
+def _fit(engine: Engine, configs, data: DeviceData, recorders, ckpt_dirs, results, started, evaluate_test,
+         progress) -> None:
     """Train the group's epochs: resume, then per epoch the steps and the epoch's end."""
     c0 = configs[0]
     steps_per_epoch = math.ceil(len(data.train) / c0.batch_size)
@@ -439,18 +205,13 @@ def _resume(fit: Fit, started: list[bool]) -> int:
     same epoch) and its recorder started. Returns the epoch to start from."""
     start_epoch = 0
     for k, (c, d) in enumerate(zip(fit.configs, fit.ckpt_dirs)):
-        state = _resume_state(d, c)
+        state = resume_state(d, c)
         resumed = None
         if state:
             fit.engine.load_trial_state(k, state)
             fit.schedules[k].load_state_dict(state["schedule"])
-            r = fit.results[k]
-            r.history, r.curve = list(state["history"]), [tuple(p) for p in state["curve"]]
-            r.train_seconds, r.images, r.best_epoch = state["train_seconds"], state["images"], state["best_epoch"]
-            r.final_checkpoint = d / "last.pt"
-            r.best_checkpoint = d / "best.pt" if (d / "best.pt").exists() else None
-            start_epoch = int(state["epoch"])
-            resumed = r
+            start_epoch = restore_result(fit.results[k], state, d)
+            resumed = fit.results[k]
         with interrupt.shielded():  # the run is created and known, or not created
             fit.recorders[k].start(c, {"device": str(fit.data.device), "fused_with": fit.k,
                                        "steps_per_epoch": fit.steps_per_epoch}, resumed)
@@ -566,7 +327,7 @@ def _end_epoch(fit: Fit, epoch: int, seconds: float, lr_rows: list[list[float]],
         is_best = select in record and record[select] == r.best(select)[0] and r.best(select)[1] == epoch + 1
         if is_best:
             r.best_epoch = epoch + 1
-        _write_checkpoints(fit.engine, k, fit.configs[k], r, epoch + 1, fit.schedules[k], fit.ckpt_dirs[k], is_best)
+        write_checkpoints(fit.engine, k, fit.configs[k], r, epoch + 1, fit.schedules[k], fit.ckpt_dirs[k], is_best)
         with interrupt.shielded():  # a Ctrl-C inside a database write would break the connection
             verdict = fit.recorders[k].epoch(record)
         if verdict == "prune":
@@ -587,25 +348,14 @@ def _progress_bar(config: TrialConfig, progress: Any, total: int, k: int):
     return tqdm(total=total, desc=label, unit="step", leave=False, dynamic_ncols=True)
 
 
-def _stop(engine, k: int, active: list[bool], results: list[TrialResult], status: str, reason: str) -> None:
+def _stop(engine: Engine, k: int, active: list[bool], results: list[TrialResult], status: str, reason: str) -> None:
     active[k] = False
     engine.deactivate(k)
     results[k].status, results[k].reason = status, reason
 
 
-def _write_checkpoints(engine, k, config, result, epoch, schedule, ckpt_dir, is_best) -> None:
-    if ckpt_dir is None:
-        return
-    payload = _checkpoint_payload(engine, k, config, result, epoch, schedule)
-    result.final_checkpoint = save_checkpoint(payload, ckpt_dir / "last.pt")
-    if is_best and config.checkpoints in ("best", "all"):
-        result.best_checkpoint = save_checkpoint(payload, ckpt_dir / "best.pt")
-    if config.checkpoints == "all":
-        save_checkpoint(payload, ckpt_dir / f"epoch_{epoch:03d}.pt")
-
-
 @torch.no_grad()
-def evaluate(engine, data: DeviceData, split, batch_size: int) -> tuple[list[float], list[float]]:
+def evaluate(engine: Engine, data: DeviceData, split, batch_size: int) -> tuple[list[float], list[float]]:
     """Mean loss and accuracy (percent) of every trial of `engine` on `split`, in batches of
     `batch_size` images, or of the engine's `eval_images` where that is smaller."""
     step = min(batch_size, engine.eval_images or batch_size)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 

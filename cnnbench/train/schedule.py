@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 
 
 class LRSchedule:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnbench.config.spec import TrialConfig
+from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DatasetInfo
 from cnnbench.models import alexnet, inception, lenet, resnet
 from cnnbench.models.layers import ACTIVATIONS, BATCH_NORMS, Concat
@@ -225,7 +225,7 @@ def trial_view(wide: Tensor, shape: torch.Size, k: int) -> Tensor:
 
 
 class WideEngine:
-    """The engine interface of train.SingleEngine, for K trials widened into one model."""
+    """The engine (engine.Engine) for K trials widened into one model."""
 
     def __init__(self, configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo) -> None:
         self.configs = list(configs)

@@ -1,0 +1,66 @@
+"""`cnnbench bench`: what a study costs, one module per bench.
+
+  throughput.py  `run_bench`: the naive loop, cnnbench's loop one trial at a time, fused
+                 K (fused.py), the wide engine (engines.py), CPU worker processes, and
+                 with --options each speed option (options.py); bench.csv, bench.md,
+                 throughput.png
+  engines.py     --engines: the wide engine against vmap's, by K
+  lr_study.py    --lr-study: the learning-rate study for real, both ways
+  sweep.py       --sweep: one Optuna sweep, one trial at a time and K fused
+  naive.py       the documents' loop, every ratio's baseline
+  steps.py       one engine's steps, test passes and profile (also gpu-check's)
+  common.py      what they share: the rows, the timed loop, worker processes
+`bench` below is the command: it checks every option, then runs the bench the flags ask for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cnnbench.errors import ConfigError
+from cnnbench.models import list_models
+from cnnbench.tools.bench.engines import wide_vs_vmap, write_engine_rows
+from cnnbench.tools.bench.lr_study import time_lr_study
+from cnnbench.tools.bench.sweep import time_sweep
+from cnnbench.tools.bench.throughput import run_bench
+from cnnbench.train.device import resolve_device
+
+
+def bench(*, data_root: Any = None, device: str = "auto", model: str = "lenet5", batch_size: int = 64,
+          steps: int = 200, repeats: int = 3, max_k: int | None = None, options: bool = False,
+          lr_study: bool = False, epochs: int = 10, sweep: bool = False, fuse_k: int | None = None,
+          sweep_trials: int = 32, sweep_epochs: int = 3, sweep_train_subset: int | None = None,
+          engines: bool = False, results_dir: str | Path = "results") -> list[str]:
+    """`cnnbench bench`: what it measures depends on the flags (see its --help); returns
+    the files written. Every option is checked before anything runs."""
+
+    def given(value: int | None, default: int) -> int:  # 0 is given, and refused below
+        return default if value is None else value
+
+    for name, value, low in (("--batch-size", batch_size, 1), ("--steps", steps, 20), ("--repeats", repeats, 1),
+                             ("--epochs", epochs, 1), ("--max-k", max_k or 1, 1), ("--fuse-k", given(fuse_k, 1), 1),
+                             ("--sweep-trials", sweep_trials, 1), ("--sweep-epochs", sweep_epochs, 1),
+                             ("--sweep-train-subset", given(sweep_train_subset, 64), 64)):
+        if value < low:
+            raise ConfigError(f"{name}: must be >= {low}, got {value}")
+    out = Path(results_dir) / "bench"
+    if sweep:
+        resolve_device(device)
+        summary = time_sweep(data_root=data_root, device=device, n_trials=sweep_trials, epochs=sweep_epochs,
+                             fuse_k=fuse_k, train_subset=sweep_train_subset, out_dir=out)
+        return [str(summary["file"])]
+    if model not in list_models():
+        raise ConfigError(f"--model: unknown value {model!r}; known: {', '.join(list_models())}")
+    resolve_device(device)
+    if engines:  # the wide engine against vmap
+        ks = tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k <= (max_k or 64))
+        rows = wide_vs_vmap(device, ks, steps, repeats, model=model, batch_size=batch_size, data_root=data_root)
+        return [str(write_engine_rows(rows, out))]
+    run_bench(data_root=data_root, device=device, model=model, batch_size=batch_size, steps=steps, repeats=repeats,
+              max_k=max_k, options=options, out_dir=out)
+    files = [str(out / f) for f in ("bench.csv", "bench.md", "throughput.png")]
+    if lr_study:
+        time_lr_study(data_root=data_root, device=device, epochs=epochs, out_dir=out)
+        files.append(str(out / "lr_study.md"))
+    return files

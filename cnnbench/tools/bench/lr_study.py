@@ -1,0 +1,63 @@
+"""`cnnbench bench --lr-study`: the learning-rate study for real, both ways, timed end to
+end: cnnbench's study runner (MLflow, checkpoints and results included) against the
+naive loop trial after trial; results/bench/lr_study.md."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cnnbench.config.spec import StudySpec
+from cnnbench.config.trial import TrialConfig
+from cnnbench.data.tensors import data_dir
+from cnnbench.run.study import run_study
+from cnnbench.tools.bench.common import LR_STUDY
+from cnnbench.tools.bench.naive import naive_trial
+from cnnbench.train.device import device_name, resolve_device
+from cnnbench.util import fileio
+
+
+def time_lr_study(*, data_root=None, device: str = "auto", epochs: int = 10, say=print,
+                  out_dir: Path | None = None) -> dict[str, float]:
+    """The learning-rate study for real, both ways: cnnbench's study runner with its
+    defaults for this device (MLflow logging, checkpoints and results included, into a
+    throwaway store), and the naive loop trial after trial with a test pass per epoch."""
+
+    dev = resolve_device(device)
+    root = data_dir(data_root)
+    fixed = {"model": "lenet5", "activation": "sigmoid", "batch_size": 64, "momentum": 0.9, "epochs": epochs,
+             "test_batch_size": 1024, "device": str(dev), "progress": False, "log_every": 10}
+    spec = StudySpec(name="bench-lr", path="(cnnbench bench --lr-study)", title="lr study, timed",
+                     source="document 003", description="", scientific={"lr": LR_STUDY}, nuisance={},
+                     fixed=fixed, seeds=(0,), reported=())
+    timed = {}
+    for share in (False, True) if dev.type == "cpu" else (False,):  # --share-cores: only the CPU's threads
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            run_study(spec, data_root=root, results_root=Path(tmp) / "results", tracking=f"sqlite:///{tmp}/mlflow.db",
+                      state=Path(tmp) / "state", share_cores=share)
+            timed[share] = time.perf_counter() - t0
+        say(f"cnnbench study runner{' --share-cores' if share else ''}, 5 trials x {epochs} epochs (test set after "
+            f"each epoch, MLflow, checkpoints, results): {timed[share]:.1f} s")
+    ours = timed[False]
+    base = TrialConfig.from_dict(fixed)
+    naive = sum(naive_trial(base.replace(lr=lr), root, dev, epochs=epochs, evaluate=True)[1] for lr in LR_STUDY)
+    say(f"naive loop, 5 trials one after another, the same epochs and test passes: {naive:.1f} s; "
+        f"cnnbench is {naive / ours:.2f}x faster" + (f", {naive / timed[True]:.2f}x with --share-cores"
+                                                     if True in timed else ""))
+    if out_dir is not None:
+        shared = (f"| the same with `--share-cores` (a worker out of trials gives its core to the other; not "
+                  f"bitwise repeatable) | {timed[True]:.1f} | {naive / timed[True]:.2f} |\n" if True in timed else "")
+        fileio.write_text(out_dir / "lr_study.md", (
+            f"# The learning-rate study, timed both ways\n\n"
+            f"5 trials (lr {', '.join(map(str, LR_STUDY))}) x {epochs} epochs of LeNet-5 on all of MNIST, a test "
+            f"pass after each epoch, on {dev} ({device_name(dev)}), torch {torch.__version__}.\n\n"
+            f"| way | wall time (s) | x naive |\n|---|---|---|\n"
+            f"| naive loop, trials one after another | {naive:.1f} | 1.00 |\n"
+            f"| cnnbench study runner (its defaults here; MLflow, checkpoints, results included) | {ours:.1f} "
+            f"| {naive / ours:.2f} |\n" + shared))
+    return {"naive_seconds": naive, "cnnbench_seconds": ours, "ratio": naive / ours,
+            **({"shared_seconds": timed[True]} if True in timed else {})}

@@ -1,0 +1,133 @@
+"""Checkpoints of a trial: what one holds (`checkpoint_payload`: the config, the engine's
+state of the trial in SingleEngine's format, its schedule and its result so far), saved
+atomically and read back with `torch.load(weights_only=True)` (so every leaf is a tensor or
+a plain value, `plain`), and how a trial resumes from its last one (`resume_state`,
+`restore_result`). Format "cnnbench-checkpoint-1".
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cnnbench.config.trial import TrialConfig
+from cnnbench.train.engine import Engine
+from cnnbench.train.result import TrialResult
+from cnnbench.train.schedule import LRSchedule
+from cnnbench.util import fileio
+
+
+def checkpoint_payload(engine: Engine, k: int, config: TrialConfig, result: TrialResult, epoch: int,
+                       schedule: LRSchedule) -> dict[str, Any]:
+    """Trial k's checkpoint after `epoch` epochs: its config and key, the engine's state of it
+    (SingleEngine's format), its schedule and what its result holds so far."""
+    return plain({
+        "format": "cnnbench-checkpoint-1", "config": config.to_dict(), "key": config.key(),
+        "epoch": epoch, "torch": str(torch.__version__), **engine.trial_state(k),
+        "schedule": schedule.state_dict(), "history": result.history, "curve": result.curve,
+        "train_seconds": result.train_seconds, "images": result.images, "best_epoch": result.best_epoch,
+    })
+
+
+def plain(value: Any, where: str = "checkpoint") -> Any:
+    """`value` with tensors kept and every other leaf a plain Python value (str, int, float,
+    bool, None; dicts, lists and tuples of them), so that `torch.load(weights_only=True)`
+    reads it back: a path, a device or a version becomes its text, a numpy scalar its
+    number. Anything else is a TypeError naming where it sits (a checkpoint never holds code)."""
+    if isinstance(value, Tensor) or value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, dict):
+        return {plain(k, where): plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # numpy scalars and arrays
+        return plain(value.tolist(), where)
+    if isinstance(value, str):  # str subclasses: torch's TorchVersion, enums of str
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, (os.PathLike, torch.device)):
+        return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    raise TypeError(f"{where}: a {type(value).__module__}.{type(value).__qualname__} is not a tensor or a plain "
+                    "Python value; store it as text or numbers")
+
+
+def save_checkpoint(payload: dict[str, Any], path: Path) -> Path:
+    """Written whole or not at all. Serialised in memory first: torch's file writer turns a
+    full disk into a RuntimeError without the path or the cause (inline_container.cc),
+    where Python's own write raises the OSError that names both."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    fileio.write_with(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint read with `weights_only=True`: tensors and plain values, never code.
+    Checkpoints written before cnnbench stored torch's version as text load too (a
+    TorchVersion is a str); one holding anything else that is not allowed is a one-line
+    ValueError naming it, not a silent fall back to unsafe unpickling."""
+    from torch.torch_version import TorchVersion
+
+    try:
+        with torch.serialization.safe_globals([TorchVersion]):
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = found.group(1) if found else " ".join(str(err).split())[:200]
+        raise ValueError(f"{path}: holds {what}, which torch.load(weights_only=True) refuses; cnnbench "
+                         "checkpoints hold tensors and plain values only (is it a cnnbench checkpoint?)") from None
+    if not isinstance(payload, dict) or payload.get("format") != "cnnbench-checkpoint-1":
+        raise ValueError(f"{path}: not a cnnbench checkpoint")
+    return payload
+
+
+def resume_state(ckpt_dir: Path | None, config: TrialConfig) -> dict[str, Any] | None:
+    """The trial's last checkpoint (`ckpt_dir`/last.pt) when it is this trial's and readable, else None."""
+    if ckpt_dir is None or not (ckpt_dir / "last.pt").exists():
+        return None
+    try:
+        payload = load_checkpoint(ckpt_dir / "last.pt")
+    except Exception:  # a checkpoint we cannot read is no checkpoint: start over
+        return None
+    return payload if payload.get("key") == config.key() else None
+
+
+def resume_epoch(ckpt_dir: Path | None, config: TrialConfig) -> int:
+    """Epochs already done according to the trial's last checkpoint (0 when none)."""
+    state = resume_state(ckpt_dir, config)
+    return int(state["epoch"]) if state else 0
+
+
+def restore_result(result: TrialResult, state: dict[str, Any], ckpt_dir: Path) -> int:
+    """`result` as the checkpoint `state` (read from `ckpt_dir`) left it; returns its epoch."""
+    result.history, result.curve = list(state["history"]), [tuple(p) for p in state["curve"]]
+    result.train_seconds, result.images = state["train_seconds"], state["images"]
+    result.best_epoch = state["best_epoch"]
+    result.final_checkpoint = ckpt_dir / "last.pt"
+    result.best_checkpoint = ckpt_dir / "best.pt" if (ckpt_dir / "best.pt").exists() else None
+    return int(state["epoch"])
+
+
+def write_checkpoints(engine: Engine, k: int, config: TrialConfig, result: TrialResult, epoch: int,
+                      schedule: LRSchedule, ckpt_dir: Path | None, is_best: bool) -> None:
+    """Trial k's checkpoints after `epoch`: last.pt always, best.pt when `is_best` (checkpoints
+    best or all), epoch_NNN.pt with checkpoints all; none without a folder."""
+    if ckpt_dir is None:
+        return
+    payload = checkpoint_payload(engine, k, config, result, epoch, schedule)
+    result.final_checkpoint = save_checkpoint(payload, ckpt_dir / "last.pt")
+    if is_best and config.checkpoints in ("best", "all"):
+        result.best_checkpoint = save_checkpoint(payload, ckpt_dir / "best.pt")
+    if config.checkpoints == "all":
+        save_checkpoint(payload, ckpt_dir / f"epoch_{epoch:03d}.pt")
