@@ -1,5 +1,5 @@
 """The package's shape: layers (import-linter's contract in pyproject.toml), no import
-cycle, no private name crossing a module boundary. See README, Layout."""
+cycle, no private name crossing a module boundary. See docs/layout.md."""
 
 from __future__ import annotations
 
