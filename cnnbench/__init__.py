@@ -3,7 +3,7 @@
 `import cnnbench` gives the Python API (`cnnbench.api`): load_spec, run_trial, run_study,
 run_sweep, evaluate, load_runs, statistics, summarize. They are imported on first use,
 so that `import cnnbench` (and the command's start) stays light. The package's layers
-are drawn in README.md, Layout.
+are drawn in docs/layout.md.
 """
 
 from __future__ import annotations

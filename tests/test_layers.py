@@ -1,6 +1,6 @@
 """The package's shape: layers (import-linter's contract in pyproject.toml), no import
 cycle, no private name crossing a module boundary, modules and functions short enough to
-read in one sitting. See README, Layout."""
+read in one sitting. See docs/layout.md."""
 
 from __future__ import annotations
 

@@ -132,7 +132,7 @@ def execution(device: str, fuse: bool | None, workers: int | None) -> tuple[bool
 
     Measured with `cnnbench bench` on a 2-core CPU: two single-thread worker processes
     beat one two-thread process by about 1.3x, and a wide group (wide.py) in each worker
-    beats one trial per worker (see the README's Speed section), where vmap-fused trials
+    beats one trial per worker (see docs/speed.md), where vmap-fused trials
     are slower than one at a time; on an accelerator fusing is the point. So by default:
     on the CPU one worker per core, one thread each, each training a wide group of the
     trials whose model widens (`cpu_groups`), every trial on its threads from start to end,
