@@ -38,6 +38,26 @@ def workdir(tmp_path, monkeypatch, data_root) -> Path:
     return tmp_path
 
 
+class CallCounter:
+    def __init__(self, monkeypatch, cls):
+        self.calls = 0
+        forward = cls.forward
+
+        def counted(*args):
+            self.calls += 1
+            return forward(*args)
+
+        monkeypatch.setattr(cls, "forward", staticmethod(counted))
+
+
+@pytest.fixture
+def bmm_calls(monkeypatch) -> CallCounter:
+    """Counts the forward calls of the bmm convolution path (train/grouped_conv.py)."""
+    from cnnbench.train.grouped_conv import GroupedConv2d
+
+    return CallCounter(monkeypatch, GroupedConv2d)
+
+
 def quick(**overrides):
     """Settings of a trial that trains in a second or two on real MNIST."""
     from cnnbench.config.trial import TrialConfig

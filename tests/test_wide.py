@@ -10,6 +10,7 @@ from cnnbench.models import get_model, list_models
 from cnnbench.train.checkpoint import load_checkpoint
 from cnnbench.train.loop import train_group
 from cnnbench.train.result import FINISHED, Recorder
+from cnnbench.train.conv_path import ENV as CONV_PATH_ENV
 from cnnbench.train.device import set_tf32
 from cnnbench.train.wide import widen, widen_reason
 
@@ -94,6 +95,22 @@ def test_wide_trial_follows_the_same_loss_curve_as_alone(data_root, model, devic
     """fp32: a trial trained in a wide group matches itself trained alone within 1e-4
     relative over the first 200 steps, batch norm included. Its partner has another lr,
     momentum and seed, so the batch is per trial, (K, B, ...)."""
+    follows_alone(data_root, model, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model", ["lenet5", "resnet_bn"])
+def test_wide_trial_on_the_bmm_convolution_follows_alone(data_root, model, device, fp32, one_thread, monkeypatch,
+                                                         bmm_calls):
+    """The same, with every grouped convolution of the wide group forced onto the batched
+    matrix products (grouped_conv.py): LeNet-5 (biases, padding 2) and the residual net with
+    batch norm (no biases, 3x3 padding 1, residual sums)."""
+    monkeypatch.setenv(CONV_PATH_ENV, "bmm")
+    follows_alone(data_root, model, device)
+    assert bmm_calls.calls > 200  # every step's convolutions took it
+
+
+def follows_alone(data_root, model, device):
     target = quick(model=model, train_subset=200 * 64, test_subset=500, epochs=1, log_every=1, device=device,
                    **SETTINGS[model])
     other = target.replace(lr=target.lr / 2, momentum=0.5, seed=target.seed + 1)

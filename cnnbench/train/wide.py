@@ -5,6 +5,8 @@ activations hold the K trials side by side on the channel dimension: `(N, K*C, H
 trial-major (trial k owns channels k*C .. (k+1)*C), and `(N, K*F)` after a flatten.
 - Conv2d -> one grouped convolution (`groups = K x g`); where its input is the batch all
   K trials share (same seed, same data order) a dense one with K times the output channels.
+  A grouped one runs as `F.conv2d` or as batched matrix products (grouped_conv.py), a
+  choice per device and shape (conv_path.py, `CNNBENCH_CONV_PATH`).
 - Linear -> a batched matrix product (`baddbmm` over K).
 - BatchNorm -> one batch norm over K*C channels: statistics are per channel, so per trial.
 - activations, pooling, dropout, flatten, residual sums: unchanged (per channel or
@@ -35,6 +37,7 @@ from cnnbench.data.tensors import DatasetInfo
 from cnnbench.models import alexnet, inception, lenet, resnet
 from cnnbench.models.layers import ACTIVATIONS, BATCH_NORMS, Concat
 from cnnbench.models.tv import ResizeInput
+from cnnbench.train.conv_path import PATHS, conv_mode, conv_path
 from cnnbench.train.device import autocast, build_model, use_channels_last
 from cnnbench.train.per_trial import PerTrialOptimizer
 
@@ -58,8 +61,10 @@ class WideConv2d(nn.Module):
             if self.groups == 1:  # one dense convolution with K*O outputs
                 return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
             x = x.repeat(1, self.k, 1, 1)  # N x K*C x H x W
+        groups = self.k * self.groups
+        conv = PATHS[conv_path(x, self.weight, self.bias, self.stride, self.padding, self.dilation, groups)]
         # N x K*C x H x W -> N x K*O x H' x W'
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.k * self.groups)
+        return conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, groups)
 
 
 class WideLinear(nn.Module):
@@ -232,6 +237,7 @@ class WideEngine:
         self.k = len(self.configs)
         c0 = self.configs[0]
         self.config, self.device, self.in_channels = c0, device, info.channels
+        conv_mode(device.type)  # a bad CNNBENCH_CONV_PATH stops the group here, before it trains
         models = [build_model(c, info) for c in self.configs]  # each seeded as when it trains alone
         shapes = {n: t.shape for n, t in models[0].state_dict().items()}
         self.model = widen(models, in_channels=info.channels).to(device)
