@@ -14,6 +14,8 @@ from __future__ import annotations
 import errno
 import os
 
+from cnnbench.errors import StorageError
+
 # errno values that say the machine, not the trial, is at fault
 ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
           errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
@@ -41,6 +43,9 @@ def causes(err: BaseException) -> list[BaseException]:
 def storage_fault(err: BaseException) -> str | None:
     """A one-line description when `err` is a fault of the machine (see the module's
     docstring), else None. Out-of-memory errors are a trial's fault, not the machine's."""
+    for e in causes(err):
+        if isinstance(e, StorageError):  # told already (by the background writer's process, say)
+            return str(e)
     for e in causes(err):
         if isinstance(e, OSError) and e.errno in ERRNOS and not isinstance(e, (ConnectionError, TimeoutError)):
             where = e.filename if e.filename is not None else ""
