@@ -57,13 +57,16 @@ class Heartbeat:
         self.thread: threading.Thread | None = None
         self.pid = os.getpid()
 
-    def add(self, client: Any, run_id: str) -> None:
+    def add(self, client: Any, run_id: str, *, stamped: bool = False) -> None:
+        """Keep stamping `run_id`; `stamped`: it was created with this process's stamp (one
+        write fewer), else it is stamped now."""
         with self.lock:
             self.runs[run_id] = client
             if self.thread is None:
                 self.thread = threading.Thread(target=self.beat, name="mlflow-heartbeat", daemon=True)
                 self.thread.start()
-        self.stamp(client, run_id)
+        if not stamped:
+            self.stamp(client, run_id)
 
     def discard(self, run_id: str) -> None:
         with self.lock:

@@ -62,8 +62,7 @@ from cnnbench.track.schema import (
     TAG_SCIENTIFIC,
     TAG_STATUS,
 )
-from cnnbench.track.stores import default_url
-from cnnbench.track.writer import quiet_mlflow
+from cnnbench.track.stores import default_url, quiet_mlflow
 from cnnbench.track.writer import tracking_uri as resolve_uri
 from cnnbench.util.paths import state_dir
 from cnnbench.util.text import fmt

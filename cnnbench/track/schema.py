@@ -81,6 +81,8 @@ PREFIX_FIXED = "fixed."  # a study's or sweep's params: the spec's fixed setting
 PREFIX_SEARCH = "search."  # a sweep's params: each searched hyperparameter's space
 PREFIX_SWEEP = "sweep."  # a sweep's params: its `sweep:` block (SweepSpec's fields)
 PREFIX_STATS = "stats/"  # a study run's statistics: stats/<accuracy>/<value>/<field>, see STATS_*
+PREFIX_TIMINGS = "timings/"  # a study's or sweep's run with --timings: timings/<section>/<phase> (seconds,
+# summed over its processes; util/timings.py names the phases) and timings/<counter> (events)
 
 # ----------------------------------------------------------------------------------------
 # MLflow params (a trial's params are its resolved config: TrialConfig's field names)
@@ -115,6 +117,7 @@ METRIC_BEST_TRIAL_NUMBER = "best/trial_number"
 METRIC_FINAL_TEST_ACC_MEAN = "final/test_acc_mean"  # over the final seeds
 METRIC_FINAL_TEST_ACC_STD = "final/test_acc_std"
 METRIC_FINAL_N = "final/n"
+METRIC_TIMINGS_WALL = PREFIX_TIMINGS + "wall"  # with --timings: the wall time of the study or sweep (seconds)
 # a study's statistics: metrics PREFIX_STATS/<accuracy>/<value>/<field> and tags .../<field>
 STATS_METRICS = ("n", "mean", "std", "ci_low", "ci_high", "diff", "p_holm", "seeds_needed")
 STATS_TAGS = ("verdict", "doc_verdict")

@@ -10,6 +10,12 @@ lock beside a SQLite file, a PostgreSQL advisory lock on a server, both dropped 
 operating system or the server when their holder dies. And a SQLite file busy with
 another process's write is waited for, `BUSY_S` seconds at most, before it is called
 unusable.
+
+Every SQLite connection this process opens through SQLAlchemy (MLflow's and Optuna's) is
+in write-ahead-log mode with `synchronous=NORMAL` (`sqlite_pragmas`): a commit appends to
+the log without waiting for the disk, readers never wait for a writer, and a commit is
+durable across the process's kill (what resuming needs; a power cut may lose the last
+ones). With timings on (util/timings.py) every commit of any database is counted.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import random
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -28,6 +36,7 @@ import optuna
 import sqlalchemy
 from mlflow import MlflowClient
 
+from cnnbench.util import timings
 from cnnbench.util.extras import require
 from cnnbench.util.text import masked
 
@@ -38,6 +47,7 @@ SCHEMA = "schema"  # the StoreLock that serializes the creation of a store's tab
 
 _ready: set[str] = set()  # stores whose schema this process has seen complete
 _ready_lock = threading.Lock()
+_listening: list[bool] = []  # whether this process's SQLAlchemy engines have cnnbench's listeners
 
 
 def backend(url: str) -> str:
@@ -63,6 +73,46 @@ def require_driver(url: str) -> None:
         return
     if driver in PG_DRIVERS:
         require("postgres", [PG_DRIVERS[driver]], what=f"the PostgreSQL store {masked(url)}")
+
+
+def absolute(url: str) -> str:
+    """`url` with a relative SQLite file made absolute (what it names from this folder,
+    in any process whatever its own); other URLs as they are."""
+    path = sqlite_file(url)
+    if path is None or path.is_absolute():
+        return url
+    return sqlalchemy.engine.make_url(url).set(database=str(path.resolve())).render_as_string(hide_password=False)
+
+
+def sqlite_pragmas(connection: Any, record: Any = None) -> None:
+    """A new SQLite connection in write-ahead-log mode (it stays so in the file) with
+    `synchronous=NORMAL` (per connection): see the module. Where another process is
+    switching the file's mode at that moment, the next connection does it."""
+    if not isinstance(connection, sqlite3.Connection):
+        return
+    cursor = connection.cursor()
+    try:
+        if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() not in ("wal", "memory"):
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.OperationalError:
+        pass
+    finally:
+        cursor.close()
+
+
+def counted(connection: Any) -> None:
+    timings.count("database commits")
+
+
+def listen() -> None:
+    """cnnbench's listeners on every SQLAlchemy engine of this process (once)."""
+    with _ready_lock:
+        if _listening:
+            return
+        sqlalchemy.event.listen(sqlalchemy.engine.Engine, "connect", sqlite_pragmas)
+        sqlalchemy.event.listen(sqlalchemy.engine.Engine, "commit", counted)
+        _listening.append(True)
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -171,6 +221,7 @@ def retry_busy(make: Callable[[], T], *, seconds: float = BUSY_S) -> T:
 def opening(url: str, make: Callable[[], T]) -> T:
     """`make()` opens a store at `url`, creating its tables if they are missing: the
     first time in this process it runs under the store's schema lock; busy, it waits."""
+    listen()
     with _ready_lock:
         ready = url in _ready
     if ready or not backend(url):
@@ -205,6 +256,18 @@ def optuna_storage(url: str, **kwargs: Any) -> Any:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     return opening(url, lambda: optuna.storages.RDBStorage(url, **kwargs))
+
+
+def quiet_mlflow() -> None:
+    """No retries with long back-off against a server that is down, and less chatter: no
+    progress bar per artifact fetched (a resumed study fetches each finished trial's small
+    result.json; the bars would bury the study's own progress)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def default_url(name: str, state: Path) -> str:

@@ -5,13 +5,18 @@ The tracking store is MLflow's own default (a `mlflow.db` SQLite file in the wor
 directory) unless `MLFLOW_TRACKING_URI` names another (a server, a database). Everything
 goes through `MlflowClient` with explicit run ids, so several trials of a fused group
 log side by side. Metrics are buffered and sent with `log_batch` once per epoch.
+
+A trial's run is created in the training thread (its id is needed at once); everything
+else it writes (params, each epoch's metrics, its end: summary, result.json, figure,
+checkpoints, status) is handed to the process's background writer (util/background.py)
+and written in that order while the training goes on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import logging
 import os
 import re
 import socket
@@ -26,22 +31,15 @@ from typing import Any, Iterable
 
 import mlflow
 import torch
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, RunStatus, RunTag
 
 from cnnbench.config.trial import TrialConfig
 from cnnbench.errors import TrackingError
-from cnnbench.track import stores
-from cnnbench.track.figure import save_trial_figure
-from cnnbench.track.liveness import heartbeat, orphaned
+from cnnbench.track import jobs, stores
+from cnnbench.track.liveness import heartbeat, orphaned, stamp
 from cnnbench.track.schema import (
     EPOCH,
-    METRIC_BEST_ACC,
-    METRIC_BEST_EPOCH,
-    METRIC_FINAL_TEST_ACC,
-    METRIC_IMAGES_PER_SECOND,
     METRIC_TRAIN_LOSS,
-    METRIC_TRAIN_SECONDS,
-    METRIC_WALL_SECONDS,
     MLFLOW_GIT_COMMIT,
     MLFLOW_PARENT_RUN_ID,
     MLFLOW_RUN_NOTE,
@@ -52,8 +50,8 @@ from cnnbench.track.schema import (
     TAG_BOOT,
     TAG_DATASET,
     TAG_DEVICE,
-    TAG_DIVERGED,
     TAG_FUSED_WITH,
+    TAG_HEARTBEAT,
     TAG_HOST,
     TAG_KEY,
     TAG_KIND,
@@ -65,16 +63,12 @@ from cnnbench.track.schema import (
     TAG_STATUS,
     TAG_STUDY,
     TAG_TORCH_VERSION,
-    TEST_ACC,
-    VAL_ACC,
 )
-from cnnbench.train.result import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, Recorder, TrialResult
+from cnnbench.train.result import DIVERGED, FINISHED, INTERRUPTED, Recorder, TrialResult
 from cnnbench.util import interrupt, processes
+from cnnbench.util.background import writer
 from cnnbench.util.text import fmt, masked  # noqa: F401  (re-exported here)
 
-# how each outcome shows in MLflow's own run status
-MLFLOW_STATUS = {FINISHED: "FINISHED", PRUNED: "FINISHED", DIVERGED: "FAILED", FAILED: "FAILED",
-                 INTERRUPTED: "KILLED"}
 DONE = (FINISHED, DIVERGED)  # outcomes that a resumed study does not train again
 
 
@@ -184,9 +178,7 @@ class Tracker:
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        items = [Param(k, fmt(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+        jobs.log_params(self.client, run_id, params)
 
     def end(self, run_id: str, status: str = "FINISHED", reason: str = "") -> None:
         """A run ended (`reason`: why, for a run that did not finish); its heartbeat stops."""
@@ -261,9 +253,10 @@ class Tracker:
             closed.append(run.info.run_id)
         return closed
 
-    def keep_alive(self, run_id: str) -> None:
-        """Stamp `run_id`'s heartbeat every HEARTBEAT_S seconds while this process keeps it going."""
-        heartbeat().add(self.client, run_id)
+    def keep_alive(self, run_id: str, *, stamped: bool = False) -> None:
+        """Stamp `run_id`'s heartbeat every HEARTBEAT_S seconds while this process keeps it
+        going (`stamped`: the run was created with a stamp, the first beat is not needed)."""
+        heartbeat().add(self.client, run_id, stamped=stamped)
 
     def let_go(self, run_id: str) -> None:
         heartbeat().discard(run_id)
@@ -275,15 +268,17 @@ class Tracker:
         """A finished trial's result, from its `result.json` artifact."""
         with tempfile.TemporaryDirectory() as tmp:
             path = self.client.download_artifacts(run.info.run_id, "result.json", tmp)
-            return result_from_json(json.loads(Path(path).read_text()))
+            return jobs.result_from_json(json.loads(Path(path).read_text()))
 
 
 class MlflowRecorder(Recorder):
-    """One trial's child run. Created lazily at `start`, terminated at `finish`."""
+    """One trial's child run. Created at `start` (in the training thread: its id is needed
+    at once); everything else it writes goes through the background writer (track/jobs.py)."""
 
     def __init__(self, tracker: Tracker, config: TrialConfig, *, parent: str, name: str, tags: dict[str, str]) -> None:
         self.tracker, self.client = tracker, tracker.client
         self.config, self.parent, self.name, self.tags = config, parent, name, tags
+        self.uri = stores.absolute(tracker.uri)  # what the writer process opens, whatever its folder
         self.run_id: str | None = None
         self.pending: list[Metric] = []
 
@@ -296,20 +291,23 @@ class MlflowRecorder(Recorder):
             TAG_SEED: str(c.seed), TAG_DEVICE: str(info.get("device", "")),
             TAG_FUSED_WITH: str(info.get("fused_with", 1)), TAG_TORCH_VERSION: _torch_version(),
             MLFLOW_GIT_COMMIT: git_commit(), MLFLOW_SOURCE_NAME: "cnnbench",
-            **creator(), **self.tags,
+            **creator(), TAG_HEARTBEAT: stamp(), **self.tags,
         }
         if resumed is not None:
             tags[TAG_RESUMED_FROM_EPOCH] = str(len(resumed.history))
         run = self.client.create_run(self.tracker.experiment_id, run_name=self.name, tags=tags)
         self.run_id = run.info.run_id
-        self.tracker.keep_alive(self.run_id)
-        self.tracker.log_params(self.run_id, c.to_dict())
+        self.tracker.keep_alive(self.run_id, stamped=True)
         if resumed is not None:  # the restored epochs, so that this run holds the whole history
             for samples, loss in resumed.curve:
                 self.train_loss(samples, loss)
             for record in resumed.history:
                 self._epoch_metrics(record)
-            self.flush()
+        self.hand_over(c.to_dict(), "mlflow params and metrics")
+
+    def hand_over(self, params: dict[str, Any], what: str) -> None:
+        metrics, self.pending = self.pending, []
+        writer().submit(functools.partial(jobs.log_run, self.uri, self.run_id, params, metrics), what, remote=True)
 
     def train_loss(self, samples: int, loss: float) -> None:
         self.pending.append(Metric(METRIC_TRAIN_LOSS, loss, _now_ms(), samples))
@@ -324,89 +322,35 @@ class MlflowRecorder(Recorder):
         return None
 
     def flush(self) -> None:
-        if self.run_id is None:
-            return
-        for i in range(0, len(self.pending), 1000):
-            self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000], synchronous=True)
-        self.pending = []
+        """The metrics gathered so far, handed to the background writer."""
+        if self.run_id is not None and self.pending:
+            self.hand_over({}, "mlflow metrics")
 
     def finish(self, result: TrialResult) -> None:
+        """The run's end, handed to the background writer after everything else of it, and
+        written even where another write failed (no run is left RUNNING); its heartbeat
+        stops first, as the run is closed right after."""
         if self.run_id is None:
             return
-        status = MLFLOW_STATUS.get(result.status, "FAILED")
-        try:
-            self._finish(result)
-        except BaseException:
-            # the run is closed whatever happened; one whose record is incomplete (no
-            # result.json) is not a finished trial that a resumed study may skip
-            status = "KILLED" if status == "FINISHED" else status
-            raise
-        finally:
-            self.tracker.let_go(self.run_id)
-            self.client.set_terminated(self.run_id, status=status)
+        final = dataclasses.replace(result, history=list(result.history), curve=list(result.curve),
+                                    final_checkpoint=absolute(result.final_checkpoint),
+                                    best_checkpoint=absolute(result.best_checkpoint))
+        metrics, self.pending = self.pending, []
+        ours = writer()
+        ours.submit(functools.partial(self.tracker.let_go, self.run_id), "mlflow run ends with figure and artifacts",
+                    check=False, always=True)
+        ours.submit(functools.partial(jobs.end_run, self.uri, self.run_id, final, metrics),
+                    "mlflow run ends with figure and artifacts", remote=True, check=False, always=True)
 
-    def _finish(self, result: TrialResult) -> None:
-        assert self.run_id is not None
-        self.flush()
-        best, best_epoch = result.best(VAL_ACC if any(VAL_ACC in r for r in result.history) else TEST_ACC)
-        summary = {METRIC_TRAIN_SECONDS: result.train_seconds, METRIC_WALL_SECONDS: result.wall_seconds,
-                   METRIC_IMAGES_PER_SECOND: result.images_per_second}
-        if result.history:
-            summary.update({METRIC_FINAL_TEST_ACC: result.metric(TEST_ACC), METRIC_BEST_ACC: best,
-                            METRIC_BEST_EPOCH: float(best_epoch or 0)})
-        ts = _now_ms()
-        metrics = [Metric(k, float(v), ts, 0) for k, v in summary.items() if v == v]
-        tags = [RunTag(TAG_STATUS, result.status)]
-        if result.reason:
-            tags.append(RunTag(TAG_REASON, result.reason[:5000]))
-        if result.status == DIVERGED:
-            tags.append(RunTag(TAG_DIVERGED, "true"))
-        self.client.log_batch(self.run_id, metrics=metrics, tags=tags, synchronous=True)
-        self._artifacts(result)
 
-    def _artifacts(self, result: TrialResult) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            (tmp / "result.json").write_text(json.dumps(result_to_json(result), indent=1))
-            (tmp / "config.json").write_text(json.dumps(result.config.to_dict(), indent=1))
-            paths = [tmp / "result.json", tmp / "config.json"]
-            if result.curve or result.history:
-                paths.append(save_trial_figure(result, tmp / "curves.png"))
-            self.tracker.log_artifacts(self.run_id, paths)
-            ckpts = [p for p in (result.final_checkpoint, result.best_checkpoint) if p and Path(p).exists()]
-            self.tracker.log_artifacts(self.run_id, ckpts, "checkpoints")
+def absolute(path: Path | None) -> Path | None:
+    return Path(os.path.abspath(path)) if path is not None else None
 
 
 @functools.cache
 def _torch_version() -> str:
 
     return torch.__version__
-
-
-def result_to_json(r: TrialResult) -> dict[str, Any]:
-    return {"config": r.config.to_dict(), "status": r.status, "reason": r.reason, "history": r.history,
-            "curve": r.curve, "train_seconds": r.train_seconds, "wall_seconds": r.wall_seconds,
-            "images": r.images, "device": r.device, "fused_with": r.fused_with, "best_epoch": r.best_epoch}
-
-
-def result_from_json(d: dict[str, Any]) -> TrialResult:
-    return TrialResult(config=TrialConfig.from_dict(d["config"]), status=d["status"], reason=d.get("reason", ""),
-                       history=d["history"], curve=[tuple(p) for p in d["curve"]],
-                       train_seconds=d["train_seconds"], wall_seconds=d.get("wall_seconds", 0.0),
-                       images=d["images"], device=d.get("device", ""), fused_with=d.get("fused_with", 1),
-                       best_epoch=d.get("best_epoch"))
-
-
-def quiet_mlflow() -> None:
-    """No retries with long back-off against a server that is down, and less chatter: no
-    progress bar per artifact fetched (a resumed study fetches each finished trial's small
-    result.json; the bars would bury the study's own progress)."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 __all__ = ["Tracker", "MlflowRecorder", "TrackingError", "check_reachable", "tracking_uri", "run_name",
