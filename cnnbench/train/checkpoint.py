@@ -3,16 +3,23 @@ state of the trial in SingleEngine's format, its schedule and its result so far)
 atomically and read back with `torch.load(weights_only=True)` (so every leaf is a tensor or
 a plain value, `plain`), and how a trial resumes from its last one (`resume_state`,
 `restore_result`). Format "cnnbench-checkpoint-1".
+
+The training loop does not wait for a checkpoint to be written (`hand_over`): the trial's
+state is copied on its device (the engines' `trial_state` clones it there), and the
+process's background writer (util/background.py) copies it off the device and writes it,
+in order per trial; the loop waits for a trial's previous checkpoint before it hands
+over the next, so that at most one copy per trial waits in memory.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,6 +29,7 @@ from cnnbench.train.engine import Engine
 from cnnbench.train.result import TrialResult
 from cnnbench.train.schedule import LRSchedule
 from cnnbench.util import fileio
+from cnnbench.util.background import Ticket, writer
 
 
 def checkpoint_payload(engine: Engine, k: int, config: TrialConfig, result: TrialResult, epoch: int,
@@ -63,13 +71,24 @@ def plain(value: Any, where: str = "checkpoint") -> Any:
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> Path:
-    """Written whole or not at all. Serialised in memory first: torch's file writer turns a
-    full disk into a RuntimeError without the path or the cause (inline_container.cc),
-    where Python's own write raises the OSError that names both."""
+    """Written whole or not at all (see `write_bytes`)."""
+    write_bytes(serialize(payload), [path])
+    return path
+
+
+def serialize(payload: dict[str, Any]) -> memoryview:
+    """The payload as torch.save writes it, in memory."""
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    fileio.write_with(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
-    return path
+    return buffer.getbuffer()
+
+
+def write_bytes(data: memoryview, paths: list[Path]) -> None:
+    """`data` written whole or not at all to each of `paths`. Serialised in memory first:
+    torch's file writer turns a full disk into a RuntimeError without the path or the
+    cause (inline_container.cc), where Python's own write raises the OSError that names both."""
+    for path in paths:
+        fileio.write_with(path, lambda tmp: tmp.write_bytes(data))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -119,15 +138,80 @@ def restore_result(result: TrialResult, state: dict[str, Any], ckpt_dir: Path) -
     return int(state["epoch"])
 
 
-def write_checkpoints(engine: Engine, k: int, config: TrialConfig, result: TrialResult, epoch: int,
-                      schedule: LRSchedule, ckpt_dir: Path | None, is_best: bool) -> None:
-    """Trial k's checkpoints after `epoch`: last.pt always, best.pt when `is_best` (checkpoints
-    best or all), epoch_NNN.pt with checkpoints all; none without a folder."""
-    if ckpt_dir is None:
-        return
+class Snapshot(NamedTuple):
+    """A checkpoint's payload as the training thread leaves it: its tensors copies on the
+    training device, `ready` (CUDA) the event after which those copies are made."""
+    payload: dict[str, Any]
+    ready: Any
+
+
+def snapshot(engine: Engine, k: int, config: TrialConfig, result: TrialResult, epoch: int,
+             schedule: LRSchedule) -> Snapshot:
+    """Trial k's checkpoint payload, taken in the training thread: its state copied on the
+    device (queued there; no wait for the host), its record copied as plain values."""
     payload = checkpoint_payload(engine, k, config, result, epoch, schedule)
-    result.final_checkpoint = save_checkpoint(payload, ckpt_dir / "last.pt")
+    device = next((t.device for t in tensors(payload) if t.is_cuda), None)
+    ready = None
+    if device is not None:
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(device))
+    return Snapshot(payload, ready)
+
+
+def tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors(v)]
+    return []
+
+
+def on_host(snap: Snapshot) -> dict[str, Any]:
+    """The payload with every tensor on the CPU (the background writer's thread). On CUDA
+    the copies wait for the snapshot's own event only, on a stream of their own, so that
+    they never wait behind the training queued after it."""
+    if snap.ready is None:
+        return snap.payload
+    snap.ready.synchronize()
+    device = next(t.device for t in tensors(snap.payload) if t.is_cuda)
+    with torch.cuda.stream(copy_stream(device)):
+        return to_cpu(snap.payload)
+
+
+@functools.cache
+def copy_stream(device: torch.device) -> Any:
+    """The stream on which the writer copies checkpoints off `device` (one per device)."""
+    return torch.cuda.Stream(device=device)
+
+
+def to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.to("cpu")
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_cpu(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(to_cpu(v) for v in value)
+    return value
+
+
+def hand_over(engine: Engine, k: int, config: TrialConfig, result: TrialResult, epoch: int, schedule: LRSchedule,
+              ckpt_dir: Path | None, is_best: bool) -> Ticket | None:
+    """Trial k's checkpoints after `epoch`, handed to the background writer: last.pt
+    always, best.pt when `is_best` (checkpoints best or all), epoch_NNN.pt with checkpoints
+    all; none without a folder. The result names the files at once; they are written in
+    the order handed over (the ticket says when)."""
+    if ckpt_dir is None:
+        return None
+    snap = snapshot(engine, k, config, result, epoch, schedule)
+    paths = [ckpt_dir / "last.pt"]
+    result.final_checkpoint = paths[0]
     if is_best and config.checkpoints in ("best", "all"):
-        result.best_checkpoint = save_checkpoint(payload, ckpt_dir / "best.pt")
+        paths.append(ckpt_dir / "best.pt")
+        result.best_checkpoint = paths[-1]
     if config.checkpoints == "all":
-        save_checkpoint(payload, ckpt_dir / f"epoch_{epoch:03d}.pt")
+        paths.append(ckpt_dir / f"epoch_{epoch:03d}.pt")
+    return writer().submit(lambda: write_bytes(serialize(on_host(snap)), paths), "checkpoints")

@@ -4,11 +4,13 @@ One loop serves one trial and K fused trials alike: it draws each epoch's batche
 the device-resident data, asks an *engine* (engine.Engine) for one optimisation step of
 all K trials at once, records the training loss every `log_every` steps (against samples
 seen) and the test (and validation) loss and accuracy after each epoch, stops a trial
-that diverges or that its recorder prunes, and writes resumable epoch checkpoints
-(checkpoint.py). The engines: `single.SingleEngine` (an nn.Module and a torch.optim
-optimizer), `fused.FusedEngine` (K models stacked and vmapped), `wide.WideEngine` (K
-models as one wide model). The loop reports through the `result.Recorder` interface and
-knows nothing of MLflow or Optuna.
+that diverges or that its recorder prunes, and hands resumable epoch checkpoints
+(checkpoint.py) and its recorders' writes to the process's background writer
+(util/background.py), so that training never waits for the disk or a database. The
+engines: `single.SingleEngine` (an nn.Module and a torch.optim optimizer),
+`fused.FusedEngine` (K models stacked and vmapped), `wide.WideEngine` (K models as one
+wide model). The loop reports through the `result.Recorder` interface and knows nothing
+of MLflow or Optuna.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from cnnbench.config.record import EPOCH, EPOCH_SECONDS, LR, SPLIT_KEYS, TEST_AC
 from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DeviceData, data_dir, mix_seed
 from cnnbench.errors import StorageError
-from cnnbench.train.checkpoint import load_checkpoint, restore_result, resume_state, write_checkpoints
+from cnnbench.train.checkpoint import hand_over, load_checkpoint, restore_result, resume_state
 from cnnbench.train.device import configure_backends, is_out_of_memory, resolve_device, sync, use_channels_last
 from cnnbench.train.engine import Engine
 from cnnbench.train.fused import fused_engine
@@ -39,7 +41,8 @@ from cnnbench.train.graphs import StepGraph, graph_reason
 from cnnbench.train.result import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, Recorder, TrialResult
 from cnnbench.train.schedule import LRSchedule
 from cnnbench.train.single import SingleEngine
-from cnnbench.util import interrupt
+from cnnbench.util import interrupt, timings
+from cnnbench.util.background import Ticket, writer
 from cnnbench.util.faults import storage_fault
 
 
@@ -53,10 +56,11 @@ def run_trial(config: TrialConfig, *, data_root: str | os.PathLike | None = None
 
 
 def load_data(config: TrialConfig, root: str | os.PathLike | None, device: torch.device) -> DeviceData:
-    return DeviceData.load(dataset=config.dataset, root=data_dir(root), device=device,
-                           normalize=config.normalize, train_subset=config.train_subset,
-                           test_subset=config.test_subset, val_size=config.val_size,
-                           channels_last=use_channels_last(config, device))
+    with timings.phase("start/data loaded"):
+        return DeviceData.load(dataset=config.dataset, root=data_dir(root), device=device,
+                               normalize=config.normalize, train_subset=config.train_subset,
+                               test_subset=config.test_subset, val_size=config.val_size,
+                               channels_last=use_channels_last(config, device))
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], *, device: str = "auto",
@@ -80,14 +84,17 @@ def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike 
                 recorders: Sequence[Recorder] | None = None,
                 checkpoint_dirs: Sequence[Path | None] | None = None,
                 data: DeviceData | None = None, evaluate_test: bool = True,
-                progress: Any = None, fused: bool | None = None, engine: str | None = None) -> list[TrialResult]:
+                progress: Any = None, fused: bool | None = None, engine: str | None = None,
+                wait: bool = True) -> list[TrialResult]:
     """Train `configs` together (they must be fusable, see fused.group_key) or one alone.
 
     `fused`: None trains K > 1 trials with the FusedEngine and one trial with the
     SingleEngine; True uses the FusedEngine even for one trial (the benchmark's K = 1).
     `engine`: which fused engine, "wide" (wide.WideEngine) or "vmap" (fused.FusedEngine);
     None: fused.engine_for's choice (vmap on CUDA, as measured there; wide elsewhere where
-    the model widens).
+    the model widens). `wait`: return once everything the group handed to the background
+    writer is written (its checkpoints, what its recorders wrote); False: the caller
+    drains the writer (run.trials: a trial's run ends while the next trial trains).
 
     Every trial's outcome is returned, failures included: an exception inside training
     (out of memory, say) marks the trials failed with the reason and does not propagate.
@@ -99,41 +106,48 @@ def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike 
     ckpt_dirs = list(checkpoint_dirs or [None] * k_trials)
     c0 = configs[0]
     wall0 = time.perf_counter()
-    device = resolve_device(c0.device)
-    configure_backends(c0, device)
+    with timings.phase("start/device ready"):
+        device = resolve_device(c0.device)
+        configure_backends(c0, device)
     data = data or load_data(c0, data_root, device)
     results = [TrialResult(config=c, device=str(device), fused_with=k_trials) for c in configs]
     started = [False] * k_trials
     try:
-        if k_trials == 1 and not fused:
-            trainer: Engine = SingleEngine(configs, device, data.info)
-        else:
-            trainer = fused_engine(configs, device, data.info, engine)
+        with timings.phase("group/build"):
+            if k_trials == 1 and not fused:
+                trainer: Engine = SingleEngine(configs, device, data.info)
+            else:
+                trainer = fused_engine(configs, device, data.info, engine)
         _fit(trainer, configs, data, recorders, ckpt_dirs, results, started, evaluate_test, progress)
     except KeyboardInterrupt as err:
-        _end(results, recorders, started, INTERRUPTED, interrupt.reason(err), wall0)
+        _end(results, recorders, started, INTERRUPTED, interrupt.reason(err), wall0, settle=wait)
         raise
     except Exception as err:  # out of memory, a bad device, a bug: the study goes on
         fault = storage_fault(err)
         if fault is not None:  # the machine's, not the trial's: the study stops (faults.py)
             with contextlib.suppress(Exception):  # the stores may be the ones that cannot be written
-                _end(results, recorders, started, INTERRUPTED, fault, wall0)
+                _end(results, recorders, started, INTERRUPTED, fault, wall0, settle=wait)
             raise StorageError(fault) from err
         reason = f"out of memory: {err}" if is_out_of_memory(err) else f"{type(err).__name__}: {err}"
         traceback.print_exc()
         _end(results, recorders, started, FAILED, " ".join(reason.split())[:500], wall0)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return results
-    _end(results, recorders, started, FINISHED, None, wall0)
+    else:
+        _end(results, recorders, started, FINISHED, None, wall0)
+    if wait:
+        writer().drain()
     return results
 
 
-def _end(results, recorders, started, status, reason, wall0) -> None:
+def _end(results, recorders, started, status, reason, wall0, *, settle: bool = False) -> None:
     """Give every trial still running `status`, and tell each recorder once (a Ctrl-C
-    meanwhile is held until every record is complete)."""
-    with interrupt.shielded():
+    meanwhile is held until every record is complete; with `settle`, until the background
+    writer wrote them, any error of its kept quiet: the caller raises its own)."""
+    with interrupt.shielded(), timings.phase("group/end runs"):
         _end_all(results, recorders, started, status, reason, wall0)
+        if settle:
+            writer().settle()
 
 
 def _end_all(results, recorders, started, status, reason, wall0) -> None:
@@ -164,6 +178,7 @@ class Fit:
     streams: list[int]  # one batch order per distinct seed; trials that share a seed share it
     stream_index: Tensor  # trial -> its stream
     steps_per_epoch: int
+    tickets: list[Ticket | None]  # each trial's last checkpoint handed to the background writer
     bar: Any = None
 
     @property
@@ -183,12 +198,15 @@ def _fit(engine: Engine, configs, data: DeviceData, recorders, ckpt_dirs, result
     streams = sorted(set(seeds))
     fit = Fit(engine, list(configs), data, recorders, list(ckpt_dirs), results,
               [LRSchedule(c, steps_per_epoch) for c in configs], [True] * len(configs), streams,
-              torch.tensor([streams.index(s) for s in seeds], device=data.device), steps_per_epoch)
-    start_epoch = _resume(fit, started)
+              torch.tensor([streams.index(s) for s in seeds], device=data.device), steps_per_epoch,
+              [None] * len(configs))
+    with timings.phase("group/start runs"):
+        start_epoch = _resume(fit, started)
     fit.bar = _progress_bar(c0, progress, total=(c0.epochs - start_epoch) * steps_per_epoch, k=fit.k)
     step_graph = _step_graph(fit)
     for epoch in range(start_epoch, c0.epochs):
-        seconds, lr_rows, epoch_loss, step_graph = _train_epoch(fit, epoch, step_graph)
+        with timings.phase("group/training steps"):
+            seconds, lr_rows, epoch_loss, step_graph = _train_epoch(fit, epoch, step_graph)
         if not any(fit.active):
             break
         _end_epoch(fit, epoch, seconds, lr_rows, epoch_loss, evaluate_test)
@@ -198,6 +216,7 @@ def _fit(engine: Engine, configs, data: DeviceData, recorders, ckpt_dirs, result
             break
     if fit.bar is not None:
         fit.bar.close()
+    writer().check()  # a write that failed fails the group as it would have in this thread
 
 
 def _resume(fit: Fit, started: list[bool]) -> int:
@@ -256,7 +275,8 @@ def _train_epoch(fit: Fit, epoch: int, step_graph: StepGraph | None):
     if step_graph is not None:
         order_rows = torch.stack(orders)  # streams x n_train
         try:
-            step_graph.capture(order_rows[:, :batch])
+            with timings.phase("group/warm-up and capture"):
+                step_graph.capture(order_rows[:, :batch])
         except Exception as err:  # the eager step computes the same: go on without graphs
             print(f"cnnbench: cuda_graphs: capture failed, training eagerly ({type(err).__name__}: "
                   f"{' '.join(str(err).split())[:300]})", file=sys.stderr)
@@ -307,7 +327,8 @@ def _end_epoch(fit: Fit, epoch: int, seconds: float, lr_rows: list[list[float]],
     metrics: dict[str, list[float]] = {}
     for split_name, split in (("val", data.val), ("test", data.test if evaluate_test else None)):
         if split is not None:
-            loss_k, acc_k = evaluate(fit.engine, data, split, c0.test_batch_size)
+            with timings.phase("group/evaluation"):
+                loss_k, acc_k = evaluate(fit.engine, data, split, c0.test_batch_size)
             loss_key, acc_key = SPLIT_KEYS[split_name]
             metrics[loss_key], metrics[acc_key] = loss_k, acc_k
     for k in range(fit.k):
@@ -327,9 +348,12 @@ def _end_epoch(fit: Fit, epoch: int, seconds: float, lr_rows: list[list[float]],
         is_best = select in record and record[select] == r.best(select)[0] and r.best(select)[1] == epoch + 1
         if is_best:
             r.best_epoch = epoch + 1
-        write_checkpoints(fit.engine, k, fit.configs[k], r, epoch + 1, fit.schedules[k], fit.ckpt_dirs[k], is_best)
-        with interrupt.shielded():  # a Ctrl-C inside a database write would break the connection
-            verdict = fit.recorders[k].epoch(record)
+        with timings.phase("group/checkpoints handed over"):
+            writer().wait(fit.tickets[k])  # at most one snapshot per trial waits in memory
+            fit.tickets[k] = hand_over(fit.engine, k, fit.configs[k], r, epoch + 1, fit.schedules[k],
+                                       fit.ckpt_dirs[k], is_best)
+        with interrupt.shielded(), timings.phase("group/recorders handed over"):
+            verdict = fit.recorders[k].epoch(record)  # a Ctrl-C inside a database write would break the connection
         if verdict == "prune":
             fit.stop(k, PRUNED, f"pruned after epoch {epoch + 1}")
 
