@@ -25,6 +25,7 @@ from optuna.trial import TrialState, create_trial
 
 from cnnbench.run import storage as optuna_store
 from cnnbench.run.session import Outcome, Session, count_states, trial_id
+from cnnbench.track.jobs import record_outcome
 from cnnbench.track.schema import (
     ATTR_MLFLOW_RUN_ID,
     ATTR_REASON,
@@ -37,7 +38,6 @@ from cnnbench.track.schema import (
     CLAIM_DONE,
     CLAIM_FINGERPRINT,
     CLAIM_SINCE,
-    METRIC_OPTUNA_VALUE,
     STUDY_FINAL_CLAIM,
     TAG_REASON,
     TAG_STATE,
@@ -87,16 +87,8 @@ def claim(session: Session, k: int) -> tuple[list[Any], dict[str, int]]:
 
 def tell(session: Session, trial: Any, run_id: str | None, outcome: Outcome, reason: str = "") -> None:
     """Tell Optuna a trial's outcome (with its user attributes) and tag its MLflow run."""
-    for key, value in outcome.attrs.items():
-        trial.set_user_attr(key, value)
-    if outcome.state == TrialState.FAIL and reason:
-        trial.set_user_attr(ATTR_REASON, reason[:500])
-    session.study.tell(trial, outcome.value if outcome.state == TrialState.COMPLETE else None, state=outcome.state)
-    if run_id:  # None: a member of a batch that never started
-        with contextlib.suppress(Exception):  # the run's own record is complete without these tags
-            session.tracker.client.set_tag(run_id, TAG_STATE, outcome.state.name)
-            if outcome.value is not None and outcome.state == TrialState.COMPLETE:
-                session.tracker.client.log_metric(run_id, METRIC_OPTUNA_VALUE, float(outcome.value))
+    record_outcome(session.storage, session.study, session.tracker.client, trial_id(trial), trial, run_id,
+                   outcome.state, outcome.value, outcome.attrs, reason)
 
 
 def failed(reason: str = "") -> Outcome:

@@ -54,6 +54,7 @@ from cnnbench.train.fused import fuse_groups
 from cnnbench.train.loop import evaluate, train_group
 from cnnbench.train.result import FINISHED, TrialResult
 from cnnbench.train.single import SingleEngine
+from cnnbench.util import timings
 
 # ----------------------------------------------------------------------------------------
 # the end: the best trial over seeds, tested once, and the results
@@ -76,6 +77,7 @@ class SweepOutcome:
     best: Any  # optuna FrozenTrial
     finals: list[FinalRun]
     files: list[Path]
+    timings: str = ""  # with timings on: where the wall time went (util/timings.py's table)
 
 
 def _fingerprint(session: Session) -> str:
@@ -101,10 +103,11 @@ def finalize(session: Session) -> SweepOutcome | None:
     complete = session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = session.study.best_trial if complete else None
     finals = _final_runs(session, best) if best is not None else []
-
-    files = sweep_report.write(session, best, finals)
-    session.tracker.log_artifacts(session.parent, files, "results")
-    _close_parent(session, best, finals, counts)
+    with timings.phase("results/tables, figures"):
+        files = sweep_report.write(session, best, finals)
+    with timings.phase("results/to MLflow"):
+        session.tracker.log_artifacts(session.parent, files, "results")
+        _close_parent(session, best, finals, counts)
     results_written(session, _fingerprint(session))
     return SweepOutcome(session, best, finals, files)
 

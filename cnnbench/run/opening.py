@@ -35,9 +35,9 @@ from cnnbench.track.schema import (
     STUDY_TRACKING_URI,
     worker_name,
 )
-from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, tracking_uri
+from cnnbench.track.writer import Tracker, check_reachable, tracking_uri
 from cnnbench.train.device import resolve_device
-from cnnbench.util import fileio, interrupt
+from cnnbench.util import fileio, interrupt, timings
 from cnnbench.util.paths import state_dir
 from cnnbench.util.text import masked
 
@@ -53,12 +53,14 @@ def preflight(spec: StudySpec, configs: list[TrialConfig], *, url: str, uri: str
             raise ConfigError(f"{spec.path}: name: {spec.name!r} is too long for the file system here ({path.parent}"
                               f" cannot hold the {len(os.fsencode(part))}-byte name {part[:40]!r}...)")
     optuna_store.check(url)
-    for device in sorted({c.device for c in configs}):
-        resolve_device(device)
+    with timings.phase("start/device ready"):
+        for device in sorted({c.device for c in configs}):
+            resolve_device(device)
     for dataset in sorted({c.dataset for c in configs}):
-        load_arrays(dataset, data_dir(data_root))
+        load_arrays(dataset, data_dir(data_root))  # kept: training reads it again from memory
     fileio.check_writable(out_dir)
-    check_reachable(uri)  # workers started together on a fresh store: see stores.py
+    with timings.phase("session/tracking store"):
+        check_reachable(uri)  # workers started together on a fresh store: see stores.py
 
 
 def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str | None = None,
@@ -70,7 +72,7 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
     MLflow parent run. `checked`: a worker process whose parent checked the same input
     (`preflight`) a moment ago. `supervisor`: the pid of the process that started this
     worker and watches it (run/workers.py), which keeps the parent run going."""
-    quiet_mlflow()
+    stores.quiet_mlflow()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     open_args = dict(plan=plan, storage=storage, tracking=tracking, state=state, results_root=results_root,
                      n_trials=n_trials, sampler_seed=sampler_seed, data_root=data_root, command=command,
@@ -84,25 +86,30 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
     owner = ResultsOwner(out_dir, execution, f"{kind.name} {spec.name}") if supervisor is None else None
     if not checked:
         lock_file = optuna_store.ClaimLock(url, name).file
-        preflight(spec, configs, url=url, uri=uri, data_root=data_root, out_dir=out_dir,
-                  paths=[out_dir / "summary.csv", root / "checkpoints" / spec.name / "x"]
-                  + ([owner.path] if owner else []) + ([lock_file] if lock_file else []))
+        with timings.phase("session/preflight"):
+            preflight(spec, configs, url=url, uri=uri, data_root=data_root, out_dir=out_dir,
+                      paths=[out_dir / "summary.csv", root / "checkpoints" / spec.name / "x"]
+                      + ([owner.path] if owner else []) + ([lock_file] if lock_file else []))
     if owner is not None and not owner.take():
         owner = None  # the same execution holds it: this process joins it
 
     holder: dict[str, Session] = {}
-    store = optuna_store.open_storage(url, lambda study, trial: lost(holder["session"], trial))
-    opened = kind.create(spec, plan=plan, store=store, uri=uri, n_trials=n_trials, sampler_seed=sampler_seed,
-                         fuse_k=fuse_k)
+    with timings.phase("session/optuna storage and study"):
+        store = optuna_store.open_storage(url, lambda study, trial: lost(holder["session"], trial))
+        opened = kind.create(spec, plan=plan, store=store, uri=uri, n_trials=n_trials, sampler_seed=sampler_seed,
+                             fuse_k=fuse_k)
+    with timings.phase("session/tracking store"):
+        tracker = Tracker(spec.name, uri)
     session = Session(spec=spec, kind=kind, url=url, storage=store, study=opened.study,
-                      lock=optuna_store.ClaimLock(url, opened.study.study_name), tracker=Tracker(spec.name, uri),
+                      lock=optuna_store.ClaimLock(url, opened.study.study_name), tracker=tracker,
                       parent="", target=opened.target, out_dir=out_dir, ckpt_root=root / "checkpoints" / spec.name,
                       data_root=data_root, command=command, worker=worker or worker_name(optuna_store.identity()),
                       grid_size=opened.grid_size, fuse_k=opened.fuse_k, wide_only=wide_only, configs=opened.configs,
                       plan=plan, open_args=open_args, supervisor=supervisor, owner=owner)
     holder["session"] = session
     try:
-        start_or_join(session, lead=supervisor is None)
+        with timings.phase("session/queue, parent run, orphans"):
+            start_or_join(session, lead=supervisor is None)
     except BaseException:
         session.close()
         raise

@@ -2,7 +2,9 @@
 with its epoch and latest accuracy, and a count of finished trials.
 
 Workers send events through a queue (`("epoch", worker, label, epoch, epochs, metric,
-value)`, `("line", worker, text, ended_label)`); the parent's board shows them. On a
+value)`, `("line", worker, text, ended_label)`, and at their end `("timings", worker,
+snapshot)` with timings on); the parent's board shows them (and adds the timings to its
+own). On a
 terminal each running trial is a progress bar of its epochs, gone when the trial ends,
 under a bar of finished trials; elsewhere (a log, CI) every event is a plain line.
 """
@@ -18,6 +20,8 @@ import time
 from typing import Any, Iterator, TextIO
 
 from tqdm.auto import tqdm
+
+from cnnbench.util import timings
 
 
 class Board:
@@ -45,6 +49,8 @@ class Board:
             bar.n = epoch
             bar.set_postfix_str(shown, refresh=False)
             bar.refresh()
+        elif kind == "timings":
+            timings.merge(event[2])
         elif kind == "line":
             _, _, text, ended = event
             if ended is not None:

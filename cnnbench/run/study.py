@@ -36,6 +36,7 @@ from cnnbench.report.tables import TrialRow, truncate, write_results
 from cnnbench.run.claims import claim_results, results_written
 from cnnbench.run.grid import GRID
 from cnnbench.run.opening import open_session, pause_parent
+from cnnbench.run.phases import Timed
 from cnnbench.run.session import Session, count_states
 from cnnbench.run.workers import launch_workers, work
 from cnnbench.track.schema import ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON, TAG_FUSE, TAG_THREADS, TAG_WORKERS
@@ -44,6 +45,7 @@ from cnnbench.errors import StorageError, Unfinished
 from cnnbench.train.result import DIVERGED, FAILED, FINISHED, TrialResult
 from cnnbench.util import interrupt
 from cnnbench.util.faults import storage_fault
+from cnnbench.util.timings import phase
 
 
 @dataclass
@@ -54,6 +56,7 @@ class StudyOutcome:
     files: list[Path]
     trained: int  # runs trained by this execution (by every process that shared it)
     skipped: int  # runs already finished before it
+    timings: str = ""  # with timings on: where the wall time went (util/timings.py's table)
 
     @property
     def failed(self) -> list[TrialRow]:
@@ -63,12 +66,14 @@ class StudyOutcome:
 def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.PathLike = "results",
               tracking: str | None = None, state: str | os.PathLike | None = None, storage: str | None = None,
               fuse: bool | None = None, workers: int | None = None, max_fuse: int = 16, command: str = "",
-              final: bool = True, share_cores: bool = False) -> StudyOutcome | None:
+              final: bool = True, share_cores: bool = False, timings: bool = False) -> StudyOutcome | None:
     """Run (or join) the study: train its runs here, or in `workers` processes, and write
     the results when this is the process that ends it (None where another one does).
     `fuse` and `workers` None: chosen per device (see `execution`). `share_cores`: on the
     CPU, a worker that runs out of work gives its core to those still training (faster
-    when groups are uneven, but their trials' rounding then depends on when it ended)."""
+    when groups are uneven, but their trials' rounding then depends on when it ended).
+    `timings`: the phase table in the outcome and on the parent run (run/phases.py)."""
+    timer = Timed(timings)
     p = plan(spec)
     device = p.runs[0].device
     asked_to_fuse = fuse
@@ -81,7 +86,10 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
         report = train(session, fuse, workers, threads, share_cores, max_fuse)
         if report is not None and report.stopped:
             left_undone(session, report.stopped)
-        return finish(session) if final else None
+        outcome = finish(session) if final else None
+        if outcome is not None:
+            outcome.timings = timer.report(session.tracker, session.parent, f"study {spec.name}")
+        return outcome
     except KeyboardInterrupt as err:
         with interrupt.shielded():
             pause_parent(session, reason=f"stopped by {err}")
@@ -105,7 +113,8 @@ def train(session: Session, fuse: bool, workers: int, threads: int | None, share
         session.tracker.client.set_tag(session.parent, key, value)
     workers = max(1, min(workers, pending))
     if pending and workers > 1:
-        return launch_workers(session, workers, threads=threads, share_cores=share_cores)
+        with phase("workers/start, then wait for them"):
+            return launch_workers(session, workers, threads=threads, share_cores=share_cores)
     if pending:
         if threads:
             torch.set_num_threads(threads)
@@ -200,8 +209,10 @@ def finish(session: Session) -> StudyOutcome | None:
     if why and not (why.startswith("the results are up to date") and all(f.exists() for f in files)):
         print(f"study {spec.name}: all runs ended; {why}", flush=True)
         return None
-    outcome = StudyOutcome(spec, collect_rows(session, chosen), session.parent, files,
-                           trained=len(session.configs) - session.skipped, skipped=session.skipped)
+    with phase("results/runs read back"):
+        rows = collect_rows(session, chosen)
+    outcome = StudyOutcome(spec, rows, session.parent, files, trained=len(session.configs) - session.skipped,
+                           skipped=session.skipped)
     if not why:  # else up to date: the files are those of these very runs
         write(session, outcome, fingerprint)
     return outcome
@@ -236,12 +247,14 @@ def write(session: Session, outcome: StudyOutcome, fingerprint: str) -> None:
     device = sorted({r.result.device for r in outcome.rows if r.result.device})
     with interrupt.shielded():
         try:
-            outcome.files = write_results(spec, outcome.rows, session.out_dir, n_train=n_train,
-                                          command=session.command, device=", ".join(device))
+            with phase("results/statistics, tables, figures"):
+                outcome.files = write_results(spec, outcome.rows, session.out_dir, n_train=n_train,
+                                              command=session.command, device=", ".join(device))
             tracker = session.tracker
-            tracker.log_artifacts(session.parent, outcome.files, "results")
-            tracker.log_stats(session.parent, pd.read_csv(outcome.files[2]),
-                              list(spec.scientific) + list(spec.nuisance))
+            with phase("results/to MLflow"):
+                tracker.log_artifacts(session.parent, outcome.files, "results")
+                tracker.log_stats(session.parent, pd.read_csv(outcome.files[2]),
+                                  list(spec.scientific) + list(spec.nuisance))
         except Exception as err:
             fault = storage_fault(err)
             if fault is None:

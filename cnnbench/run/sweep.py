@@ -30,6 +30,7 @@ from cnnbench.config.trial import TrialConfig
 from cnnbench.errors import ConfigError, StorageError
 from cnnbench.run.final import finalize
 from cnnbench.run.opening import join, mark_ready, open_session, pause_parent, reopen
+from cnnbench.run.phases import Timed
 from cnnbench.run.search import make_pruner, make_sampler, objective_value
 from cnnbench.run.session import Kind, Member, Opened, Outcome, Session, trial_id
 from cnnbench.run.workers import WorkerReport, launch_workers, work
@@ -64,6 +65,7 @@ from cnnbench.train.device import resolve_device, usable_cores
 from cnnbench.train.result import DIVERGED, FINISHED, PRUNED, TrialResult
 from cnnbench.util import interrupt
 from cnnbench.util.text import masked
+from cnnbench.util.timings import phase
 
 FUSE_K = 16  # trials a worker trains fused on CUDA and MPS by default (a study's --max-fuse default too)
 MAX_FAILURES_IN_A_ROW = 3  # a worker whose trials keep failing (a broken device, say) stops
@@ -232,12 +234,13 @@ def open_sweep(spec: StudySpec, *, storage: str | None = None, tracking: str | N
 def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, share_cores: bool = False,
               storage: str | None = None, tracking: str | None = None, state: Any = None,
               results_root: Any = "results", n_trials: int | None = None, sampler_seed: int | None = None,
-              data_root: Any = None, command: str = "", fuse_k: int | None = None
+              data_root: Any = None, command: str = "", fuse_k: int | None = None, timings: bool = False
               ) -> tuple[Session, WorkerReport, Any]:
     """Open (or join) the sweep, train trials here (or in `workers` processes), and
     finish it when this is the process that ends it. Returns (session, report, outcome);
-    the outcome is None where another process writes the results. `share_cores`: as
-    for a study (study.run_study)."""
+    the outcome is None where another process writes the results. `share_cores`, `timings`:
+    as for a study (study.run_study)."""
+    timer = Timed(timings)
     session = open_sweep(spec, storage=storage, tracking=tracking, state=state, results_root=results_root,
                          n_trials=n_trials, sampler_seed=sampler_seed, data_root=data_root, command=command,
                          fuse_k=fuse_k)
@@ -246,15 +249,19 @@ def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, share_co
             # on the CPU the workers share the cores: N workers with every core each spend their
             # time waiting for each other's threads (measured: 6x slower for LeNet with 2 on 2)
             on_cpu = resolve_device(spec.base_config().device).type == "cpu"
-            report = launch_workers(session, workers, threads=max(1, usable_cores() // workers) if on_cpu else None,
-                                    share_cores=share_cores)
+            with phase("workers/start, then wait for them"):
+                report = launch_workers(session, workers, threads=max(1, usable_cores() // workers) if on_cpu
+                                        else None, share_cores=share_cores)
         else:
             report = work(session)
         if report.stopped:
             with interrupt.shielded():
                 pause_parent(session, "FAILED", f"sweep {spec.name}: {report.stopped}")
             return session, report, None
-        return session, report, finalize(session) if final else None
+        outcome = finalize(session) if final else None
+        if outcome is not None:
+            outcome.timings = timer.report(session.tracker, session.parent, f"sweep {spec.name}")
+        return session, report, outcome
     except KeyboardInterrupt as err:
         with interrupt.shielded():
             pause_parent(session, reason=f"stopped by {err}")

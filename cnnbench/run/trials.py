@@ -6,11 +6,16 @@ group goes through `train_group`: one FusedEngine, or the SingleEngine for a lon
 Every member stays its own trial: its own heartbeat, MLflow child run, pruning (only it
 stops), checkpoints and outcome. An error fails every member not told yet with the
 reason (a Ctrl-C is the worker loop's: it queues them again).
+
+A member's outcome is told to Optuna by the background writer (util/background.py), after
+its MLflow run ended there, while the next group trains: whatever stops this process
+(an error, a stop request) first lets the writer finish what it was handed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from typing import Any, Callable
@@ -20,14 +25,17 @@ from cnnbench.errors import ConfigError
 from cnnbench.run import storage as optuna_store
 from cnnbench.run.claims import failed, tell
 from cnnbench.run.search import PruningRecorder
-from cnnbench.run.session import Member, Session, trial_id
+from cnnbench.run.session import Member, Outcome, Session, trial_id
+from cnnbench.track import jobs, stores
 from cnnbench.track.schema import EPOCH
 from cnnbench.track.writer import run_name
 from cnnbench.train.device import resolve_device
 from cnnbench.train.fused import fuse_groups
 from cnnbench.train.checkpoint import resume_epoch
 from cnnbench.train.loop import load_data, train_group
+from cnnbench.train.result import TrialResult
 from cnnbench.util import interrupt
+from cnnbench.util.background import writer
 
 
 def train_claimed(session: Session, batch: list[Any], data_cache: dict[tuple, Any]) -> list[str]:
@@ -50,6 +58,7 @@ def train_claimed(session: Session, batch: list[Any], data_cache: dict[tuple, An
     except KeyboardInterrupt:  # the worker loop fails and queues again every member not told
         raise
     except BaseException as err:
+        writer().settle()  # the outcomes handed over are told first (its own error: this one is raised)
         for m in members:
             if not m.told:
                 tell(session, m.trial, m.run_id, failed(), f"{type(err).__name__}: {err}")
@@ -86,30 +95,45 @@ def fused_groups(members: list[Member], max_k: int, *, wide_only: bool = False) 
 def train_members(session: Session, group: list[Member], data_cache: dict[tuple, Any]) -> list[str]:
     """One group through train_group (a lone member: the SingleEngine), one PruningRecorder
     per member reporting to its own trial and MLflow run. A pruned or diverging member
-    stops alone; the group ends when none is left. Returns the states' names."""
+    stops alone; the group ends when none is left. Each outcome is handed to the
+    background writer (`record`). Returns the states' names."""
     configs = [m.config for m in group]
     t0 = time.perf_counter()
     label = ", ".join(run_name(c, session.names) for c in configs)[:60]
     results = train_group(configs, recorders=[recorder(session, m) for m in group],
                           checkpoint_dirs=[m.ckpt for m in group], evaluate_test=session.kind.evaluate_test,
-                          data=trial_data(session, configs[0], data_cache), progress=label)
+                          data=trial_data(session, configs[0], data_cache), progress=label, wait=False)
     states = []
     for m, result in zip(group, results):
-        with interrupt.shielded():  # the outcome is recorded whole (a Ctrl-C is raised after)
-            outcome = session.kind.outcome(session, result)
-            tell(session, m.trial, m.run_id, outcome, result.reason)
-            m.told = True
+        outcome = session.kind.outcome(session, result)
         fused = f" (fused with {result.fused_with - 1} other(s))" if result.fused_with > 1 else ""
-        session.kind.ended(session, m, result, outcome,
-                           f"after {len(result.history)} epoch(s), {time.perf_counter() - t0:.1f} s{fused}")
+        took = f"after {len(result.history)} epoch(s), {time.perf_counter() - t0:.1f} s{fused}"
+        with interrupt.shielded():  # under CNNBENCH_SYNC_BOOKKEEPING the outcome is told here, whole
+            record(session, m, result, outcome, took)
         states.append(outcome.state.name)
     return states
+
+
+def record(session: Session, member: Member, result: TrialResult, outcome: Outcome, took: str) -> None:
+    """A member's outcome handed to the background writer: told to Optuna (with its MLflow
+    run's tags) after its run ended, then to the person watching."""
+    tell_job = functools.partial(jobs.tell, stores.absolute(session.url), session.study.study_name,
+                                 stores.absolute(session.tracker.uri), trial_id(member.trial), member.trial.number,
+                                 member.run_id, outcome.state, outcome.value, outcome.attrs, result.reason)
+    writer().submit(tell_job, "optuna outcomes", remote=True)
+    writer().submit(functools.partial(ended, session, member, result, outcome, took), "optuna outcomes")
+
+
+def ended(session: Session, member: Member, result: TrialResult, outcome: Outcome, took: str) -> None:
+    member.told = True
+    session.kind.ended(session, member, result, outcome, took)
 
 
 def recorder(session: Session, member: Member) -> PruningRecorder:
     """The member's MLflow recorder, wrapped: the run id to Optuna, a sweep's score each
     epoch (which may prune it), and each epoch to the progress board."""
-    return PruningRecorder(member.inner, member.trial, session.metric, on_epoch=epoch_events(session, member),
+    return PruningRecorder(member.inner, member.trial, session.metric, session.url,
+                           on_epoch=epoch_events(session, member),
                            on_log=session.cores.adjust if session.cores is not None else None)
 
 

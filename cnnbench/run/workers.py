@@ -31,7 +31,9 @@ from cnnbench.run.opening import open_session
 from cnnbench.run.progress import Board
 from cnnbench.run.session import Kind, Session
 from cnnbench.run.trials import train_claimed
-from cnnbench.util import interrupt
+from cnnbench.track import jobs
+from cnnbench.util import interrupt, timings
+from cnnbench.util.background import writer
 from cnnbench.util.faults import storage_fault
 
 POLL_S = 5.0  # an idle worker looks for work (or lost trials) this often
@@ -55,17 +57,22 @@ def work(session: Session) -> WorkerReport:
     """Train trials until the study holds `session.target` finished ones, or every trial
     left runs elsewhere and ends there. A stop request (Ctrl-C, SIGTERM, SIGHUP) fails the
     claimed trials not told yet and queues them again (their checkpoints resume them), then
-    propagates; so does a fault of the machine, as StorageError: the study stops."""
+    propagates; so does a fault of the machine, as StorageError: the study stops. Returns
+    once the background writer wrote everything this worker handed it."""
     report = WorkerReport()
     data_cache: dict[tuple, Any] = {}
     limit = session.kind.max_failures_in_a_row
+    writer().start(jobs.warm)  # the background writer's process starts beside the first claim and data
     while True:
         batch: list[Any] = []
         try:
-            with interrupt.shielded():  # trials are taken whole (identity, heartbeat) or not at all
+            with interrupt.shielded(), timings.phase("claims/claim trials"):  # taken whole or not at all
                 with session.lock():
                     batch, counts = claim(session, session.fuse_k)
             if not batch:
+                if writer().busy():  # outcomes still being told: count again once they are
+                    writer().drain()
+                    continue
                 if session.cores is not None:
                     session.cores.idle()
                 if session.is_finished(counts):
@@ -75,8 +82,13 @@ def work(session: Session) -> WorkerReport:
             if session.cores is not None:
                 session.cores.busy()
             report.add(train_claimed(session, batch, data_cache))
+            if limit and report.failed_in_a_row >= limit:
+                writer().drain()
+                report.stopped = f"{report.failed_in_a_row} trials failed in a row"
+                return report
         except KeyboardInterrupt as err:
             with interrupt.shielded():
+                writer().settle()  # what was handed over is written before the stop is recorded
                 for trial in batch:
                     interrupted(session, trial, interrupt.reason(err))
             raise
@@ -85,13 +97,11 @@ def work(session: Session) -> WorkerReport:
             if fault is None:
                 raise
             with interrupt.shielded():  # queued again, to resume once the cause is fixed
+                writer().settle()
                 for trial in batch:
                     with contextlib.suppress(Exception):  # the store may be what cannot be written
                         interrupted(session, trial, f"stopped: {fault}")
             raise StorageError(fault) from err
-        if limit and report.failed_in_a_row >= limit:
-            report.stopped = f"{report.failed_in_a_row} trials failed in a row"
-            return report
 
 
 def wait(session: Session) -> None:
@@ -267,6 +277,7 @@ def worker_main(spec: StudySpec, kind: Kind, open_args: dict[str, Any], label: s
         pass
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    timings.add("workers/interpreter and imports", timings.process_seconds() or 0.0)
     spec, plan = without_progress_bars(spec, open_args.get("plan"))
     try:
         interrupt.install()  # a stop request that came while the parent started us is raised here
@@ -292,9 +303,11 @@ def worker_main(spec: StudySpec, kind: Kind, open_args: dict[str, Any], label: s
     if report.stopped:
         events.put(("line", label, f"[{label}] stopped: {report.stopped}", None))
         sys.exit(EXIT_GAVE_UP)
-    # Done, every outcome recorded (MLflow and Optuna write synchronously): exit without the
+    # Done, every outcome recorded (work() drained the background writer): exit without the
     # interpreter's teardown of torch, MLflow and SQLAlchemy, which took 2-3 s of a study's
-    # wall time here, once the progress lines are sent.
+    # wall time here, once the progress lines (and the timings, when on) are sent.
+    if timings.enabled():
+        events.put(("timings", label, timings.snapshot()))
     events.close()
     events.join_thread()
     sys.stdout.flush()
