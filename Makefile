@@ -60,7 +60,11 @@ study-resnet-bn: $(BIN)/.installed  ## document 002's ResNet with batch norm: lr
 study-models-gpu: $(BIN)/.installed  ## torchvision AlexNet, GoogLeNet, ResNet-18, VGG16 at 224x224 (needs a GPU)
 	$(BIN)/cnnbench study studies/models-imagenet.yaml $(ARGS)
 
-studies: study-lr study-batch study-activation study-epochs study-models study-alexnet  ## every document study (CPU-sized)
+DOCUMENT_STUDIES := studies/lr.yaml studies/batch.yaml studies/activation.yaml studies/epochs-lenet.yaml \
+                    studies/epochs.yaml studies/models.yaml studies/alexnet.yaml
+
+studies: $(BIN)/.installed  ## every document study (CPU-sized), one after another in one process (one start-up)
+	$(BIN)/cnnbench study $(DOCUMENT_STUDIES) $(ARGS)
 
 bench: $(BIN)/.installed  ## naive loop vs cnnbench vs fused K trials; writes results/bench/
 	$(BIN)/cnnbench bench $(ARGS)

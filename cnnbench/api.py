@@ -31,9 +31,6 @@ from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import data_dir, load_arrays
 from cnnbench.errors import ConfigError
 from cnnbench.models import get_model, list_models, model_entry
-from cnnbench.models.summary import summarize as layer_summary
-from cnnbench.report import analysis
-from cnnbench.report.compare import compare_command
 from cnnbench.report.tables import history_text
 from cnnbench.run.final import SweepOutcome
 from cnnbench.run.session import Session
@@ -42,20 +39,22 @@ from cnnbench.run.study import run_study as study_runner
 from cnnbench.run.sweep import run_sweep as sweep_runner
 from cnnbench.run.workers import WorkerReport
 from cnnbench.tools import resources
-from cnnbench.tools.bench import bench as run
-from cnnbench.tools.gpu_check import gpu_check as run_gpu_check
-from cnnbench.tools.notebooks import build_reports
-from cnnbench.tools.summary_documents import summary_command
-from cnnbench.tools.ui import screenshot_study
-from cnnbench.track import reader
-from cnnbench.track.stores import default_url
-from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
+from cnnbench.track.stores import default_url, quiet_mlflow
+from cnnbench.track.writer import Tracker, check_reachable, run_name, tracking_uri
 from cnnbench.train.checkpoint import load_checkpoint
 from cnnbench.train.device import resolve_device
 from cnnbench.train.loop import evaluate_checkpoint
 from cnnbench.train.loop import run_trial as train_one
 from cnnbench.train.result import Recorder, TrialResult
+from cnnbench.util import timings
 from cnnbench.util.paths import state_dir
+
+# What the training commands (run, study, sweep) do not use is imported by the function
+# that needs it, each marked "only for ...": the reader and the notebooks' frames, the model
+# summaries, the comparison of executions and the tools behind the other commands pull in
+# torchvision, scipy, Playwright and nbconvert, seconds of a study's start on a small CPU
+# (docs/speed.md, "Start-up").
+timings.note_start()  # the start-up ends here: the first study or sweep timed shows it
 
 __all__ = ["evaluate", "load_runs", "load_spec", "run_study", "run_sweep", "run_trial", "statistics", "summarize",
            # the commands' tools
@@ -102,7 +101,7 @@ def run_trial(config: TrialConfig | None = None, *, data_root: str | os.PathLike
     ckpt = state_dir(state) / "checkpoints" / "run" / config.key()
     if not resume:
         shutil.rmtree(ckpt, ignore_errors=True)
-    result = train_one(config, data_root=data_root, recorder=recorder, checkpoint_dir=ckpt)
+    result = train_one(config, data_root=data_root, recorder=recorder, checkpoint_dir=ckpt)  # returns all written
     result.run_id = getattr(recorder, "run_id", None) or ""
     return result
 
@@ -111,7 +110,7 @@ def run_study(spec: StudySpec | str | os.PathLike, *, data_root: str | os.PathLi
               results_root: str | os.PathLike = "results", tracking: str | None = None,
               state: str | os.PathLike | None = None, storage: str | None = None, fuse: bool | None = None,
               workers: int | None = None, max_fuse: int = 16, command: str = "", final: bool = True,
-              share_cores: bool = False) -> StudyOutcome | None:
+              share_cores: bool = False, timings: bool = False) -> StudyOutcome | None:
     """Run (or join, or resume) a grid study: `results/<study>/` and one MLflow parent run.
 
     `storage`: an Optuna storage URL that processes on several machines share (default: a
@@ -120,34 +119,39 @@ def run_study(spec: StudySpec | str | os.PathLike, *, data_root: str | os.PathLi
     `max_fuse` in one process). `final` False: only train; the process that ends the study
     writes the results. `share_cores`: on the CPU a worker that runs out of trials gives
     its core to those still training (faster, but their numbers no longer repeat bit for
-    bit). `command`: the command line recorded with the runs. Returns the outcome (rows,
-    files, counts), or None when another process writes the results."""
+    bit). `command`: the command line recorded with the runs. `timings`: where the wall
+    time went, as a table in the outcome and metrics `timings/...` on the parent run (also
+    CNNBENCH_TIMINGS=1). Returns the outcome (rows, files, counts, the table), or None
+    when another process writes the results."""
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
     if not spec.scientific:
         raise ConfigError(f"{spec.path}: no scientific block; a spec with only a search block is run by run_sweep")
     at_least_one(workers=workers, max_fuse=max_fuse)
     return study_runner(spec, data_root=data_root, results_root=results_root, tracking=tracking, state=state,
                         storage=storage, fuse=fuse, workers=workers, max_fuse=max_fuse, command=command,
-                        final=final, share_cores=share_cores)
+                        final=final, share_cores=share_cores, timings=timings)
 
 
 def run_sweep(spec: StudySpec | str | os.PathLike, *, workers: int = 1, final: bool = True,
               storage: str | None = None, tracking: str | None = None, state: str | os.PathLike | None = None,
               results_root: str | os.PathLike = "results", n_trials: int | None = None,
               sampler_seed: int | None = None, data_root: str | os.PathLike | None = None, command: str = "",
-              fuse_k: int | None = None, share_cores: bool = False) -> tuple[Session, WorkerReport, SweepOutcome | None]:
+              fuse_k: int | None = None, share_cores: bool = False,
+              timings: bool = False) -> tuple[Session, WorkerReport, SweepOutcome | None]:
     """Run (or join, or resume) an Optuna sweep over the spec's search block.
 
     `workers` processes here (more join with the same `storage` from elsewhere);
     `n_trials` finished trials to reach (default: the spec's); `sampler_seed` seeds the
     sampler; `fuse_k` trials each worker takes at once and trains fused (default: 16 on
-    CUDA and MPS, 1 on the CPU); `final` False: only train trials. Returns (session,
-    worker report, outcome), the outcome None where another process writes the results."""
+    CUDA and MPS, 1 on the CPU); `final` False: only train trials; `timings`: as for
+    run_study. Returns (session, worker report, outcome), the outcome None where another
+    process writes the results."""
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
     at_least_one(n_trials=n_trials, fuse_k=fuse_k, workers=workers)
     return sweep_runner(spec, workers=workers, final=final, storage=storage, tracking=tracking, state=state,
                         results_root=results_root, n_trials=n_trials, sampler_seed=sampler_seed,
-                        data_root=data_root, command=command, fuse_k=fuse_k, share_cores=share_cores)
+                        data_root=data_root, command=command, fuse_k=fuse_k, share_cores=share_cores,
+                        timings=timings)
 
 
 def at_least_one(**counts: int | None) -> None:
@@ -176,6 +180,8 @@ def evaluate(checkpoint: str | os.PathLike, *, device: str = "auto", data_root: 
 def load_runs(study: str, tracking: str | None = None, *, run_ids: list[str] | None = None):
     """A study's trials read back from MLflow: one row per trial x epoch (pandas), with
     `frame.attrs` naming its scientific, nuisance and fixed hyperparameters."""
+    from cnnbench.track import reader  # only for reading back: pandas frames of runs
+
     return reader.load_runs(study, tracking, run_ids=run_ids)
 
 
@@ -183,6 +189,8 @@ def statistics(runs, spec: StudySpec | None = None):
     """Per scientific value and accuracy: n, mean, std, the 95% interval, the difference to
     the best value and the verdict (`best`, `within noise of best`, `worse`), from
     `load_runs`'s frame (the same as `results/<study>/stats.csv`)."""
+    from cnnbench.report import analysis  # only for the notebooks' frames
+
     return analysis.statistics(runs, spec)
 
 
@@ -190,6 +198,8 @@ def summarize(model: str | Any, input_shape: Iterable[int] | None = None, *, num
     """A model's layers: output shape, parameters, multiply-accumulates and activation
     memory per layer, for a registered name (`summarize("vgg16", (3, 224, 224),
     num_classes=1000)`) or any nn.Module; `print(cnnbench.models.summary.render(s))`."""
+    from cnnbench.models.summary import summarize as layer_summary  # only for the summaries: pandas frames
+
     return layer_summary(model, input_shape, num_classes=num_classes)
 
 
@@ -210,6 +220,8 @@ def sweep_storage_url(spec: StudySpec, state: str | os.PathLike | None = None) -
 
 def bench(**kwargs: Any) -> list[str]:
     """`cnnbench bench` (`tools.bench.bench`): returns the files written."""
+    from cnnbench.tools.bench import bench as run  # only for the benches: torchvision's naive loop
+
     return run(**kwargs)
 
 
@@ -218,6 +230,8 @@ def summary_text(model: str | None = None, *, input: str | None = None, classes:
     """`cnnbench summary`: per-layer tables of `model` (or every model, `all_models`), with
     the documents' counts beside ours (`documents`), as text in `fmt` (table, markdown,
     csv), or written under `results_dir`/summary/; `input` one image as CxHxW."""
+    from cnnbench.tools.summary_documents import summary_command  # only for `cnnbench summary`
+
     return summary_command(model, input=input, classes=classes, fmt=fmt, all_models=all_models, documents=documents,
                            results_dir=results_dir)
 
@@ -225,6 +239,8 @@ def summary_text(model: str | None = None, *, input: str | None = None, classes:
 def compare(a: str, b: str, *, labels: str | None = None, name: str | None = None, out: str = "results",
             tracking: str | None = None, command: str = "") -> tuple[Path, Path]:
     """Does execution B of a study reproduce execution A? Writes compare.md and compare.csv."""
+    from cnnbench.report.compare import compare_command  # only for `cnnbench compare`: scipy, the reader
+
     return compare_command(a, b, labels=labels, name=name, out=out, tracking_uri=tracking, command=command)
 
 
@@ -233,12 +249,16 @@ def report(results_dir: str | os.PathLike = "results", *, names: list[str] | Non
     """Run the notebooks headless for the studies and sweeps in `results_dir`; HTML beside them."""
     if timeout < 1:
         raise ConfigError(f"--timeout: must be >= 1, got {timeout}")
+    from cnnbench.tools.notebooks import build_reports  # only for `cnnbench report`: the notebooks' runner
+
     return build_reports(Path(results_dir), names=names, tracking_uri=tracking, timeout=timeout)
 
 
 def screenshot(study: str, out: str | os.PathLike, *, charts: str | os.PathLike | None = None,
                tracking: str | None = None) -> list[Path]:
     """The MLflow UI's comparison view of a study (and its chart view) as PNG files."""
+    from cnnbench.tools.ui import screenshot_study  # only for `cnnbench ui-screenshot`: Playwright
+
     return screenshot_study(study, out, charts=charts, tracking_uri=tracking)
 
 
@@ -247,6 +267,8 @@ def gpu_check(out: str | os.PathLike, *, dry_run: bool = False, data_root: str |
     """Every GPU measurement in one command, into `out` (`tools.gpu_check`): `parts`
     (comma-separated: tests, bench, kbench, studies) within `budget` seconds; `studies`
     comma-separated NAME or NAME:KEY=VALUE; `dry_run` takes the same path on the CPU."""
+    from cnnbench.tools.gpu_check import gpu_check as run_gpu_check  # only for `cnnbench gpu-check`
+
     return run_gpu_check(out, dry_run=dry_run, data_root=data_root, budget=budget, parts=parts, studies=studies)
 
 
@@ -264,7 +286,8 @@ def command(name: str, /, *, typed: str = "", **o: Any) -> tuple[str, int]:
                 f"{r['test_loss']:.4f}, test accuracy {r['test_acc']:.2f}% on {r['images']} images"), 0
     if name == "bench":
         keys = ("device", "model", "batch_size", "steps", "repeats", "max_k", "options", "lr_study", "epochs",
-                "sweep", "fuse_k", "sweep_trials", "sweep_epochs", "sweep_train_subset", "engines", "results_dir")
+                "sweep", "fuse_k", "sweep_trials", "sweep_epochs", "sweep_train_subset", "engines", "overhead",
+                "baseline", "results_dir")
         return "wrote " + ", ".join(bench(data_root=o["data_dir"], **{k: o[k] for k in keys})), 0
     if name == "summary":
         return summary_text(o["model"], input=o["input"], classes=o["classes"], fmt=o["format"], all_models=o["all"],

@@ -83,16 +83,29 @@ def cmd_run(args: argparse.Namespace, api: Any) -> int:
 
 
 def cmd_study(args: argparse.Namespace, api: Any) -> int:
-    spec = api.load_spec(args.spec, overrides=parse_overrides(args.sets), seeds=args.seeds)
-    outcome = api.run_study(spec, data_root=args.data_dir, results_root=args.results_dir, tracking=args.tracking_uri,
-                            state=args.state_dir, storage=args.storage, fuse=args.fuse, workers=args.workers,
-                            max_fuse=args.max_fuse, command=typed(args), final=not args.no_final,
-                            share_cores=args.share_cores)
+    """One study, or several one after another in this process (one start-up for all);
+    every spec is checked before the first trains. Exit status: the worst of them."""
+    paths = [args.spec, *args.more_specs]
+    specs = [api.load_spec(path, overrides=parse_overrides(args.sets), seeds=args.seeds) for path in paths]
+    status = 0
+    for path, spec in zip(paths, specs):
+        outcome = api.run_study(spec, data_root=args.data_dir, results_root=args.results_dir,
+                                tracking=args.tracking_uri, state=args.state_dir, storage=args.storage, fuse=args.fuse,
+                                workers=args.workers, max_fuse=args.max_fuse, command=typed(args, path, paths),
+                                final=not args.no_final, share_cores=args.share_cores, timings=args.timings)
+        status = max(status, show_study(outcome))
+    return status
+
+
+def show_study(outcome: Any) -> int:
+    """A study's table and where its results are; its exit status."""
     if outcome is None:  # another process writes the results
         return 0
     print(Path(outcome.files[1]).read_text())
     print(f"{outcome.trained} run(s) trained, {outcome.skipped} already finished; results in "
           f"{Path(outcome.files[0]).parent}/, MLflow parent run {outcome.parent_run_id}")
+    if outcome.timings:
+        print(outcome.timings)
     for row in outcome.failed:
         print(f"trial {row.index} ({row.result.status}): {row.result.reason}", file=sys.stderr)
     return EXIT_FAILED if outcome.failed else 0
@@ -106,11 +119,14 @@ def cmd_sweep(args: argparse.Namespace, api: Any) -> int:
     sweep, report, outcome = api.run_sweep(
         spec, workers=args.workers, final=not args.no_final, storage=args.storage, tracking=args.tracking_uri,
         state=args.state_dir, results_root=args.results_dir, n_trials=args.n_trials, sampler_seed=args.sampler_seed,
-        data_root=args.data_dir, command=typed(args), fuse_k=args.fuse_k, share_cores=args.share_cores)
+        data_root=args.data_dir, command=typed(args), fuse_k=args.fuse_k, share_cores=args.share_cores,
+        timings=args.timings)
     if outcome is not None:
         print(Path(outcome.files[2]).read_text())
         print(f"results in {sweep.out_dir}/, MLflow parent run {sweep.parent} in experiment {spec.name!r}, "
               f"Optuna study {spec.name!r} in {masked(sweep.url)}")
+        if outcome.timings:
+            print(outcome.timings)
     if report.stopped:
         print(f"cnnbench: sweep {spec.name}: {report.stopped}; run the same command to go on", file=sys.stderr)
         return EXIT_FAILED
@@ -126,13 +142,15 @@ def cmd_tool(args: argparse.Namespace, api: Any) -> int:
     return status
 
 
-def typed(args: argparse.Namespace) -> str:
-    """The command as typed, for MLflow and results/, with database passwords hidden."""
+def typed(args: argparse.Namespace, spec: str | None = None, specs: list[str] | None = None) -> str:
+    """The command as typed, for MLflow and results/, with database passwords hidden; of a
+    study among several (`specs`), the command that runs `spec` alone."""
     def hide(arg: str) -> str:
         name, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
         return f"{name}{eq}{masked(value)}" if "://" in value else arg
 
-    return "cnnbench " + " ".join(shlex.quote(hide(a)) for a in args.argv)
+    others = set(specs or []) - {spec}
+    return "cnnbench " + " ".join(shlex.quote(hide(a)) for a in args.argv if a not in others)
 
 
 # ----------------------------------------------------------------------------------------
@@ -147,18 +165,23 @@ RUN = ("run", cmd_run, "train one trial", "Train one trial with the default sett
             SETS, DATA, TRACKING, STATE, opt("--experiment", "cnnbench-run", "MLflow experiment"),
             flag("--no-track", "do not record the trial in MLflow"),
             flag("--resume", "go on from the last epoch checkpoint of the same settings")], True)
-STUDY = ("study", cmd_study, "run a study spec (studies/*.yaml)", "Train every trial of a study spec (those "
+TIMINGS = flag("--timings", "at the end, where the wall time went (phases: start-up, session, training, "
+               "bookkeeping, results), also as metrics timings/... on the parent run; or CNNBENCH_TIMINGS=1")
+STUDY = ("study", cmd_study, "run study specs (studies/*.yaml)", "Train every trial of a study spec (those "
         "finished in the tracking store are read back) and write results/<study>/. The same command resumes it; "
         "processes here (--workers) or elsewhere (the same --storage) share its trials, each trained once, "
-        "under one MLflow parent run.", [
-            ("spec", dict(help="the study's YAML file, e.g. studies/lr.yaml")), SETS, DATA,
+        "under one MLflow parent run. Several specs run one after another in this process, each its own parent "
+        "run and results (every spec is checked first).", [
+            ("spec", dict(help="the study's YAML file, e.g. studies/lr.yaml")),
+            ("more_specs", dict(nargs="*", metavar="SPEC", help="more studies, run after it in this process")),
+            SETS, DATA,
             opt("--seeds", None, "seeds to repeat over, replacing the spec's", metavar="S[,S...]"),
             opt("--results-dir", "results", "where results/<study>/ goes", metavar="DIR"), TRACKING, STATE, STORAGE,
             ("--fuse", dict(help="train compatible trials fused, up to --max-fuse (default on CUDA/MPS)",
                             no="train every trial alone (default on the CPU: wide groups, for models that widen)")),
             opt("--max-fuse", 16, "largest fused group", int, metavar="K"),
             opt("--workers", None, WORKERS + " (default: one per core on the CPU, 1 on CUDA/MPS)", int, metavar="N"),
-            SHARE,
+            SHARE, TIMINGS,
             flag("--no-final", "only train; the process that ends the study writes the results")], True)
 SWEEP = ("sweep", cmd_sweep, "run an Optuna sweep over a spec's search space", "Find the best settings over a "
         "spec's search block with Optuna, each trial scored on a validation split (never the test set) and maybe "
@@ -170,7 +193,7 @@ SWEEP = ("sweep", cmd_sweep, "run an Optuna sweep over a spec's search space", "
             opt("--sampler-seed", None, "seed of the sampler (default: random)", int, metavar="S"),
             opt("--fuse-k", None, "trials each worker takes at once and trains fused, each still its own trial "
                 "(default: 16 on CUDA and MPS, 1 on the CPU)", int, metavar="K"),
-            opt("--results-dir", "results", "where results/<sweep>/ goes", metavar="DIR"), TRACKING, STATE,
+            opt("--results-dir", "results", "where results/<sweep>/ goes", metavar="DIR"), TRACKING, STATE, TIMINGS,
             flag("--no-final", "only train trials; another worker writes the results"),
             flag("--print-storage", "print the sweep's default storage URL and exit")], True)
 MODELS = ("models", cmd_tool, "list the registered architectures", "The registry: name, parameters, source.", [])
@@ -193,6 +216,11 @@ BENCH = ("bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time
             opt("--sweep-trials", 32, "with --sweep: trials", int), opt("--sweep-epochs", 3, "with --sweep: epochs", int),
             opt("--sweep-train-subset", None, "with --sweep: images per epoch (default: all)", int, metavar="N"),
             flag("--engines", "only the fused engines, wide against vmap, K = 1, 2, 4, ... --max-k"),
+            flag("--overhead", "instead: a study's bookkeeping with almost no training (the lr study, 64 images), "
+                 "fitted per process, trial and trial-epoch, with the writes in the background and in the training "
+                 "thread (CNNBENCH_SYNC_BOOKKEEPING=1); --repeats runs per shape"),
+            opt("--baseline", None, "with --overhead: also time this other cnnbench checkout (the code before, say)",
+                metavar="DIR"),
             opt("--results-dir", "results", "writes RESULTS_DIR/bench/", metavar="DIR")])
 SUMMARY = ("summary", cmd_tool, "per-layer shapes, parameters, MACs and memory of a model", "Per layer: output "
         "shape, parameters, multiply-accumulates (MACs = FLOPs / 2) and activation memory of one image, then "

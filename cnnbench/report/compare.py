@@ -23,7 +23,8 @@ from mlflow import MlflowClient
 
 from cnnbench.errors import ConfigError
 from cnnbench.report import stats
-from cnnbench.track.writer import check_reachable, quiet_mlflow
+from cnnbench.track.stores import quiet_mlflow
+from cnnbench.track.writer import check_reachable
 from cnnbench.track.writer import tracking_uri as resolve
 from cnnbench.util import fileio
 

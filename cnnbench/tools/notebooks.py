@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from cnnbench.errors import ConfigError
 from cnnbench.tools import resources
+from cnnbench.track.stores import quiet_mlflow
 from cnnbench.track import reader
-from cnnbench.track.writer import check_reachable, quiet_mlflow
+from cnnbench.track.writer import check_reachable
 from cnnbench.track.writer import tracking_uri as resolve_uri
 from cnnbench.util import fileio
 from cnnbench.util.extras import require

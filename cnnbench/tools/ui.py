@@ -36,7 +36,8 @@ from cnnbench.track.schema import (
     PARAM_SEED,
     PREFIX_SCIENTIFIC,
 )
-from cnnbench.track.writer import check_reachable, quiet_mlflow
+from cnnbench.track.stores import quiet_mlflow
+from cnnbench.track.writer import check_reachable
 from cnnbench.track.writer import tracking_uri as resolve_uri
 from cnnbench.util import fileio
 from cnnbench.util.extras import require
