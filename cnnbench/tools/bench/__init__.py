@@ -6,6 +6,8 @@
                  throughput.png
   engines.py     --engines: the wide engine against vmap's, by K
   lr_study.py    --lr-study: the learning-rate study for real, both ways
+  overhead.py    --overhead: a study's bookkeeping (start-up, MLflow, Optuna, checkpoints,
+                 results) with almost no training, fitted per process, trial and epoch
   sweep.py       --sweep: one Optuna sweep, one trial at a time and K fused
   naive.py       the documents' loop, every ratio's baseline
   steps.py       one engine's steps, test passes and profile (also gpu-check's)
@@ -22,6 +24,7 @@ from cnnbench.errors import ConfigError
 from cnnbench.models import list_models
 from cnnbench.tools.bench.engines import wide_vs_vmap, write_engine_rows
 from cnnbench.tools.bench.lr_study import time_lr_study
+from cnnbench.tools.bench.overhead import time_overhead
 from cnnbench.tools.bench.sweep import time_sweep
 from cnnbench.tools.bench.throughput import run_bench
 from cnnbench.train.device import resolve_device
@@ -31,7 +34,8 @@ def bench(*, data_root: Any = None, device: str = "auto", model: str = "lenet5",
           steps: int = 200, repeats: int = 3, max_k: int | None = None, options: bool = False,
           lr_study: bool = False, epochs: int = 10, sweep: bool = False, fuse_k: int | None = None,
           sweep_trials: int = 32, sweep_epochs: int = 3, sweep_train_subset: int | None = None,
-          engines: bool = False, results_dir: str | Path = "results") -> list[str]:
+          engines: bool = False, overhead: bool = False, baseline: str | None = None,
+          results_dir: str | Path = "results") -> list[str]:
     """`cnnbench bench`: what it measures depends on the flags (see its --help); returns
     the files written. Every option is checked before anything runs."""
 
@@ -45,6 +49,11 @@ def bench(*, data_root: Any = None, device: str = "auto", model: str = "lenet5",
         if value < low:
             raise ConfigError(f"{name}: must be >= {low}, got {value}")
     out = Path(results_dir) / "bench"
+    if baseline and not (Path(baseline) / "cnnbench" / "__main__.py").is_file():
+        raise ConfigError(f"--baseline: {baseline} is not a cnnbench checkout (no cnnbench/__main__.py)")
+    if overhead:
+        time_overhead(data_root=data_root, repeats=repeats, baseline=baseline, out_dir=out)
+        return [str(out / "overhead.md")]
     if sweep:
         resolve_device(device)
         summary = time_sweep(data_root=data_root, device=device, n_trials=sweep_trials, epochs=sweep_epochs,
