@@ -1,0 +1,231 @@
+"""A study's bookkeeping off the training's path: the background writer (util/background.py:
+order, errors that surface in the training thread, a writer process that a stop request
+does not cut), the phase timers (util/timings.py, `--timings`), SQLite stores in WAL mode
+(track/stores.py), several studies in one process, and a start-up that imports only what
+a study uses (MNIST read from its idx files)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from cnnbench.errors import StorageError
+from cnnbench.util import background, timings
+from conftest import REPO, cli, tree
+
+TINY = ["--set", "epochs=2", "--set", "train_subset=256", "--set", "test_subset=100", "--set", "log_every=2",
+        "--set", "progress=false", "--workers", "1"]
+
+
+def append(path: Path, text: str) -> None:
+    with path.open("a") as f:
+        f.write(text + "\n")
+
+
+@pytest.fixture
+def writer():
+    w = background.Writer(sync=False)
+    yield w
+    w.close()
+
+
+# ----------------------------------------------------------------------------------------
+# the background writer
+
+
+def test_jobs_land_in_the_order_handed_over_in_the_thread_and_the_writer_process(tmp_path, writer):
+    log = tmp_path / "log"
+    t0 = time.perf_counter()
+    writer.submit(functools.partial(time.sleep, 1.0), "test", remote=True)  # the hand-over does not wait for it
+    assert time.perf_counter() - t0 < 1.0
+    for i in range(6):
+        if i % 2:  # in the writer process: a shell appends
+            writer.submit(functools.partial(os.system, f"echo {i} >> {log}"), "test", remote=True)
+        else:
+            writer.submit(functools.partial(append, log, str(i)), "test")
+    assert writer.busy()
+    writer.drain()
+    assert not writer.busy() and log.read_text().split() == [str(i) for i in range(6)]
+    assert writer.remote.proc.pid != os.getpid()
+
+
+def test_an_error_of_the_writer_process_surfaces_at_the_next_hand_over_once(tmp_path, writer):
+    """A fault of the machine there is a StorageError here (the study stops); the jobs
+    handed over after it are dropped, except those that must run (a run's end)."""
+    writer.submit(functools.partial(os.rmdir, str(tmp_path / "gone")), "test", remote=True)
+    writer.wait_all()
+    writer.submit(functools.partial(os.mkdir, str(tmp_path / "dropped")), "test", remote=True, check=False)
+    writer.submit(functools.partial(os.mkdir, str(tmp_path / "kept")), "test", remote=True, check=False, always=True)
+    writer.wait_all()
+    with pytest.raises(StorageError, match="no such file"):
+        writer.submit(functools.partial(os.mkdir, str(tmp_path / "next")), "test", remote=True)
+    assert not (tmp_path / "dropped").exists() and (tmp_path / "kept").is_dir() and not (tmp_path / "next").exists()
+    writer.drain()  # raised once: nothing is left to raise
+    writer.submit(functools.partial(int, "x"), "test", remote=True)  # a bug there: named here
+    with pytest.raises(RuntimeError, match="ValueError: invalid literal"):
+        writer.drain()
+    writer.submit(functools.partial(append, tmp_path / "no" / "such" / "file", "x"), "test")  # the thread's own
+    assert isinstance(writer.settle(), FileNotFoundError)
+    writer.drain()
+
+
+def test_a_stop_request_does_not_reach_the_writer_process_which_ends_with_its_parent(tmp_path, writer):
+    writer.start()
+    writer.drain()
+    proc = writer.remote.proc
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a terminal's Ctrl-C reaches the whole group
+        os.kill(proc.pid, signum)
+    writer.submit(functools.partial(os.mkdir, str(tmp_path / "after")), "test", remote=True)
+    writer.drain()
+    assert (tmp_path / "after").is_dir() and proc.is_alive()
+    writer.close()
+    assert not proc.is_alive()
+
+
+def test_sync_bookkeeping_runs_every_job_at_once_where_it_is_handed_over(tmp_path):
+    writer = background.Writer(sync=True)
+    writer.submit(functools.partial(os.mkdir, str(tmp_path / "now")), "test", remote=True)
+    assert (tmp_path / "now").is_dir() and not writer.busy() and writer.remote.proc is None
+    with pytest.raises(FileNotFoundError):
+        writer.submit(functools.partial(os.rmdir, str(tmp_path / "gone")), "test", remote=True)
+
+
+# ----------------------------------------------------------------------------------------
+# phase timers
+
+
+@pytest.fixture
+def timers():
+    was = timings.enabled()
+    timings.enable()
+    timings.reset()
+    yield
+    timings.enable(was)
+    timings.reset()
+
+
+def test_phases_nest_and_count_each_second_once(timers):
+    t0 = time.perf_counter()
+    with timings.phase("a/outer"):
+        time.sleep(0.05)
+        with timings.phase("a/inner"):
+            time.sleep(0.1)
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    seconds = timings.snapshot()["seconds"]
+    assert seconds["a/inner"] >= 0.1 and seconds["a/outer"] >= 0.1
+    assert seconds["a/outer"] + seconds["a/inner"] <= wall  # exclusive: the inner one is not counted twice
+    before = timings.snapshot()
+    with timings.phase("b/later"):
+        timings.count("events", 3)
+    later = timings.since(before)
+    assert set(later["seconds"]) == {"b/later"} and later["counts"] == {"events": 3}
+    table = timings.table(timings.snapshot(), "test", wall=wall + 1.0)
+    assert "outer" in table and "inner" in table and "(outside every phase)" in table and "events" in table
+
+
+def test_timers_off_cost_a_shared_null_context():
+    was = timings.enabled()
+    timings.enable(False)
+    try:
+        assert timings.phase("x") is timings.phase("y")
+        before = timings.snapshot()
+        with timings.phase("x"):
+            timings.count("events")
+        assert timings.snapshot() == before
+    finally:
+        timings.enable(was)
+
+
+# ----------------------------------------------------------------------------------------
+# stores, several studies in one process, start-up
+
+
+def test_sqlite_stores_are_in_wal_mode_with_normal_sync(tmp_path):
+    from cnnbench.track import stores
+
+    storage = stores.optuna_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    with storage.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    storage.engine.dispose()
+    with sqlite3.connect(tmp_path / "optuna.db") as conn:  # the mode stays in the file
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+SPEC = """
+name: {name}
+scientific: {{lr: [0.05, 0.1]}}
+fixed: {{activation: relu}}
+seeds: [0]
+"""
+
+
+def test_a_bad_spec_among_several_is_refused_before_any_study_runs(workdir, capsys):
+    from cnnbench.cli import main
+
+    good, bad = workdir / "good.yaml", workdir / "bad.yaml"
+    good.write_text(SPEC.format(name="good"))
+    bad.write_text(SPEC.format(name="bad") + "colour: blue\n")
+    before = tree(workdir)
+    assert main(["study", str(good), str(bad), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.yaml" in err[0] and "colour" in err[0], err
+    assert tree(workdir) == before
+
+
+@pytest.mark.slow
+def test_two_studies_in_one_process_each_with_its_parent_run_results_and_phase_table(workdir):
+    one, two = workdir / "one.yaml", workdir / "two.yaml"
+    one.write_text(SPEC.format(name="one"))
+    two.write_text(SPEC.format(name="two"))
+    out = cli("study", str(one), str(two), *TINY, "--timings", cwd=workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tables = out.stdout.split("where the time went: ")[1:]
+    assert [t.split("\n", 1)[0] for t in tables] == ["study one", "study two"]
+    assert "interpreter and imports" in tables[0] and "interpreter and imports" not in tables[1]  # one start-up
+    for table in tables:
+        assert "training steps" in table and "background writer" in table and "database commits" in table
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    for name, spec in (("one", one), ("two", two)):
+        exp = client.get_experiment_by_name(name)
+        runs = client.search_runs([exp.experiment_id])
+        parents = [r for r in runs if r.data.tags.get("cnnbench.kind") == "study"]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(runs) == 3
+        metrics = parents[0].data.metrics
+        assert metrics["timings/wall"] > metrics["timings/group/training steps"] > 0
+        assert all(r.info.status == "FINISHED" for r in runs)
+        table = (workdir / "results" / name / "table.md").read_text()
+        assert f"study {spec}" in table and str(two if name == "one" else one) not in table  # its own command
+    with sqlite3.connect(workdir / "mlflow.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_study_imports_neither_torchvision_nor_the_tools_and_reads_mnist_without_them(data_root):
+    code = textwrap.dedent(f"""
+        import sys
+        import cnnbench.api
+        from cnnbench.data.tensors import load_arrays
+        x, y, tx, ty = load_arrays("mnist", {str(data_root)!r})
+        heavy = [m for m in ("torchvision", "nbconvert", "papermill", "playwright", "cnnbench.tools.bench",
+                             "cnnbench.report.compare") if m in sys.modules]
+        import torchvision  # the same images and labels as torchvision's reader
+        train = torchvision.datasets.MNIST({str(data_root)!r}, train=True)
+        test = torchvision.datasets.MNIST({str(data_root)!r}, train=False)
+        same = (x[:, 0].equal(train.data) and y.equal(train.targets) and tx[:, 0].equal(test.data)
+                and ty.equal(test.targets))
+        print(heavy, same, tuple(x.shape), x.dtype, y.dtype)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[0] == "[] True (60000, 1, 28, 28) torch.uint8 torch.int64"
