@@ -43,16 +43,22 @@ def writer():
 # the background writer
 
 
-def test_jobs_land_in_the_order_handed_over_in_the_thread_and_the_writer_process(tmp_path, writer):
-    log = tmp_path / "log"
+def test_jobs_land_in_the_order_handed_over_and_a_checkpoint_does_not_wait_for_the_database(tmp_path, writer):
+    """A remote job (MLflow, Optuna: in the writer process) runs after every job handed
+    over before it; a job of the writer's thread (a checkpoint) does not wait for remote
+    ones unless it is `ordered` (telling the person watching, after Optuna was told)."""
+    log, early = tmp_path / "log", tmp_path / "early"
     t0 = time.perf_counter()
-    writer.submit(functools.partial(time.sleep, 1.0), "test", remote=True)  # the hand-over does not wait for it
-    assert time.perf_counter() - t0 < 1.0
+    slow = writer.submit(functools.partial(time.sleep, 2.0), "test", remote=True)  # a slow database, say
+    assert time.perf_counter() - t0 < 1.0  # handing over does not wait
+    writer.submit(functools.partial(append, early, "written"), "test")
+    writer.wait(writer.submit(functools.partial(append, early, "again"), "test"))
+    assert not slow.done.is_set() and early.read_text().split() == ["written", "again"]
     for i in range(6):
         if i % 2:  # in the writer process: a shell appends
             writer.submit(functools.partial(os.system, f"echo {i} >> {log}"), "test", remote=True)
         else:
-            writer.submit(functools.partial(append, log, str(i)), "test")
+            writer.submit(functools.partial(append, log, str(i)), "test", ordered=True)
     assert writer.busy()
     writer.drain()
     assert not writer.busy() and log.read_text().split() == [str(i) for i in range(6)]

@@ -121,7 +121,7 @@ def record(session: Session, member: Member, result: TrialResult, outcome: Outco
                                  stores.absolute(session.tracker.uri), trial_id(member.trial), member.trial.number,
                                  member.run_id, outcome.state, outcome.value, outcome.attrs, result.reason)
     writer().submit(tell_job, "optuna outcomes", remote=True)
-    writer().submit(functools.partial(ended, session, member, result, outcome, took), "optuna outcomes")
+    writer().submit(functools.partial(ended, session, member, result, outcome, took), "optuna outcomes", ordered=True)
 
 
 def ended(session: Session, member: Member, result: TrialResult, outcome: Outcome, took: str) -> None:

@@ -3,10 +3,10 @@ MLflow metrics, a trial's checkpoints, the end of its MLflow run with its figure
 artifacts, its Optuna outcome) is done in the order it was handed over, while the
 training goes on.
 
-Two parts. A thread takes the jobs in order: what is mostly the device's or the disk's
-(copying a checkpoint off the device, serialising it, writing files) it runs itself;
-what is mostly Python (MLflow, SQLAlchemy, Optuna, matplotlib: `remote` jobs, module-level
-functions of plain values) it sends to a writer process and waits for the answer. In one
+Two lanes, a thread each. What is mostly the device's or the disk's (copying a checkpoint
+off the device, serialising it, writing files) one thread runs itself; what is mostly
+Python (MLflow, SQLAlchemy, Optuna, matplotlib: `remote` jobs, module-level functions of
+plain values) the other sends to a writer process, waiting for each answer. In one
 process a thread running that Python would hold the interpreter's lock in turns with the
 training thread, which releases it at every tensor operation: measured here, a LeNet
 step took 5x as long beside a busy Python thread (docs/speed.md). The writer process is
@@ -15,9 +15,10 @@ and ends when its parent goes.
 
 What keeps the record whole, as it was when all of this ran in the training thread:
 
-- first in first out: a trial's writes land in the order it made them, and a job finds
-  every job handed over before it done (a run ends after its metrics and checkpoints are
-  written; Optuna is told after the run ended);
+- first in first out: a trial's writes land in the order it made them, and a remote job
+  finds every job handed over before it done (a run ends after its metrics and
+  checkpoints are written; Optuna is told after the run ended); a checkpoint does not wait
+  for the remote jobs before it (the writer process's start, a busy database);
 - an error in a job is kept and raised in the thread that hands over next, at its next
   `submit` or `check`, or at `drain` (the training thread: a full disk still stops the
   study, util/faults.py; a bug still fails the trials). A remote job's error comes back
@@ -42,7 +43,7 @@ import multiprocessing.util
 import os
 import signal
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from cnnbench.errors import StorageError
 from cnnbench.util import timings
@@ -62,25 +63,46 @@ class Ticket:
         self.value: Any = None
 
 
+DONE = Ticket()
+DONE.done.set()
+
+
+class Job(NamedTuple):
+    seq: int  # its place in the order handed over
+    run: Callable[[], Any]
+    what: str
+    always: bool
+    after: tuple[Ticket, ...]  # the jobs of the other lane it waits for
+    ticket: Ticket
+
+
 class Writer:
-    """The process's background writer (see the module)."""
+    """The process's background writer (see the module): two lanes, one thread each, the
+    thread's own jobs and the writer process's. A remote job waits for every job of the
+    thread handed over before it (a run's end finds its checkpoints written); a job of the
+    thread waits for the remote ones before it only when `ordered` (telling the person
+    watching that a trial ended, after Optuna was told), so that a checkpoint never waits
+    for the writer process's start or a database."""
 
     def __init__(self, sync: bool | None = None) -> None:
         self.sync = os.environ.get(SYNC_ENV, "") not in ("", "0") if sync is None else sync
-        self.jobs: collections.deque = collections.deque()
+        self.lanes: dict[bool, collections.deque] = {False: collections.deque(), True: collections.deque()}
+        self.last = {False: DONE, True: DONE}  # each lane's last ticket
         self.cond = threading.Condition()
-        self.pending = 0  # handed over and not done
-        self.error: BaseException | None = None  # the first error not raised yet
-        self.thread: threading.Thread | None = None
+        self.seq = self.pending = 0  # jobs handed over; those not done
+        self.error: BaseException | None = None  # the first error not raised yet ...
+        self.failed_at = 0  # ... and its job's place: the jobs after it are dropped
+        self.threads: list[threading.Thread] = []
         self.remote = Remote()
         self.pid = os.getpid()
 
     def submit(self, job: Callable[[], Any], what: str, *, remote: bool = False, check: bool = True,
-               always: bool = False) -> Ticket:
+               always: bool = False, ordered: bool = False) -> Ticket:
         """Hand `job` over (`what`: its phase in the timings, `writer/<what>`). `remote`: a
         picklable module-level function of plain values, run in the writer process. `check`:
         an earlier job's error is raised here first; `always`: the job runs even after
-        another failed (see the module)."""
+        another failed (see the module); `ordered`: a job of the thread that waits for the
+        remote jobs handed over before it."""
         if check:
             self.check()
         ticket = Ticket()
@@ -91,22 +113,27 @@ class Writer:
                 ticket.done.set()
             return ticket
         with self.cond:
-            self.jobs.append((job, what, remote, always, ticket))
+            self.seq += 1
+            after = (self.last[False],) if remote else (self.last[True],) if ordered else ()
+            self.lanes[remote].append(Job(self.seq, job, what, always, after, ticket))
+            self.last[remote] = ticket
             self.pending += 1
             self.started()
             self.cond.notify_all()
         return ticket
 
     def start(self, warm: Callable[[], Any] | None = None) -> None:
-        """Start the thread and the writer process now, so that their start-up (and `warm`,
+        """Start the threads and the writer process now, so that their start-up (and `warm`,
         a remote job that imports what later jobs use) runs beside the caller's."""
         if not self.sync and (self.remote.proc is None or warm is not None):
             self.submit(warm or nothing, "start", remote=True, check=False, always=True)
 
     def started(self) -> None:
-        if self.thread is None:  # under self.cond
-            self.thread = threading.Thread(target=self.run, name="cnnbench-writer", daemon=True)
-            self.thread.start()
+        if not self.threads:  # under self.cond
+            for remote in (False, True):
+                self.threads.append(threading.Thread(target=self.run, args=(remote,), daemon=True,
+                                                     name=f"cnnbench-writer-{'remote' if remote else 'local'}"))
+                self.threads[-1].start()
             # an interpreter that exits normally writes what it was handed, then lets the writer
             # process go: before multiprocessing joins its children at exit (it would wait for ever
             # for one that ignores SIGTERM), in a worker process too (where atexit does not run)
@@ -117,22 +144,28 @@ class Writer:
         self.settle()
         self.remote.close()
 
-    def run(self) -> None:
+    def run(self, remote: bool) -> None:
+        """One lane: its jobs in order, each after the other lane's jobs it waits for."""
         signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))  # the writer process starts with them blocked
+        lane = self.lanes[remote]
         while True:
             with self.cond:
-                while not self.jobs:
+                while not lane:
                     self.cond.wait()
-                job, what, remote, always, ticket = self.jobs.popleft()
-                skip = self.error is not None and not always
+                job = lane.popleft()
+            for ticket in job.after:
+                ticket.done.wait()
+            with self.cond:
+                skip = self.error is not None and job.seq > self.failed_at and not job.always
             if not skip:
                 try:
-                    with timings.phase(timings.WRITER + what):
-                        ticket.value = self.remote.call(job) if remote else job()
+                    with timings.phase(timings.WRITER + job.what):
+                        job.ticket.value = self.remote.call(job.run) if remote else job.run()
                 except BaseException as err:  # kept for the training thread
                     with self.cond:
-                        self.error = self.error or err
-            ticket.done.set()
+                        if self.error is None:
+                            self.error, self.failed_at = err, job.seq
+            job.ticket.done.set()
             with self.cond:
                 self.pending -= 1
                 self.cond.notify_all()
