@@ -187,15 +187,14 @@ def tmpfs(path: Path, size: str = "16m"):
 def fill(folder: Path) -> Path:
     """Every free byte of `folder`'s file system taken by one file."""
     path = folder / "filler"
-    with open(path, "wb") as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * (1 << 20))
-                f.flush()
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for size in (1 << 20, 4096, 1):  # unbuffered: every byte that fits is written
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * size):
+                    pass
+    finally:
+        os.close(fd)
     return path
 
 
@@ -383,7 +382,7 @@ def test_a_second_execution_with_other_settings_is_refused_while_the_first_runs(
     name), while the first execution runs: refused in one line before anything is created."""
     from cnnbench.cli import main
 
-    spec = write_spec(workdir, "mine", epochs=4)
+    spec = write_spec(workdir, "mine", epochs=30, subset=5000)  # runs for minutes: stopped below
     proc = start(workdir, "study", str(spec), "--no-fuse")
     try:
         wait_for(lambda: running_trials(workdir, "mine") or proc.poll() is not None, what="the first execution")
@@ -399,9 +398,11 @@ def test_a_second_execution_with_other_settings_is_refused_while_the_first_runs(
         assert {r.info.run_id for r in runs(workdir, "mine")} == before
         assert len(optuna.get_all_study_summaries(f"sqlite:///{workdir / '.cnnbench' / 'optuna' / 'mine.db'}")) \
             == studies
+        assert proc.poll() is None, "the first execution ended before the second was tried"
     finally:
+        proc.send_signal(signal.SIGINT)
         out = finish(proc)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 130, out.stderr[-3000:]
 
 
 def test_a_name_the_file_system_cannot_hold_is_refused_in_the_preflight(workdir, capsys):

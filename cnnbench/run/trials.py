@@ -5,7 +5,8 @@ train fused (fused.group_key, and the epoch their checkpoints resume from), and 
 group goes through `train_group`: one FusedEngine, or the SingleEngine for a lone trial.
 Every member stays its own trial: its own heartbeat, MLflow child run, pruning (only it
 stops), checkpoints and outcome. An error fails every member not told yet with the
-reason (a Ctrl-C is the worker loop's: it queues them again).
+reason (a stop request and a fault of the machine are the worker loop's: it queues them
+again).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from typing import Any, Callable
 
 from cnnbench.config.trial import TrialConfig
-from cnnbench.errors import ConfigError
+from cnnbench.errors import ConfigError, StorageError
 from cnnbench.run import storage as optuna_store
 from cnnbench.run.claims import failed, tell
 from cnnbench.run.search import PruningRecorder
@@ -28,6 +29,7 @@ from cnnbench.train.fused import fuse_groups
 from cnnbench.train.checkpoint import resume_epoch
 from cnnbench.train.loop import load_data, train_group
 from cnnbench.util import interrupt
+from cnnbench.util.faults import storage_fault
 
 
 def train_claimed(session: Session, batch: list[Any], data_cache: dict[tuple, Any]) -> list[str]:
@@ -50,6 +52,8 @@ def train_claimed(session: Session, batch: list[Any], data_cache: dict[tuple, An
     except KeyboardInterrupt:  # the worker loop fails and queues again every member not told
         raise
     except BaseException as err:
+        if isinstance(err, StorageError) or storage_fault(err) is not None:
+            raise  # the machine's fault, not the trials': the worker loop queues them again
         for m in members:
             if not m.told:
                 tell(session, m.trial, m.run_id, failed(), f"{type(err).__name__}: {err}")
