@@ -40,7 +40,9 @@ from cnnbench.run.session import Session
 from cnnbench.run.study import StudyOutcome
 from cnnbench.run.study import run_study as study_runner
 from cnnbench.run.sweep import run_sweep as sweep_runner
-from cnnbench.run.workers import WorkerReport
+from cnnbench.run.executors.settings import Local, Ray, Slurm
+from cnnbench.run.joining import join_as_worker
+from cnnbench.run.workers import EXIT_GAVE_UP, EXIT_INPUT, EXIT_STORAGE, WorkerReport
 from cnnbench.tools import resources
 from cnnbench.tools.bench import bench as run
 from cnnbench.tools.gpu_check import gpu_check as run_gpu_check
@@ -57,7 +59,8 @@ from cnnbench.train.loop import run_trial as train_one
 from cnnbench.train.result import Recorder, TrialResult
 from cnnbench.util.paths import state_dir
 
-__all__ = ["evaluate", "load_runs", "load_spec", "run_study", "run_sweep", "run_trial", "statistics", "summarize",
+__all__ = ["evaluate", "load_runs", "load_spec", "run_study", "run_sweep", "run_trial", "run_worker", "statistics",
+           "summarize", "Local", "Ray", "Slurm",
            # the commands' tools
            "bench", "command", "compare", "gpu_check", "history_text", "models", "report", "screenshot",
            "summary_text", "sweep_storage_url"]
@@ -111,7 +114,8 @@ def run_study(spec: StudySpec | str | os.PathLike, *, data_root: str | os.PathLi
               results_root: str | os.PathLike = "results", tracking: str | None = None,
               state: str | os.PathLike | None = None, storage: str | None = None, fuse: bool | None = None,
               workers: int | None = None, max_fuse: int = 16, command: str = "", final: bool = True,
-              share_cores: bool = False) -> StudyOutcome | None:
+              share_cores: bool = False, executor: str | Local | Ray | Slurm = "local",
+              checkpoint_uri: str | None = None) -> StudyOutcome | None:
     """Run (or join, or resume) a grid study: `results/<study>/` and one MLflow parent run.
 
     `storage`: an Optuna storage URL that processes on several machines share (default: a
@@ -120,34 +124,64 @@ def run_study(spec: StudySpec | str | os.PathLike, *, data_root: str | os.PathLi
     `max_fuse` in one process). `final` False: only train; the process that ends the study
     writes the results. `share_cores`: on the CPU a worker that runs out of trials gives
     its core to those still training (faster, but their numbers no longer repeat bit for
-    bit). `command`: the command line recorded with the runs. Returns the outcome (rows,
-    files, counts), or None when another process writes the results."""
+    bit). `executor`: where the `workers` run: "local" (processes here), "ray" or
+    `Ray(address=..., gpus_per_worker=...)` (tasks on a Ray cluster), "slurm" or
+    `Slurm(partition=..., time=...)` (array tasks); with a cluster, `storage` and `tracking`
+    must be stores every node reaches, and `checkpoint_uri` (a shared folder or fsspec URL;
+    default: the runs' MLflow artifacts) is where resume checkpoints follow a trial.
+    `command`: the command line recorded with the runs. Returns the outcome (rows, files,
+    counts), or None when another process writes the results."""
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
     if not spec.scientific:
         raise ConfigError(f"{spec.path}: no scientific block; a spec with only a search block is run by run_sweep")
     at_least_one(workers=workers, max_fuse=max_fuse)
     return study_runner(spec, data_root=data_root, results_root=results_root, tracking=tracking, state=state,
                         storage=storage, fuse=fuse, workers=workers, max_fuse=max_fuse, command=command,
-                        final=final, share_cores=share_cores)
+                        final=final, share_cores=share_cores, executor=executor, checkpoint_uri=checkpoint_uri)
 
 
 def run_sweep(spec: StudySpec | str | os.PathLike, *, workers: int = 1, final: bool = True,
               storage: str | None = None, tracking: str | None = None, state: str | os.PathLike | None = None,
               results_root: str | os.PathLike = "results", n_trials: int | None = None,
               sampler_seed: int | None = None, data_root: str | os.PathLike | None = None, command: str = "",
-              fuse_k: int | None = None, share_cores: bool = False) -> tuple[Session, WorkerReport, SweepOutcome | None]:
+              fuse_k: int | None = None, share_cores: bool = False, executor: str | Local | Ray | Slurm = "local",
+              checkpoint_uri: str | None = None) -> tuple[Session, WorkerReport, SweepOutcome | None]:
     """Run (or join, or resume) an Optuna sweep over the spec's search block.
 
     `workers` processes here (more join with the same `storage` from elsewhere);
     `n_trials` finished trials to reach (default: the spec's); `sampler_seed` seeds the
     sampler; `fuse_k` trials each worker takes at once and trains fused (default: 16 on
-    CUDA and MPS, 1 on the CPU); `final` False: only train trials. Returns (session,
-    worker report, outcome), the outcome None where another process writes the results."""
+    CUDA and MPS, 1 on the CPU); `final` False: only train trials; `executor` and
+    `checkpoint_uri` as for run_study. Returns (session, worker report, outcome), the
+    outcome None where another process writes the results."""
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
     at_least_one(n_trials=n_trials, fuse_k=fuse_k, workers=workers)
     return sweep_runner(spec, workers=workers, final=final, storage=storage, tracking=tracking, state=state,
                         results_root=results_root, n_trials=n_trials, sampler_seed=sampler_seed,
-                        data_root=data_root, command=command, fuse_k=fuse_k, share_cores=share_cores)
+                        data_root=data_root, command=command, fuse_k=fuse_k, share_cores=share_cores,
+                        executor=executor, checkpoint_uri=checkpoint_uri)
+
+
+def run_worker(spec: StudySpec | str | os.PathLike, *, storage: str | None = None, tracking: str | None = None,
+               state: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
+               results_root: str | os.PathLike = "results", max_fuse: int | None = None, threads: int | None = None,
+               checkpoint_uri: str | None = None, final: bool = False, command: str = "") -> int:
+    """Join the study or sweep of `spec` in `storage` as one more worker (any number of
+    them, on any machine, started in any order), claim and train trials until nothing is
+    left, and return the exit status: 0 done; 1 stopped on a fault of the machine or on
+    trials that kept failing; 2 bad input; 128 + the signal on a stop request. `final`:
+    the worker that ends the study writes the results. `max_fuse`: trials claimed and
+    trained at once (default: 16 on CUDA and MPS, 4 on the CPU); `threads`: CPU threads."""
+    spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
+    at_least_one(max_fuse=max_fuse, threads=threads)
+    ended = join_as_worker(spec, storage=storage, tracking=tracking, state=state, data_root=data_root,
+                           results_root=results_root, command=command, max_fuse=max_fuse, threads=threads,
+                           checkpoint_uri=checkpoint_uri, final=final)
+    if ended.status == EXIT_INPUT:
+        raise ConfigError(ended.message)
+    if ended.status in (EXIT_STORAGE, EXIT_GAVE_UP):
+        return 1
+    return ended.status
 
 
 def at_least_one(**counts: int | None) -> None:

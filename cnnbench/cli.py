@@ -87,7 +87,8 @@ def cmd_study(args: argparse.Namespace, api: Any) -> int:
     outcome = api.run_study(spec, data_root=args.data_dir, results_root=args.results_dir, tracking=args.tracking_uri,
                             state=args.state_dir, storage=args.storage, fuse=args.fuse, workers=args.workers,
                             max_fuse=args.max_fuse, command=typed(args), final=not args.no_final,
-                            share_cores=args.share_cores)
+                            share_cores=args.share_cores, executor=executor_of(args, api),
+                            checkpoint_uri=args.checkpoint_uri)
     if outcome is None:  # another process writes the results
         return 0
     print(Path(outcome.files[1]).read_text())
@@ -98,6 +99,35 @@ def cmd_study(args: argparse.Namespace, api: Any) -> int:
     return EXIT_FAILED if outcome.failed else 0
 
 
+def executor_of(args: argparse.Namespace, api: Any) -> Any:
+    """The executor's settings from --executor and its options (an option of another
+    executor is bad input)."""
+    given = {"ray": ("ray_address",), "slurm": ("slurm_partition", "slurm_time", "slurm_args", "no_wait")}
+    for name, options in given.items():
+        for option in options:
+            if args.executor != name and getattr(args, option) not in (None, [], False):
+                raise ConfigError(f"--{option.replace('_', '-').rstrip('s')}: only with --executor {name}")
+    if args.executor == "ray":
+        return api.Ray(address=args.ray_address or "auto", gpus_per_worker=args.gpus_per_worker,
+                       cpus_per_worker=args.cpus_per_worker)
+    if args.executor == "slurm":
+        return api.Slurm(partition=args.slurm_partition, time=args.slurm_time or 60,
+                         gpus_per_worker=None if args.gpus_per_worker is None else int(args.gpus_per_worker),
+                         cpus_per_worker=int(args.cpus_per_worker or 1), sbatch=tuple(args.slurm_args),
+                         wait=not args.no_wait)
+    if args.gpus_per_worker is not None or args.cpus_per_worker is not None:
+        raise ConfigError("--gpus-per-worker/--cpus-per-worker: only with --executor ray or slurm")
+    return api.Local()
+
+
+def cmd_worker(args: argparse.Namespace, api: Any) -> int:
+    spec = api.load_spec(args.spec, overrides=parse_overrides(args.sets), seeds=args.seeds)
+    return api.run_worker(spec, storage=args.storage, tracking=args.tracking_uri, state=args.state_dir,
+                          data_root=args.data_dir, results_root=args.results_dir, max_fuse=args.max_fuse,
+                          threads=args.threads, checkpoint_uri=args.checkpoint_uri, final=args.final,
+                          command=typed(args))
+
+
 def cmd_sweep(args: argparse.Namespace, api: Any) -> int:
     spec = api.load_spec(args.spec, overrides=parse_overrides(args.sets))
     if args.print_storage:
@@ -106,7 +136,8 @@ def cmd_sweep(args: argparse.Namespace, api: Any) -> int:
     sweep, report, outcome = api.run_sweep(
         spec, workers=args.workers, final=not args.no_final, storage=args.storage, tracking=args.tracking_uri,
         state=args.state_dir, results_root=args.results_dir, n_trials=args.n_trials, sampler_seed=args.sampler_seed,
-        data_root=args.data_dir, command=typed(args), fuse_k=args.fuse_k, share_cores=args.share_cores)
+        data_root=args.data_dir, command=typed(args), fuse_k=args.fuse_k, share_cores=args.share_cores,
+        executor=executor_of(args, api), checkpoint_uri=args.checkpoint_uri)
     if outcome is not None:
         print(Path(outcome.files[2]).read_text())
         print(f"results in {sweep.out_dir}/, MLflow parent run {sweep.parent} in experiment {spec.name!r}, "
@@ -138,7 +169,26 @@ def typed(args: argparse.Namespace) -> str:
 # ----------------------------------------------------------------------------------------
 # the commands, as data: (name, handler, summary, description, options[, True: the settings epilog])
 
-WORKERS = "worker processes here, one GPU each where there are GPUs"
+WORKERS = "workers: processes here (one GPU each where there are GPUs), or on --executor's cluster"
+CHECKPOINT_URI = opt("--checkpoint-uri", None, "a folder or fsspec URL every node reaches, where each epoch's resume "
+                     "checkpoint follows a trial (default with ray/slurm: the trial's MLflow run artifacts)",
+                     metavar="URI")
+EXECUTOR = [
+    opt("--executor", "local", "where the workers run: local (processes here), ray (tasks on a Ray cluster), slurm "
+        "(array tasks through submitit); ray and slurm need stores every node reaches (postgresql:// --storage, an "
+        "http:// MLflow server)", choices=("local", "ray", "slurm")),
+    opt("--ray-address", None, "the Ray cluster: auto (the one this machine belongs to, else a local Ray), "
+        "HOST:PORT or ray://HOST:PORT (default: auto)", metavar="ADDR"),
+    opt("--gpus-per-worker", None, "GPUs each Ray or Slurm worker asks for (default: 1 where the cluster has "
+        "GPUs)", float, metavar="G"),
+    opt("--cpus-per-worker", None, "CPUs each Ray or Slurm worker asks for (default: 1)", float, metavar="C"),
+    opt("--slurm-partition", None, "the Slurm partition (default: the cluster's)", metavar="P"),
+    opt("--slurm-time", None, "minutes each Slurm task may run (default: 60)", int, metavar="MIN"),
+    ("--slurm-arg", dict(metavar="KEY=VALUE", action="append", default=[], dest="slurm_args",
+                         help="an extra sbatch parameter, e.g. account=lab (repeatable)")),
+    flag("--no-wait", "with slurm: submit the array and print its job id and how to follow it, instead of "
+         "watching it here; the task that ends the study writes the results"),
+    CHECKPOINT_URI]
 SHARE = flag("--share-cores", "on the CPU, a worker that runs out of trials gives its core to the workers still "
              "training: faster when groups end unevenly, but those trials' numbers then depend on when it ended "
              "(rounding, not maths; MLflow tag threads=1-2), so a rerun no longer repeats them bit for bit")
@@ -158,7 +208,7 @@ STUDY = ("study", cmd_study, "run a study spec (studies/*.yaml)", "Train every t
                             no="train every trial alone (default on the CPU: wide groups, for models that widen)")),
             opt("--max-fuse", 16, "largest fused group", int, metavar="K"),
             opt("--workers", None, WORKERS + " (default: one per core on the CPU, 1 on CUDA/MPS)", int, metavar="N"),
-            SHARE,
+            SHARE, *EXECUTOR,
             flag("--no-final", "only train; the process that ends the study writes the results")], True)
 SWEEP = ("sweep", cmd_sweep, "run an Optuna sweep over a spec's search space", "Find the best settings over a "
         "spec's search block with Optuna, each trial scored on a validation split (never the test set) and maybe "
@@ -171,8 +221,21 @@ SWEEP = ("sweep", cmd_sweep, "run an Optuna sweep over a spec's search space", "
             opt("--fuse-k", None, "trials each worker takes at once and trains fused, each still its own trial "
                 "(default: 16 on CUDA and MPS, 1 on the CPU)", int, metavar="K"),
             opt("--results-dir", "results", "where results/<sweep>/ goes", metavar="DIR"), TRACKING, STATE,
-            flag("--no-final", "only train trials; another worker writes the results"),
+            flag("--no-final", "only train trials; another worker writes the results"), *EXECUTOR,
             flag("--print-storage", "print the sweep's default storage URL and exit")], True)
+WORKER = ("worker", cmd_worker, "join a study or sweep as one more worker", "Join the study or sweep of a spec "
+          "(with its --set values and seeds) in --storage, claim and train its trials until nothing is left, and exit "
+          "0. Start it any number of times, on any machine, in any order (the first creates the study); SIGKILL it at "
+          "any moment and its trials are recovered (by heartbeat). What every executor runs; a Kubernetes Job's pods "
+          "run it too (deploy/k8s/).", [
+              ("spec", dict(help="the study's or sweep's YAML file")), SETS, DATA,
+              opt("--seeds", None, "a study's seeds, replacing the spec's (as the study was started)", metavar="S[,S...]"),
+              STORAGE, TRACKING, STATE,
+              opt("--max-fuse", None, "trials claimed and trained at once (default: 16 on CUDA and MPS, 4 on the CPU)",
+                  int, metavar="K"),
+              opt("--threads", None, "CPU threads (default: every usable core)", int, metavar="N"), CHECKPOINT_URI,
+              opt("--results-dir", "results", "where results/<name>/ goes, with --final", metavar="DIR"),
+              flag("--final", "the worker that ends the study writes its results and closes its parent run")], True)
 MODELS = ("models", cmd_tool, "list the registered architectures", "The registry: name, parameters, source.", [])
 EVALUATE = ("evaluate", cmd_tool, "re-test a saved checkpoint", "Measure a checkpoint's loss and accuracy on "
         "the test set (last.pt, best.pt, epoch_NNN.pt, or the MLflow artifact).", [
@@ -231,7 +294,7 @@ GPU_CHECK = ("gpu-check", cmd_tool, "every GPU measurement in one command", "On 
             opt("--parts", "tests,bench,studies", "comma-separated: tests, bench, kbench, studies", metavar="LIST"),
             opt("--studies", None, "comma-separated NAME or NAME:KEY=VALUE (default: the documents')",
                 metavar="LIST"), DATA])
-COMMANDS = [RUN, STUDY, SWEEP, MODELS, EVALUATE, BENCH, SUMMARY, COMPARE, REPORT, UI_SCREENSHOT, GPU_CHECK]
+COMMANDS = [RUN, STUDY, SWEEP, WORKER, MODELS, EVALUATE, BENCH, SUMMARY, COMPARE, REPORT, UI_SCREENSHOT, GPU_CHECK]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -392,10 +392,14 @@ def test_a_second_execution_with_other_settings_is_refused_while_the_first_runs(
         other = workdir / "other.yaml"
         other.write_text(spec.read_text().replace("[0.02, 0.05]", "[0.1]"))
         for argv in (["study", str(spec), "--set", "epochs=2"], ["study", str(other)]):
+            capsys.readouterr()  # what this test's own MLflow client logged
             assert main(argv) == 2
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and "another execution of study mine with other settings" in err[0], err
-        assert {r.info.run_id for r in runs(workdir, "mine")} == before
+        every = runs(workdir, "mine")  # the first execution's parent and its trials, nothing else
+        (parent,) = [r.info.run_id for r in every if r.data.tags.get("cnnbench.kind") == "study"]
+        assert parent in before
+        assert all(r.data.tags.get("mlflow.parentRunId") == parent for r in every if r.info.run_id != parent)
         assert len(optuna.get_all_study_summaries(f"sqlite:///{workdir / '.cnnbench' / 'optuna' / 'mine.db'}")) \
             == studies
         assert proc.poll() is None, "the first execution ended before the second was tried"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -22,6 +22,7 @@ from cnnbench.config.trial import TrialConfig
 from cnnbench.errors import ConfigError
 from cnnbench.data.tensors import data_dir, load_arrays
 from cnnbench.run import storage as optuna_store
+from cnnbench.run.checkpoint_share import CheckpointShare
 from cnnbench.run.claims import lost
 from cnnbench.run.owner import ResultsOwner
 from cnnbench.run.session import Kind, Session
@@ -65,23 +66,33 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
                  tracking: str | None = None, state: Any = None, results_root: Any = "results",
                  n_trials: int | None = None, sampler_seed: int | None = None, data_root: Any = None,
                  command: str = "", worker: str = "", fuse_k: int | None = None,
-                 wide_only: bool = False, checked: bool = False, supervisor: int | None = None) -> Session:
+                 wide_only: bool = False, checked: bool = False, role: str = "lead",
+                 supervisor: str | None = None, slot: str | None = None, share_checkpoints: bool = False,
+                 checkpoint_uri: str | None = None, check_stores: Callable[[str, str], None] | None = None) -> Session:
     """Check everything, then create or join the study's (or sweep's) Optuna study and
     MLflow parent run. `checked`: a worker process whose parent checked the same input
-    (`preflight`) a moment ago. `supervisor`: the pid of the process that started this
-    worker and watches it (run/workers.py), which keeps the parent run going."""
+    (`preflight`) a moment ago. `role`: "lead", the process that leads an execution (it
+    holds the results folder's lock and keeps the parent run going); "worker", a worker
+    started by itself (`cnnbench worker`: it keeps the parent run going); "supervised", a
+    worker that `supervisor` started and watches (run/pool.py) under the name `slot`.
+    `share_checkpoints`: every epoch's resume checkpoint also goes where any node reads it,
+    `checkpoint_uri` or else the trial's MLflow run (checkpoint_share.py). `check_stores(url,
+    uri)`: the executor's refusal of stores its workers cannot reach, before anything is created."""
     quiet_mlflow()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     open_args = dict(plan=plan, storage=storage, tracking=tracking, state=state, results_root=results_root,
                      n_trials=n_trials, sampler_seed=sampler_seed, data_root=data_root, command=command,
-                     fuse_k=fuse_k, wide_only=wide_only)
+                     fuse_k=fuse_k, wide_only=wide_only, share_checkpoints=share_checkpoints,
+                     checkpoint_uri=checkpoint_uri)
     root = state_dir(state)
     url = storage or stores.default_url(spec.name, root)
     uri = tracking_uri(tracking)
     out_dir = Path(results_root) / spec.name
     configs = kind.configs_to_check(spec, plan)
     name, execution = kind.execution(spec, plan, uri=uri, url=url)
-    owner = ResultsOwner(out_dir, execution, f"{kind.name} {spec.name}") if supervisor is None else None
+    owner = ResultsOwner(out_dir, execution, f"{kind.name} {spec.name}") if role == "lead" else None
+    if check_stores is not None:
+        check_stores(url, uri)
     if not checked:
         lock_file = optuna_store.ClaimLock(url, name).file
         preflight(spec, configs, url=url, uri=uri, data_root=data_root, out_dir=out_dir,
@@ -99,10 +110,12 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
                       parent="", target=opened.target, out_dir=out_dir, ckpt_root=root / "checkpoints" / spec.name,
                       data_root=data_root, command=command, worker=worker or worker_name(optuna_store.identity()),
                       grid_size=opened.grid_size, fuse_k=opened.fuse_k, wide_only=wide_only, configs=opened.configs,
-                      plan=plan, open_args=open_args, supervisor=supervisor, owner=owner)
+                      plan=plan, open_args=open_args, supervisor=supervisor, slot=slot, owner=owner)
+    if share_checkpoints or checkpoint_uri:
+        session.share = CheckpointShare(session.tracker, checkpoint_uri)
     holder["session"] = session
     try:
-        start_or_join(session, lead=supervisor is None)
+        start_or_join(session, lead=role != "supervised")
     except BaseException:
         session.close()
         raise

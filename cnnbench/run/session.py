@@ -182,8 +182,10 @@ class Session:
     events: Any = None  # a queue that the parent's progress board reads (worker processes)
     cores: CoreShare | None = None  # worker processes: the machine's workers training (cores.py)
     open_args: dict[str, Any] = field(default_factory=dict)  # how a worker process joins
-    supervisor: int | None = None  # a worker process: the pid of the process that started it and watches it
+    supervisor: str | None = None  # a supervised worker: the process that started it and watches it ("HOST BOOT PID")
+    slot: str | None = None  # ... and its name for this worker (w0, w1, ...)
     owner: Any = None  # the lock on the results folder (owner.ResultsOwner), held by the process leading
+    share: Any = None  # where resume checkpoints follow a trial to any node (checkpoint_share.py); None: this one
 
     def close(self) -> None:
         """This process is done with the session: the results folder's lock is let go."""

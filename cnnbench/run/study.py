@@ -37,7 +37,10 @@ from cnnbench.run.claims import claim_results, results_written
 from cnnbench.run.grid import GRID
 from cnnbench.run.opening import open_session, pause_parent
 from cnnbench.run.session import Session, count_states
-from cnnbench.run.workers import launch_workers, work
+from cnnbench.run.executors import prepare
+from cnnbench.run.executors.local import LocalPlan
+from cnnbench.run.pool import supervise
+from cnnbench.run.workers import work
 from cnnbench.track.schema import ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON, TAG_FUSE, TAG_THREADS, TAG_WORKERS
 from cnnbench.train.device import resolve_device, usable_cores
 from cnnbench.errors import StorageError, Unfinished
@@ -63,22 +66,28 @@ class StudyOutcome:
 def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.PathLike = "results",
               tracking: str | None = None, state: str | os.PathLike | None = None, storage: str | None = None,
               fuse: bool | None = None, workers: int | None = None, max_fuse: int = 16, command: str = "",
-              final: bool = True, share_cores: bool = False) -> StudyOutcome | None:
-    """Run (or join) the study: train its runs here, or in `workers` processes, and write
+              final: bool = True, share_cores: bool = False, executor: Any = "local",
+              checkpoint_uri: str | None = None) -> StudyOutcome | None:
+    """Run (or join) the study: train its runs here, or in `workers` workers, and write
     the results when this is the process that ends it (None where another one does).
     `fuse` and `workers` None: chosen per device (see `execution`). `share_cores`: on the
     CPU, a worker that runs out of work gives its core to those still training (faster
-    when groups are uneven, but their trials' rounding then depends on when it ended)."""
+    when groups are uneven, but their trials' rounding then depends on when it ended).
+    `executor`: where the workers run ("local", "ray", "slurm", or executors.settings'
+    Local / Ray / Slurm); `checkpoint_uri`: a folder or fsspec URL every node reaches for
+    the resume checkpoints (default with a cluster executor: the runs' MLflow artifacts)."""
     p = plan(spec)
     device = p.runs[0].device
     asked_to_fuse = fuse
     fuse, workers, threads = execution(device, fuse, workers)
     wide_only = resolve_device(device).type == "cpu" and asked_to_fuse is None  # the CPU fuses only what widens
+    runner = prepare(executor, threads=threads, share_cores=share_cores)
     session = open_session(spec, GRID, plan=p, storage=storage, tracking=tracking, state=state,
                            results_root=results_root, data_root=data_root, command=command,
-                           fuse_k=max_fuse if fuse else 1, wide_only=wide_only)
+                           fuse_k=max_fuse if fuse else 1, wide_only=wide_only, check_stores=runner.check_stores,
+                           checkpoint_uri=checkpoint_uri)
     try:  # from here a stop request leaves the parent run KILLED (open_session covers its own stretch)
-        report = train(session, fuse, workers, threads, share_cores, max_fuse)
+        report = train(session, runner, fuse, workers, threads, max_fuse)
         if report is not None and report.stopped:
             left_undone(session, report.stopped)
         return finish(session) if final else None
@@ -94,9 +103,9 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
         session.close()
 
 
-def train(session: Session, fuse: bool, workers: int, threads: int | None, share_cores: bool, max_fuse: int) -> Any:
-    """The study's pending runs trained here, or by `workers` processes; their report
-    (None when nothing was pending)."""
+def train(session: Session, runner: Any, fuse: bool, workers: int, threads: int | None, max_fuse: int) -> Any:
+    """The study's pending runs trained here, or by `workers` workers of `runner` (the
+    executor); their report (None when nothing was pending)."""
     pending = len(session.configs) - session.skipped
     if session.wide_only:  # one wide group per worker
         session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, workers, max_fuse)
@@ -104,8 +113,8 @@ def train(session: Session, fuse: bool, workers: int, threads: int | None, share
     for key, value in {TAG_FUSE: str(fuse), TAG_WORKERS: str(workers), TAG_THREADS: str(threads or "")}.items():
         session.tracker.client.set_tag(session.parent, key, value)
     workers = max(1, min(workers, pending))
-    if pending and workers > 1:
-        return launch_workers(session, workers, threads=threads, share_cores=share_cores)
+    if pending and (workers > 1 or not isinstance(runner, LocalPlan)):
+        return supervise(session, runner.for_workers(workers), workers)
     if pending:
         if threads:
             torch.set_num_threads(threads)

@@ -22,7 +22,7 @@ from cnnbench.run import storage as optuna_store
 from cnnbench.run.claims import failed, tell
 from cnnbench.run.search import PruningRecorder
 from cnnbench.run.session import Member, Session, trial_id
-from cnnbench.track.schema import EPOCH
+from cnnbench.track.schema import EPOCH, TAG_CHECKPOINT
 from cnnbench.track.writer import run_name
 from cnnbench.train.device import resolve_device
 from cnnbench.train.fused import fuse_groups
@@ -71,6 +71,9 @@ def prepare(session: Session, trial: Any) -> Member | None:
         session.say(f"[{session.worker}] trial {trial.number} failed: {err}")
         return None
     ckpt, name, tags = session.kind.run_of(session, trial, config)
+    if session.share is not None:  # a retried trial resumes here from where another node left it
+        session.share.fetch(ckpt)
+    tags = {**tags, TAG_CHECKPOINT: ckpt.name}
     return Member(trial, config, ckpt, session.tracker.recorder(config, parent=session.parent, name=name, tags=tags))
 
 
@@ -113,8 +116,10 @@ def train_members(session: Session, group: list[Member], data_cache: dict[tuple,
 def recorder(session: Session, member: Member) -> PruningRecorder:
     """The member's MLflow recorder, wrapped: the run id to Optuna, a sweep's score each
     epoch (which may prune it), and each epoch to the progress board."""
+    share = session.share
     return PruningRecorder(member.inner, member.trial, session.metric, on_epoch=epoch_events(session, member),
-                           on_log=session.cores.adjust if session.cores is not None else None)
+                           on_log=session.cores.adjust if session.cores is not None else None,
+                           on_checkpoint=(lambda path, epoch: share.put(member.run_id, path.parent)) if share else None)
 
 
 def epoch_events(session: Session, member: Member) -> Callable[[dict[str, float]], None] | None:

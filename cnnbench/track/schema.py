@@ -70,6 +70,7 @@ TAG_SEARCHED = "cnnbench.searched"  # a sweep's trial: the searched hyperparamet
 TAG_TESTED = "cnnbench.tested"  # a sweep's final run: how its test set was read
 TAG_TRIAL = "optuna.trial_number"  # the Optuna trial (a final run: the best trial it repeats)
 TAG_STATE = "optuna.state"  # the Optuna trial's state (RUNNING, COMPLETE, PRUNED, FAIL)
+TAG_CHECKPOINT = "cnnbench.checkpoint"  # a trial's resume-checkpoint lineage: its folder's name (a retry keeps it)
 TAG_RETRY_OF = "optuna.retry_of"  # a retried sweep trial: the trial it repeats
 
 # ----------------------------------------------------------------------------------------
@@ -136,7 +137,8 @@ ATTR_REUSED = "reused"  # a study trial read back from MLflow (an earlier execut
 ATTR_WORKER_HOST = "worker_host"
 ATTR_WORKER_BOOT = "worker_boot"  # the machine's boot id: tells machines (and reboots) with one host name apart
 ATTR_WORKER_PID = "worker_pid"
-ATTR_WORKER_SUPERVISOR = "worker_supervisor"  # the process that started the worker and watches it (its pid)
+ATTR_WORKER_SUPERVISOR = "worker_supervisor"  # the process that started the worker and watches it: "HOST BOOT PID"
+ATTR_WORKER_SLOT = "worker_slot"  # the supervisor's name for the worker (w0, w1, ...: a replacement keeps it)
 ATTR_WORKER_DEATHS = "worker_deaths"  # times a worker died under this trial while its supervisor lived
 
 # ----------------------------------------------------------------------------------------

@@ -235,6 +235,11 @@ class Tracker:
             if not token:
                 return runs
 
+    def runs_with_tag(self, key: str, value: str) -> list[Any]:
+        """This experiment's runs whose tag `key` is `value`, newest first."""
+        return self.client.search_runs([self.experiment_id], f"tags.`{key}` = '{value}'", max_results=100,
+                                       order_by=["attributes.start_time DESC"])
+
     def finished_trials(self) -> dict[str, Any]:
         """trial key -> the newest run whose outcome is final (finished or diverged)."""
         done: dict[str, Any] = {}
@@ -404,6 +409,7 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run ... at" line per run
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -329,6 +329,8 @@ def _end_epoch(fit: Fit, epoch: int, seconds: float, lr_rows: list[list[float]],
             r.best_epoch = epoch + 1
         write_checkpoints(fit.engine, k, fit.configs[k], r, epoch + 1, fit.schedules[k], fit.ckpt_dirs[k], is_best)
         with interrupt.shielded():  # a Ctrl-C inside a database write would break the connection
+            if fit.ckpt_dirs[k] is not None:
+                fit.recorders[k].checkpoint(fit.ckpt_dirs[k] / "last.pt", epoch + 1)
             verdict = fit.recorders[k].epoch(record)
         if verdict == "prune":
             fit.stop(k, PRUNED, f"pruned after epoch {epoch + 1}")
