@@ -298,7 +298,8 @@ def command(name: str, /, *, typed: str = "", **o: Any) -> tuple[str, int]:
                 f"{r['test_loss']:.4f}, test accuracy {r['test_acc']:.2f}% on {r['images']} images"), 0
     if name == "bench":
         keys = ("device", "model", "batch_size", "steps", "repeats", "max_k", "options", "lr_study", "epochs",
-                "sweep", "fuse_k", "sweep_trials", "sweep_epochs", "sweep_train_subset", "engines", "results_dir")
+                "sweep", "fuse_k", "sweep_trials", "sweep_epochs", "sweep_train_subset", "engines", "executors",
+                "results_dir")
         return "wrote " + ", ".join(bench(data_root=o["data_dir"], **{k: o[k] for k in keys})), 0
     if name == "summary":
         return summary_text(o["model"], input=o["input"], classes=o["classes"], fmt=o["format"], all_models=o["all"],

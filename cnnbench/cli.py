@@ -256,6 +256,9 @@ BENCH = ("bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time
             opt("--sweep-trials", 32, "with --sweep: trials", int), opt("--sweep-epochs", 3, "with --sweep: epochs", int),
             opt("--sweep-train-subset", None, "with --sweep: images per epoch (default: all)", int, metavar="N"),
             flag("--engines", "only the fused engines, wide against vmap, K = 1, 2, 4, ... --max-k"),
+            flag("--executors", "instead: the tiny 3-seed lr study with 2 workers as local processes and as Ray "
+                 "tasks on a 2-node Ray cluster on this machine (where only loopback may be used, run it under "
+                 ".ci/ray-netns); results/bench/executors.md"),
             opt("--results-dir", "results", "writes RESULTS_DIR/bench/", metavar="DIR")])
 SUMMARY = ("summary", cmd_tool, "per-layer shapes, parameters, MACs and memory of a model", "Per layer: output "
         "shape, parameters, multiply-accumulates (MACs = FLOPs / 2) and activation memory of one image, then "

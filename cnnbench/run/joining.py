@@ -43,7 +43,7 @@ def join_as_worker(spec: StudySpec, *, storage: str | None = None, tracking: str
         fuse_k = max_fuse or default_fuse_k(spec.base_config().device)
     open_args = dict(plan=p, storage=storage, tracking=tracking, state=state, results_root=results_root,
                      data_root=data_root, command=command, fuse_k=fuse_k, wide_only=on_cpu and kind is GRID,
-                     role="worker", share_checkpoints=True, checkpoint_uri=checkpoint_uri)
+                     role="worker", share_checkpoints=True, checkpoint_uri=checkpoint_uri, executor="worker")
     ending = (finish if kind is GRID else finalize) if final else None
     return run_worker(spec, kind, open_args, label=label or "worker",
                       threads=threads or (usable_cores() if on_cpu else None), on_session=ending)

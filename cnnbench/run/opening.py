@@ -38,7 +38,7 @@ from cnnbench.track.schema import (
 )
 from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, tracking_uri
 from cnnbench.train.device import resolve_device
-from cnnbench.util import fileio, interrupt
+from cnnbench.util import fileio, interrupt, processes
 from cnnbench.util.paths import state_dir
 from cnnbench.util.text import masked
 
@@ -68,7 +68,8 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
                  command: str = "", worker: str = "", fuse_k: int | None = None,
                  wide_only: bool = False, checked: bool = False, role: str = "lead",
                  supervisor: str | None = None, slot: str | None = None, share_checkpoints: bool = False,
-                 checkpoint_uri: str | None = None, check_stores: Callable[[str, str], None] | None = None) -> Session:
+                 checkpoint_uri: str | None = None, check_stores: Callable[[str, str], None] | None = None,
+                 executor: str = "local", node: str = "") -> Session:
     """Check everything, then create or join the study's (or sweep's) Optuna study and
     MLflow parent run. `checked`: a worker process whose parent checked the same input
     (`preflight`) a moment ago. `role`: "lead", the process that leads an execution (it
@@ -77,7 +78,8 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
     worker that `supervisor` started and watches (run/pool.py) under the name `slot`.
     `share_checkpoints`: every epoch's resume checkpoint also goes where any node reads it,
     `checkpoint_uri` or else the trial's MLflow run (checkpoint_share.py). `check_stores(url,
-    uri)`: the executor's refusal of stores its workers cannot reach, before anything is created."""
+    uri)`: the executor's refusal of stores its workers cannot reach, before anything is created.
+    `executor`, `node`: what started this process and where it runs, for its runs' tags."""
     quiet_mlflow()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     open_args = dict(plan=plan, storage=storage, tracking=tracking, state=state, results_root=results_root,
@@ -110,7 +112,8 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
                       parent="", target=opened.target, out_dir=out_dir, ckpt_root=root / "checkpoints" / spec.name,
                       data_root=data_root, command=command, worker=worker or worker_name(optuna_store.identity()),
                       grid_size=opened.grid_size, fuse_k=opened.fuse_k, wide_only=wide_only, configs=opened.configs,
-                      plan=plan, open_args=open_args, supervisor=supervisor, slot=slot, owner=owner)
+                      plan=plan, open_args=open_args, supervisor=supervisor, slot=slot, owner=owner,
+                      executor=executor, node=node or processes.host())
     if share_checkpoints or checkpoint_uri:
         session.share = CheckpointShare(session.tracker, checkpoint_uri)
     holder["session"] = session

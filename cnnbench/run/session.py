@@ -186,6 +186,8 @@ class Session:
     slot: str | None = None  # ... and its name for this worker (w0, w1, ...)
     owner: Any = None  # the lock on the results folder (owner.ResultsOwner), held by the process leading
     share: Any = None  # where resume checkpoints follow a trial to any node (checkpoint_share.py); None: this one
+    executor: str = "local"  # what started this worker (local, ray, slurm, worker), for its runs' tags
+    node: str = ""  # the node it runs on (default: the host name)
 
     def close(self) -> None:
         """This process is done with the session: the results folder's lock is let go."""

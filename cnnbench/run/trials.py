@@ -22,7 +22,7 @@ from cnnbench.run import storage as optuna_store
 from cnnbench.run.claims import failed, tell
 from cnnbench.run.search import PruningRecorder
 from cnnbench.run.session import Member, Session, trial_id
-from cnnbench.track.schema import EPOCH, TAG_CHECKPOINT
+from cnnbench.track.schema import EPOCH, TAG_CHECKPOINT, TAG_EXECUTOR, TAG_NODE, TAG_WORKER
 from cnnbench.track.writer import run_name
 from cnnbench.train.device import resolve_device
 from cnnbench.train.fused import fuse_groups
@@ -73,7 +73,8 @@ def prepare(session: Session, trial: Any) -> Member | None:
     ckpt, name, tags = session.kind.run_of(session, trial, config)
     if session.share is not None:  # a retried trial resumes here from where another node left it
         session.share.fetch(ckpt)
-    tags = {**tags, TAG_CHECKPOINT: ckpt.name}
+    tags = {**tags, TAG_CHECKPOINT: ckpt.name, TAG_EXECUTOR: session.executor, TAG_NODE: session.node,
+            TAG_WORKER: session.slot or session.worker}
     return Member(trial, config, ckpt, session.tracker.recorder(config, parent=session.parent, name=name, tags=tags))
 
 

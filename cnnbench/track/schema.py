@@ -70,6 +70,9 @@ TAG_SEARCHED = "cnnbench.searched"  # a sweep's trial: the searched hyperparamet
 TAG_TESTED = "cnnbench.tested"  # a sweep's final run: how its test set was read
 TAG_TRIAL = "optuna.trial_number"  # the Optuna trial (a final run: the best trial it repeats)
 TAG_STATE = "optuna.state"  # the Optuna trial's state (RUNNING, COMPLETE, PRUNED, FAIL)
+TAG_EXECUTOR = "cnnbench.executor"  # a trial's executor: local, ray, slurm, worker (cnnbench worker)
+TAG_NODE = "cnnbench.node"  # ... the node it trained on (the host name; a Ray node's id)
+TAG_WORKER = "cnnbench.worker"  # ... and its worker (w0, w1, ...; a replacement keeps the name)
 TAG_CHECKPOINT = "cnnbench.checkpoint"  # a trial's resume-checkpoint lineage: its folder's name (a retry keeps it)
 TAG_RETRY_OF = "optuna.retry_of"  # a retried sweep trial: the trial it repeats
 

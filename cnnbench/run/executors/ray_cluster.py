@@ -74,7 +74,12 @@ class RayTasks:
             gpus = 1 if self.ray.cluster_resources().get("GPU", 0) >= 1 else 0
         self.gpus, cpus = gpus, settings.cpus_per_worker if settings.cpus_per_worker is not None else 1
         self.task = self.ray.remote(max_retries=0, num_cpus=cpus, num_gpus=gpus)(ray_worker)
-        self.events = Queue(actor_options={"num_cpus": 0})
+        # on the driver's own node: a queue on a node that is lost would take the progress lines with it
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here_id = self.ray.get_runtime_context().get_node_id()
+        self.events = Events(Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+            node_id=here_id, soft=False)}))
         self.name = f"Ray ({len(nodes(self.ray))} node(s), {cpus} CPU(s) and {gpus} GPU(s) per worker)"
 
     def check_stores(self, url: str, uri: str) -> None:
@@ -94,6 +99,22 @@ class RayTasks:
 
     def close(self) -> None:
         pass  # the cluster is the user's; a local one ends with this process
+
+
+class Events:
+    """The progress events' Ray queue; a put that fails (the driver gone) loses a line, never a trial."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def put(self, item: Any) -> None:
+        try:
+            self.queue.put(item, timeout=10)
+        except Exception:  # a progress line is not worth a trial
+            pass
+
+    def get(self, timeout: float | None = None) -> Any:
+        return self.queue.get(timeout=timeout)
 
 
 @dataclass
@@ -151,5 +172,7 @@ def ray_worker(spec: StudySpec, kind: Kind, open_args: dict[str, Any], label: st
     if not gpus:  # Ray leaves CUDA_VISIBLE_DEVICES unset for a task without GPUs: it would see them all
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     where = f"node {ray.util.get_node_ip_address()} pid {os.getpid()}"
-    ended = run_worker(spec, kind, {**open_args, "state": str(node_state())}, label=label, events=events)
+    node = ray.get_runtime_context().get_node_id()[:12]
+    ended = run_worker(spec, kind, {**open_args, "state": str(node_state()), "executor": "ray", "node": node},
+                       label=label, events=events)
     return ended.status, ended.message, where

@@ -7,6 +7,7 @@
   engines.py     --engines: the wide engine against vmap's, by K
   lr_study.py    --lr-study: the learning-rate study for real, both ways
   sweep.py       --sweep: one Optuna sweep, one trial at a time and K fused
+  executors.py   --executors: the tiny 3-seed lr study on local processes and on Ray
   naive.py       the documents' loop, every ratio's baseline
   steps.py       one engine's steps, test passes and profile (also gpu-check's)
   common.py      what they share: the rows, the timed loop, worker processes
@@ -31,7 +32,7 @@ def bench(*, data_root: Any = None, device: str = "auto", model: str = "lenet5",
           steps: int = 200, repeats: int = 3, max_k: int | None = None, options: bool = False,
           lr_study: bool = False, epochs: int = 10, sweep: bool = False, fuse_k: int | None = None,
           sweep_trials: int = 32, sweep_epochs: int = 3, sweep_train_subset: int | None = None,
-          engines: bool = False, results_dir: str | Path = "results") -> list[str]:
+          engines: bool = False, executors: bool = False, results_dir: str | Path = "results") -> list[str]:
     """`cnnbench bench`: what it measures depends on the flags (see its --help); returns
     the files written. Every option is checked before anything runs."""
 
@@ -45,6 +46,10 @@ def bench(*, data_root: Any = None, device: str = "auto", model: str = "lenet5",
         if value < low:
             raise ConfigError(f"{name}: must be >= {low}, got {value}")
     out = Path(results_dir) / "bench"
+    if executors:  # local processes against a 2-node Ray cluster
+        from cnnbench.tools.bench.executors import time_executors  # Ray: the ray extra, seconds to import
+
+        return [str(time_executors(data_root=data_root, out_dir=out)["file"])]
     if sweep:
         resolve_device(device)
         summary = time_sweep(data_root=data_root, device=device, n_trials=sweep_trials, epochs=sweep_epochs,
