@@ -107,7 +107,7 @@ def test_the_extras_and_the_tested_torch():
     project = PYPROJECT["project"]
     optional = project["optional-dependencies"]
     assert set(extras.EXTRAS) <= set(optional)
-    assert "cnnbench[report,ui,postgres]" in optional["dev"]
+    assert "cnnbench[report,ui,postgres,ray,slurm]" in optional["dev"]
     core = {Requirement(r).name.lower(): Requirement(r) for r in project["dependencies"]}
     assert not {"papermill", "playwright", "psycopg", "psycopg2-binary", "optuna-dashboard"} & set(core)
     pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()

@@ -90,19 +90,10 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
     url = storage or stores.default_url(spec.name, root)
     uri = tracking_uri(tracking)
     out_dir = Path(results_root) / spec.name
-    configs = kind.configs_to_check(spec, plan)
-    name, execution = kind.execution(spec, plan, uri=uri, url=url)
-    owner = ResultsOwner(out_dir, execution, f"{kind.name} {spec.name}") if role == "lead" else None
     if check_stores is not None:
         check_stores(url, uri)
-    if not checked:
-        lock_file = optuna_store.ClaimLock(url, name).file
-        preflight(spec, configs, url=url, uri=uri, data_root=data_root, out_dir=out_dir,
-                  paths=[out_dir / "summary.csv", root / "checkpoints" / spec.name / "x"]
-                  + ([owner.path] if owner else []) + ([lock_file] if lock_file else []))
-    if owner is not None and not owner.take():
-        owner = None  # the same execution holds it: this process joins it
-
+    owner = checked_and_owned(spec, kind, plan, url=url, uri=uri, root=root, out_dir=out_dir, data_root=data_root,
+                              lead=role == "lead", checked=checked)
     holder: dict[str, Session] = {}
     store = optuna_store.open_storage(url, lambda study, trial: lost(holder["session"], trial))
     opened = kind.create(spec, plan=plan, store=store, uri=uri, n_trials=n_trials, sampler_seed=sampler_seed,
@@ -123,6 +114,23 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
         session.close()
         raise
     return session
+
+
+def checked_and_owned(spec: StudySpec, kind: Kind, plan: Any, *, url: str, uri: str, root: Path, out_dir: Path,
+                      data_root: Any, lead: bool, checked: bool) -> ResultsOwner | None:
+    """The preflight (unless `checked`), then the results folder's lock for the process that
+    leads an execution: held (returned), joined (None: the same execution holds it), or
+    refused (ConfigError: another execution's)."""
+    name, execution = kind.execution(spec, plan, uri=uri, url=url)
+    owner = ResultsOwner(out_dir, execution, f"{kind.name} {spec.name}") if lead else None
+    if not checked:
+        lock_file = optuna_store.ClaimLock(url, name).file
+        preflight(spec, kind.configs_to_check(spec, plan), url=url, uri=uri, data_root=data_root, out_dir=out_dir,
+                  paths=[out_dir / "summary.csv", root / "checkpoints" / spec.name / "x"]
+                  + ([owner.path] if owner else []) + ([lock_file] if lock_file else []))
+    if owner is not None and not owner.take():
+        return None  # the same execution holds it: this process joins it
+    return owner
 
 
 def start_or_join(session: Session, *, lead: bool = True) -> None:
