@@ -37,7 +37,8 @@ from cnnbench.run.claims import claim_results, results_written
 from cnnbench.run.grid import GRID
 from cnnbench.run.opening import open_session, pause_parent
 from cnnbench.run.session import Session, count_states
-from cnnbench.run.workers import launch_workers, work
+from cnnbench.run.trials import say_engine
+from cnnbench.run.workers import launch_workers, notebook_workers, work
 from cnnbench.track.schema import ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON, TAG_FUSE, TAG_THREADS, TAG_WORKERS
 from cnnbench.train.device import resolve_device, usable_cores
 from cnnbench.errors import StorageError, Unfinished
@@ -72,6 +73,7 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
     p = plan(spec)
     device = p.runs[0].device
     asked_to_fuse = fuse
+    workers = notebook_workers(f"study {spec.name}", [c.model for c in p.runs], workers)
     fuse, workers, threads = execution(device, fuse, workers)
     wide_only = resolve_device(device).type == "cpu" and asked_to_fuse is None  # the CPU fuses only what widens
     session = open_session(spec, GRID, plan=p, storage=storage, tracking=tracking, state=state,
@@ -103,6 +105,8 @@ def train(session: Session, fuse: bool, workers: int, threads: int | None, share
     session.threads = threads
     for key, value in {TAG_FUSE: str(fuse), TAG_WORKERS: str(workers), TAG_THREADS: str(threads or "")}.items():
         session.tracker.client.set_tag(session.parent, key, value)
+    if pending:
+        say_engine(session, fuse)
     workers = max(1, min(workers, pending))
     if pending and workers > 1:
         return launch_workers(session, workers, threads=threads, share_cores=share_cores)
@@ -214,7 +218,8 @@ def collect_rows(session: Session, chosen: dict[str, Any]) -> list[TrialRow]:
     assert p is not None
     results = {key: _result(session, key, chosen.get(key)) for key in session.configs}
     c0 = p.runs[0]
-    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset)
+    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset,
+                         test_fraction=c0.test_fraction, root=session.data_root)
     rows = []
     for i, (trial, run_index) in enumerate(zip(p.trials, p.run_of)):
         run_cfg = p.runs[run_index]
@@ -232,7 +237,8 @@ def write(session: Session, outcome: StudyOutcome, fingerprint: str) -> None:
     spec, p = session.spec, session.plan
     assert p is not None
     c0 = p.runs[0]
-    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset)
+    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset,
+                         test_fraction=c0.test_fraction, root=session.data_root)
     device = sorted({r.result.device for r in outcome.rows if r.result.device})
     with interrupt.shielded():
         try:

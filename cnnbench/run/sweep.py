@@ -32,7 +32,8 @@ from cnnbench.run.final import finalize
 from cnnbench.run.opening import join, mark_ready, open_session, pause_parent, reopen
 from cnnbench.run.search import make_pruner, make_sampler, objective_value
 from cnnbench.run.session import Kind, Member, Opened, Outcome, Session, trial_id
-from cnnbench.run.workers import WorkerReport, launch_workers, work
+from cnnbench.run.trials import say_engine
+from cnnbench.run.workers import WorkerReport, launch_workers, notebook_workers, work
 from cnnbench.track.schema import (
     ATTR_BEST_EPOCH,
     ATTR_FUSED_WITH,
@@ -67,6 +68,11 @@ from cnnbench.util.text import masked
 
 FUSE_K = 16  # trials a worker trains fused on CUDA and MPS by default (a study's --max-fuse default too)
 MAX_FAILURES_IN_A_ROW = 3  # a worker whose trials keep failing (a broken device, say) stops
+
+
+def sweep_models(spec: StudySpec) -> list[str]:
+    """The networks a sweep trains: its fixed one, and those it searches over."""
+    return [spec.base_config().model, *(m for d in spec.search if d.name == "model" for m in d.choices)]
 
 
 def default_fuse_k(device: str) -> int:
@@ -238,10 +244,12 @@ def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, share_co
     finish it when this is the process that ends it. Returns (session, report, outcome);
     the outcome is None where another process writes the results. `share_cores`: as
     for a study (study.run_study)."""
+    workers = notebook_workers(f"sweep {spec.name}", sweep_models(spec), workers) or 1
     session = open_sweep(spec, storage=storage, tracking=tracking, state=state, results_root=results_root,
                          n_trials=n_trials, sampler_seed=sampler_seed, data_root=data_root, command=command,
                          fuse_k=fuse_k)
     try:
+        say_engine(session, True)
         if workers > 1:
             # on the CPU the workers share the cores: N workers with every core each spend their
             # time waiting for each other's threads (measured: 6x slower for LeNet with 2 on 2)

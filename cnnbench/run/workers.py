@@ -25,6 +25,8 @@ import torch
 
 from cnnbench.config.spec import StudySpec
 from cnnbench.errors import ConfigError, DataError, DeviceError, StorageError, TrackingError
+from cnnbench.models.source import fresh_module
+from cnnbench.models.user import add_model_path, notebook_only, registering_modules
 from cnnbench.run.claims import claim, interrupted, worker_died
 from cnnbench.run.cores import CoreShare
 from cnnbench.run.opening import open_session
@@ -122,6 +124,29 @@ class Slot:
     ended: bool = False
 
 
+def notebook_workers(label: str, models: list[str], workers: int | None) -> int | None:
+    """The worker processes to use when the study trains a network registered in a notebook,
+    which a spawned worker cannot import: one line and this process (workers not given), or
+    a ConfigError (more than one asked for)."""
+    names = sorted({m for m in models if notebook_only(m)})
+    if not names:
+        return workers
+    if workers is not None and workers > 1:
+        raise ConfigError(f"{label}: model {names[0]!r} is registered in a notebook (__main__), which worker "
+                          "processes cannot import; put it in a module and import it from there, or use 1 worker")
+    if workers is None:
+        print(f"{label}: model {names[0]!r} is registered in a notebook: its trials train in this process "
+              "(worker processes could not import it; put it in a module for them)", flush=True)
+    return 1
+
+
+def study_models(session: Session) -> list[str]:
+    """The networks a session trains (a sweep: its fixed one and those it searches)."""
+    spec = session.spec
+    return sorted({c.model for c in session.configs.values()} | {spec.base_config().model}
+                  | {m for d in spec.search if d.name == "model" for m in d.choices})
+
+
 def launch_workers(session: Session, n: int, *, threads: int | None = None, share_cores: bool = False) -> WorkerReport:
     """`n` worker processes on this machine (one GPU each, round robin, where there are
     GPUs; `threads` CPU threads each) that join this session's study and train its
@@ -152,6 +177,7 @@ class Pool:
         self.slots = [Slot(f"w{i}", i % gpus if gpus else None) for i in range(n)]
         self.report = WorkerReport()
         self.fault = ""  # a worker's fault of the machine: the study stops
+        self.imports = registering_modules(study_models(session))  # the user's modules that register its models
 
     def run(self) -> WorkerReport:
         session, kind = self.session, self.session.kind
@@ -180,7 +206,7 @@ class Pool:
         slot.proc = self.ctx.Process(
             target=worker_main, name=f"cnnbench-{slot.label}",
             args=(s.spec, s.kind, {**s.open_args, "storage": s.url, "checked": True, "supervisor": os.getpid()},
-                  slot.label, self.threads, slot.gpu, self.events, self.share, self.faults))
+                  slot.label, self.threads, slot.gpu, self.events, self.share, self.faults, self.imports))
         slot.proc.start()
 
     def say(self, line: str) -> None:
@@ -254,22 +280,27 @@ def stop_workers(procs: list[Any], signum: int = signal.SIGINT, *, wait: bool = 
 
 
 def worker_main(spec: StudySpec, kind: Kind, open_args: dict[str, Any], label: str, threads: int | None,
-                gpu: int | None, events: Any, share: tuple[Any, int | None] | None = None, faults: Any = None) -> None:
+                gpu: int | None, events: Any, share: tuple[Any, int | None] | None = None, faults: Any = None,
+                imports: tuple[str, ...] = ()) -> None:
     """A worker process: join the study, train until nothing is left, exit: 0; EXIT_GAVE_UP
     when its trials kept failing; EXIT_INPUT on bad input; EXIT_STORAGE on a fault of the
     machine (the message to `faults`); 128 + the signal on a stop request. `share`: the
     counter of workers training, to wake when one ends, and the threads of all together,
     to share the CPU's cores out as workers end (None: off the CPU, or without
-    --share-cores; cores.CoreShare)."""
+    --share-cores; cores.CoreShare). `imports`: the user's modules that register the study's
+    networks (this is a fresh interpreter: spawned)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
     except (OSError, AttributeError):
         pass
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    spec, plan = without_progress_bars(spec, open_args.get("plan"))
     try:
         interrupt.install()  # a stop request that came while the parent started us is raised here
+        add_model_path(spec.model_path)
+        for module in imports:  # before any config is made: they register its networks
+            fresh_module(module, ref=module)
+        spec, plan = without_progress_bars(spec, open_args.get("plan"))
         if threads:
             torch.set_num_threads(threads)
         session = open_session(spec, kind, **{**open_args, "plan": plan}, worker=label)
