@@ -185,9 +185,12 @@ def at_least_one(**counts: int | None) -> None:
 
 
 def evaluate(checkpoint: str | os.PathLike, *, device: str = "auto", data_root: str | os.PathLike | None = None,
-             test_batch_size: int = 1024) -> dict[str, Any]:
+             test_batch_size: int = 1024,
+             model_path: str | os.PathLike | Iterable[str | os.PathLike] | None = None) -> dict[str, Any]:
     """Re-test a saved checkpoint (an epoch's, the best or the last) on the test set:
-    {"epoch", "config", "test_loss", "test_acc", "images"}."""
+    {"epoch", "config", "test_loss", "test_acc", "images"}. `model_path`: folders to import
+    a network of your own (module:Class) from."""
+    use_model_path(model_path)
     path = Path(checkpoint)
     if not path.is_file():
         raise ConfigError(f"{path}: no such checkpoint")
@@ -288,7 +291,8 @@ def command(name: str, /, *, typed: str = "", **o: Any) -> tuple[str, int]:
         rows = [f"{'name':<14} {'parameters':>12}  source"]
         return "\n".join(rows + [f"{m:<14} {n:>12,}  {source}" for m, n, source in models()]), 0
     if name == "evaluate":
-        r = evaluate(o["checkpoint"], device=o["device"], data_root=o["data_dir"], test_batch_size=o["test_batch_size"])
+        r = evaluate(o["checkpoint"], device=o["device"], data_root=o["data_dir"], test_batch_size=o["test_batch_size"],
+                     model_path=o["model_path"])
         c = r["config"]
         return (f"{o['checkpoint']}: epoch {r['epoch']} of {c.model} (lr={c.lr:g}, seed={c.seed}): test loss "
                 f"{r['test_loss']:.4f}, test accuracy {r['test_acc']:.2f}% on {r['images']} images"), 0

@@ -180,7 +180,7 @@ SWEEP = ("sweep", cmd_sweep, "run an Optuna sweep over a spec's search space", "
 MODELS = ("models", cmd_tool, "list the registered architectures", "The registry: name, parameters, source.", [])
 EVALUATE = ("evaluate", cmd_tool, "re-test a saved checkpoint", "Measure a checkpoint's loss and accuracy on "
         "the test set (last.pt, best.pt, epoch_NNN.pt, or the MLflow artifact).", [
-            ("checkpoint", dict(help="path of the .pt file")), DATA, DEVICE,
+            ("checkpoint", dict(help="path of the .pt file")), DATA, DEVICE, MODEL_PATH,
             opt("--test-batch-size", 1024, "evaluation batch size", int)])
 BENCH = ("bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time on one device: the naive "
         "loop (a DataLoader, .to(device), loss.item() each step), cnnbench's loop, and K fused trials for K = 1, "
