@@ -28,9 +28,9 @@ from cnnbench.config.space import with_overrides as sweep_overrides
 from cnnbench.config.spec import StudySpec, parse_seeds
 from cnnbench.config.spec import load_spec as read_spec
 from cnnbench.config.trial import TrialConfig
-from cnnbench.data.tensors import data_dir, load_arrays
 from cnnbench.errors import ConfigError
-from cnnbench.models import get_model, list_models, model_entry
+from cnnbench.models import get_model, list_models, model_entry, register_user_model
+from cnnbench.models.user import add_model_path
 from cnnbench.models.summary import summarize as layer_summary
 from cnnbench.report import analysis
 from cnnbench.report.compare import compare_command
@@ -53,27 +53,50 @@ from cnnbench.track import reader
 from cnnbench.track.stores import default_url
 from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
 from cnnbench.train.checkpoint import load_checkpoint
-from cnnbench.train.device import resolve_device
+from cnnbench.train.device import check_inputs
 from cnnbench.train.loop import evaluate_checkpoint
 from cnnbench.train.loop import run_trial as train_one
 from cnnbench.train.result import Recorder, TrialResult
 from cnnbench.util.paths import state_dir
 
-__all__ = ["evaluate", "load_runs", "load_spec", "run_study", "run_sweep", "run_trial", "run_worker", "statistics",
-           "summarize", "Local", "Ray", "Slurm",
+__all__ = ["evaluate", "load_runs", "load_spec", "register_model", "run_study", "run_sweep", "run_trial", "run_worker",
+           "statistics", "summarize", "Local", "Ray", "Slurm",
            # the commands' tools
            "bench", "command", "compare", "gpu_check", "history_text", "models", "report", "screenshot",
            "summary_text", "sweep_storage_url"]
 
 
+def register_model(name: str, *, source: str = ""):
+    """Decorator: your own network under `name`, for specs, `run_study` and `run_trial`
+    (`@cnnbench.register_model("small")` on a class or a function returning an nn.Module;
+    it gets those of in_channels, num_classes, image_size, activation, dropout it accepts).
+    Worker processes import the module that registered it; one registered in a notebook
+    trains in this process (docs/your-own.md)."""
+    return register_user_model(name, source=source)
+
+
+def use_model_path(model_path: str | os.PathLike | Iterable[str | os.PathLike] | None) -> None:
+    """`--model-path`: folders put first on the import path, for networks given as module:Class."""
+    if model_path is None:
+        return
+    folders = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"--model-path: {folder} is not a folder")
+    add_model_path(folders)
+
+
 def load_spec(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None,
-              seeds: Iterable[int] | str | None = None) -> StudySpec:
+              seeds: Iterable[int] | str | None = None,
+              model_path: str | os.PathLike | Iterable[str | os.PathLike] | None = None) -> StudySpec:
     """A study or sweep spec (studies/*.yaml), validated, with fixed settings overridden
     (`overrides`, as `--set`) and, for a study, its seeds replaced (a list, or "0,1,2").
     A shipped study may be named (`lr`, or `studies/lr.yaml` where no such file is): an
-    installed cnnbench runs the document studies too (tools/resources.py)."""
+    installed cnnbench runs the document studies too (tools/resources.py). `model_path`:
+    folders to import the spec's `model: module:Class` from (besides its own folder)."""
     if isinstance(seeds, str):
         seeds = parse_seeds(seeds)
+    use_model_path(model_path)
     path = resources.spec_file(os.fspath(path))
     spec = read_spec(path)
     overrides = dict(overrides or {})
@@ -86,14 +109,17 @@ def load_spec(path: str | os.PathLike, *, overrides: dict[str, Any] | None = Non
 
 def run_trial(config: TrialConfig | None = None, *, data_root: str | os.PathLike | None = None,
               tracking: str | None = None, experiment: str = "runs", track: bool = True,
-              state: str | os.PathLike | None = None, resume: bool = False, **settings: Any) -> TrialResult:
+              state: str | os.PathLike | None = None, resume: bool = False,
+              model_path: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
+              **settings: Any) -> TrialResult:
     """Train one trial: `config`, or the default settings with `settings` over them
     (`run_trial(lr=0.05, epochs=2)`). Tracked as an MLflow run in `experiment` unless
-    `track` is False; epoch checkpoints in the state folder (`resume` goes on from them)."""
+    `track` is False; epoch checkpoints in the state folder (`resume` goes on from them).
+    `model_path`: folders to import `model="module:Class"` from."""
+    use_model_path(model_path)
     base = config.to_dict() if config is not None else {}
     config = TrialConfig.from_dict({**base, **settings}, where="settings")
-    resolve_device(config.device)
-    load_arrays(config.dataset, data_dir(data_root))
+    check_inputs([config], data_root)
     recorder: Recorder = Recorder()
     if track:
 
@@ -192,9 +218,12 @@ def at_least_one(**counts: int | None) -> None:
 
 
 def evaluate(checkpoint: str | os.PathLike, *, device: str = "auto", data_root: str | os.PathLike | None = None,
-             test_batch_size: int = 1024) -> dict[str, Any]:
+             test_batch_size: int = 1024,
+             model_path: str | os.PathLike | Iterable[str | os.PathLike] | None = None) -> dict[str, Any]:
     """Re-test a saved checkpoint (an epoch's, the best or the last) on the test set:
-    {"epoch", "config", "test_loss", "test_acc", "images"}."""
+    {"epoch", "config", "test_loss", "test_acc", "images"}. `model_path`: folders to import
+    a network of your own (module:Class) from."""
+    use_model_path(model_path)
     path = Path(checkpoint)
     if not path.is_file():
         raise ConfigError(f"{path}: no such checkpoint")
@@ -248,10 +277,13 @@ def bench(**kwargs: Any) -> list[str]:
 
 
 def summary_text(model: str | None = None, *, input: str | None = None, classes: int = 10, fmt: str = "table",
-                 all_models: bool = False, documents: bool = False, results_dir: str | None = None) -> str:
-    """`cnnbench summary`: per-layer tables of `model` (or every model, `all_models`), with
-    the documents' counts beside ours (`documents`), as text in `fmt` (table, markdown,
-    csv), or written under `results_dir`/summary/; `input` one image as CxHxW."""
+                 all_models: bool = False, documents: bool = False, results_dir: str | None = None,
+                 model_path: str | os.PathLike | Iterable[str | os.PathLike] | None = None) -> str:
+    """`cnnbench summary`: per-layer tables of `model` (a registry name or module:Class; or
+    every model, `all_models`), with the documents' counts beside ours (`documents`), as
+    text in `fmt` (table, markdown, csv), or written under `results_dir`/summary/; `input`
+    one image as CxHxW; `model_path` folders to import module:Class from."""
+    use_model_path(model_path)
     return summary_command(model, input=input, classes=classes, fmt=fmt, all_models=all_models, documents=documents,
                            results_dir=results_dir)
 
@@ -292,7 +324,8 @@ def command(name: str, /, *, typed: str = "", **o: Any) -> tuple[str, int]:
         rows = [f"{'name':<14} {'parameters':>12}  source"]
         return "\n".join(rows + [f"{m:<14} {n:>12,}  {source}" for m, n, source in models()]), 0
     if name == "evaluate":
-        r = evaluate(o["checkpoint"], device=o["device"], data_root=o["data_dir"], test_batch_size=o["test_batch_size"])
+        r = evaluate(o["checkpoint"], device=o["device"], data_root=o["data_dir"], test_batch_size=o["test_batch_size"],
+                     model_path=o["model_path"])
         c = r["config"]
         return (f"{o['checkpoint']}: epoch {r['epoch']} of {c.model} (lr={c.lr:g}, seed={c.seed}): test loss "
                 f"{r['test_loss']:.4f}, test accuracy {r['test_acc']:.2f}% on {r['images']} images"), 0
@@ -303,7 +336,7 @@ def command(name: str, /, *, typed: str = "", **o: Any) -> tuple[str, int]:
         return "wrote " + ", ".join(bench(data_root=o["data_dir"], **{k: o[k] for k in keys})), 0
     if name == "summary":
         return summary_text(o["model"], input=o["input"], classes=o["classes"], fmt=o["format"], all_models=o["all"],
-                            documents=o["documents"], results_dir=o["results_dir"]), 0
+                            documents=o["documents"], results_dir=o["results_dir"], model_path=o["model_path"]), 0
     if name == "compare":
         md, csv = compare(o["a"], o["b"], labels=o["labels"], name=o["name"], out=o["out"],
                           tracking=o["tracking_uri"], command=typed)

@@ -141,11 +141,13 @@ class GridStudy(Kind):
         the first: the same group key, each fusable (one that is not trains alone)."""
         waiting = [t for t in sorted(trials, key=lambda t: t.number) if t.state == TrialState.WAITING]
         configs = [session.configs.get(t.user_attrs.get(ATTR_KEY, "")) for t in waiting]
-        if not configs or configs[0] is None or k <= 1 or not fusable(configs[0], wide_only=session.wide_only):
+        root = session.data_root
+        if not configs or configs[0] is None or k <= 1 or not fusable(configs[0], wide_only=session.wide_only,
+                                                                       root=root):
             return 1
         first, n = group_key(configs[0]), 1
         for c in configs[1:k]:
-            if c is None or group_key(c) != first or not fusable(c, wide_only=session.wide_only):
+            if c is None or group_key(c) != first or not fusable(c, wide_only=session.wide_only, root=root):
                 break
             n += 1
         return n

@@ -20,7 +20,6 @@ from optuna.trial import TrialState
 from cnnbench.config.spec import StudySpec
 from cnnbench.config.trial import TrialConfig
 from cnnbench.errors import ConfigError
-from cnnbench.data.tensors import data_dir, load_arrays
 from cnnbench.run import storage as optuna_store
 from cnnbench.run.checkpoint_share import CheckpointShare
 from cnnbench.run.claims import lost
@@ -37,7 +36,7 @@ from cnnbench.track.schema import (
     worker_name,
 )
 from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, tracking_uri
-from cnnbench.train.device import resolve_device
+from cnnbench.train.device import check_inputs
 from cnnbench.util import fileio, interrupt, processes
 from cnnbench.util.paths import state_dir
 from cnnbench.util.text import masked
@@ -54,10 +53,7 @@ def preflight(spec: StudySpec, configs: list[TrialConfig], *, url: str, uri: str
             raise ConfigError(f"{spec.path}: name: {spec.name!r} is too long for the file system here ({path.parent}"
                               f" cannot hold the {len(os.fsencode(part))}-byte name {part[:40]!r}...)")
     optuna_store.check(url)
-    for device in sorted({c.device for c in configs}):
-        resolve_device(device)
-    for dataset in sorted({c.dataset for c in configs}):
-        load_arrays(dataset, data_dir(data_root))
+    check_inputs(configs, data_root)  # devices, data, the user's networks on a batch
     fileio.check_writable(out_dir)
     check_reachable(uri)  # workers started together on a fresh store: see stores.py
 

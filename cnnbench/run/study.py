@@ -39,7 +39,9 @@ from cnnbench.run.opening import open_session, pause_parent
 from cnnbench.run.session import Session, count_states
 from cnnbench.run.executors import prepare
 from cnnbench.run.executors.local import LocalPlan
+from cnnbench.run.networks import networks, notebook_workers
 from cnnbench.run.pool import supervise
+from cnnbench.run.trials import say_engine
 from cnnbench.run.workers import work
 from cnnbench.track.schema import ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON, TAG_FUSE, TAG_THREADS, TAG_WORKERS
 from cnnbench.train.device import resolve_device, usable_cores
@@ -79,6 +81,7 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
     p = plan(spec)
     device = p.runs[0].device
     asked_to_fuse = fuse
+    workers = notebook_workers(f"study {spec.name}", networks(spec, p.runs), workers)
     fuse, workers, threads = execution(device, fuse, workers)
     wide_only = resolve_device(device).type == "cpu" and asked_to_fuse is None  # the CPU fuses only what widens
     runner = prepare(executor, threads=threads, share_cores=share_cores)
@@ -112,6 +115,8 @@ def train(session: Session, runner: Any, fuse: bool, workers: int, threads: int 
     session.threads = threads
     for key, value in {TAG_FUSE: str(fuse), TAG_WORKERS: str(workers), TAG_THREADS: str(threads or "")}.items():
         session.tracker.client.set_tag(session.parent, key, value)
+    if pending:
+        say_engine(session, fuse)
     workers = max(1, min(workers, pending))
     if pending and (workers > 1 or not isinstance(runner, LocalPlan)):
         return supervise(session, runner.for_workers(workers), workers)
@@ -223,7 +228,8 @@ def collect_rows(session: Session, chosen: dict[str, Any]) -> list[TrialRow]:
     assert p is not None
     results = {key: _result(session, key, chosen.get(key)) for key in session.configs}
     c0 = p.runs[0]
-    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset)
+    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset,
+                         test_fraction=c0.test_fraction, root=session.data_root)
     rows = []
     for i, (trial, run_index) in enumerate(zip(p.trials, p.run_of)):
         run_cfg = p.runs[run_index]
@@ -241,7 +247,8 @@ def write(session: Session, outcome: StudyOutcome, fingerprint: str) -> None:
     spec, p = session.spec, session.plan
     assert p is not None
     c0 = p.runs[0]
-    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset)
+    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset,
+                         test_fraction=c0.test_fraction, root=session.data_root)
     device = sorted({r.result.device for r in outcome.rows if r.result.device})
     with interrupt.shielded():
         try:

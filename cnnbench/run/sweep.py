@@ -34,7 +34,9 @@ from cnnbench.run.search import make_pruner, make_sampler, objective_value
 from cnnbench.run.session import Kind, Member, Opened, Outcome, Session, trial_id
 from cnnbench.run.executors import prepare
 from cnnbench.run.executors.local import LocalPlan
+from cnnbench.run.networks import networks, notebook_workers
 from cnnbench.run.pool import supervise
+from cnnbench.run.trials import say_engine
 from cnnbench.run.workers import WorkerReport, work
 from cnnbench.track.schema import (
     ATTR_BEST_EPOCH,
@@ -242,6 +244,7 @@ def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, share_co
     and finish it when this is the process that ends it. Returns (session, report,
     outcome); the outcome is None where another process writes the results. `share_cores`,
     `executor` and `checkpoint_uri`: as for a study (study.run_study)."""
+    workers = notebook_workers(f"sweep {spec.name}", networks(spec), workers) or 1
     # on the CPU the workers share the cores: N workers with every core each spend their
     # time waiting for each other's threads (measured: 6x slower for LeNet with 2 on 2)
     on_cpu = resolve_device(spec.base_config().device).type == "cpu"
@@ -250,6 +253,7 @@ def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, share_co
                          n_trials=n_trials, sampler_seed=sampler_seed, data_root=data_root, command=command,
                          fuse_k=fuse_k, check_stores=runner.check_stores, checkpoint_uri=checkpoint_uri)
     try:
+        say_engine(session, True)
         if workers > 1 or not isinstance(runner, LocalPlan):
             report = supervise(session, runner.for_workers(workers), workers)
         else:
