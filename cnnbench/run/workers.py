@@ -126,9 +126,6 @@ def run_worker(spec: StudySpec, kind: Kind, open_args: dict[str, Any], *, label:
     `on_session`: called with the session once it is open (the final step of `cnnbench
     worker --final`, say, runs in it); `imports`: the user's modules that register the
     study's networks (networks.worker_imports), imported first."""
-    spec, plan = without_progress_bars(spec, open_args.get("plan")) if events is not None else (
-        spec, open_args.get("plan"))
-
     def say(line: str) -> None:
         if events is not None:
             events.put(("line", label, line, None))
@@ -138,7 +135,9 @@ def run_worker(spec: StudySpec, kind: Kind, open_args: dict[str, Any], *, label:
     previous = None
     try:
         previous = interrupt.install()  # a stop request that came while the supervisor started us is raised here
-        import_networks(spec, imports)
+        import_networks(spec, imports)  # before any config is made: they register the study's networks
+        spec, plan = without_progress_bars(spec, open_args.get("plan")) if events is not None else (
+            spec, open_args.get("plan"))
         if threads:
             torch.set_num_threads(threads)
         session = open_session(spec, kind, **{**open_args, "plan": plan}, worker=label)
