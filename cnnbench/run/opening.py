@@ -110,7 +110,7 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
                       parent="", target=opened.target, out_dir=out_dir, ckpt_root=root / "checkpoints" / spec.name,
                       data_root=data_root, command=command, worker=worker or worker_name(optuna_store.identity()),
                       grid_size=opened.grid_size, fuse_k=opened.fuse_k, wide_only=wide_only, configs=opened.configs,
-                      plan=plan, open_args=open_args, supervisor=supervisor, slot=slot, owner=owner)
+                      plan=plan, open_args=open_args, supervisor=supervisor, slot=slot, owner=owner, role=role)
     if share_checkpoints or checkpoint_uri:
         session.share = CheckpointShare(session.tracker, checkpoint_uri)
     holder["session"] = session
