@@ -41,6 +41,7 @@ from cnnbench.run.study import StudyOutcome
 from cnnbench.run.study import run_study as study_runner
 from cnnbench.run.sweep import run_sweep as sweep_runner
 from cnnbench.run.executors.settings import Local, Ray, Slurm
+from cnnbench.run.executors.slurm import Submitted
 from cnnbench.run.joining import join_as_worker
 from cnnbench.run.workers import EXIT_GAVE_UP, EXIT_INPUT, EXIT_STORAGE, WorkerReport
 from cnnbench.tools import resources
@@ -60,7 +61,7 @@ from cnnbench.train.result import Recorder, TrialResult
 from cnnbench.util.paths import state_dir
 
 __all__ = ["evaluate", "load_runs", "load_spec", "register_model", "run_study", "run_sweep", "run_trial", "run_worker",
-           "statistics", "summarize", "Local", "Ray", "Slurm",
+           "statistics", "summarize", "Local", "Ray", "Slurm", "Submitted",
            # the commands' tools
            "bench", "command", "compare", "gpu_check", "history_text", "models", "report", "screenshot",
            "summary_text", "sweep_storage_url"]
@@ -141,7 +142,7 @@ def run_study(spec: StudySpec | str | os.PathLike, *, data_root: str | os.PathLi
               state: str | os.PathLike | None = None, storage: str | None = None, fuse: bool | None = None,
               workers: int | None = None, max_fuse: int = 16, command: str = "", final: bool = True,
               share_cores: bool = False, executor: str | Local | Ray | Slurm = "local",
-              checkpoint_uri: str | None = None) -> StudyOutcome | None:
+              checkpoint_uri: str | None = None) -> StudyOutcome | Submitted | None:
     """Run (or join, or resume) a grid study: `results/<study>/` and one MLflow parent run.
 
     `storage`: an Optuna storage URL that processes on several machines share (default: a
@@ -155,6 +156,8 @@ def run_study(spec: StudySpec | str | os.PathLike, *, data_root: str | os.PathLi
     `Slurm(partition=..., time=...)` (array tasks); with a cluster, `storage` and `tracking`
     must be stores every node reaches, and `checkpoint_uri` (a shared folder or fsspec URL;
     default: the runs' MLflow artifacts) is where resume checkpoints follow a trial.
+    `Slurm(wait=False)` only submits the workers (the one that ends the study writes the
+    results) and returns a `Submitted` (the job, and how to follow it).
     `command`: the command line recorded with the runs. Returns the outcome (rows, files,
     counts), or None when another process writes the results."""
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
@@ -171,7 +174,7 @@ def run_sweep(spec: StudySpec | str | os.PathLike, *, workers: int = 1, final: b
               results_root: str | os.PathLike = "results", n_trials: int | None = None,
               sampler_seed: int | None = None, data_root: str | os.PathLike | None = None, command: str = "",
               fuse_k: int | None = None, share_cores: bool = False, executor: str | Local | Ray | Slurm = "local",
-              checkpoint_uri: str | None = None) -> tuple[Session, WorkerReport, SweepOutcome | None]:
+              checkpoint_uri: str | None = None) -> tuple[Session, WorkerReport, SweepOutcome | Submitted | None]:
     """Run (or join, or resume) an Optuna sweep over the spec's search block.
 
     `workers` processes here (more join with the same `storage` from elsewhere);
@@ -179,7 +182,7 @@ def run_sweep(spec: StudySpec | str | os.PathLike, *, workers: int = 1, final: b
     sampler; `fuse_k` trials each worker takes at once and trains fused (default: 16 on
     CUDA and MPS, 1 on the CPU); `final` False: only train trials; `executor` and
     `checkpoint_uri` as for run_study. Returns (session, worker report, outcome), the
-    outcome None where another process writes the results."""
+    outcome None where another process writes the results (a Submitted with `Slurm(wait=False)`)."""
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
     at_least_one(n_trials=n_trials, fuse_k=fuse_k, workers=workers)
     return sweep_runner(spec, workers=workers, final=final, storage=storage, tracking=tracking, state=state,

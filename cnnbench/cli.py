@@ -95,6 +95,9 @@ def cmd_study(args: argparse.Namespace, api: Any) -> int:
                             checkpoint_uri=args.checkpoint_uri)
     if outcome is None:  # another process writes the results
         return 0
+    if isinstance(outcome, api.Submitted):  # --no-wait: the job, and how to follow it
+        print(outcome.text())
+        return 0
     print(Path(outcome.files[1]).read_text())
     print(f"{outcome.trained} run(s) trained, {outcome.skipped} already finished; results in "
           f"{Path(outcome.files[0]).parent}/, MLflow parent run {outcome.parent_run_id}")
@@ -142,7 +145,9 @@ def cmd_sweep(args: argparse.Namespace, api: Any) -> int:
         state=args.state_dir, results_root=args.results_dir, n_trials=args.n_trials, sampler_seed=args.sampler_seed,
         data_root=args.data_dir, command=typed(args), fuse_k=args.fuse_k, share_cores=args.share_cores,
         executor=executor_of(args, api), checkpoint_uri=args.checkpoint_uri)
-    if outcome is not None:
+    if isinstance(outcome, api.Submitted):  # --no-wait: the job, and how to follow it
+        print(outcome.text())
+    elif outcome is not None:
         print(Path(outcome.files[2]).read_text())
         print(f"results in {sweep.out_dir}/, MLflow parent run {sweep.parent} in experiment {spec.name!r}, "
               f"Optuna study {spec.name!r} in {masked(sweep.url)}")

@@ -110,6 +110,11 @@ class GridStudy(Kind):
             session.skipped = len(complete & set(session.configs))
             reopen(session, parent)  # the execution goes on
             return parent
+        if parent is not None and session.role != "lead":
+            # a worker started after the execution ended (a Job's pod restarted late, say):
+            # nothing is left to it, and the execution stays as it ended (no second parent run)
+            session.skipped = len(complete & set(session.configs))
+            return parent
         if parent is not None:  # a new execution of a study whose runs are all in the storage
             busy = {t.user_attrs.get(ATTR_KEY) for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
             for key in session.configs:

@@ -85,6 +85,7 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
     root = state_dir(state)
     url = storage or stores.default_url(spec.name, root)
     uri = tracking_uri(tracking)
+    open_args.update(storage=url, tracking=uri)  # a worker on another node joins these, not its own defaults
     out_dir = Path(results_root) / spec.name
     if check_stores is not None:
         check_stores(url, uri)
@@ -99,7 +100,7 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
                       parent="", target=opened.target, out_dir=out_dir, ckpt_root=root / "checkpoints" / spec.name,
                       data_root=data_root, command=command, worker=worker or worker_name(optuna_store.identity()),
                       grid_size=opened.grid_size, fuse_k=opened.fuse_k, wide_only=wide_only, configs=opened.configs,
-                      plan=plan, open_args=open_args, supervisor=supervisor, slot=slot, owner=owner,
+                      plan=plan, open_args=open_args, supervisor=supervisor, slot=slot, owner=owner, role=role,
                       executor=executor, node=node or processes.host())
     if share_checkpoints or checkpoint_uri:
         session.share = CheckpointShare(session.tracker, checkpoint_uri)

@@ -37,9 +37,10 @@ from cnnbench.run.claims import claim_results, results_written
 from cnnbench.run.grid import GRID
 from cnnbench.run.opening import open_session, pause_parent
 from cnnbench.run.session import Session, count_states
-from cnnbench.run.executors import prepare
+from cnnbench.run.executors import detached, prepare
 from cnnbench.run.executors.local import LocalPlan
 from cnnbench.run.networks import networks, notebook_workers
+from cnnbench.run.executors.slurm import Submitted
 from cnnbench.run.pool import supervise
 from cnnbench.run.trials import say_engine
 from cnnbench.run.workers import work
@@ -69,9 +70,10 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
               tracking: str | None = None, state: str | os.PathLike | None = None, storage: str | None = None,
               fuse: bool | None = None, workers: int | None = None, max_fuse: int = 16, command: str = "",
               final: bool = True, share_cores: bool = False, executor: Any = "local",
-              checkpoint_uri: str | None = None) -> StudyOutcome | None:
+              checkpoint_uri: str | None = None) -> StudyOutcome | Submitted | None:
     """Run (or join) the study: train its runs here, or in `workers` workers, and write
-    the results when this is the process that ends it (None where another one does).
+    the results when this is the process that ends it (None where another one does; a
+    Submitted where a Slurm executor without `wait` only submitted the workers).
     `fuse` and `workers` None: chosen per device (see `execution`). `share_cores`: on the
     CPU, a worker that runs out of work gives its core to those still training (faster
     when groups are uneven, but their trials' rounding then depends on when it ended).
@@ -90,6 +92,9 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
                            fuse_k=max_fuse if fuse else 1, wide_only=wide_only, check_stores=runner.check_stores,
                            checkpoint_uri=checkpoint_uri)
     try:  # from here a stop request leaves the parent run KILLED (open_session covers its own stretch)
+        if detached(runner) and len(session.configs) > session.skipped:  # Slurm's --no-wait: the tasks finish it
+            return runner.submit(session, share_out(session, fuse, workers, threads, max_fuse),
+                                 final=finish if final else None)
         report = train(session, runner, fuse, workers, threads, max_fuse)
         if report is not None and report.stopped:
             left_undone(session, report.stopped)
@@ -110,14 +115,7 @@ def train(session: Session, runner: Any, fuse: bool, workers: int, threads: int 
     """The study's pending runs trained here, or by `workers` workers of `runner` (the
     executor); their report (None when nothing was pending)."""
     pending = len(session.configs) - session.skipped
-    if session.wide_only:  # one wide group per worker
-        session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, workers, max_fuse)
-    session.threads = threads
-    for key, value in {TAG_FUSE: str(fuse), TAG_WORKERS: str(workers), TAG_THREADS: str(threads or "")}.items():
-        session.tracker.client.set_tag(session.parent, key, value)
-    if pending:
-        say_engine(session, fuse)
-    workers = max(1, min(workers, pending))
+    workers = share_out(session, fuse, workers, threads, max_fuse)
     if pending and (workers > 1 or not isinstance(runner, LocalPlan)):
         return supervise(session, runner.for_workers(workers), workers)
     if pending:
@@ -125,6 +123,20 @@ def train(session: Session, runner: Any, fuse: bool, workers: int, threads: int 
             torch.set_num_threads(threads)
         return work(session)
     return None
+
+
+def share_out(session: Session, fuse: bool, workers: int, threads: int | None, max_fuse: int) -> int:
+    """The workers the pending runs get (at most one a run), the size of each one's wide
+    group on the CPU, and the parent run's tags that say so."""
+    pending = len(session.configs) - session.skipped
+    if session.wide_only:  # one wide group per worker
+        session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, workers, max_fuse)
+    session.threads = threads
+    for key, value in {TAG_FUSE: str(fuse), TAG_WORKERS: str(workers), TAG_THREADS: str(threads or "")}.items():
+        session.tracker.client.set_tag(session.parent, key, value)
+    if pending:
+        say_engine(session, fuse)
+    return max(1, min(workers, pending))
 
 
 def left_undone(session: Session, why: str) -> None:
