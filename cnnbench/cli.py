@@ -34,6 +34,9 @@ TRACKING = ("--tracking-uri", dict(metavar="URI", help="MLflow tracking URI (def
                                    "sqlite:///mlflow.db)"))
 STATE = ("--state-dir", dict(metavar="DIR", help="checkpoints, Optuna storage (default: $CNNBENCH_HOME, else .cnnbench)"))
 DEVICE = ("--device", dict(default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)"))
+MODEL_PATH = ("--model-path", dict(metavar="DIR", action="append", default=None,
+                                   help="a folder to import `model: module:Class` from (repeatable; a spec's own "
+                                   "folder is searched too)"))
 STORAGE = ("--storage", dict(metavar="URL", help="Optuna storage of the trials, shared by workers on many machines: "
                              "sqlite:///PATH or postgresql://... (default: SQLite in the state folder)"))
 
@@ -75,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace, api: Any) -> int:
     result = api.run_trial(data_root=args.data_dir, tracking=args.tracking_uri, experiment=args.experiment,
-                           track=not args.no_track, state=args.state_dir, resume=args.resume, **parse_overrides(args.sets))
+                           track=not args.no_track, state=args.state_dir, resume=args.resume,
+                           model_path=args.model_path, **parse_overrides(args.sets))
     print(api.history_text(result))
     if result.run_id:
         print(f"MLflow run {result.run_id} in experiment {args.experiment!r}")
@@ -86,20 +90,26 @@ def cmd_study(args: argparse.Namespace, api: Any) -> int:
     """One study, or several one after another in this process (one start-up for all);
     every spec is checked before the first trains. Exit status: the worst of them."""
     paths = [args.spec, *args.more_specs]
-    specs = [api.load_spec(path, overrides=parse_overrides(args.sets), seeds=args.seeds) for path in paths]
+    specs = [api.load_spec(path, overrides=parse_overrides(args.sets), seeds=args.seeds, model_path=args.model_path)
+             for path in paths]
+    executor = executor_of(args, api)
     status = 0
     for path, spec in zip(paths, specs):
         outcome = api.run_study(spec, data_root=args.data_dir, results_root=args.results_dir,
                                 tracking=args.tracking_uri, state=args.state_dir, storage=args.storage, fuse=args.fuse,
                                 workers=args.workers, max_fuse=args.max_fuse, command=typed(args, path, paths),
-                                final=not args.no_final, share_cores=args.share_cores, timings=args.timings)
-        status = max(status, show_study(outcome))
+                                final=not args.no_final, share_cores=args.share_cores, executor=executor,
+                                checkpoint_uri=args.checkpoint_uri, timings=args.timings)
+        status = max(status, show_study(outcome, api))
     return status
 
 
-def show_study(outcome: Any) -> int:
+def show_study(outcome: Any, api: Any) -> int:
     """A study's table and where its results are; its exit status."""
     if outcome is None:  # another process writes the results
+        return 0
+    if isinstance(outcome, api.Submitted):  # --no-wait: the job, and how to follow it
+        print(outcome.text())
         return 0
     print(Path(outcome.files[1]).read_text())
     print(f"{outcome.trained} run(s) trained, {outcome.skipped} already finished; results in "
@@ -111,8 +121,37 @@ def show_study(outcome: Any) -> int:
     return EXIT_FAILED if outcome.failed else 0
 
 
+def executor_of(args: argparse.Namespace, api: Any) -> Any:
+    """The executor's settings from --executor and its options (an option of another
+    executor is bad input)."""
+    given = {"ray": ("ray_address",), "slurm": ("slurm_partition", "slurm_time", "slurm_args", "no_wait")}
+    for name, options in given.items():
+        for option in options:
+            if args.executor != name and getattr(args, option) not in (None, [], False):
+                raise ConfigError(f"--{option.replace('_', '-').rstrip('s')}: only with --executor {name}")
+    if args.executor == "ray":
+        return api.Ray(address=args.ray_address or "auto", gpus_per_worker=args.gpus_per_worker,
+                       cpus_per_worker=args.cpus_per_worker)
+    if args.executor == "slurm":
+        return api.Slurm(partition=args.slurm_partition, time=args.slurm_time or 60,
+                         gpus_per_worker=None if args.gpus_per_worker is None else int(args.gpus_per_worker),
+                         cpus_per_worker=int(args.cpus_per_worker or 1), sbatch=tuple(args.slurm_args),
+                         wait=not args.no_wait)
+    if args.gpus_per_worker is not None or args.cpus_per_worker is not None:
+        raise ConfigError("--gpus-per-worker/--cpus-per-worker: only with --executor ray or slurm")
+    return api.Local()
+
+
+def cmd_worker(args: argparse.Namespace, api: Any) -> int:
+    spec = api.load_spec(args.spec, overrides=parse_overrides(args.sets), seeds=args.seeds)
+    return api.run_worker(spec, storage=args.storage, tracking=args.tracking_uri, state=args.state_dir,
+                          data_root=args.data_dir, results_root=args.results_dir, max_fuse=args.max_fuse,
+                          threads=args.threads, checkpoint_uri=args.checkpoint_uri, final=args.final,
+                          command=typed(args))
+
+
 def cmd_sweep(args: argparse.Namespace, api: Any) -> int:
-    spec = api.load_spec(args.spec, overrides=parse_overrides(args.sets))
+    spec = api.load_spec(args.spec, overrides=parse_overrides(args.sets), model_path=args.model_path)
     if args.print_storage:
         print(args.storage or api.sweep_storage_url(spec, args.state_dir))
         return 0
@@ -120,8 +159,10 @@ def cmd_sweep(args: argparse.Namespace, api: Any) -> int:
         spec, workers=args.workers, final=not args.no_final, storage=args.storage, tracking=args.tracking_uri,
         state=args.state_dir, results_root=args.results_dir, n_trials=args.n_trials, sampler_seed=args.sampler_seed,
         data_root=args.data_dir, command=typed(args), fuse_k=args.fuse_k, share_cores=args.share_cores,
-        timings=args.timings)
-    if outcome is not None:
+        executor=executor_of(args, api), checkpoint_uri=args.checkpoint_uri, timings=args.timings)
+    if isinstance(outcome, api.Submitted):  # --no-wait: the job, and how to follow it
+        print(outcome.text())
+    elif outcome is not None:
         print(Path(outcome.files[2]).read_text())
         print(f"results in {sweep.out_dir}/, MLflow parent run {sweep.parent} in experiment {spec.name!r}, "
               f"Optuna study {spec.name!r} in {masked(sweep.url)}")
@@ -156,13 +197,32 @@ def typed(args: argparse.Namespace, spec: str | None = None, specs: list[str] | 
 # ----------------------------------------------------------------------------------------
 # the commands, as data: (name, handler, summary, description, options[, True: the settings epilog])
 
-WORKERS = "worker processes here, one GPU each where there are GPUs"
+WORKERS = "workers: processes here (one GPU each where there are GPUs), or on --executor's cluster"
+CHECKPOINT_URI = opt("--checkpoint-uri", None, "a folder or fsspec URL every node reaches, where each epoch's resume "
+                     "checkpoint follows a trial (default with ray/slurm: the trial's MLflow run artifacts)",
+                     metavar="URI")
+EXECUTOR = [
+    opt("--executor", "local", "where the workers run: local (processes here), ray (tasks on a Ray cluster), slurm "
+        "(array tasks through submitit); ray and slurm need stores every node reaches (postgresql:// --storage, an "
+        "http:// MLflow server)", choices=("local", "ray", "slurm")),
+    opt("--ray-address", None, "the Ray cluster: auto (the one this machine belongs to, else a local Ray), "
+        "HOST:PORT or ray://HOST:PORT (default: auto)", metavar="ADDR"),
+    opt("--gpus-per-worker", None, "GPUs each Ray or Slurm worker asks for (default: 1 where the cluster has "
+        "GPUs)", float, metavar="G"),
+    opt("--cpus-per-worker", None, "CPUs each Ray or Slurm worker asks for (default: 1)", float, metavar="C"),
+    opt("--slurm-partition", None, "the Slurm partition (default: the cluster's)", metavar="P"),
+    opt("--slurm-time", None, "minutes each Slurm task may run (default: 60)", int, metavar="MIN"),
+    ("--slurm-arg", dict(metavar="KEY=VALUE", action="append", default=[], dest="slurm_args",
+                         help="an extra sbatch parameter, e.g. account=lab (repeatable)")),
+    flag("--no-wait", "with slurm: submit the array and print its job id and how to follow it, instead of "
+         "watching it here; the task that ends the study writes the results"),
+    CHECKPOINT_URI]
 SHARE = flag("--share-cores", "on the CPU, a worker that runs out of trials gives its core to the workers still "
              "training: faster when groups end unevenly, but those trials' numbers then depend on when it ended "
              "(rounding, not maths; MLflow tag threads=1-2), so a rerun no longer repeats them bit for bit")
 RUN = ("run", cmd_run, "train one trial", "Train one trial with the default settings (document 003's "
         "LeNet-5 run) changed by --set, and record it in MLflow.", [
-            SETS, DATA, TRACKING, STATE, opt("--experiment", "cnnbench-run", "MLflow experiment"),
+            SETS, DATA, MODEL_PATH, TRACKING, STATE, opt("--experiment", "cnnbench-run", "MLflow experiment"),
             flag("--no-track", "do not record the trial in MLflow"),
             flag("--resume", "go on from the last epoch checkpoint of the same settings")], True)
 TIMINGS = flag("--timings", "at the end, where the wall time went (phases: start-up, session, training, "
@@ -174,32 +234,45 @@ STUDY = ("study", cmd_study, "run study specs (studies/*.yaml)", "Train every tr
         "run and results (every spec is checked first).", [
             ("spec", dict(help="the study's YAML file, e.g. studies/lr.yaml")),
             ("more_specs", dict(nargs="*", metavar="SPEC", help="more studies, run after it in this process")),
-            SETS, DATA,
+            SETS, DATA, MODEL_PATH,
             opt("--seeds", None, "seeds to repeat over, replacing the spec's", metavar="S[,S...]"),
             opt("--results-dir", "results", "where results/<study>/ goes", metavar="DIR"), TRACKING, STATE, STORAGE,
             ("--fuse", dict(help="train compatible trials fused, up to --max-fuse (default on CUDA/MPS)",
                             no="train every trial alone (default on the CPU: wide groups, for models that widen)")),
             opt("--max-fuse", 16, "largest fused group", int, metavar="K"),
             opt("--workers", None, WORKERS + " (default: one per core on the CPU, 1 on CUDA/MPS)", int, metavar="N"),
-            SHARE, TIMINGS,
+            SHARE, TIMINGS, *EXECUTOR,
             flag("--no-final", "only train; the process that ends the study writes the results")], True)
 SWEEP = ("sweep", cmd_sweep, "run an Optuna sweep over a spec's search space", "Find the best settings over a "
         "spec's search block with Optuna, each trial scored on a validation split (never the test set) and maybe "
         "pruned. The same command resumes it; workers elsewhere join with the same --storage. At the end the best "
         "trial is trained over sweep.final_seeds, tested once, and results/<sweep>/ written.", [
-            ("spec", dict(help="the sweep's YAML file, e.g. studies/sweep-lenet.yaml")), SETS, DATA,
+            ("spec", dict(help="the sweep's YAML file, e.g. studies/sweep-lenet.yaml")), SETS, DATA, MODEL_PATH,
             opt("--n-trials", None, "finished trials to reach (default: the spec's)", int, metavar="N"), STORAGE,
             opt("--workers", 1, WORKERS, int, metavar="N"), SHARE,
             opt("--sampler-seed", None, "seed of the sampler (default: random)", int, metavar="S"),
             opt("--fuse-k", None, "trials each worker takes at once and trains fused, each still its own trial "
                 "(default: 16 on CUDA and MPS, 1 on the CPU)", int, metavar="K"),
             opt("--results-dir", "results", "where results/<sweep>/ goes", metavar="DIR"), TRACKING, STATE, TIMINGS,
-            flag("--no-final", "only train trials; another worker writes the results"),
+            flag("--no-final", "only train trials; another worker writes the results"), *EXECUTOR,
             flag("--print-storage", "print the sweep's default storage URL and exit")], True)
+WORKER = ("worker", cmd_worker, "join a study or sweep as one more worker", "Join the study or sweep of a spec "
+          "(with its --set values and seeds) in --storage, claim and train its trials until nothing is left, and exit "
+          "0. Start it any number of times, on any machine, in any order (the first creates the study); SIGKILL it at "
+          "any moment and its trials are recovered (by heartbeat). What every executor runs; a Kubernetes Job's pods "
+          "run it too (deploy/k8s/).", [
+              ("spec", dict(help="the study's or sweep's YAML file")), SETS, DATA,
+              opt("--seeds", None, "a study's seeds, replacing the spec's (as the study was started)", metavar="S[,S...]"),
+              STORAGE, TRACKING, STATE,
+              opt("--max-fuse", None, "trials claimed and trained at once (default: 16 on CUDA and MPS, 4 on the CPU)",
+                  int, metavar="K"),
+              opt("--threads", None, "CPU threads (default: every usable core)", int, metavar="N"), CHECKPOINT_URI,
+              opt("--results-dir", "results", "where results/<name>/ goes, with --final", metavar="DIR"),
+              flag("--final", "the worker that ends the study writes its results and closes its parent run")], True)
 MODELS = ("models", cmd_tool, "list the registered architectures", "The registry: name, parameters, source.", [])
 EVALUATE = ("evaluate", cmd_tool, "re-test a saved checkpoint", "Measure a checkpoint's loss and accuracy on "
         "the test set (last.pt, best.pt, epoch_NNN.pt, or the MLflow artifact).", [
-            ("checkpoint", dict(help="path of the .pt file")), DATA, DEVICE,
+            ("checkpoint", dict(help="path of the .pt file")), DATA, DEVICE, MODEL_PATH,
             opt("--test-batch-size", 1024, "evaluation batch size", int)])
 BENCH = ("bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time on one device: the naive "
         "loop (a DataLoader, .to(device), loss.item() each step), cnnbench's loop, and K fused trials for K = 1, "
@@ -221,11 +294,15 @@ BENCH = ("bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time
                  "thread (CNNBENCH_SYNC_BOOKKEEPING=1); --repeats runs per shape"),
             opt("--baseline", None, "with --overhead: also time this other cnnbench checkout (the code before, say)",
                 metavar="DIR"),
+            flag("--executors", "instead: the tiny 3-seed lr study with 2 workers as local processes and as Ray "
+                 "tasks on a 2-node Ray cluster on this machine (where only loopback may be used, run it under "
+                 ".ci/ray-netns); results/bench/executors.md"),
             opt("--results-dir", "results", "writes RESULTS_DIR/bench/", metavar="DIR")])
 SUMMARY = ("summary", cmd_tool, "per-layer shapes, parameters, MACs and memory of a model", "Per layer: output "
         "shape, parameters, multiply-accumulates (MACs = FLOPs / 2) and activation memory of one image, then "
         "totals; --documents checks the documents' hand counts against them.", [
-            ("model", dict(nargs="?", help="a registered model (see `cnnbench models`)")),
+            ("model", dict(nargs="?", help="a registered model (see `cnnbench models`) or your own, module:Class")),
+            MODEL_PATH,
             opt("--input", None, "one image, e.g. 1x28x28 (default: the model's own)", metavar="CxHxW"),
             opt("--classes", 10, "outputs of the last layer", int, metavar="N"),
             opt("--format", "table", "output", choices=("table", "markdown", "csv")),
@@ -259,7 +336,7 @@ GPU_CHECK = ("gpu-check", cmd_tool, "every GPU measurement in one command", "On 
             opt("--parts", "tests,bench,studies", "comma-separated: tests, bench, kbench, studies", metavar="LIST"),
             opt("--studies", None, "comma-separated NAME or NAME:KEY=VALUE (default: the documents')",
                 metavar="LIST"), DATA])
-COMMANDS = [RUN, STUDY, SWEEP, MODELS, EVALUATE, BENCH, SUMMARY, COMPARE, REPORT, UI_SCREENSHOT, GPU_CHECK]
+COMMANDS = [RUN, STUDY, SWEEP, WORKER, MODELS, EVALUATE, BENCH, SUMMARY, COMPARE, REPORT, UI_SCREENSHOT, GPU_CHECK]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from cnnbench.track.schema import (
     ATTR_WORKER_HOST,
     ATTR_WORKER_DEATHS,
     ATTR_WORKER_PID,
+    ATTR_WORKER_SLOT,
     ATTR_WORKER_SUPERVISOR,
     CLAIM_DONE,
     CLAIM_FINGERPRINT,
@@ -68,7 +69,7 @@ def claim(session: Session, k: int) -> tuple[list[Any], dict[str, int]]:
     # never more than the target, every grid point taken once, a fused group as a unit
     room = min(session.room(counts), session.kind.room(session, trials, k))
     me = {**optuna_store.identity(), ATTR_MLFLOW_RUN_ID: "",
-          **({ATTR_WORKER_SUPERVISOR: session.supervisor} if session.supervisor else {})}
+          **({ATTR_WORKER_SUPERVISOR: session.supervisor, ATTR_WORKER_SLOT: session.slot} if session.supervisor else {})}
     batch = []
     for _ in range(max(0, min(k, room))):
         with optuna_store.quiet():  # "heartbeat is meant for optimize()": we beat ourselves
@@ -113,6 +114,10 @@ def interrupted(session: Session, trial: Any, reason: str = "interrupted (Ctrl-C
         return
     trial.set_user_attr(ATTR_REASON, reason)
     session.study.tell(trial, state=TrialState.FAIL)
+    # stopped after its MLflow run had ended whole (finished: result.json and all) but before
+    # Optuna was told: its outcome is recorded, so it is not trained again
+    if recorded(session, session.storage.get_trial(trial_id(trial))):
+        return
     kill_run(session, frozen.user_attrs.get(ATTR_MLFLOW_RUN_ID))
     requeue(session, trial)
 
@@ -160,20 +165,20 @@ def recover(session: Session) -> None:
 MAX_WORKER_DEATHS = 2  # a trial under which this many workers died (their supervisor alive) fails for good
 
 
-def worker_died(session: Session, pid: int, why: str, *, count: bool = True) -> None:
-    """Under the claim lock, in the process that started worker `pid` and saw it die: its
-    running trials failed and queued again at once, not after the heartbeat's grace. With
-    `count` (the worker died, it was not stopped), each death is counted on the trial, and
-    one under which MAX_WORKER_DEATHS workers died fails for good with `why` (killed by
-    signal 9, likely out of memory, say): a third try would die the same way."""
-    me = optuna_store.identity()
+def worker_died(session: Session, slot: str, why: str, *, count: bool = True) -> None:
+    """Under the claim lock, in the process that started worker `slot` (run/pool.py) and saw
+    it end: its running trials failed and queued again at once, not after the heartbeat's
+    grace. With `count` (the worker died, it was not stopped), each death is counted on the
+    trial, and one under which MAX_WORKER_DEATHS workers died fails for good with `why`
+    (killed by signal 9, likely out of memory, say): a third try would die the same way."""
+    me = optuna_store.process_id()
     for t in session.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = t.user_attrs
-        if attrs.get(ATTR_WORKER_PID) != pid or not optuna_store.here(attrs) or attrs.get(ATTR_WORKER_SUPERVISOR) != me[ATTR_WORKER_PID]:
+        if attrs.get(ATTR_WORKER_SUPERVISOR) != me or attrs.get(ATTR_WORKER_SLOT) != slot:
             continue
         deaths = int(attrs.get(ATTR_WORKER_DEATHS, 0)) + (1 if count else 0)
         given_up = deaths >= MAX_WORKER_DEATHS
-        reason = (f"its worker died {deaths} times under it, the last {why}" if given_up else f"its worker {why}")
+        reason = f"its worker died {deaths} times under it, the last {why}" if given_up else f"its worker {why}"
         try:
             session.storage.set_trial_user_attr(trial_id(t), ATTR_WORKER_DEATHS, deaths)
             session.storage.set_trial_user_attr(trial_id(t), ATTR_REASON, reason[:500])

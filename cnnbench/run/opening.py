@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -20,8 +20,8 @@ from optuna.trial import TrialState
 from cnnbench.config.spec import StudySpec
 from cnnbench.config.trial import TrialConfig
 from cnnbench.errors import ConfigError
-from cnnbench.data.tensors import data_dir, load_arrays
 from cnnbench.run import storage as optuna_store
+from cnnbench.run.checkpoint_share import CheckpointShare
 from cnnbench.run.claims import lost
 from cnnbench.run.owner import ResultsOwner
 from cnnbench.run.session import Kind, Session
@@ -36,8 +36,8 @@ from cnnbench.track.schema import (
     worker_name,
 )
 from cnnbench.track.writer import Tracker, check_reachable, tracking_uri
-from cnnbench.train.device import resolve_device
-from cnnbench.util import fileio, interrupt, timings
+from cnnbench.train.device import check_inputs, resolve_device
+from cnnbench.util import fileio, interrupt, processes, timings
 from cnnbench.util.paths import state_dir
 from cnnbench.util.text import masked
 
@@ -56,8 +56,7 @@ def preflight(spec: StudySpec, configs: list[TrialConfig], *, url: str, uri: str
     with timings.phase("start/device ready"):
         for device in sorted({c.device for c in configs}):
             resolve_device(device)
-    for dataset in sorted({c.dataset for c in configs}):
-        load_arrays(dataset, data_dir(data_root))  # kept: training reads it again from memory
+    check_inputs(configs, data_root)  # devices (ready above), data, the user's networks on a batch
     fileio.check_writable(out_dir)
     with timings.phase("session/tracking store"):
         check_reachable(uri)  # workers started together on a fresh store: see stores.py
@@ -67,32 +66,35 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
                  tracking: str | None = None, state: Any = None, results_root: Any = "results",
                  n_trials: int | None = None, sampler_seed: int | None = None, data_root: Any = None,
                  command: str = "", worker: str = "", fuse_k: int | None = None,
-                 wide_only: bool = False, checked: bool = False, supervisor: int | None = None) -> Session:
+                 wide_only: bool = False, checked: bool = False, role: str = "lead",
+                 supervisor: str | None = None, slot: str | None = None, share_checkpoints: bool = False,
+                 checkpoint_uri: str | None = None, check_stores: Callable[[str, str], None] | None = None,
+                 executor: str = "local", node: str = "") -> Session:
     """Check everything, then create or join the study's (or sweep's) Optuna study and
     MLflow parent run. `checked`: a worker process whose parent checked the same input
-    (`preflight`) a moment ago. `supervisor`: the pid of the process that started this
-    worker and watches it (run/workers.py), which keeps the parent run going."""
+    (`preflight`) a moment ago. `role`: "lead", the process that leads an execution (it
+    holds the results folder's lock and keeps the parent run going); "worker", a worker
+    started by itself (`cnnbench worker`: it keeps the parent run going); "supervised", a
+    worker that `supervisor` started and watches (run/pool.py) under the name `slot`.
+    `share_checkpoints`: every epoch's resume checkpoint also goes where any node reads it,
+    `checkpoint_uri` or else the trial's MLflow run (checkpoint_share.py). `check_stores(url,
+    uri)`: the executor's refusal of stores its workers cannot reach, before anything is created.
+    `executor`, `node`: what started this process and where it runs, for its runs' tags."""
     stores.quiet_mlflow()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     open_args = dict(plan=plan, storage=storage, tracking=tracking, state=state, results_root=results_root,
                      n_trials=n_trials, sampler_seed=sampler_seed, data_root=data_root, command=command,
-                     fuse_k=fuse_k, wide_only=wide_only)
+                     fuse_k=fuse_k, wide_only=wide_only, share_checkpoints=share_checkpoints,
+                     checkpoint_uri=checkpoint_uri)
     root = state_dir(state)
     url = storage or stores.default_url(spec.name, root)
     uri = tracking_uri(tracking)
+    open_args.update(storage=url, tracking=uri)  # a worker on another node joins these, not its own defaults
     out_dir = Path(results_root) / spec.name
-    configs = kind.configs_to_check(spec, plan)
-    name, execution = kind.execution(spec, plan, uri=uri, url=url)
-    owner = ResultsOwner(out_dir, execution, f"{kind.name} {spec.name}") if supervisor is None else None
-    if not checked:
-        lock_file = optuna_store.ClaimLock(url, name).file
-        with timings.phase("session/preflight"):
-            preflight(spec, configs, url=url, uri=uri, data_root=data_root, out_dir=out_dir,
-                      paths=[out_dir / "summary.csv", root / "checkpoints" / spec.name / "x"]
-                      + ([owner.path] if owner else []) + ([lock_file] if lock_file else []))
-    if owner is not None and not owner.take():
-        owner = None  # the same execution holds it: this process joins it
-
+    if check_stores is not None:
+        check_stores(url, uri)
+    owner = checked_and_owned(spec, kind, plan, url=url, uri=uri, root=root, out_dir=out_dir, data_root=data_root,
+                              lead=role == "lead", checked=checked)
     holder: dict[str, Session] = {}
     with timings.phase("session/optuna storage and study"):
         store = optuna_store.open_storage(url, lambda study, trial: lost(holder["session"], trial))
@@ -105,15 +107,36 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
                       parent="", target=opened.target, out_dir=out_dir, ckpt_root=root / "checkpoints" / spec.name,
                       data_root=data_root, command=command, worker=worker or worker_name(optuna_store.identity()),
                       grid_size=opened.grid_size, fuse_k=opened.fuse_k, wide_only=wide_only, configs=opened.configs,
-                      plan=plan, open_args=open_args, supervisor=supervisor, owner=owner)
+                      plan=plan, open_args=open_args, supervisor=supervisor, slot=slot, owner=owner, role=role,
+                      executor=executor, node=node or processes.host())
+    if share_checkpoints or checkpoint_uri:
+        session.share = CheckpointShare(session.tracker, checkpoint_uri)
     holder["session"] = session
     try:
         with timings.phase("session/queue, parent run, orphans"):
-            start_or_join(session, lead=supervisor is None)
+            start_or_join(session, lead=role != "supervised")
     except BaseException:
         session.close()
         raise
     return session
+
+
+def checked_and_owned(spec: StudySpec, kind: Kind, plan: Any, *, url: str, uri: str, root: Path, out_dir: Path,
+                      data_root: Any, lead: bool, checked: bool) -> ResultsOwner | None:
+    """The preflight (unless `checked`), then the results folder's lock for the process that
+    leads an execution: held (returned), joined (None: the same execution holds it), or
+    refused (ConfigError: another execution's)."""
+    name, execution = kind.execution(spec, plan, uri=uri, url=url)
+    owner = ResultsOwner(out_dir, execution, f"{kind.name} {spec.name}") if lead else None
+    if not checked:
+        lock_file = optuna_store.ClaimLock(url, name).file
+        with timings.phase("session/preflight"):
+            preflight(spec, kind.configs_to_check(spec, plan), url=url, uri=uri, data_root=data_root,
+                      out_dir=out_dir, paths=[out_dir / "summary.csv", root / "checkpoints" / spec.name / "x"]
+                      + ([owner.path] if owner else []) + ([lock_file] if lock_file else []))
+    if owner is not None and not owner.take():
+        return None  # the same execution holds it: this process joins it
+    return owner
 
 
 def start_or_join(session: Session, *, lead: bool = True) -> None:

@@ -82,7 +82,7 @@ class Board:
                     self.handle(events.get(timeout=0.2))
                 except queues.Empty:
                     continue
-                except (EOFError, OSError):
+                except Exception:  # the queue is gone (a pipe closed, a Ray actor lost): no more lines
                     return
 
         thread = threading.Thread(target=pump, name="progress", daemon=True)
@@ -94,7 +94,7 @@ class Board:
             thread.join(timeout=5)
             # what is still in the pipe (a queue's feeder thread delivers late), bounded
             deadline = time.monotonic() + drain_s
-            with contextlib.suppress(queues.Empty, EOFError, OSError):
+            with contextlib.suppress(Exception):  # queue.Empty ends it; so does a queue that is gone
                 while time.monotonic() < deadline:
                     self.handle(events.get(timeout=min(0.5, max(0.01, deadline - time.monotonic()))))
             self.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import optuna
@@ -59,13 +60,17 @@ class PruningRecorder(Recorder):
     (through the background writer, after the run's own first writes). In a
     sweep (`metric` set) it reports each epoch's validation score to Optuna and asks the
     loop to stop when Optuna prunes the trial; `on_epoch` sees every epoch's record, and
-    `on_log` is called at every logging point (every `log_every` steps)."""
+    `on_log` is called at every logging point (every `log_every` steps), `on_checkpoint`
+    with each epoch's resume checkpoint once it is on disk (in the background writer's
+    thread, after the file's own write)."""
 
     def __init__(self, inner: Any, trial: Any, metric: str | None, url: str,
                  on_epoch: Callable[[dict[str, float]], None] | None = None,
-                 on_log: Callable[[], Any] | None = None) -> None:
+                 on_log: Callable[[], Any] | None = None,
+                 on_checkpoint: Callable[[Path, int], None] | None = None) -> None:
         self.inner, self.trial, self.metric, self.on_epoch, self.on_log = inner, trial, metric, on_epoch, on_log
         self.url = stores.absolute(url)  # the Optuna storage, as the writer process opens it
+        self.on_checkpoint = on_checkpoint
 
     def start(self, config: TrialConfig, info: dict[str, Any], resumed: TrialResult | None) -> None:
         self.inner.start(config, info, resumed)
@@ -75,6 +80,11 @@ class PruningRecorder(Recorder):
             for record in resumed.history:
                 if self.metric in record:
                     self.trial.report(record[self.metric], int(record[EPOCH]))
+
+    def checkpoint(self, path: Path, epoch: int) -> None:
+        self.inner.checkpoint(path, epoch)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path, epoch)
 
     def train_loss(self, samples: int, loss: float) -> None:
         self.inner.train_loss(samples, loss)

@@ -172,6 +172,7 @@ class Session:
     data_root: Any
     command: str
     worker: str = ""  # a label for this process's lines
+    role: str = "lead"  # lead (it leads an execution), worker (`cnnbench worker`), supervised (run/pool.py's)
     grid_size: int = 0
     fuse_k: int = 1  # trials claimed and trained fused at once (1: one at a time)
     wide_only: bool = False  # fuse only models that widen (the CPU default)
@@ -182,8 +183,12 @@ class Session:
     events: Any = None  # a queue that the parent's progress board reads (worker processes)
     cores: CoreShare | None = None  # worker processes: the machine's workers training (cores.py)
     open_args: dict[str, Any] = field(default_factory=dict)  # how a worker process joins
-    supervisor: int | None = None  # a worker process: the pid of the process that started it and watches it
+    supervisor: str | None = None  # a supervised worker: the process that started it and watches it ("HOST BOOT PID")
+    slot: str | None = None  # ... and its name for this worker (w0, w1, ...)
     owner: Any = None  # the lock on the results folder (owner.ResultsOwner), held by the process leading
+    share: Any = None  # where resume checkpoints follow a trial to any node (checkpoint_share.py); None: this one
+    executor: str = "local"  # what started this worker (local, ray, slurm, worker), for its runs' tags
+    node: str = ""  # the node it runs on (default: the host name)
 
     def close(self) -> None:
         """This process is done with the session: the results folder's lock is let go."""

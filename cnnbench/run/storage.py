@@ -173,11 +173,20 @@ def dead_here(attrs: dict[str, Any]) -> bool:
     return not processes.alive(pid)
 
 
+def process_id() -> str:
+    """This process, named across machines and reboots: "HOST BOOT PID"."""
+    me = identity()
+    return f"{me[ATTR_WORKER_HOST]} {me[ATTR_WORKER_BOOT]} {me[ATTR_WORKER_PID]}"
+
+
 def watched_here(attrs: dict[str, Any]) -> bool:
     """True when a live process of this machine other than this one supervises the trial's
-    worker (run/workers.py): that process recovers the trials of a worker that dies, at once
-    and knowing why, so no other worker steps in."""
-    supervisor = attrs.get(ATTR_WORKER_SUPERVISOR)
-    if not here(attrs) or not isinstance(supervisor, int) or supervisor == os.getpid():
+    worker (run/pool.py): that process recovers the trials of a worker that dies, at once
+    and knowing why, so no other worker steps in. (A supervisor on another machine, a Ray
+    driver say, is asked by its own executor; a dead one leaves the trial to recovery.)"""
+    parts = str(attrs.get(ATTR_WORKER_SUPERVISOR, "")).split(" ")
+    me = identity()
+    if len(parts) != 3 or not parts[2].isdigit() or parts[:2] != [me[ATTR_WORKER_HOST], me[ATTR_WORKER_BOOT]]:
         return False
-    return processes.alive(supervisor)
+    pid = int(parts[2])
+    return pid != os.getpid() and processes.alive(pid)

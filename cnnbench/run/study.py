@@ -38,7 +38,13 @@ from cnnbench.run.grid import GRID
 from cnnbench.run.opening import open_session, pause_parent
 from cnnbench.run.phases import Timed
 from cnnbench.run.session import Session, count_states
-from cnnbench.run.workers import launch_workers, work
+from cnnbench.run.executors import detached, prepare
+from cnnbench.run.executors.local import LocalPlan
+from cnnbench.run.networks import networks, notebook_workers
+from cnnbench.run.executors.slurm import Submitted
+from cnnbench.run.pool import supervise
+from cnnbench.run.trials import say_engine
+from cnnbench.run.workers import work
 from cnnbench.track.schema import ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON, TAG_FUSE, TAG_THREADS, TAG_WORKERS
 from cnnbench.train.device import resolve_device, usable_cores
 from cnnbench.errors import StorageError, Unfinished
@@ -66,24 +72,35 @@ class StudyOutcome:
 def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.PathLike = "results",
               tracking: str | None = None, state: str | os.PathLike | None = None, storage: str | None = None,
               fuse: bool | None = None, workers: int | None = None, max_fuse: int = 16, command: str = "",
-              final: bool = True, share_cores: bool = False, timings: bool = False) -> StudyOutcome | None:
-    """Run (or join) the study: train its runs here, or in `workers` processes, and write
-    the results when this is the process that ends it (None where another one does).
+              final: bool = True, share_cores: bool = False, executor: Any = "local",
+              checkpoint_uri: str | None = None, timings: bool = False) -> StudyOutcome | Submitted | None:
+    """Run (or join) the study: train its runs here, or in `workers` workers, and write
+    the results when this is the process that ends it (None where another one does; a
+    Submitted where a Slurm executor without `wait` only submitted the workers).
     `fuse` and `workers` None: chosen per device (see `execution`). `share_cores`: on the
     CPU, a worker that runs out of work gives its core to those still training (faster
     when groups are uneven, but their trials' rounding then depends on when it ended).
+    `executor`: where the workers run ("local", "ray", "slurm", or executors.settings'
+    Local / Ray / Slurm); `checkpoint_uri`: a folder or fsspec URL every node reaches for
+    the resume checkpoints (default with a cluster executor: the runs' MLflow artifacts).
     `timings`: the phase table in the outcome and on the parent run (run/phases.py)."""
     timer = Timed(timings)
     p = plan(spec)
     device = p.runs[0].device
     asked_to_fuse = fuse
+    workers = notebook_workers(f"study {spec.name}", networks(spec, p.runs), workers)
     fuse, workers, threads = execution(device, fuse, workers)
     wide_only = resolve_device(device).type == "cpu" and asked_to_fuse is None  # the CPU fuses only what widens
+    runner = prepare(executor, threads=threads, share_cores=share_cores)
     session = open_session(spec, GRID, plan=p, storage=storage, tracking=tracking, state=state,
                            results_root=results_root, data_root=data_root, command=command,
-                           fuse_k=max_fuse if fuse else 1, wide_only=wide_only)
+                           fuse_k=max_fuse if fuse else 1, wide_only=wide_only, check_stores=runner.check_stores,
+                           checkpoint_uri=checkpoint_uri)
     try:  # from here a stop request leaves the parent run KILLED (open_session covers its own stretch)
-        report = train(session, fuse, workers, threads, share_cores, max_fuse)
+        if detached(runner) and len(session.configs) > session.skipped:  # Slurm's --no-wait: the tasks finish it
+            return runner.submit(session, share_out(session, fuse, workers, threads, max_fuse),
+                                 final=finish if final else None)
+        report = train(session, runner, fuse, workers, threads, max_fuse)
         if report is not None and report.stopped:
             left_undone(session, report.stopped)
         outcome = finish(session) if final else None
@@ -102,24 +119,33 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
         session.close()
 
 
-def train(session: Session, fuse: bool, workers: int, threads: int | None, share_cores: bool, max_fuse: int) -> Any:
-    """The study's pending runs trained here, or by `workers` processes; their report
-    (None when nothing was pending)."""
+def train(session: Session, runner: Any, fuse: bool, workers: int, threads: int | None, max_fuse: int) -> Any:
+    """The study's pending runs trained here, or by `workers` workers of `runner` (the
+    executor); their report (None when nothing was pending)."""
+    pending = len(session.configs) - session.skipped
+    workers = share_out(session, fuse, workers, threads, max_fuse)
+    if pending and (workers > 1 or not isinstance(runner, LocalPlan)):
+        with phase("workers/start, then wait for them"):
+            return supervise(session, runner.for_workers(workers), workers)
+    if pending:
+        if threads:
+            torch.set_num_threads(threads)
+        return work(session)
+    return None
+
+
+def share_out(session: Session, fuse: bool, workers: int, threads: int | None, max_fuse: int) -> int:
+    """The workers the pending runs get (at most one a run), the size of each one's wide
+    group on the CPU, and the parent run's tags that say so."""
     pending = len(session.configs) - session.skipped
     if session.wide_only:  # one wide group per worker
         session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, workers, max_fuse)
     session.threads = threads
     for key, value in {TAG_FUSE: str(fuse), TAG_WORKERS: str(workers), TAG_THREADS: str(threads or "")}.items():
         session.tracker.client.set_tag(session.parent, key, value)
-    workers = max(1, min(workers, pending))
-    if pending and workers > 1:
-        with phase("workers/start, then wait for them"):
-            return launch_workers(session, workers, threads=threads, share_cores=share_cores)
     if pending:
-        if threads:
-            torch.set_num_threads(threads)
-        return work(session)
-    return None
+        say_engine(session, fuse)
+    return max(1, min(workers, pending))
 
 
 def left_undone(session: Session, why: str) -> None:
@@ -225,7 +251,8 @@ def collect_rows(session: Session, chosen: dict[str, Any]) -> list[TrialRow]:
     assert p is not None
     results = {key: _result(session, key, chosen.get(key)) for key in session.configs}
     c0 = p.runs[0]
-    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset)
+    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset,
+                         test_fraction=c0.test_fraction, root=session.data_root)
     rows = []
     for i, (trial, run_index) in enumerate(zip(p.trials, p.run_of)):
         run_cfg = p.runs[run_index]
@@ -243,7 +270,8 @@ def write(session: Session, outcome: StudyOutcome, fingerprint: str) -> None:
     spec, p = session.spec, session.plan
     assert p is not None
     c0 = p.runs[0]
-    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset)
+    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset,
+                         test_fraction=c0.test_fraction, root=session.data_root)
     device = sorted({r.result.device for r in outcome.rows if r.result.device})
     with interrupt.shielded():
         try:

@@ -33,7 +33,12 @@ from cnnbench.run.opening import join, mark_ready, open_session, pause_parent, r
 from cnnbench.run.phases import Timed
 from cnnbench.run.search import make_pruner, make_sampler, objective_value
 from cnnbench.run.session import Kind, Member, Opened, Outcome, Session, trial_id
-from cnnbench.run.workers import WorkerReport, launch_workers, work
+from cnnbench.run.executors import detached, prepare
+from cnnbench.run.executors.local import LocalPlan
+from cnnbench.run.networks import networks, notebook_workers
+from cnnbench.run.pool import supervise
+from cnnbench.run.trials import say_engine
+from cnnbench.run.workers import WorkerReport, work
 from cnnbench.track.schema import (
     ATTR_BEST_EPOCH,
     ATTR_FUSED_WITH,
@@ -223,35 +228,41 @@ def start_parent(session: Session) -> str:
 
 def open_sweep(spec: StudySpec, *, storage: str | None = None, tracking: str | None = None, state: Any = None,
                results_root: Any = "results", n_trials: int | None = None, sampler_seed: int | None = None,
-               data_root: Any = None, command: str = "", fuse_k: int | None = None) -> Session:
+               data_root: Any = None, command: str = "", fuse_k: int | None = None,
+               check_stores: Any = None, checkpoint_uri: str | None = None) -> Session:
     """Check everything, then create or join the sweep's Optuna study and MLflow parent run.
     `fuse_k` None: `default_fuse_k` of the spec's device."""
     return open_session(spec, SWEEP, storage=storage, tracking=tracking, state=state, results_root=results_root,
                         n_trials=n_trials, sampler_seed=sampler_seed, data_root=data_root, command=command,
-                        fuse_k=fuse_k)
+                        fuse_k=fuse_k, check_stores=check_stores, checkpoint_uri=checkpoint_uri)
 
 
 def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, share_cores: bool = False,
               storage: str | None = None, tracking: str | None = None, state: Any = None,
               results_root: Any = "results", n_trials: int | None = None, sampler_seed: int | None = None,
-              data_root: Any = None, command: str = "", fuse_k: int | None = None, timings: bool = False
-              ) -> tuple[Session, WorkerReport, Any]:
-    """Open (or join) the sweep, train trials here (or in `workers` processes), and
-    finish it when this is the process that ends it. Returns (session, report, outcome);
-    the outcome is None where another process writes the results. `share_cores`, `timings`:
-    as for a study (study.run_study)."""
+              data_root: Any = None, command: str = "", fuse_k: int | None = None, executor: Any = "local",
+              checkpoint_uri: str | None = None, timings: bool = False) -> tuple[Session, WorkerReport, Any]:
+    """Open (or join) the sweep, train trials here (or in `workers` workers of `executor`),
+    and finish it when this is the process that ends it. Returns (session, report,
+    outcome); the outcome is None where another process writes the results, a Submitted
+    where a Slurm executor without `wait` only submitted the workers. `share_cores`,
+    `executor`, `checkpoint_uri` and `timings`: as for a study (study.run_study)."""
     timer = Timed(timings)
+    workers = notebook_workers(f"sweep {spec.name}", networks(spec), workers) or 1
+    # on the CPU the workers share the cores: N workers with every core each spend their
+    # time waiting for each other's threads (measured: 6x slower for LeNet with 2 on 2)
+    on_cpu = resolve_device(spec.base_config().device).type == "cpu"
+    runner = prepare(executor, threads=max(1, usable_cores() // workers) if on_cpu else None, share_cores=share_cores)
     session = open_sweep(spec, storage=storage, tracking=tracking, state=state, results_root=results_root,
                          n_trials=n_trials, sampler_seed=sampler_seed, data_root=data_root, command=command,
-                         fuse_k=fuse_k)
+                         fuse_k=fuse_k, check_stores=runner.check_stores, checkpoint_uri=checkpoint_uri)
     try:
-        if workers > 1:
-            # on the CPU the workers share the cores: N workers with every core each spend their
-            # time waiting for each other's threads (measured: 6x slower for LeNet with 2 on 2)
-            on_cpu = resolve_device(spec.base_config().device).type == "cpu"
+        say_engine(session, True)
+        if detached(runner):  # Slurm's --no-wait: the tasks train, the one that ends the sweep finishes it
+            return session, WorkerReport(), runner.submit(session, workers, final=finalize if final else None)
+        if workers > 1 or not isinstance(runner, LocalPlan):
             with phase("workers/start, then wait for them"):
-                report = launch_workers(session, workers, threads=max(1, usable_cores() // workers) if on_cpu
-                                        else None, share_cores=share_cores)
+                report = supervise(session, runner.for_workers(workers), workers)
         else:
             report = work(session)
         if report.stopped:

@@ -5,11 +5,13 @@ train fused (fused.group_key, and the epoch their checkpoints resume from), and 
 group goes through `train_group`: one FusedEngine, or the SingleEngine for a lone trial.
 Every member stays its own trial: its own heartbeat, MLflow child run, pruning (only it
 stops), checkpoints and outcome. An error fails every member not told yet with the
-reason (a Ctrl-C is the worker loop's: it queues them again).
+reason (a stop request and a fault of the machine are the worker loop's: it queues them
+again).
 
 A member's outcome is told to Optuna by the background writer (util/background.py), after
 its MLflow run ended there, while the next group trains: whatever stops this process
-(an error, a stop request) first lets the writer finish what it was handed.
+(an error, a stop request, a fault of the machine) first lets the writer finish what it
+was handed.
 """
 
 from __future__ import annotations
@@ -21,21 +23,22 @@ import time
 from typing import Any, Callable
 
 from cnnbench.config.trial import TrialConfig
-from cnnbench.errors import ConfigError
+from cnnbench.errors import ConfigError, StorageError
 from cnnbench.run import storage as optuna_store
 from cnnbench.run.claims import failed, tell
 from cnnbench.run.search import PruningRecorder
 from cnnbench.run.session import Member, Outcome, Session, trial_id
 from cnnbench.track import jobs, stores
-from cnnbench.track.schema import EPOCH
+from cnnbench.track.schema import EPOCH, TAG_CHECKPOINT, TAG_ENGINE, TAG_EXECUTOR, TAG_NODE, TAG_WORKER
 from cnnbench.track.writer import run_name
 from cnnbench.train.device import resolve_device
-from cnnbench.train.fused import fuse_groups
+from cnnbench.train.fused import engine_choice, fuse_groups
 from cnnbench.train.checkpoint import resume_epoch
 from cnnbench.train.loop import load_data, train_group
 from cnnbench.train.result import TrialResult
 from cnnbench.util import interrupt
 from cnnbench.util.background import writer
+from cnnbench.util.faults import storage_fault
 
 
 def train_claimed(session: Session, batch: list[Any], data_cache: dict[tuple, Any]) -> list[str]:
@@ -53,17 +56,26 @@ def train_claimed(session: Session, batch: list[Any], data_cache: dict[tuple, An
         with contextlib.ExitStack() as beats:
             for m in members:
                 beats.enter_context(optuna_store.Heartbeat(session.storage, trial_id(m.trial)))
-            for group in fused_groups(members, session.fuse_k, wide_only=session.wide_only):
+            for group in fused_groups(members, session.fuse_k, wide_only=session.wide_only, root=session.data_root):
                 states += train_members(session, group, data_cache)
     except KeyboardInterrupt:  # the worker loop fails and queues again every member not told
         raise
     except BaseException as err:
-        writer().settle()  # the outcomes handed over are told first (its own error: this one is raised)
+        late = writer().settle()  # the outcomes handed over are told first
+        if fault(err):
+            raise  # the machine's fault, not the trials': the worker loop queues them again
+        if late is not None and fault(late):
+            raise late from err  # the writer met the machine's fault first: the same
         for m in members:
             if not m.told:
                 tell(session, m.trial, m.run_id, failed(), f"{type(err).__name__}: {err}")
         raise
     return states
+
+
+def fault(err: BaseException) -> bool:
+    """Whether `err` is a fault of the machine (a full disk, a read-only folder ...)."""
+    return isinstance(err, StorageError) or storage_fault(err) is not None
 
 
 def prepare(session: Session, trial: Any) -> Member | None:
@@ -76,15 +88,36 @@ def prepare(session: Session, trial: Any) -> Member | None:
         session.say(f"[{session.worker}] trial {trial.number} failed: {err}")
         return None
     ckpt, name, tags = session.kind.run_of(session, trial, config)
+    if session.share is not None:  # a retried trial resumes here from where another node left it
+        session.share.fetch(ckpt)
+    tags = {**tags, TAG_CHECKPOINT: ckpt.name, TAG_EXECUTOR: session.executor, TAG_NODE: session.node,
+            TAG_WORKER: session.slot or session.worker}
     return Member(trial, config, ckpt, session.tracker.recorder(config, parent=session.parent, name=name, tags=tags))
 
 
-def fused_groups(members: list[Member], max_k: int, *, wide_only: bool = False) -> list[list[Member]]:
+def engine_line(session: Session, fuse: bool) -> str:
+    """Which engine trains the trials, and why, per network: one line, said once per study
+    or sweep and kept as its parent run's tag."""
+    configs = list(session.configs.values()) or [session.spec.base_config()]
+    models = {c.model: c for c in configs}
+    if not fuse or session.fuse_k <= 1:
+        why = "fusing off" if not fuse else "one trial per worker"
+        return "; ".join(f"{m}: one trial at a time ({why})" for m in models)
+    return "; ".join(engine_choice(c, wide_only=session.wide_only, root=session.data_root) for c in models.values())
+
+
+def say_engine(session: Session, fuse: bool) -> None:
+    line = engine_line(session, fuse)
+    session.tracker.client.set_tag(session.parent, TAG_ENGINE, line[:5000])
+    print(f"{session.kind.name} {session.spec.name}: engine {line}", flush=True)
+
+
+def fused_groups(members: list[Member], max_k: int, *, wide_only: bool = False, root: Any = None) -> list[list[Member]]:
     """Members that can train as one FusedEngine together (fused.group_key), split by
     what breaks fusing (batch size, model, activation, epochs...) and by the epoch their
     checkpoints resume from (a group starts at one epoch); order kept, nothing dropped."""
     out = []
-    for idx in fuse_groups([m.config for m in members], max_k=max_k, wide_only=wide_only):
+    for idx in fuse_groups([m.config for m in members], max_k=max_k, wide_only=wide_only, root=root):
         by_epoch: dict[int, list[Member]] = {}
         for i in idx:
             by_epoch.setdefault(resume_epoch(members[i].ckpt, members[i].config), []).append(members[i])
@@ -132,9 +165,11 @@ def ended(session: Session, member: Member, result: TrialResult, outcome: Outcom
 def recorder(session: Session, member: Member) -> PruningRecorder:
     """The member's MLflow recorder, wrapped: the run id to Optuna, a sweep's score each
     epoch (which may prune it), and each epoch to the progress board."""
+    share = session.share
     return PruningRecorder(member.inner, member.trial, session.metric, session.url,
                            on_epoch=epoch_events(session, member),
-                           on_log=session.cores.adjust if session.cores is not None else None)
+                           on_log=session.cores.adjust if session.cores is not None else None,
+                           on_checkpoint=(lambda path, epoch: share.put(member.run_id, path.parent)) if share else None)
 
 
 def epoch_events(session: Session, member: Member) -> Callable[[dict[str, float]], None] | None:

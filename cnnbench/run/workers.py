@@ -1,22 +1,18 @@
-"""The worker loop, and worker processes on this machine.
+"""The worker loop, and a worker's whole life: what every executor runs.
 
-`work` is what every worker runs, in this process or another: claim trials (run/claims.py),
-train them (run/trials.py), until the study holds its target of finished trials or
-nothing is left that is not running elsewhere. `launch_workers` starts N worker processes
-here (one GPU each where there are GPUs), each joining the same study through its
-storage and running `work`, and shows their progress one line per running trial.
+`work` claims trials (run/claims.py) and trains them (run/trials.py) until the study
+holds its target of finished trials or nothing is left that is not running elsewhere.
+`run_worker` is a worker's whole life, the same in a local process (executors/local.py),
+a Ray task, a Slurm array task or `cnnbench worker` on any machine: join the study
+through its storage, work, and end with an exit status that its supervisor (run/pool.py)
+reads: 0 done; EXIT_INPUT bad input; EXIT_GAVE_UP its trials kept failing; EXIT_STORAGE
+a fault of the machine (the study stops); 128 + the signal on a stop request.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import multiprocessing
-import os
-import queue as queues
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,10 +21,10 @@ import torch
 
 from cnnbench.config.spec import StudySpec
 from cnnbench.errors import ConfigError, DataError, DeviceError, StorageError, TrackingError
-from cnnbench.run.claims import claim, interrupted, worker_died
+from cnnbench.run.claims import claim, interrupted
 from cnnbench.run.cores import CoreShare
+from cnnbench.run.networks import import_networks
 from cnnbench.run.opening import open_session
-from cnnbench.run.progress import Board
 from cnnbench.run.session import Kind, Session
 from cnnbench.run.trials import train_claimed
 from cnnbench.track import jobs
@@ -113,174 +109,44 @@ def wait(session: Session) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# worker processes
+# a worker's whole life
 
 
 EXIT_INPUT = 2  # a worker refused its input (the parent checked it; another store, say)
 EXIT_GAVE_UP = 3  # a worker's trials kept failing
 EXIT_STORAGE = 4  # a worker met a fault of the machine (errors.StorageError): the study stops
-MAX_RESTARTS = 3  # a worker that dies is replaced at most this many times (per slot) while work remains
+EXIT_LOST = 75  # an executor lost the worker with its machine (a Ray node died, say): not the trial's doing
 
 
 @dataclass
-class Slot:
-    """One worker process of the pool, and the ones that replace it."""
-    label: str
-    gpu: int | None
-    proc: Any = None
-    restarts: int = 0
-    ended: bool = False
+class Ended:
+    """How a worker ended: its exit status (negative: killed by that signal) and, for a
+    fault of the machine or bad input, its one-line message."""
+    status: int
+    message: str = ""
 
 
-def launch_workers(session: Session, n: int, *, threads: int | None = None, share_cores: bool = False) -> WorkerReport:
-    """`n` worker processes on this machine (one GPU each, round robin, where there are
-    GPUs; `threads` CPU threads each) that join this session's study and train its
-    trials, their progress shown here one line per running trial. Returns when all end.
+def run_worker(spec: StudySpec, kind: Kind, open_args: dict[str, Any], *, label: str, events: Any = None,
+               threads: int | None = None, share: tuple[Any, int | None] | None = None,
+               on_session: Any = None, imports: tuple[str, ...] = ()) -> Ended:
+    """Join the study, train until nothing is left, and say how it ended (never raises but
+    on a bug). `events`: a queue the supervisor's progress board reads (None: lines printed);
+    `share`: the counter of workers training and the threads of all (cores.CoreShare);
+    `on_session`: called with the session once it is open (the final step of `cnnbench
+    worker --final`, say, runs in it); `imports`: the user's modules that register the
+    study's networks (networks.worker_imports), imported first."""
+    def say(line: str) -> None:
+        if events is not None:
+            events.put(("line", label, line, None))
+        else:
+            print(line, flush=True)
 
-    This process owns them: a worker that dies (a signal, the out-of-memory killer, an
-    error) is seen within a second, its trials are queued again at once (claims.worker_died)
-    and a replacement starts while work remains (MAX_RESTARTS per worker); a trial under
-    which two workers died fails for good with the reason. A worker that meets a fault of
-    the machine (a full disk, say) stops the study: the others are stopped at their next
-    safe point and StorageError is raised here. `share_cores`: a CPU worker that runs out
-    of work gives its threads to those still training (cores.CoreShare); off, every trial
-    keeps `threads` from start to end, so its numbers are the same bits whenever the
-    others end."""
-    return Pool(session, n, threads, share_cores).run()
-
-
-class Pool:
-    """The worker processes of one session on this machine (see launch_workers)."""
-
-    def __init__(self, session: Session, n: int, threads: int | None, share_cores: bool) -> None:
-        gpus = torch.cuda.device_count()
-        self.session, self.threads, self.gpus = session, threads, gpus
-        self.ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked CUDA or MLflow state
-        self.events, self.faults = self.ctx.Queue(), self.ctx.Queue()
-        training = self.ctx.Value("i", n)  # workers training: CPU threads go to those still at it
-        self.share = (training, n * threads if threads and share_cores else None)
-        self.slots = [Slot(f"w{i}", i % gpus if gpus else None) for i in range(n)]
-        self.report = WorkerReport()
-        self.fault = ""  # a worker's fault of the machine: the study stops
-
-    def run(self) -> WorkerReport:
-        session, kind = self.session, self.session.kind
-        board = Board(f"{kind.name} {session.spec.name}", session.target,
-                      min(kind.done_at_start(session), session.target))
-        with board.listening(self.events):  # read for the workers' whole life, a stop request included
-            try:
-                with interrupt.blocked():  # a stop request while they start is raised once all are started
-                    for slot in self.slots:
-                        self.start(slot)
-                self.say(f"{kind.name} {session.spec.name}: {len(self.slots)} workers started (pids "
-                         f"{', '.join(str(s.proc.pid) for s in self.slots)})"
-                         + (f" on {self.gpus} GPU(s)" if self.gpus else ""))
-                while not all(slot.ended for slot in self.slots):
-                    for slot in self.slots:
-                        self.watch(slot)
-            except KeyboardInterrupt as err:
-                stop_workers([s.proc for s in self.slots], interrupt.signal_of(err))
-                raise
-        if self.fault:
-            raise StorageError(self.fault)
-        return self.report
-
-    def start(self, slot: Slot) -> None:
-        s = self.session
-        slot.proc = self.ctx.Process(
-            target=worker_main, name=f"cnnbench-{slot.label}",
-            args=(s.spec, s.kind, {**s.open_args, "storage": s.url, "checked": True, "supervisor": os.getpid()},
-                  slot.label, self.threads, slot.gpu, self.events, self.share, self.faults))
-        slot.proc.start()
-
-    def say(self, line: str) -> None:
-        self.events.put(("line", "", line, None))
-
-    def watch(self, slot: Slot) -> None:
-        """One look at a worker (at most 0.2 s: this thread looks at its signals meanwhile)."""
-        if slot.ended:
-            return
-        slot.proc.join(timeout=0.2)
-        code = slot.proc.exitcode
-        if code is None:
-            return
-        if code == 0:
-            slot.ended = True
-            return
-        self.ended_badly(slot, code)
-
-    def ended_badly(self, slot: Slot, code: int) -> None:
-        """A worker that exited with `code` != 0: its trials back to the queue, and a
-        replacement while work remains, unless the study must stop."""
-        session, why = self.session, exit_reason(code)
-        if code == EXIT_STORAGE:  # its one-line message, sent before it exited
-            with contextlib.suppress(queues.Empty):
-                self.fault = self.fault or self.faults.get(timeout=5.0)
-            self.fault = self.fault or f"worker {slot.label} {why}"
-        stopped = code in {128 + int(sig) for sig in interrupt.SIGNALS}  # it requeued its own trials
-        with interrupt.shielded():
-            with contextlib.suppress(Exception):  # a store that cannot be written: the next execution recovers
-                with session.lock():
-                    worker_died(session, slot.proc.pid, f"{slot.label} (pid {slot.proc.pid}) {why}",
-                                count=not stopped and code != EXIT_STORAGE)
-        if code == EXIT_STORAGE or self.fault:
-            slot.ended = True
-            stop_workers([s.proc for s in self.slots if not s.ended], signal.SIGTERM, wait=False)
-            return
-        if code in (EXIT_INPUT, EXIT_GAVE_UP) or slot.restarts >= MAX_RESTARTS or not session.room(session.counts()):
-            slot.ended = True
-            if code not in (EXIT_INPUT, EXIT_GAVE_UP) and session.room(session.counts()):
-                self.report.stopped = f"worker {slot.label} {why} {slot.restarts + 1} time(s)"
-            elif code in (EXIT_INPUT, EXIT_GAVE_UP):
-                self.report.stopped = f"worker {slot.label} {why}"
-            return
-        slot.restarts += 1
-        self.say(f"[{slot.label}] {why}; its trials are queued again, a new worker takes its place")
-        with interrupt.blocked():
-            self.start(slot)
-
-
-def exit_reason(code: int) -> str:
-    """How a worker process ended, in words."""
-    if code < 0:
-        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-        return f"was killed by signal {-code} ({name})" + (", likely out of memory" if -code == signal.SIGKILL else "")
-    return {EXIT_INPUT: "refused its input", EXIT_GAVE_UP: "stopped: its trials kept failing",
-            EXIT_STORAGE: "met a fault of the machine"}.get(code, f"exited with status {code}")
-
-
-def stop_workers(procs: list[Any], signum: int = signal.SIGINT, *, wait: bool = True) -> None:
-    """A stop request to this process: pass it on (a worker that has it already, from the
-    terminal, holds the second one); each stops at its next safe point."""
-    with interrupt.shielded():
-        for proc in procs:
-            if proc is not None and proc.is_alive() and proc.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signum)
-        if wait:
-            for proc in procs:
-                if proc is not None:
-                    proc.join()
-
-
-def worker_main(spec: StudySpec, kind: Kind, open_args: dict[str, Any], label: str, threads: int | None,
-                gpu: int | None, events: Any, share: tuple[Any, int | None] | None = None, faults: Any = None) -> None:
-    """A worker process: join the study, train until nothing is left, exit: 0; EXIT_GAVE_UP
-    when its trials kept failing; EXIT_INPUT on bad input; EXIT_STORAGE on a fault of the
-    machine (the message to `faults`); 128 + the signal on a stop request. `share`: the
-    counter of workers training, to wake when one ends, and the threads of all together,
-    to share the CPU's cores out as workers end (None: off the CPU, or without
-    --share-cores; cores.CoreShare)."""
+    previous = None
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
-    except (OSError, AttributeError):
-        pass
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    timings.add("workers/interpreter and imports", timings.process_seconds() or 0.0)
-    spec, plan = without_progress_bars(spec, open_args.get("plan"))
-    try:
-        interrupt.install()  # a stop request that came while the parent started us is raised here
+        previous = interrupt.install()  # a stop request that came while the supervisor started us is raised here
+        import_networks(spec, imports)  # before any config is made: they register the study's networks
+        spec, plan = without_progress_bars(spec, open_args.get("plan")) if events is not None else (
+            spec, open_args.get("plan"))
         if threads:
             torch.set_num_threads(threads)
         session = open_session(spec, kind, **{**open_args, "plan": plan}, worker=label)
@@ -288,35 +154,26 @@ def worker_main(spec: StudySpec, kind: Kind, open_args: dict[str, Any], label: s
         if share is not None:
             session.cores = CoreShare(share[0], share[1], threads)
         report = work(session)
+        if on_session is not None and not report.stopped:
+            on_session(session)
     except KeyboardInterrupt as err:
-        sys.exit(interrupt.exit_status(err))
+        return Ended(interrupt.exit_status(err))
     except StorageError as err:
-        events.put(("line", label, f"[{label}] error: {err}", None))
-        if faults is not None:
-            faults.put(str(err))
-            faults.close()
-            faults.join_thread()
-        sys.exit(EXIT_STORAGE)
+        say(f"[{label}] error: {err}")
+        return Ended(EXIT_STORAGE, str(err))
     except (ConfigError, DataError, DeviceError, TrackingError) as err:
-        events.put(("line", label, f"[{label}] error: {err}", None))
-        sys.exit(EXIT_INPUT)
+        say(f"[{label}] error: {err}")
+        return Ended(EXIT_INPUT, str(err))
+    finally:
+        interrupt.restore(previous)  # a Ray worker process runs other tasks after this one
     if report.stopped:
-        events.put(("line", label, f"[{label}] stopped: {report.stopped}", None))
-        sys.exit(EXIT_GAVE_UP)
-    # Done, every outcome recorded (work() drained the background writer): exit without the
-    # interpreter's teardown of torch, MLflow and SQLAlchemy, which took 2-3 s of a study's
-    # wall time here, once the progress lines (and the timings, when on) are sent.
-    if timings.enabled():
-        events.put(("timings", label, timings.snapshot()))
-    events.close()
-    events.join_thread()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        say(f"[{label}] stopped: {report.stopped}")
+        return Ended(EXIT_GAVE_UP, report.stopped)
+    return Ended(0)  # every outcome recorded: work() drained the background writer
 
 
 def without_progress_bars(spec: StudySpec, plan: Any) -> tuple[StudySpec, Any]:
-    """A worker process's spec and plan: the parent shows progress, so no bar per trial here."""
+    """A supervised worker's spec and plan: its supervisor shows progress, so no bar per trial here."""
     spec = dataclasses.replace(spec, fixed={**spec.fixed, "progress": False})
     if plan is not None:
         plan = dataclasses.replace(plan, runs=[c.replace(progress=False) for c in plan.runs],

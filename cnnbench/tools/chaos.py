@@ -1,22 +1,32 @@
-"""The chaos test: processes killed at random moments, and nothing lost or doubled.
+"""The chaos test: processes killed at random moments, a disk that fills up, and nothing
+lost or doubled.
 
 On a fresh store (a new folder: MLflow's SQLite file, the state folder, results/), start
 together two different tiny studies (the first of them in two processes, which share its
-trials) and two workers of one tiny sweep; SIGKILL a random
-one of them (its whole process group: a study's worker pool too) at a random moment, two
-or three times, and start it again with the same command. At the end every study and
-the sweep must be complete: exactly one FINISHED run per trial, the requested number of
-Optuna trials, no run or trial left RUNNING, no metric step recorded twice, and
-`results/` complete. The seed of the random choices is printed first; `--seed S`
-replays a failure. Bounded: `--budget` seconds in all, then every process is killed and
-the run fails.
+trials; the second with a pool of two worker processes) and two workers of one tiny
+sweep. Then, at random moments after training began:
 
-    python -m cnnbench.tools.chaos [--seed S] [--budget 240] [--dir DIR] [--data-dir DIR]
+- `kill`: SIGKILL a random job (its whole process group: a study's worker pool too), and
+  start it again with the same command, two or three times;
+- `worker`: SIGKILL one worker process of the pool while the study's main process lives
+  (as the out-of-memory killer does): the pool queues its trials again and replaces it;
+- `full`: the state folder's disk (a small tmpfs, where the machine lets us mount one)
+  fills up for a few seconds; the jobs that stop on it (one line, exit status 1) are
+  started again once space is freed, as a person would.
+
+At the end every study and the sweep must be complete: exactly one FINISHED run per
+trial, the requested number of Optuna trials, no run or trial left RUNNING, no metric
+step recorded twice, and `results/` complete. The seed of the random choices is printed
+first; `--seed S` replays a failure. Bounded: `--budget` seconds in all, then every
+process is killed and the run fails.
+
+    python -m cnnbench.tools.chaos [--seed S] [--budget 240] [--dir DIR] [--data-dir DIR] [--no-full-disk]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -26,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +104,13 @@ def write_specs(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def run(seed: int, folder: Path, *, budget: float = 240.0, data_root: str | None = None,
-        out=print) -> list[str]:
+FULL_S = 4.0  # seconds the state folder's disk stays full
+FULL_GRACE_S = 20.0  # a job that stops this long after the disk was freed stopped on it too
+TMPFS_SIZE = "256m"  # the state folder's own disk (checkpoints, Optuna stores)
+
+
+def run(seed: int, folder: Path, *, budget: float = 240.0, data_root: str | None = None, out=print,
+        full_disk: bool = True) -> list[str]:
     """Run the chaos in `folder` (fresh); returns the problems found (empty: all is well)."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -105,60 +120,164 @@ def run(seed: int, folder: Path, *, budget: float = 240.0, data_root: str | None
            "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "CNNBENCH_HOME": str(folder / ".cnnbench")}
     if data_root:
         env["CNNBENCH_DATA"] = str(data_root)
-    jobs = [Job(name, ["study", str(specs[name]), "--workers", "1"]) for name in STUDIES]
-    # the same study twice, as on two machines: they share its trials (one engine with sweeps)
-    shared = next(iter(STUDIES))
-    jobs.append(Job(f"{shared}-2", ["study", str(specs[shared]), "--workers", "1"]))
-    jobs += [Job(f"sweep-w{i}", ["sweep", str(specs[SWEEP])]) for i in range(2)]
-    kills = rng.choice([2, 3])
-    # when to kill: seconds after training began (the first epoch checkpoint of any job,
-    # a state, so that a loaded machine's slow start does not use the kills up)
-    moments = sorted(rng.uniform(0.0, 12.0) for _ in range(kills))
-    out(f"chaos: seed {seed}, {kills} kills at {', '.join(f'{m:.1f}' for m in moments)} s after the first "
-        f"checkpoint, in {folder}")
-    t0 = time.monotonic()
-    for job in jobs:
-        job.start(folder, env)
-    late = _kill_while_running(jobs, folder, env, rng, moments, t0=t0, budget=budget, seed=seed, out=out)
-    if late:
-        return late
-    problems = _exit_problems(jobs, folder, seed)
-    done = sum(j.kills for j in jobs)
-    out(f"chaos: all processes ended by themselves after {time.monotonic() - t0:.0f} s; {done} kill(s)"
-        + (f" ({kills - done} planned too late: every process had ended)" if done < kills else ""))
-    if not problems:
-        problems = check(folder, specs)
-    return problems
-
-
-def _kill_while_running(jobs: list[Job], folder: Path, env: dict[str, str], rng: random.Random,
-                        moments: list[float], *, t0: float, budget: float, seed: int, out) -> list[str]:
-    """Until every job has ended by itself: at each of `moments` (seconds after the first
-    checkpoint) SIGKILL a random running job and start it again. Past `budget` seconds
-    every job is killed and that is the problem returned; else none."""
-    began: float | None = None
+    disk = mount_tmpfs(folder / ".cnnbench", out) if full_disk else None
     try:
-        while any(job.running() for job in jobs):
-            now = time.monotonic() - t0
-            if now > budget:
-                return [f"not done after {budget:.0f} s (seed {seed})"]
-            if began is None and next((folder / ".cnnbench" / "checkpoints").glob("*/*/last.pt"), None):
-                began = now
-                out(f"chaos: {now:5.1f} s  first checkpoint")
-            if moments and began is not None and now - began >= moments[0]:
-                moments.pop(0)
-                alive = [job for job in jobs if job.running()]
-                if alive:
-                    victim = rng.choice(alive)
-                    victim.kill()
-                    out(f"chaos: {now:5.1f} s  SIGKILL {victim.name} (pid {victim.proc.pid}); started again")
-                    victim.start(folder, env)
-            time.sleep(0.1)
+        chaos = Chaos(folder, env, rng, jobs(specs), out, seed=seed, budget=budget, disk=disk)
+        problems = chaos.drive(plan(rng, full=disk is not None))
+        return problems or check(folder, specs)
     finally:
-        for job in jobs:
-            if job.running():
-                job.kill()
-    return []
+        if disk is not None:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def jobs(specs: dict[str, Path]) -> list[Job]:
+    """The commands: each study (the first twice, as on two machines: they share its
+    trials; the second with a pool of two workers), and two workers of the sweep."""
+    first, second = list(STUDIES)
+    return [Job(first, ["study", str(specs[first]), "--workers", "1"]),
+            Job(f"{first}-2", ["study", str(specs[first]), "--workers", "1"]),
+            Job(second, ["study", str(specs[second]), "--workers", "2", "--no-fuse"]),
+            *[Job(f"sweep-w{i}", ["sweep", str(specs[SWEEP])]) for i in range(2)]]
+
+
+def plan(rng: random.Random, *, full: bool) -> list[tuple[float, str]]:
+    """The events, (seconds after the first checkpoint, action), in time order: two or
+    three kills, a worker's death, and a full disk where there is a tmpfs for it."""
+    events = [(rng.uniform(0.0, 12.0), "kill") for _ in range(rng.choice([2, 3]))]
+    events.append((rng.uniform(0.0, 12.0), "worker"))
+    if full:
+        events.append((rng.uniform(2.0, 10.0), "full"))
+    return sorted(events)
+
+
+def mount_tmpfs(path: Path, out) -> Path | None:
+    """A small disk of its own at `path`, to fill; None (and why) where mounts are not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        out(f"chaos: full disk skipped: cannot mount a tmpfs here ({done.stderr.strip()[:120] or 'not root'})")
+        return None
+    return path
+
+
+def fill(folder: Path) -> Path:
+    """Every free byte of `folder`'s disk taken by one file."""
+    path = folder / "chaos-filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for size in (1 << 20, 4096, 1):  # unbuffered: every byte that fits is written
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * size):
+                    pass
+    finally:
+        os.close(fd)
+    return path
+
+
+def workers_of(pid: int) -> list[int]:
+    """The worker processes (multiprocessing's spawned children) of process `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                cmdline = (stat.parent / "cmdline").read_bytes()
+                if b"spawn_main" in cmdline:
+                    found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+@dataclass
+class Chaos:
+    """The jobs driven through the planned events until each ends by itself."""
+    folder: Path
+    env: dict[str, str]
+    rng: random.Random
+    jobs: list[Job]
+    out: Any
+    seed: int
+    budget: float
+    disk: Path | None = None
+    filler: Path | None = None
+    freed_at: float | None = None  # when the full disk was freed
+    full_since: float | None = None
+    worker_kills: set[str] = field(default_factory=set)  # one worker death per job: no trial dies twice
+
+    def drive(self, events: list[tuple[float, str]]) -> list[str]:
+        self.out(f"chaos: seed {self.seed}, " + ", ".join(f"{action} at {t:.1f} s" for t, action in events)
+                 + f" after the first checkpoint, in {self.folder}")
+        t0, began = time.monotonic(), None
+        for job in self.jobs:
+            job.start(self.folder, self.env)
+        try:
+            now = 0.0
+            while self.busy(now):
+                now = time.monotonic() - t0
+                if now > self.budget:
+                    return [f"not done after {self.budget:.0f} s (seed {self.seed})"]
+                if began is None and next((self.folder / ".cnnbench" / "checkpoints").glob("*/*/last.pt"), None):
+                    began = now
+                    self.out(f"chaos: {now:5.1f} s  first checkpoint")
+                while events and began is not None and now - began >= events[0][0]:
+                    getattr(self, events.pop(0)[1])(now)
+                self.tend(now)
+                time.sleep(0.1)
+        finally:
+            for job in self.jobs:
+                if job.running():
+                    job.kill()
+        problems = _exit_problems(self.jobs, self.folder, self.seed)
+        self.out(f"chaos: all processes ended by themselves after {time.monotonic() - t0:.0f} s; "
+                 f"{sum(j.kills for j in self.jobs)} kill(s), {len(self.worker_kills)} worker kill(s)"
+                 + (f"; {len(events)} event(s) planned too late: every process had ended" if events else ""))
+        return problems
+
+    def busy(self, now: float) -> bool:
+        """A job runs, or the disk is full or was freed a moment ago (a job that stopped on
+        it is started again)."""
+        return (any(job.running() for job in self.jobs) or self.filler is not None
+                or (self.freed_at is not None and now - self.freed_at <= FULL_GRACE_S))
+
+    def kill(self, now: float) -> None:
+        alive = [job for job in self.jobs if job.running()]
+        if alive:
+            victim = self.rng.choice(alive)
+            victim.kill()
+            self.out(f"chaos: {now:5.1f} s  SIGKILL {victim.name} (pid {victim.proc.pid}); started again")
+            victim.start(self.folder, self.env)
+
+    def worker(self, now: float) -> None:
+        pools = [(job, workers_of(job.proc.pid)) for job in self.jobs
+                 if job.running() and job.name not in self.worker_kills]
+        pools = [(job, pids) for job, pids in pools if pids]
+        if not pools:
+            self.out(f"chaos: {now:5.1f} s  no worker process to kill (no pool running)")
+            return
+        job, pids = self.rng.choice(pools)
+        pid = self.rng.choice(pids)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        self.worker_kills.add(job.name)
+        self.out(f"chaos: {now:5.1f} s  SIGKILL worker {pid} of {job.name}; its main process lives")
+
+    def full(self, now: float) -> None:
+        assert self.disk is not None
+        self.filler, self.full_since = fill(self.disk), now
+        self.out(f"chaos: {now:5.1f} s  the state folder's disk is full")
+
+    def tend(self, now: float) -> None:
+        """Free the full disk when its time is up; start again the jobs that stopped on it."""
+        if self.filler is not None and now - self.full_since >= FULL_S:
+            self.filler.unlink()
+            self.filler, self.freed_at = None, now
+            self.out(f"chaos: {now:5.1f} s  space freed")
+        if self.full_since is None or (self.freed_at is not None and now - self.freed_at > FULL_GRACE_S):
+            return
+        for job in self.jobs:
+            if self.filler is None and job.proc is not None and job.proc.poll() not in (None, 0):
+                self.out(f"chaos: {now:5.1f} s  {job.name} stopped with status {job.proc.returncode} "
+                         "on the full disk; started again")
+                job.start(self.folder, self.env)
 
 
 def _exit_problems(jobs: list[Job], folder: Path, seed: int) -> list[str]:
@@ -259,13 +378,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=None, help="the folder to run in (default: a new temporary folder, removed "
                                                "when all is well)")
     p.add_argument("--data-dir", default=None, help="MNIST folder (default: $CNNBENCH_DATA)")
+    p.add_argument("--no-full-disk", action="store_true", help="leave out the full disk (it mounts a tmpfs: root)")
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="cnnbench-chaos-"))
     if args.dir and folder.exists() and any(folder.iterdir()):
         print(f"chaos: {folder} is not empty; give a new folder", file=sys.stderr)
         return 2
-    problems = run(seed, folder, budget=args.budget, data_root=args.data_dir or os.environ.get("CNNBENCH_DATA"))
+    problems = run(seed, folder, budget=args.budget, data_root=args.data_dir or os.environ.get("CNNBENCH_DATA"),
+                   full_disk=not args.no_full_disk)
     if problems:
         print(f"chaos: FAILED with seed {seed} (replay: python -m cnnbench.tools.chaos --seed {seed}); in {folder}:",
               file=sys.stderr)

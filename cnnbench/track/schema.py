@@ -50,6 +50,7 @@ TAG_FUSE = "cnnbench.fuse"  # whether trials train fused
 TAG_FUSE_K = "cnnbench.fuse_k"  # trials claimed and trained fused at once
 TAG_WORKERS = "cnnbench.workers"  # worker processes
 TAG_THREADS = "cnnbench.threads"  # CPU threads per trial (empty: torch's default)
+TAG_ENGINE = "cnnbench.engine"  # which engine trains the trials (wide, vmap, one at a time) and why, per network
 TAG_OPTUNA_STORAGE = "optuna.storage"  # the Optuna storage URL (password masked)
 TAG_OPTUNA_STUDY = "optuna.study"  # the Optuna study's name (a sweep's trials too)
 
@@ -70,6 +71,10 @@ TAG_SEARCHED = "cnnbench.searched"  # a sweep's trial: the searched hyperparamet
 TAG_TESTED = "cnnbench.tested"  # a sweep's final run: how its test set was read
 TAG_TRIAL = "optuna.trial_number"  # the Optuna trial (a final run: the best trial it repeats)
 TAG_STATE = "optuna.state"  # the Optuna trial's state (RUNNING, COMPLETE, PRUNED, FAIL)
+TAG_EXECUTOR = "cnnbench.executor"  # a trial's executor: local, ray, slurm, worker (cnnbench worker)
+TAG_NODE = "cnnbench.node"  # ... the node it trained on (the host name; a Ray node's id)
+TAG_WORKER = "cnnbench.worker"  # ... and its worker (w0, w1, ...; a replacement keeps the name)
+TAG_CHECKPOINT = "cnnbench.checkpoint"  # a trial's resume-checkpoint lineage: its folder's name (a retry keeps it)
 TAG_RETRY_OF = "optuna.retry_of"  # a retried sweep trial: the trial it repeats
 
 # ----------------------------------------------------------------------------------------
@@ -139,7 +144,8 @@ ATTR_REUSED = "reused"  # a study trial read back from MLflow (an earlier execut
 ATTR_WORKER_HOST = "worker_host"
 ATTR_WORKER_BOOT = "worker_boot"  # the machine's boot id: tells machines (and reboots) with one host name apart
 ATTR_WORKER_PID = "worker_pid"
-ATTR_WORKER_SUPERVISOR = "worker_supervisor"  # the process that started the worker and watches it (its pid)
+ATTR_WORKER_SUPERVISOR = "worker_supervisor"  # the process that started the worker and watches it: "HOST BOOT PID"
+ATTR_WORKER_SLOT = "worker_slot"  # the supervisor's name for the worker (w0, w1, ...: a replacement keeps it)
 ATTR_WORKER_DEATHS = "worker_deaths"  # times a worker died under this trial while its supervisor lived
 
 # ----------------------------------------------------------------------------------------

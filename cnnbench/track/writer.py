@@ -227,6 +227,11 @@ class Tracker:
             if not token:
                 return runs
 
+    def runs_with_tag(self, key: str, value: str) -> list[Any]:
+        """This experiment's runs whose tag `key` is `value`, newest first."""
+        return self.client.search_runs([self.experiment_id], f"tags.`{key}` = '{value}'", max_results=100,
+                                       order_by=["attributes.start_time DESC"])
+
     def finished_trials(self) -> dict[str, Any]:
         """trial key -> the newest run whose outcome is final (finished or diverged)."""
         done: dict[str, Any] = {}

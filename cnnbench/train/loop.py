@@ -16,6 +16,7 @@ of MLflow or Optuna.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from cnnbench.config.record import EPOCH, EPOCH_SECONDS, LR, SPLIT_KEYS, TEST_ACC, TRAIN_EPOCH_LOSS, VAL_ACC, VAL_LOSS
 from cnnbench.config.trial import TrialConfig
-from cnnbench.data.tensors import DeviceData, data_dir, mix_seed
+from cnnbench.data.tensors import DeviceData, data_dir, dataset_info, mix_seed
 from cnnbench.errors import StorageError
 from cnnbench.train.checkpoint import hand_over, load_checkpoint, restore_result, resume_state
 from cnnbench.train.device import configure_backends, is_out_of_memory, resolve_device, sync, use_channels_last
@@ -60,7 +61,8 @@ def load_data(config: TrialConfig, root: str | os.PathLike | None, device: torch
         return DeviceData.load(dataset=config.dataset, root=data_dir(root), device=device,
                                normalize=config.normalize, train_subset=config.train_subset,
                                test_subset=config.test_subset, val_size=config.val_size,
-                               channels_last=use_channels_last(config, device))
+                               test_fraction=config.test_fraction,
+                               channels_last=use_channels_last(config, device, dataset_info(config.dataset, root)))
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], *, device: str = "auto",
@@ -348,14 +350,24 @@ def _end_epoch(fit: Fit, epoch: int, seconds: float, lr_rows: list[list[float]],
         is_best = select in record and record[select] == r.best(select)[0] and r.best(select)[1] == epoch + 1
         if is_best:
             r.best_epoch = epoch + 1
-        with timings.phase("group/checkpoints handed over"):
-            writer().wait(fit.tickets[k])  # at most one snapshot per trial waits in memory
-            fit.tickets[k] = hand_over(fit.engine, k, fit.configs[k], r, epoch + 1, fit.schedules[k],
-                                       fit.ckpt_dirs[k], is_best)
+        _hand_over_checkpoints(fit, k, epoch + 1, is_best)
         with interrupt.shielded(), timings.phase("group/recorders handed over"):
             verdict = fit.recorders[k].epoch(record)  # a Ctrl-C inside a database write would break the connection
         if verdict == "prune":
             fit.stop(k, PRUNED, f"pruned after epoch {epoch + 1}")
+
+
+def _hand_over_checkpoints(fit: Fit, k: int, epoch: int, is_best: bool) -> None:
+    """Trial k's checkpoints after `epoch` handed to the background writer, then its
+    recorder's `checkpoint` (a cluster's shared copy of last.pt) as the writer's next job:
+    it runs once the file is whole on disk, and not at all if writing it failed."""
+    with timings.phase("group/checkpoints handed over"):
+        writer().wait(fit.tickets[k])  # at most one snapshot per trial waits in memory
+        fit.tickets[k] = hand_over(fit.engine, k, fit.configs[k], fit.results[k], epoch, fit.schedules[k],
+                                   fit.ckpt_dirs[k], is_best)
+        if fit.ckpt_dirs[k] is not None:
+            writer().submit(functools.partial(fit.recorders[k].checkpoint, fit.ckpt_dirs[k] / "last.pt", epoch),
+                            "checkpoints shared")
 
 
 def _postfix(results: list[TrialResult], active: list[bool]) -> str:

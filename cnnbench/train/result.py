@@ -64,5 +64,8 @@ class Recorder:
         """After each epoch. Return "prune" to stop this trial as pruned."""
         return None
 
+    def checkpoint(self, path: Path, epoch: int) -> None:
+        """The trial's resume checkpoint `path` (last.pt) holds `epoch` epochs, whole on disk."""
+
     def finish(self, result: TrialResult) -> None:
         """Once, with the final status (finished, diverged, pruned, failed or interrupted)."""

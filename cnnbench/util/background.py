@@ -50,7 +50,10 @@ from cnnbench.util import timings
 from cnnbench.util.faults import storage_fault
 
 SYNC_ENV = "CNNBENCH_SYNC_BOOKKEEPING"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# the stop requests (util/interrupt.py), and Slurm's warning before a task's time limit,
+# which Slurm may send to every process of the task and its worker turns into a stop request
+# (run/executors/slurm.py): left to the parent, which drains the writer before it stops
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2)
 
 
 class Ticket:

@@ -4,7 +4,8 @@ it missing says which, in one line, before it does anything.
 `pip install cnnbench` is what `cnnbench run`, `study` and `sweep` need (torch, MLflow,
 Optuna, pandas, seaborn...); `cnnbench[report]` adds Jupyter for `cnnbench report`,
 `cnnbench[ui]` Playwright for `cnnbench ui-screenshot` (and optuna-dashboard),
-`cnnbench[postgres]` the PostgreSQL drivers for postgresql:// stores.
+`cnnbench[postgres]` the PostgreSQL drivers for postgresql:// stores, `cnnbench[ray]` and
+`cnnbench[slurm]` the cluster engines of `--executor ray` and `--executor slurm`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ EXTRAS = {
     "report": ("papermill", "nbformat", "nbconvert", "nbclient", "jupyter_client", "ipykernel"),
     "ui": ("playwright",),
     "postgres": ("psycopg", "psycopg2"),
+    "ray": ("ray",),
+    "slurm": ("submitit",),
 }
 
 

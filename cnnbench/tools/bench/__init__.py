@@ -9,6 +9,7 @@
   overhead.py    --overhead: a study's bookkeeping (start-up, MLflow, Optuna, checkpoints,
                  results) with almost no training, fitted per process, trial and epoch
   sweep.py       --sweep: one Optuna sweep, one trial at a time and K fused
+  executors.py   --executors: the tiny 3-seed lr study on local processes and on Ray
   naive.py       the documents' loop, every ratio's baseline
   steps.py       one engine's steps, test passes and profile (also gpu-check's)
   common.py      what they share: the rows, the timed loop, worker processes
@@ -34,7 +35,7 @@ def bench(*, data_root: Any = None, device: str = "auto", model: str = "lenet5",
           steps: int = 200, repeats: int = 3, max_k: int | None = None, options: bool = False,
           lr_study: bool = False, epochs: int = 10, sweep: bool = False, fuse_k: int | None = None,
           sweep_trials: int = 32, sweep_epochs: int = 3, sweep_train_subset: int | None = None,
-          engines: bool = False, overhead: bool = False, baseline: str | None = None,
+          engines: bool = False, executors: bool = False, overhead: bool = False, baseline: str | None = None,
           results_dir: str | Path = "results") -> list[str]:
     """`cnnbench bench`: what it measures depends on the flags (see its --help); returns
     the files written. Every option is checked before anything runs."""
@@ -54,6 +55,10 @@ def bench(*, data_root: Any = None, device: str = "auto", model: str = "lenet5",
     if overhead:
         time_overhead(data_root=data_root, repeats=repeats, baseline=baseline, out_dir=out)
         return [str(out / "overhead.md")]
+    if executors:  # local processes against a 2-node Ray cluster
+        from cnnbench.tools.bench.executors import time_executors  # Ray: the ray extra, seconds to import
+
+        return [str(time_executors(data_root=data_root, out_dir=out)["file"])]
     if sweep:
         resolve_device(device)
         summary = time_sweep(data_root=data_root, device=device, n_trials=sweep_trials, epochs=sweep_epochs,

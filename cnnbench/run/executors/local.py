@@ -1,0 +1,129 @@
+"""Workers as processes on this machine: the default executor, nothing to install.
+
+Each worker is a fresh interpreter (multiprocessing's spawn: no forked CUDA or MLflow
+state) running `workers.run_worker`, one GPU each where there are GPUs (round robin),
+`threads` CPU threads each. It dies with this process (PR_SET_PDEATHSIG), and its
+progress comes through one queue that the pool's board reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import queue as queues
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cnnbench.config.spec import StudySpec
+from cnnbench.run.networks import worker_imports
+from cnnbench.run.session import Kind, Session
+from cnnbench.run.storage import process_id
+from cnnbench.run.workers import Ended, run_worker
+from cnnbench.util import interrupt, timings
+
+
+class LocalPlan:
+    """The local executor before its workers are counted: every store is reachable here."""
+    name = "this machine"
+
+    def __init__(self, *, threads: int | None = None, share_cores: bool = False) -> None:
+        self.threads, self.share_cores = threads, share_cores
+
+    def check_stores(self, url: str, uri: str) -> None:
+        pass
+
+    def for_workers(self, n: int) -> "LocalProcesses":
+        return LocalProcesses(n, threads=self.threads, share_cores=self.share_cores)
+
+
+class LocalProcesses:
+    """The local executor (run/pool.py's Executor)."""
+    name = "this machine"
+
+    def __init__(self, n: int, *, threads: int | None = None, share_cores: bool = False) -> None:
+        """`share_cores`: a CPU worker that runs out of work gives its threads to those still
+        training (cores.CoreShare); off, every trial keeps `threads` from start to end."""
+        self.ctx = multiprocessing.get_context("spawn")
+        self.events = self.ctx.Queue()
+        training = self.ctx.Value("i", n)  # workers training: CPU threads go to those still at it
+        self.share = (training, n * threads if threads and share_cores else None)
+        self.threads, self.gpus = threads, torch.cuda.device_count()
+
+    def start(self, session: Session, slot: str, index: int) -> "Process":
+        s = session
+        open_args = {**s.open_args, "storage": s.url, "checked": True, "role": "supervised",
+                     "supervisor": process_id(), "slot": slot}
+        faults = self.ctx.Queue()  # its own: the message of a worker that failed is its own
+        proc = self.ctx.Process(target=worker_main, name=f"cnnbench-{slot}",
+                                args=(s.spec, s.kind, open_args, slot, self.threads,
+                                      index % self.gpus if self.gpus else None, self.events, self.share, faults,
+                                      worker_imports(s.spec, s.configs.values())))
+        proc.start()
+        return Process(proc, faults)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Process:
+    """A worker process (run/pool.py's Handle)."""
+    proc: Any
+    faults: Any
+
+    def ended(self, timeout: float) -> Ended | None:
+        self.proc.join(timeout=timeout)
+        code = self.proc.exitcode
+        if code is None:
+            return None
+        message = ""
+        if code not in (0, *(128 + int(s) for s in interrupt.SIGNALS)) and code > 0:
+            with contextlib.suppress(queues.Empty):  # its one-line message, sent before it exited
+                message = self.faults.get(timeout=2.0)
+        return Ended(code, message)
+
+    def stop(self, signum: int) -> None:
+        if self.proc.is_alive() and self.proc.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signum)
+
+    def describe(self) -> str:
+        return f"pid {self.proc.pid}"
+
+
+def worker_main(spec: StudySpec, kind: Kind, open_args: dict[str, Any], label: str, threads: int | None,
+                gpu: int | None, events: Any, share: tuple[Any, int | None] | None = None, faults: Any = None,
+                imports: tuple[str, ...] = ()) -> None:
+    """A worker process: `workers.run_worker`, its message (bad input, a fault of the
+    machine) to `faults`, then exit with its status."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
+    except (OSError, AttributeError):
+        pass
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    timings.add("workers/interpreter and imports", timings.process_seconds() or 0.0)
+    ended = run_worker(spec, kind, open_args, label=label, events=events, threads=threads, share=share,
+                       imports=imports)
+    if ended.message and faults is not None:
+        faults.put(ended.message)
+        faults.close()
+        faults.join_thread()
+    if ended.status:
+        sys.exit(ended.status)
+    # Done, every outcome recorded (run_worker's work() drained the background writer): exit
+    # without the interpreter's teardown of torch, MLflow and SQLAlchemy, which took 2-3 s of
+    # a study's wall time here, once the progress lines (and the timings, when on) are sent.
+    if timings.enabled():
+        events.put(("timings", label, timings.snapshot()))
+    events.close()
+    events.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
