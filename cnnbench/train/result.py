@@ -65,7 +65,8 @@ class Recorder:
         return None
 
     def checkpoint(self, path: Path, epoch: int) -> None:
-        """The trial's resume checkpoint `path` (last.pt) holds `epoch` epochs, whole on disk."""
+        """The trial's resume checkpoint `path` (last.pt) holds `epoch` epochs, whole on disk
+        (called by the background writer right after it wrote the file, in its thread)."""
 
     def finish(self, result: TrialResult) -> None:
         """Once, with the final status (finished, diverged, pruned, failed or interrupted)."""
