@@ -277,8 +277,9 @@ class Tracker:
 
 
 class MlflowRecorder(Recorder):
-    """One trial's child run. Created at `start` (in the training thread: its id is needed
-    at once); everything else it writes goes through the background writer (track/jobs.py)."""
+    """One trial's child run. Created with its params at `start` (in the training thread: its
+    id is needed at once); everything else it writes goes through the background writer
+    (track/jobs.py)."""
 
     def __init__(self, tracker: Tracker, config: TrialConfig, *, parent: str, name: str, tags: dict[str, str]) -> None:
         self.tracker, self.client = tracker, tracker.client
@@ -303,12 +304,16 @@ class MlflowRecorder(Recorder):
         run = self.client.create_run(self.tracker.experiment_id, run_name=self.name, tags=tags)
         self.run_id = run.info.run_id
         self.tracker.keep_alive(self.run_id, stamped=True)
+        # the trial's settings with its run from its first moment, as its tags are (one commit):
+        # what tells a RUNNING run apart, for a person watching and for a process that must
+        # find a trial's worker, however late the writer process starts on a busy machine
+        jobs.log_params(self.client, self.run_id, c.to_dict())
         if resumed is not None:  # the restored epochs, so that this run holds the whole history
             for samples, loss in resumed.curve:
                 self.train_loss(samples, loss)
             for record in resumed.history:
                 self._epoch_metrics(record)
-        self.hand_over(c.to_dict(), "mlflow params and metrics")
+            self.flush()
 
     def hand_over(self, params: dict[str, Any], what: str) -> None:
         metrics, self.pending = self.pending, []
