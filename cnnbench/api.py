@@ -19,6 +19,7 @@ message naming the file or field.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -45,6 +46,7 @@ from cnnbench.run.joining import join_as_worker
 from cnnbench.run.workers import EXIT_GAVE_UP, EXIT_INPUT, EXIT_STORAGE, WorkerReport
 from cnnbench.tools import resources
 from cnnbench.tools.bench import bench as run
+from cnnbench.tools.bench.calibrate import calibrate as calibrate_cpu
 from cnnbench.tools.gpu_check import gpu_check as run_gpu_check
 from cnnbench.tools.notebooks import build_reports
 from cnnbench.tools.summary_documents import summary_command
@@ -52,6 +54,7 @@ from cnnbench.tools.ui import screenshot_study
 from cnnbench.track import reader
 from cnnbench.track.stores import default_url
 from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
+from cnnbench.train import calibration
 from cnnbench.train.checkpoint import load_checkpoint
 from cnnbench.train.device import resolve_device
 from cnnbench.train.loop import evaluate_checkpoint
@@ -115,7 +118,7 @@ def run_study(spec: StudySpec | str | os.PathLike, *, data_root: str | os.PathLi
               state: str | os.PathLike | None = None, storage: str | None = None, fuse: bool | None = None,
               workers: int | None = None, max_fuse: int = 16, command: str = "", final: bool = True,
               share_cores: bool = False, executor: str | Local | Ray | Slurm = "local",
-              checkpoint_uri: str | None = None) -> StudyOutcome | None:
+              checkpoint_uri: str | None = None, fast: bool = False) -> StudyOutcome | None:
     """Run (or join, or resume) a grid study: `results/<study>/` and one MLflow parent run.
 
     `storage`: an Optuna storage URL that processes on several machines share (default: a
@@ -129,15 +132,39 @@ def run_study(spec: StudySpec | str | os.PathLike, *, data_root: str | os.PathLi
     `Slurm(partition=..., time=...)` (array tasks); with a cluster, `storage` and `tracking`
     must be stores every node reaches, and `checkpoint_uri` (a shared folder or fsspec URL;
     default: the runs' MLflow artifacts) is where resume checkpoints follow a trial.
-    `command`: the command line recorded with the runs. Returns the outcome (rows, files,
-    counts), or None when another process writes the results."""
+    `command`: the command line recorded with the runs. On the CPU the study uses this
+    machine's calibrated layout where one is cached (`cnnbench bench --calibrate`); `fast`:
+    the fast profile (`fast_spec`). Returns the outcome (rows, files, counts), or None when
+    another process writes the results."""
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
     if not spec.scientific:
         raise ConfigError(f"{spec.path}: no scientific block; a spec with only a search block is run by run_sweep")
     at_least_one(workers=workers, max_fuse=max_fuse)
+    if fast:
+        spec = fast_spec(spec, data_root=data_root, state=state)
     return study_runner(spec, data_root=data_root, results_root=results_root, tracking=tracking, state=state,
                         storage=storage, fuse=fuse, workers=workers, max_fuse=max_fuse, command=command,
-                        final=final, share_cores=share_cores, executor=executor, checkpoint_uri=checkpoint_uri)
+                        final=final, share_cores=share_cores, executor=executor, checkpoint_uri=checkpoint_uri,
+                        fast=fast)
+
+
+def fast_spec(spec: StudySpec, *, data_root: str | os.PathLike | None = None,
+              state: str | os.PathLike | None = None) -> StudySpec:
+    """The study's fast profile on a CPU with bf16 matrix units: amp=bf16, under the name
+    STUDY-fast (its own MLflow experiment and results folder: bf16 trials are other trials,
+    and the fp32 results stay), this machine's calibration measured first where none is
+    cached (its fast layout is what the study then uses). ConfigError elsewhere."""
+    device = resolve_device(spec.base_config().device)
+    if device.type != "cpu":
+        raise ConfigError(f"--fast: a profile of the CPU, and study {spec.name} runs on {device.type}; "
+                          "--set amp=bf16 gives bf16 there")
+    units = calibration.matrix_units(calibration.machine())
+    if not units:
+        raise ConfigError("--fast: this CPU has no bf16 matrix units (AMX, AVX-512-BF16), where bf16 is emulated "
+                          "and slower than fp32; run the study without it")
+    cal = calibrate_cpu(data_root=data_root, state=state)[0]
+    print(f"--fast: bf16 autocast on {', '.join(units)}; {cal.bf16}", flush=True)
+    return dataclasses.replace(spec.with_overrides({"amp": "bf16"}), name=f"{spec.name}-fast")
 
 
 def run_sweep(spec: StudySpec | str | os.PathLike, *, workers: int = 1, final: bool = True,
@@ -299,8 +326,9 @@ def command(name: str, /, *, typed: str = "", **o: Any) -> tuple[str, int]:
     if name == "bench":
         keys = ("device", "model", "batch_size", "steps", "repeats", "max_k", "options", "lr_study", "epochs",
                 "sweep", "fuse_k", "sweep_trials", "sweep_epochs", "sweep_train_subset", "engines", "executors",
-                "results_dir")
-        return "wrote " + ", ".join(bench(data_root=o["data_dir"], **{k: o[k] for k in keys})), 0
+                "calibrate", "recalibrate", "profile", "results_dir")
+        files = bench(data_root=o["data_dir"], state=o["state_dir"], command=typed, **{k: o[k] for k in keys})
+        return ("wrote " + ", ".join(files)) if files else "", 0
     if name == "summary":
         return summary_text(o["model"], input=o["input"], classes=o["classes"], fmt=o["format"], all_models=o["all"],
                             documents=o["documents"], results_dir=o["results_dir"]), 0

@@ -88,7 +88,7 @@ def cmd_study(args: argparse.Namespace, api: Any) -> int:
                             state=args.state_dir, storage=args.storage, fuse=args.fuse, workers=args.workers,
                             max_fuse=args.max_fuse, command=typed(args), final=not args.no_final,
                             share_cores=args.share_cores, executor=executor_of(args, api),
-                            checkpoint_uri=args.checkpoint_uri)
+                            checkpoint_uri=args.checkpoint_uri, fast=args.fast)
     if outcome is None:  # another process writes the results
         return 0
     print(Path(outcome.files[1]).read_text())
@@ -153,7 +153,8 @@ def cmd_tool(args: argparse.Namespace, api: Any) -> int:
     `command` with the command's options returns the text to show and the exit status."""
     options = {k: v for k, v in vars(args).items() if k not in ("run", "argv", "command", "sets")}
     text, status = api.command(args.command, **options, typed=typed(args))
-    print(text, end="" if text.endswith("\n") else "\n")
+    if text:
+        print(text, end="" if text.endswith("\n") else "\n")
     return status
 
 
@@ -209,6 +210,9 @@ STUDY = ("study", cmd_study, "run a study spec (studies/*.yaml)", "Train every t
             opt("--max-fuse", 16, "largest fused group", int, metavar="K"),
             opt("--workers", None, WORKERS + " (default: one per core on the CPU, 1 on CUDA/MPS)", int, metavar="N"),
             SHARE, *EXECUTOR,
+            flag("--fast", "the CPU's fast profile: bf16 autocast (amp=bf16) in this machine's calibrated layout, "
+                 "on CPUs with bf16 matrix units (AMX, AVX-512-BF16; calibrated first where not yet); other trials "
+                 "than fp32's, under STUDY-fast (results/STUDY-fast/), so the fp32 results stay"),
             flag("--no-final", "only train; the process that ends the study writes the results")], True)
 SWEEP = ("sweep", cmd_sweep, "run an Optuna sweep over a spec's search space", "Find the best settings over a "
         "spec's search block with Optuna, each trial scored on a validation split (never the test set) and maybe "
@@ -259,7 +263,14 @@ BENCH = ("bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time
             flag("--executors", "instead: the tiny 3-seed lr study with 2 workers as local processes and as Ray "
                  "tasks on a 2-node Ray cluster on this machine (where only loopback may be used, run it under "
                  ".ci/ray-netns); results/bench/executors.md"),
-            opt("--results-dir", "results", "writes RESULTS_DIR/bench/", metavar="DIR")])
+            flag("--calibrate", "instead: the CPU layout fastest here (workers x threads, engine and K, "
+                 "channels-last, conv path; bf16 where the CPU has matrix units), measured once and cached in the "
+                 "state folder per CPU, torch and core count; CPU studies use it. Cached: printed, not measured. "
+                 "Measured: results/bench/calibration-<cpu kind>.md"),
+            flag("--recalibrate", "--calibrate, measured again even where cached"),
+            flag("--profile", "instead: where a wide K=3 LeNet-5 step's time goes on one CPU thread, by op "
+                 "(results/bench/profile-cpu-<cpu kind>.md)"),
+            STATE, opt("--results-dir", "results", "writes RESULTS_DIR/bench/", metavar="DIR")])
 SUMMARY = ("summary", cmd_tool, "per-layer shapes, parameters, MACs and memory of a model", "Per layer: output "
         "shape, parameters, multiply-accumulates (MACs = FLOPs / 2) and activation memory of one image, then "
         "totals; --documents checks the documents' hand counts against them.", [

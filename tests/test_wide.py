@@ -162,7 +162,7 @@ def test_engine_choice_and_fallbacks():
 
 
 def test_the_cpu_shares_a_study_out_over_its_workers_in_wide_groups():
-    from cnnbench.run.study import cpu_groups, execution
+    from cnnbench.run.layout import cpu_groups, execution
 
     assert cpu_groups(5, 2, 16) == 3 and cpu_groups(15, 2, 16) == 8 and cpu_groups(1, 2, 16) == 1
     assert cpu_groups(40, 2, 16) == 16

@@ -75,7 +75,7 @@ MAX_FAILURES_IN_A_ROW = 3  # a worker whose trials keep failing (a broken device
 def default_fuse_k(device: str) -> int:
     """Trials a worker trains at once by default: FUSE_K on CUDA and MPS, where K fused
     LeNets take little longer per step than one; 1 on the CPU, where they take about K
-    times as long and one trial at a time is as fast (see study.execution)."""
+    times as long and one trial at a time is as fast (see run.layout.execution)."""
     return 1 if resolve_device(device).type == "cpu" else FUSE_K
 
 

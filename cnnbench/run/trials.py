@@ -25,7 +25,7 @@ from cnnbench.run.session import Member, Session, trial_id
 from cnnbench.track.schema import EPOCH, TAG_CHECKPOINT, TAG_EXECUTOR, TAG_NODE, TAG_WORKER
 from cnnbench.track.writer import run_name
 from cnnbench.train.device import resolve_device
-from cnnbench.train.fused import fuse_groups
+from cnnbench.train.fused import fuse_groups, preferred_engine
 from cnnbench.train.checkpoint import resume_epoch
 from cnnbench.train.loop import load_data, train_group
 from cnnbench.util import interrupt
@@ -100,7 +100,8 @@ def train_members(session: Session, group: list[Member], data_cache: dict[tuple,
     label = ", ".join(run_name(c, session.names) for c in configs)[:60]
     results = train_group(configs, recorders=[recorder(session, m) for m in group],
                           checkpoint_dirs=[m.ckpt for m in group], evaluate_test=session.kind.evaluate_test,
-                          data=trial_data(session, configs[0], data_cache), progress=label)
+                          data=trial_data(session, configs[0], data_cache), progress=label,
+                          engine=preferred_engine(configs[0], session.engine) if len(configs) > 1 else None)
     states = []
     for m, result in zip(group, results):
         with interrupt.shielded():  # the outcome is recorded whole (a Ctrl-C is raised after)

@@ -50,6 +50,9 @@ TAG_FUSE = "cnnbench.fuse"  # whether trials train fused
 TAG_FUSE_K = "cnnbench.fuse_k"  # trials claimed and trained fused at once
 TAG_WORKERS = "cnnbench.workers"  # worker processes
 TAG_THREADS = "cnnbench.threads"  # CPU threads per trial (empty: torch's default)
+TAG_CPU_LAYOUT = "cnnbench.cpu_layout"  # a CPU study's layout in words: the calibrated one, or "defaults"
+TAG_CALIBRATION = "cnnbench.calibration"  # ... as JSON (train.calibration.Layout), or "none": the defaults
+TAG_CALIBRATION_KEY = "cnnbench.calibration_key"  # ... the machine's calibration key (CPU, flags, torch, cores)
 TAG_OPTUNA_STORAGE = "optuna.storage"  # the Optuna storage URL (password masked)
 TAG_OPTUNA_STUDY = "optuna.study"  # the Optuna study's name (a sweep's trials too)
 

@@ -12,8 +12,11 @@ from torch import nn
 
 from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DatasetInfo
-from cnnbench.errors import DeviceError
+from cnnbench.errors import ConfigError, DeviceError
 from cnnbench.models import get_model
+
+# the CPU's channels-last default for `channels_last: null` (1 or 0; unset: 1)
+CHANNELS_LAST_ENV = "CNNBENCH_CHANNELS_LAST"
 
 
 def usable_cores() -> int:
@@ -77,10 +80,18 @@ def build_model(config: TrialConfig, info: DatasetInfo) -> nn.Module:
 
 
 def use_channels_last(config: TrialConfig, device: torch.device) -> bool:
-    """The `channels_last` setting, with null resolved per device: on for the CPU, where
-    oneDNN's channels-last convolutions and pools measured 14-28% faster for every model
-    here (`cnnbench bench --options`), off elsewhere until measured there."""
-    return config.channels_last if config.channels_last is not None else device.type == "cpu"
+    """The `channels_last` setting, with null resolved per device: on the CPU
+    `CNNBENCH_CHANNELS_LAST` (1 or 0: the calibration's choice, train/calibration.py), else
+    on, where oneDNN's channels-last convolutions and pools measured 14-28% faster for
+    every model here (`cnnbench bench --options`); off elsewhere until measured there."""
+    if config.channels_last is not None:
+        return config.channels_last
+    if device.type != "cpu":
+        return False
+    value = os.environ.get(CHANNELS_LAST_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ConfigError(f"{CHANNELS_LAST_ENV}={value!r}: expected 1 or 0")
+    return value != "0"
 
 
 def autocast(config: TrialConfig, device: torch.device):

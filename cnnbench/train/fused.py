@@ -95,6 +95,17 @@ def engine_for(config: TrialConfig, requested: str | None = None) -> str:
     return requested or ("wide" if reason is None else "vmap")
 
 
+def preferred_engine(config: TrialConfig, preferred: str | None) -> str | None:
+    """`preferred` ("wide" or "vmap", a calibration's choice) where it can train trials of
+    `config`, else None: `engine_for`'s own choice."""
+    if preferred is None:
+        return None
+    try:
+        return engine_for(config, preferred)
+    except ValueError:  # a model that does not widen, or batch norm under vmap
+        return None
+
+
 def check_fusable(configs: Sequence[TrialConfig]) -> None:
     keys = {group_key(c) for c in configs}
     if len(keys) != 1:

@@ -14,7 +14,7 @@ import torch
 
 from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import data_dir
-from cnnbench.run.study import execution
+from cnnbench.run.layout import execution
 from cnnbench.tools.bench.common import (
     LR_STUDY,
     LR_STUDY_IMAGES,
