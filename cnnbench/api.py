@@ -19,7 +19,6 @@ message naming the file or field.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -134,14 +133,14 @@ def run_study(spec: StudySpec | str | os.PathLike, *, data_root: str | os.PathLi
     default: the runs' MLflow artifacts) is where resume checkpoints follow a trial.
     `command`: the command line recorded with the runs. On the CPU the study uses this
     machine's calibrated layout where one is cached (`cnnbench bench --calibrate`); `fast`:
-    the fast profile (`fast_spec`). Returns the outcome (rows, files, counts), or None when
-    another process writes the results."""
+    the fast profile (`fast_spec`), its results in `results_root`/fast/. Returns the outcome
+    (rows, files, counts), or None when another process writes the results."""
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
     if not spec.scientific:
         raise ConfigError(f"{spec.path}: no scientific block; a spec with only a search block is run by run_sweep")
     at_least_one(workers=workers, max_fuse=max_fuse)
-    if fast:
-        spec = fast_spec(spec, data_root=data_root, state=state)
+    if fast:  # other trials than fp32's, so another results folder: the fp32 results stay
+        spec, results_root = fast_spec(spec, data_root=data_root, state=state), Path(results_root) / "fast"
     return study_runner(spec, data_root=data_root, results_root=results_root, tracking=tracking, state=state,
                         storage=storage, fuse=fuse, workers=workers, max_fuse=max_fuse, command=command,
                         final=final, share_cores=share_cores, executor=executor, checkpoint_uri=checkpoint_uri,
@@ -150,10 +149,11 @@ def run_study(spec: StudySpec | str | os.PathLike, *, data_root: str | os.PathLi
 
 def fast_spec(spec: StudySpec, *, data_root: str | os.PathLike | None = None,
               state: str | os.PathLike | None = None) -> StudySpec:
-    """The study's fast profile on a CPU with bf16 matrix units: amp=bf16, under the name
-    STUDY-fast (its own MLflow experiment and results folder: bf16 trials are other trials,
-    and the fp32 results stay), this machine's calibration measured first where none is
-    cached (its fast layout is what the study then uses). ConfigError elsewhere."""
+    """The study's fast profile on a CPU with bf16 matrix units: amp=bf16 (other trials
+    than fp32's: `run_study` writes their results to `results/fast/<study>/`, and
+    `cnnbench compare results/<study> results/fast/<study>` tells whether they reproduce
+    fp32's), this machine's calibration measured first where none is cached (its fast
+    layout is what the study then uses). ConfigError elsewhere."""
     device = resolve_device(spec.base_config().device)
     if device.type != "cpu":
         raise ConfigError(f"--fast: a profile of the CPU, and study {spec.name} runs on {device.type}; "
@@ -164,7 +164,7 @@ def fast_spec(spec: StudySpec, *, data_root: str | os.PathLike | None = None,
                           "and slower than fp32; run the study without it")
     cal = calibrate_cpu(data_root=data_root, state=state)[0]
     print(f"--fast: bf16 autocast on {', '.join(units)}; {cal.bf16}", flush=True)
-    return dataclasses.replace(spec.with_overrides({"amp": "bf16"}), name=f"{spec.name}-fast")
+    return spec.with_overrides({"amp": "bf16"})
 
 
 def run_sweep(spec: StudySpec | str | os.PathLike, *, workers: int = 1, final: bool = True,

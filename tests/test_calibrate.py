@@ -177,17 +177,24 @@ def test_a_resumed_study_keeps_its_layout(tmp_path, data_root, capsys):
 
 
 def test_fast_profile(tmp_path, data_root):
-    from cnnbench.api import fast_spec
+    from cnnbench import api
 
     spec = tiny_spec()
     if not calibration.matrix_units(calibration.machine()):
         with pytest.raises(ConfigError, match="--fast: this CPU has no bf16 matrix units"):
-            fast_spec(spec, data_root=data_root, state=tmp_path)
+            api.fast_spec(spec, data_root=data_root, state=tmp_path)
         return
     cal = Calibration(machine=calibration.machine(), layout=ODD, fast=replace(ODD, engine="single", max_k=1))
     calibration.save(cal, tmp_path)
-    fast = fast_spec(spec, data_root=data_root, state=tmp_path)
-    assert fast.name == "calib-fast" and fast.base_config().amp == "bf16" and spec.base_config().amp == "none"
+    fast = api.fast_spec(spec, data_root=data_root, state=tmp_path)
+    assert fast.name == spec.name and fast.base_config().amp == "bf16" and spec.base_config().amp == "none"
+    outcome = api.run_study(spec, data_root=data_root, results_root=tmp_path / "results", state=tmp_path,
+                            tracking=f"sqlite:///{tmp_path / 'mlflow.db'}", fast=True)
+    assert outcome.files[0] == tmp_path / "results" / "fast" / spec.name / "summary.csv"  # not results/<study>
+    assert all(row.result.config.amp == "bf16" for row in outcome.rows)
+    parent, trials, _ = trial_numbers(tmp_path)
+    assert parent.data.tags[TAG_CPU_LAYOUT] == cal.fast.describe()  # the calibration's fast layout
+    assert [t.data.tags[TAG_FUSED_WITH] for t in trials] == ["1", "1"]  # its engine: one trial at a time
 
 
 def test_command_reads_the_cache(workdir):
