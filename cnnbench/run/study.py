@@ -36,9 +36,12 @@ from cnnbench.run.claims import claim_results, results_written
 from cnnbench.run.grid import GRID
 from cnnbench.run.opening import open_session, pause_parent
 from cnnbench.run.session import Session, count_states
-from cnnbench.run.executors import prepare
+from cnnbench.run.executors import detached, prepare
 from cnnbench.run.executors.local import LocalPlan
+from cnnbench.run.networks import networks, notebook_workers
+from cnnbench.run.executors.slurm import Submitted
 from cnnbench.run.pool import supervise
+from cnnbench.run.trials import say_engine
 from cnnbench.run.workers import work
 from cnnbench.run.layout import Execution, cpu_groups, cpu_layout, decide, kept_layout, layout_tags
 from cnnbench.track.schema import ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON, TAG_FUSE, TAG_THREADS, TAG_WORKERS
@@ -67,9 +70,10 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
               tracking: str | None = None, state: str | os.PathLike | None = None, storage: str | None = None,
               fuse: bool | None = None, workers: int | None = None, max_fuse: int = 16, command: str = "",
               final: bool = True, share_cores: bool = False, executor: Any = "local",
-              checkpoint_uri: str | None = None, fast: bool = False) -> StudyOutcome | None:
+              checkpoint_uri: str | None = None, fast: bool = False) -> StudyOutcome | Submitted | None:
     """Run (or join) the study: train its runs here, or in `workers` workers, and write
-    the results when this is the process that ends it (None where another one does).
+    the results when this is the process that ends it (None where another one does; a
+    Submitted where a Slurm executor without `wait` only submitted the workers).
     `fuse` and `workers` None: chosen per device (see `execution`). `share_cores`: on the
     CPU, a worker that runs out of work gives its core to those still training (faster
     when groups are uneven, but their trials' rounding then depends on when it ended).
@@ -80,6 +84,7 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
     one with `fast`; see `decide`) where one is cached in the state folder."""
     p = plan(spec)
     device = p.runs[0].device
+    workers = notebook_workers(f"study {spec.name}", networks(spec, p.runs), workers)
     runner = prepare(executor, share_cores=share_cores)
     layout = cpu_layout(device, state, fast=fast) if isinstance(runner, LocalPlan) else None
     ex = decide(device, fuse, workers, max_fuse, layout)
@@ -91,6 +96,8 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
         ex = decide(device, fuse, workers, max_fuse, kept_layout(session, layout)) if ex.on_cpu else ex
         if isinstance(runner, LocalPlan):
             runner = prepare(executor, threads=ex.threads, share_cores=share_cores)
+        if detached(runner) and len(session.configs) > session.skipped:  # Slurm's --no-wait: the tasks finish it
+            return runner.submit(session, share_out(session, ex), final=finish if final else None)
         with applied(ex.layout):
             report = train(session, runner, ex)
         if report is not None and report.stopped:
@@ -112,24 +119,35 @@ def train(session: Session, runner: Any, ex: Execution) -> Any:
     """The study's pending runs trained here, or by `ex.workers` workers of `runner` (the
     executor); their report (None when nothing was pending)."""
     pending = len(session.configs) - session.skipped
+    workers = share_out(session, ex)
+    if pending and (workers > 1 or not isinstance(runner, LocalPlan)):
+        return supervise(session, runner.for_workers(workers), workers)
+    if pending:
+        if ex.threads:
+            torch.set_num_threads(ex.threads)
+        return work(session)
+    return None
+
+
+def share_out(session: Session, ex: Execution) -> int:
+    """The workers the pending runs get (at most one a run), the engine and the size of
+    each one's group (on the CPU by default one group per worker), and the parent run's
+    tags that say so (on the CPU its layout too)."""
+    pending = len(session.configs) - session.skipped
     session.wide_only = session.open_args["wide_only"] = ex.wide_only
     session.engine = session.open_args["engine"] = ex.engine
+    session.fuse_k = session.open_args["fuse_k"] = ex.max_fuse if ex.fuse else 1  # a kept layout's K
     if ex.share_out:  # one group per worker
         session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, ex.workers, ex.max_fuse)
-    threads = session.threads = ex.threads
-    tags = {TAG_FUSE: str(ex.fuse), TAG_WORKERS: str(ex.workers), TAG_THREADS: str(threads or "")}
+    session.threads = ex.threads
+    tags = {TAG_FUSE: str(ex.fuse), TAG_WORKERS: str(ex.workers), TAG_THREADS: str(ex.threads or "")}
     if ex.on_cpu:
         tags.update(layout_tags(ex.layout))
     for key, value in tags.items():
         session.tracker.client.set_tag(session.parent, key, value)
-    workers = max(1, min(ex.workers, pending))
-    if pending and (workers > 1 or not isinstance(runner, LocalPlan)):
-        return supervise(session, runner.for_workers(workers), workers)
     if pending:
-        if threads:
-            torch.set_num_threads(threads)
-        return work(session)
-    return None
+        say_engine(session, ex.fuse)
+    return max(1, min(ex.workers, pending))
 
 
 def left_undone(session: Session, why: str) -> None:
@@ -208,7 +226,8 @@ def collect_rows(session: Session, chosen: dict[str, Any]) -> list[TrialRow]:
     assert p is not None
     results = {key: _result(session, key, chosen.get(key)) for key in session.configs}
     c0 = p.runs[0]
-    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset)
+    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset,
+                         test_fraction=c0.test_fraction, root=session.data_root)
     rows = []
     for i, (trial, run_index) in enumerate(zip(p.trials, p.run_of)):
         run_cfg = p.runs[run_index]
@@ -226,7 +245,8 @@ def write(session: Session, outcome: StudyOutcome, fingerprint: str) -> None:
     spec, p = session.spec, session.plan
     assert p is not None
     c0 = p.runs[0]
-    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset)
+    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset,
+                         test_fraction=c0.test_fraction, root=session.data_root)
     device = sorted({r.result.device for r in outcome.rows if r.result.device})
     with interrupt.shielded():
         try:

@@ -53,6 +53,7 @@ TAG_THREADS = "cnnbench.threads"  # CPU threads per trial (empty: torch's defaul
 TAG_CPU_LAYOUT = "cnnbench.cpu_layout"  # a CPU study's layout in words: the calibrated one, or "defaults"
 TAG_CALIBRATION = "cnnbench.calibration"  # ... as JSON (train.calibration.Layout), or "none": the defaults
 TAG_CALIBRATION_KEY = "cnnbench.calibration_key"  # ... the machine's calibration key (CPU, flags, torch, cores)
+TAG_ENGINE = "cnnbench.engine"  # which engine trains the trials (wide, vmap, one at a time) and why, per network
 TAG_OPTUNA_STORAGE = "optuna.storage"  # the Optuna storage URL (password masked)
 TAG_OPTUNA_STUDY = "optuna.study"  # the Optuna study's name (a sweep's trials too)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +33,10 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from cnnbench.config.trial import TrialConfig
-from cnnbench.data.tensors import DATASETS, DatasetInfo
+from cnnbench.data.tensors import DatasetInfo, dataset_info
+from cnnbench.models import model_identity
 from cnnbench.models.layers import BATCH_NORMS
+from cnnbench.train import probe
 from cnnbench.train.device import autocast, build_model, resolve_device
 from cnnbench.train.per_trial import PerTrialOptimizer
 from cnnbench.train.wide import WideEngine, widen_reason
@@ -52,58 +54,96 @@ def group_key(config: TrialConfig) -> tuple:
     return tuple((k, v) for k, v in sorted(d.items()) if k not in PER_TRIAL)
 
 
-_traits_cache: dict[tuple, tuple[bool, str | None]] = {}
+class Traits(NamedTuple):
+    """What a network allows: why it cannot be widened, why vmap cannot fuse it (None: it
+    can), and the classes of the user's whose forward was tried and widens (probe.py)."""
+    wide: str | None
+    vmap: str | None
+    trusted: frozenset[str] = frozenset()
 
 
-def model_traits(config: TrialConfig) -> tuple[bool, str | None]:
-    """(has batch norm, why it cannot be widened or None) for the trial's model."""
-    key = (config.model, config.activation, config.dataset, config.dropout)
+_traits_cache: dict[tuple, Traits] = {}
+
+
+def model_traits(config: TrialConfig, root: Any = None) -> Traits:
+    """The engines the trial's network can take (`root`: the data folder, for the data's
+    shape). cnnbench's own models are known; a user's network with classes of its own is
+    tried (probe.py), once per network version and data set in a process."""
+    key = (config.model, model_identity(config.model), config.activation, config.dataset, config.dropout)
     if key not in _traits_cache:
-        with torch.device("meta"):  # shapes only: no memory, no init cost
-            model = build_model(config, DATASETS[config.dataset])
+        info = dataset_info(config.dataset, root)
+        try:
+            with torch.device("meta"):  # shapes only: no memory, no init cost
+                model = build_model(config, info)
+        except Exception:  # a user's network that computes with real values while it is built
+            model = build_model(config, info)
         has_bn = any(isinstance(m, BATCH_NORMS) for m in model.modules())
-        _traits_cache[key] = (has_bn, widen_reason(model))
+        no_vmap = "it has batch norm, which vmap cannot fuse (running statistics)" if has_bn else None
+        unknown = probe.unknown_types(model)
+        if not unknown:
+            _traits_cache[key] = Traits(widen_reason(model), no_vmap)
+        else:  # the user's classes: tried on two copies with different weights
+            copies = [build_model(config.replace(seed=seed), info) for seed in (0, 1)]
+            wide = widen_reason(model, trusted=unknown) or probe.own_state_problem(model, unknown) or \
+                probe.wide_problem(copies, info.channels, info.size, unknown)
+            vmapped = no_vmap or probe.vmap_problem(copies, info.channels, info.size)
+            _traits_cache[key] = Traits(wide, vmapped, unknown if wide is None else frozenset())
     return _traits_cache[key]
 
 
-def fusable(config: TrialConfig, *, wide_only: bool = False) -> bool:
-    """Can trials of this config train fused: widened, or (unless `wide_only`) through vmap,
-    which cannot fuse batch norm."""
-    has_bn, reason = model_traits(config)
-    return reason is None or (not wide_only and not has_bn)
+def fusable(config: TrialConfig, *, wide_only: bool = False, root: Any = None) -> bool:
+    """Can trials of this config train fused: widened, or (unless `wide_only`) through vmap."""
+    t = model_traits(config, root)
+    return t.wide is None or (not wide_only and t.vmap is None)
 
 
-def engine_for(config: TrialConfig, requested: str | None = None) -> str:
+def engine_for(config: TrialConfig, requested: str | None = None, root: Any = None) -> str:
     """The fused engine for trials of `config`: `requested` ("wide" or "vmap") if it can
     train them, else a ValueError saying why. None: on CUDA vmap wherever it can (measured
     there with whole steps as CUDA graphs, which the wide engine does not do yet), else
     wide where the model widens, vmap otherwise."""
-    has_bn, reason = model_traits(config)
+    t = model_traits(config, root)
     if requested not in (None, *ENGINES):
         raise ValueError(f"unknown fused engine {requested!r}; known: {', '.join(ENGINES)}")
-    if requested == "wide" and reason:
-        raise ValueError(f"model {config.model} cannot be widened: {reason}")
-    if requested == "vmap" and has_bn:
-        raise ValueError(f"model {config.model} has batch norm, which vmap cannot fuse")
-    if requested is None and reason:
-        if has_bn:
-            raise ValueError(f"model {config.model} has batch norm and cannot be widened ({reason}): "
-                             "it trains alone")
-        log.info("model %s fuses through vmap, not widened: %s", config.model, reason)
-    if requested is None and not has_bn and resolve_device(config.device).type == "cuda":
+    if requested == "wide" and t.wide:
+        raise ValueError(f"model {config.model} cannot be widened: {t.wide}")
+    if requested == "vmap" and t.vmap:
+        raise ValueError(f"model {config.model}: {t.vmap}")
+    if requested is None and t.wide:
+        if t.vmap:
+            raise ValueError(f"model {config.model} cannot be widened ({t.wide}) and {t.vmap}: it trains alone")
+        log.info("model %s fuses through vmap, not widened: %s", config.model, t.wide)
+    if requested is None and t.vmap is None and resolve_device(config.device).type == "cuda":
         return "vmap"
-    return requested or ("wide" if reason is None else "vmap")
+    return requested or ("wide" if t.wide is None else "vmap")
 
 
-def preferred_engine(config: TrialConfig, preferred: str | None) -> str | None:
+def preferred_engine(config: TrialConfig, preferred: str | None, root: Any = None) -> str | None:
     """`preferred` ("wide" or "vmap", a calibration's choice) where it can train trials of
     `config`, else None: `engine_for`'s own choice."""
     if preferred is None:
         return None
     try:
-        return engine_for(config, preferred)
+        return engine_for(config, preferred, root)
     except ValueError:  # a model that does not widen, or batch norm under vmap
         return None
+
+
+def engine_choice(config: TrialConfig, *, wide_only: bool, root: Any = None, preferred: str | None = None) -> str:
+    """Which engine trains fused groups of trials of `config`, and why, in words
+    (`preferred`: the calibration's engine, where it can train them)."""
+    t = model_traits(config, root)
+    if not fusable(config, wide_only=wide_only, root=root):
+        vmap = t.vmap or "and on the CPU vmap is slower than one trial at a time"
+        return f"{config.model}: one trial at a time (not widened: {t.wide}; {vmap})"
+    chosen = preferred_engine(config, preferred, root)
+    name = chosen or ("wide" if wide_only else engine_for(config, root=root))
+    if name == "wide":
+        how = "tried: widened, its output matches" if t.trusted else "every layer widens"
+        return f"{config.model}: wide (K trials as one wide model; {how})"
+    why = "on CUDA vmap runs whole steps as CUDA graphs" if t.wide is None else f"not widened: {t.wide}"
+    why = "this machine's calibration measured it fastest" if chosen == "vmap" else why
+    return f"{config.model}: vmap (K stacked trials; {why})"
 
 
 def check_fusable(configs: Sequence[TrialConfig]) -> None:
@@ -111,8 +151,10 @@ def check_fusable(configs: Sequence[TrialConfig]) -> None:
     if len(keys) != 1:
         raise ValueError("fused trials must share every setting but " + ", ".join(PER_TRIAL))
     if not fusable(configs[0]):
-        raise ValueError(f"model {configs[0].model} has batch norm and cannot be widened "
-                         f"({model_traits(configs[0])[1]}): it trains alone")
+        t = model_traits(configs[0])
+        raise ValueError(f"model {configs[0].model} has batch norm and cannot be widened ({t.wide}): it trains alone"
+                         if t.vmap and "batch norm" in t.vmap else
+                         f"model {configs[0].model} cannot be widened ({t.wide}) and {t.vmap}: it trains alone")
 
 
 def fused_engine(configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo,
@@ -120,19 +162,21 @@ def fused_engine(configs: Sequence[TrialConfig], device: torch.device, info: Dat
     """The engine that trains `configs` (fusable, see `group_key`) as one: wide or vmap."""
     check_fusable(configs)
     name = engine_for(configs[0], engine)
-    return (WideEngine if name == "wide" else FusedEngine)(configs, device, info)
+    if name == "wide":
+        return WideEngine(configs, device, info, trusted=model_traits(configs[0]).trusted)
+    return FusedEngine(configs, device, info)
 
 
 def fuse_groups(configs: Sequence[TrialConfig], *, max_k: int = 16, enabled: bool = True,
-                wide_only: bool = False) -> list[list[int]]:
+                wide_only: bool = False, root: Any = None) -> list[list[int]]:
     """Indices of `configs`, grouped into runs of at most `max_k` fusable trials (order kept).
     `wide_only`: fuse only models that widen (the CPU, where vmap is slower than alone)."""
     groups: dict[tuple, list[int]] = {}
     out: list[list[int]] = []
     for i, c in enumerate(configs):
-        if not enabled or not fusable(c, wide_only=wide_only):
+        if not enabled or not fusable(c, wide_only=wide_only, root=root):
             if enabled:
-                log.info("model %s trains one trial at a time: %s", c.model, model_traits(c)[1])
+                log.info("model %s trains one trial at a time: %s", c.model, model_traits(c, root).wide)
             out.append([i])
             continue
         key = group_key(c)
