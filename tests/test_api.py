@@ -43,6 +43,7 @@ def test_version():
     assert out.returncode == 0 and out.stdout.strip() == f"cnnbench {cnnbench.__version__}"
 
 
+@pytest.mark.slow
 def test_a_study_from_python_read_back_and_summarized(workdir, data_root):
     spec = cnnbench.load_spec(REPO / "studies" / "lr.yaml", seeds=[0, 1],
                               overrides={"epochs": 1, "train_subset": 640, "test_subset": 300, "progress": False})
