@@ -45,7 +45,7 @@ from cnnbench.run.executors.slurm import Submitted
 from cnnbench.run.joining import join_as_worker
 from cnnbench.run.workers import EXIT_GAVE_UP, EXIT_INPUT, EXIT_STORAGE, WorkerReport
 from cnnbench.tools import resources
-from cnnbench.tools.bench import bench as run
+from cnnbench.tools.bench import bench  # `cnnbench bench`: explicit keyword-only parameters, the files written
 from cnnbench.tools.bench.calibrate import calibrate as calibrate_cpu
 from cnnbench.tools.gpu_check import gpu_check as run_gpu_check
 from cnnbench.tools.notebooks import build_reports
@@ -299,11 +299,6 @@ def models() -> list[tuple[str, int, str]]:
 def sweep_storage_url(spec: StudySpec, state: str | os.PathLike | None = None) -> str:
     """The Optuna storage a sweep uses by default: a SQLite file in the state folder."""
     return default_url(spec.name, state_dir(state))
-
-
-def bench(**kwargs: Any) -> list[str]:
-    """`cnnbench bench` (`tools.bench.bench`): returns the files written."""
-    return run(**kwargs)
 
 
 def summary_text(model: str | None = None, *, input: str | None = None, classes: int = 10, fmt: str = "table",

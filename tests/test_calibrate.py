@@ -47,6 +47,7 @@ def saved(state, layout: Layout = ODD) -> Calibration:
     return cal
 
 
+@pytest.mark.slow
 def test_measured_once_then_cached(tmp_path, data_root):
     lines: list[str] = []
     cal, md = calibrate(data_root=data_root, state=tmp_path, sizes=TINY, out_dir=tmp_path / "out", say=lines.append)
@@ -85,6 +86,7 @@ def test_another_machine_is_not_read(tmp_path, change):
     assert calibration.load(tmp_path) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", ["", "{not json", json.dumps({"version": 99}), json.dumps([1, 2]),
                                      "layout-of-another-version"])
 def test_bad_cache_files_are_measured_again(tmp_path, data_root, content, capsys):
@@ -143,6 +145,7 @@ def trial_numbers(root, name: str = "calib"):
     return parent, trials, curves
 
 
+@pytest.mark.slow
 def test_study_uses_and_records_the_calibration(tmp_path, data_root, capsys):
     for root, layout in ((tmp_path / "a", ODD), (tmp_path / "b", ODD), (tmp_path / "c", None)):
         if layout is not None:
@@ -164,6 +167,7 @@ def test_study_uses_and_records_the_calibration(tmp_path, data_root, capsys):
     assert default.data.tags[TAG_CALIBRATION] == "none" and default.data.tags[TAG_CPU_LAYOUT] == "defaults"
 
 
+@pytest.mark.slow
 def test_a_resumed_study_keeps_its_layout(tmp_path, data_root, capsys):
     root = tmp_path / "a"
     saved(root / "state", ODD)
@@ -176,6 +180,7 @@ def test_a_resumed_study_keeps_its_layout(tmp_path, data_root, capsys):
     assert json.loads(parent.data.tags[TAG_CALIBRATION]) == asdict(ODD)
 
 
+@pytest.mark.slow
 def test_fast_profile(tmp_path, data_root):
     from cnnbench import api
 

@@ -120,7 +120,7 @@ def test_the_extras_and_the_tested_torch():
         assert version in core["torch"].specifier
     for version in (pins["torchvision"], "0.26.0"):
         assert version in core["torchvision"].specifier
-    for name in ("grimp", "import-linter", "kubernetes-validate", "ray", "submitit"):
+    for name in ("grimp", "import-linter", "pytest-xdist", "execnet", "kubernetes-validate", "ray", "submitit"):
         assert name in pins  # the dev extra's test tools and the cluster engines are pinned like the rest
 
 

@@ -117,11 +117,12 @@ def checked_and_owned(spec: StudySpec, kind: Kind, plan: Any, *, url: str, uri: 
     """The preflight (unless `checked`), then the results folder's lock for the process that
     leads an execution: held (returned), joined (None: the same execution holds it), or
     refused (ConfigError: another execution's)."""
+    configs = [] if checked else kind.configs_to_check(spec, plan)  # a spec that is not of this kind: refused first
     name, execution = kind.execution(spec, plan, uri=uri, url=url)
     owner = ResultsOwner(out_dir, execution, f"{kind.name} {spec.name}") if lead else None
     if not checked:
         lock_file = optuna_store.ClaimLock(url, name).file
-        preflight(spec, kind.configs_to_check(spec, plan), url=url, uri=uri, data_root=data_root, out_dir=out_dir,
+        preflight(spec, configs, url=url, uri=uri, data_root=data_root, out_dir=out_dir,
                   paths=[out_dir / "summary.csv", root / "checkpoints" / spec.name / "x"]
                   + ([owner.path] if owner else []) + ([lock_file] if lock_file else []))
     if owner is not None and not owner.take():
