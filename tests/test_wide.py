@@ -238,3 +238,69 @@ def test_every_engine_meets_the_one_engine_protocol():
         def load_trial_state(self, k, state): ...
 
     assert not isinstance(NoEvalBatch(), Engine)
+
+
+# the wide groups whose steps a CUDA graph's warm-up must undo: a shared batch (dense conv1),
+# one batch per stream (3 trials on 2 seeds), batch norm's running statistics (buffers)
+RESTORED = {"shared": ("lenet5", [0, 0, 0]), "per-stream": ("lenet5", [0, 1, 0]), "batch-norm": ("resnet_bn", [0, 1])}
+
+
+@pytest.mark.parametrize("case", list(RESTORED))
+def test_a_wide_engine_restored_from_its_state_tensors_trains_as_if_untouched(data_root, case):
+    """What graphs.StepGraph's warm-up relies on: every tensor a wide step changes is in
+    `state_tensors()` (weights, momentum buffers, batch norm statistics), so steps taken and
+    undone leave no trace: snapshot, three steps, restore, five steps == five fresh steps."""
+    from cnnbench.train.loop import load_data
+    from cnnbench.train.wide import WideEngine
+
+    model, seeds = RESTORED[case]
+    base = quick(model=model, activation="relu", lr=0.05, momentum=0.9, weight_decay=1e-4)
+    configs = [base.replace(lr=0.05 / (1 + i), seed=s) for i, s in enumerate(seeds)]
+    data = load_data(base, data_root, torch.device("cpu"))
+    streams = sorted(set(seeds))
+    orders = [data.epoch_order(s, 0) for s in streams]
+
+    def steps(engine, first, count):
+        engine.begin_epoch([[c.lr for c in configs]])
+        engine.train(True)
+        out = []
+        for s in range(first, first + count):
+            rows = [o[s * 64:(s + 1) * 64] for o in orders]
+            xs, ys = [data.to_float(data.train.x[r]) for r in rows], [data.train.y[r] for r in rows]
+            x, y = (xs[0], ys[0]) if len(rows) == 1 else (torch.stack(xs), torch.stack(ys))
+            out.append(engine.train_step(x, y, 0).tolist())
+        return out
+
+    fresh = steps(WideEngine(configs, data.device, data.info), 0, 5)
+    engine = WideEngine(configs, data.device, data.info)
+    assert engine.per_stream == (case == "per-stream")
+    saved = [t.detach().clone() for t in engine.state_tensors()]
+    steps(engine, 10, 3)  # the warm-up, on other batches
+    with torch.no_grad():
+        for t, s in zip(engine.state_tensors(), saved):
+            t.copy_(s)
+    assert steps(engine, 0, 5) == fresh
+
+
+def test_graph_reason_lets_a_wide_step_be_captured():
+    """graphs.graph_reason on CUDA (the decision only: nothing runs on a GPU here)."""
+    from cnnbench.data.tensors import DATASETS
+    from cnnbench.train.graphs import graph_reason
+    from cnnbench.train.wide import WideEngine
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    configs = [quick(), quick(lr=0.02, seed=1), quick(lr=0.05)]
+    wide = WideEngine(configs, cpu, DATASETS["mnist"])
+    assert graph_reason(configs, wide, cuda, per_step_lr=False) == ""
+    assert graph_reason(configs, wide, cpu, per_step_lr=False) == "not on CUDA"
+    assert "schedule" in graph_reason(configs, wide, cuda, per_step_lr=True)
+    off = [c.replace(cuda_graphs=False) for c in configs]
+    assert graph_reason(off, wide, cuda, per_step_lr=False) == "cuda_graphs is off"
+    adam = [c.replace(optimizer="adam") for c in configs]
+    assert "adam" in graph_reason(adam, wide, cuda, per_step_lr=False)
+
+    class NoState:  # an engine that cannot restore what its steps change
+        pass
+
+    assert "cannot restore" in graph_reason(configs, NoState(), cuda, per_step_lr=False)
+

@@ -136,6 +136,7 @@ class FusedEngine:
     """The engine (engine.Engine) for K stacked models, vmapped."""
 
     eval_images: int | None = None  # test images per forward pass, at most (loop.evaluate)
+    per_stream = False  # vmap maps over K batches, one per trial
 
     def __init__(self, configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo) -> None:
         self.configs = list(configs)

@@ -221,12 +221,15 @@ def _resume(fit: Fit, started: list[bool]) -> int:
 
 def _batch(fit: Fit, rows: list[Tensor], augmenters: list[Any] | None = None) -> tuple[Tensor, Tensor]:
     """The batch of image indices `rows` (one row per stream): (B, ...) when every trial
-    shares one stream, else (K, B, ...), each trial its own stream's batch."""
+    shares one stream, (S, B, ...) for an engine that takes one per stream, else (K, B, ...),
+    each trial its own stream's batch."""
     data = fit.data
     xs = [data.to_float(data.train.x[idx], augmenters[i] if augmenters else None) for i, idx in enumerate(rows)]
     ys = [data.train.y[idx] for idx in rows]
     if len(fit.streams) == 1:
         return xs[0], ys[0]
+    if fit.engine.per_stream:  # each stream's batch once; the engine maps streams to trials
+        return torch.stack(xs), torch.stack(ys)
     return torch.stack(xs)[fit.stream_index], torch.stack(ys)[fit.stream_index]
 
 
