@@ -255,7 +255,8 @@ BENCH = ("bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time
             opt("--fuse-k", None, "with --sweep: trials fused (default: 16 on CUDA and MPS, 8 on the CPU)", int),
             opt("--sweep-trials", 32, "with --sweep: trials", int), opt("--sweep-epochs", 3, "with --sweep: epochs", int),
             opt("--sweep-train-subset", None, "with --sweep: images per epoch (default: all)", int, metavar="N"),
-            flag("--engines", "only the fused engines, wide against vmap, K = 1, 2, 4, ... --max-k"),
+            flag("--engines", "only the fused engines, wide against vmap, K = 1, 2, 4, ... --max-k; kept in the "
+                 "state folder, where the choice of engine on a GPU follows them"),
             flag("--executors", "instead: the tiny 3-seed lr study with 2 workers as local processes and as Ray "
                  "tasks on a 2-node Ray cluster on this machine (where only loopback may be used, run it under "
                  ".ci/ray-netns); results/bench/executors.md"),

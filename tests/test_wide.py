@@ -304,3 +304,29 @@ def test_graph_reason_lets_a_wide_step_be_captured():
 
     assert "cannot restore" in graph_reason(configs, NoState(), cuda, per_step_lr=False)
 
+
+def test_the_fused_engine_follows_the_measured_speeds(tmp_path, monkeypatch):
+    """fused.default_engine: the wide engine on the CPU whatever was measured; elsewhere the
+    faster one measured for this device, model, batch size and nearest K (measured.py), vmap
+    where nothing was measured or the file is damaged."""
+    from cnnbench.train.fused import default_engine
+    from cnnbench.train.measured import entry, measured_engine, record_speeds, speeds_file
+
+    gpu, config = "NVIDIA H100 80GB HBM3", quick()
+    path = speeds_file(tmp_path)
+    assert default_engine(config, "cuda", gpu, 16, speeds=path) == "vmap"  # nothing measured
+    record_speeds([entry(gpu, "lenet5", 64, 4, {"vmap": 2e5, "wide": 1e5}),
+                   entry(gpu, "lenet5", 64, 64, {"vmap": 1e6, "wide": 2e6}),
+                   entry("another GPU", "lenet5", 64, 16, {"vmap": 1.0, "wide": 9.0})], path)
+    assert default_engine(config, "cuda", gpu, 3, speeds=path) == "vmap"  # nearest measured K: 4
+    assert default_engine(config, "cuda", gpu, 32, speeds=path) == "wide"  # 64 (log scale: 32 is nearer 64 than 4)
+    assert default_engine(config, "cpu", "x86_64", 3, speeds=path) == "wide"
+    assert measured_engine(gpu, "lenet", 64, 16, path=path) is None  # another model
+    assert measured_engine(gpu, "lenet5", 128, 16, path=path) is None  # another batch size
+    record_speeds([entry(gpu, "lenet5", 64, 64, {"vmap": 3e6, "wide": 2e6})], path)  # measured again: replaced
+    assert measured_engine(gpu, "lenet5", 64, 64, path=path) == "vmap"
+    assert len(__import__("json").loads(path.read_text())["entries"]) == 3
+    path.write_text("{not json")
+    assert default_engine(config, "cuda", gpu, 64, speeds=path) == "vmap"
+    monkeypatch.setenv("CNNBENCH_HOME", str(tmp_path / "state"))
+    assert speeds_file() == tmp_path / "state" / "engine-speeds.json"

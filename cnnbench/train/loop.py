@@ -86,8 +86,8 @@ def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike 
     `fused`: None trains K > 1 trials with the FusedEngine and one trial with the
     SingleEngine; True uses the FusedEngine even for one trial (the benchmark's K = 1).
     `engine`: which fused engine, "wide" (wide.WideEngine) or "vmap" (fused.FusedEngine);
-    None: fused.engine_for's choice (vmap on CUDA, as measured there; wide elsewhere where
-    the model widens).
+    None: fused.engine_for's choice (where both can train the group: wide on the CPU, the
+    one measured faster elsewhere, train/measured.py).
 
     Every trial's outcome is returned, failures included: an exception inside training
     (out of memory, say) marks the trials failed with the reason and does not propagate.
