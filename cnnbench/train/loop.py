@@ -32,7 +32,8 @@ from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DeviceData, data_dir, mix_seed
 from cnnbench.errors import StorageError
 from cnnbench.train.checkpoint import load_checkpoint, restore_result, resume_state, write_checkpoints
-from cnnbench.train.device import configure_backends, is_out_of_memory, resolve_device, sync, use_channels_last
+from cnnbench.train.device import (RNG_LOCK, configure_backends, is_out_of_memory, resolve_device, sync,
+                                   use_channels_last)
 from cnnbench.train.engine import Engine
 from cnnbench.train.fused import fused_engine
 from cnnbench.train.graphs import StepGraph, graph_reason
@@ -251,7 +252,8 @@ def _train_epoch(fit: Fit, epoch: int, step_graph: StepGraph | None):
     n_train, batch = len(data.train), c0.batch_size
     orders = [data.epoch_order(s, epoch) for s in fit.streams]
     augmenters = [data.augmenter(c0.augmentations(), s, epoch) for s in fit.streams]
-    torch.manual_seed(mix_seed(fit.configs[0].seed, epoch, 2))  # dropout
+    with RNG_LOCK:  # not while another group's model is seeded and built (side_by_side.py)
+        torch.manual_seed(mix_seed(fit.configs[0].seed, epoch, 2))  # dropout
     lr_rows = [[fit.schedules[k].lr(epoch, step) if fit.active[k] else 0.0 for k in range(fit.k)]
                for step in range(fit.steps_per_epoch if fit.schedules[0].per_step() else 1)]
     engine.begin_epoch(lr_rows)
