@@ -86,6 +86,7 @@ def test_streams_index_each_trial_to_its_stream():
 def test_one_batch_per_stream_gives_the_logits_and_gradients_of_one_per_trial(model, seeds, channels_last,
                                                                               conv_path, monkeypatch):
     monkeypatch.setenv(CONV_PATH_ENV, conv_path)
+    monkeypatch.setenv(DEDUPE_ENV, "1")
     seeds = SEEDS[seeds]
     e = engine(model, seeds, channels_last=channels_last)
     assert e.per_stream and e.streams.s == len(set(seeds)) < e.k
@@ -126,9 +127,10 @@ class Losses(Recorder):
         self.loss.append(loss)
 
 
-def test_a_trial_of_a_group_that_shares_batches_follows_itself_alone(data_root):
+def test_a_trial_of_a_group_that_shares_batches_follows_itself_alone(data_root, monkeypatch):
     """Trained through the loop (one batch per stream, 200 steps, fp32): the fused-vs-alone
     rule of tests/test_train.py (1e-4 relative), for a trial whose stream two trials share."""
+    monkeypatch.setenv(DEDUPE_ENV, "1")  # the CPU's default takes it only for seed-major trials
     target = quick(train_subset=200 * 64, test_subset=500, epochs=1, log_every=1, lr=0.02)
     group = [target, target.replace(lr=0.05, seed=1), target.replace(lr=0.01), target.replace(lr=0.03, seed=2)]
     alone, fused = Losses(), Losses()
@@ -139,3 +141,21 @@ def test_a_trial_of_a_group_that_shares_batches_follows_itself_alone(data_root):
     assert len(alone.loss) == len(fused.loss) == 200
     worst = max(abs(a - f) / abs(a) for a, f in zip(alone.loss, fused.loss))
     assert worst < 1e-4, worst
+
+
+def test_the_default_takes_one_batch_per_stream_where_it_measured_faster(monkeypatch):
+    """Unset: on the CPU only for trials in seed-major order with equal streams (no gather);
+    a value it does not know stops the group before it trains."""
+    from cnnbench.errors import ConfigError
+    from cnnbench.train.streams import dedupe_wanted
+
+    monkeypatch.delenv(DEDUPE_ENV, raising=False)
+    major, mixed = Streams([0, 0, 1, 1], "cpu"), Streams(stream_order([0, 1, 0, 1]), "cpu")
+    assert dedupe_wanted(major, "cpu") and not dedupe_wanted(mixed, "cpu")
+    assert dedupe_wanted(mixed, "cuda")
+    assert engine("lenet5", [4, 4, 5, 5]).per_stream and not engine("lenet5", [4, 5, 4, 5]).per_stream
+    monkeypatch.setenv(DEDUPE_ENV, "0")
+    assert not dedupe_wanted(major, "cuda")
+    monkeypatch.setenv(DEDUPE_ENV, "sometimes")
+    with pytest.raises(ConfigError, match=DEDUPE_ENV):
+        engine("lenet5", [4, 4, 5, 5])

@@ -246,12 +246,15 @@ RESTORED = {"shared": ("lenet5", [0, 0, 0]), "per-stream": ("lenet5", [0, 1, 0])
 
 
 @pytest.mark.parametrize("case", list(RESTORED))
-def test_a_wide_engine_restored_from_its_state_tensors_trains_as_if_untouched(data_root, case):
+def test_a_wide_engine_restored_from_its_state_tensors_trains_as_if_untouched(data_root, case, monkeypatch):
     """What graphs.StepGraph's warm-up relies on: every tensor a wide step changes is in
     `state_tensors()` (weights, momentum buffers, batch norm statistics), so steps taken and
     undone leave no trace: snapshot, three steps, restore, five steps == five fresh steps."""
     from cnnbench.train.loop import load_data
+    from cnnbench.train.streams import ENV as DEDUPE_ENV
     from cnnbench.train.wide import WideEngine
+
+    monkeypatch.setenv(DEDUPE_ENV, "1")  # the per-stream case on the CPU too
 
     model, seeds = RESTORED[case]
     base = quick(model=model, activation="relu", lr=0.05, momentum=0.9, weight_decay=1e-4)

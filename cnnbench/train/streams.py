@@ -19,7 +19,12 @@ it keeps for grad_weight (LeNet-5's conv1, batch 64: 5 MB per group, K = 64 -> 3
 The arithmetic per output is the same as today's (C*kh*kw products per output), so the
 results differ from it by rounding only (tests/test_streams.py bounds it by measured noise).
 
-`CNNBENCH_STREAM_DEDUPE=0` turns it off (the bench's "wide + bmm conv2" row without it).
+`CNNBENCH_STREAM_DEDUPE`: `1` on, `0` off (the engine sweep's rows with and without it);
+unset, on except on the CPU where the trials are not stream-major with equal streams: there
+the output's gather costs more than the convolutions it saves (LeNet-5, 9 trials on 3
+seeds, batch 64, one thread, channels-last, median of 35 steps on the shared 2-core CPU:
+trials in seed order 0,1,2,0,1,2,..: 220 to 252 ms per step against 156 to 175 without;
+seed-major 0,0,0,1,1,1,..: 169 against 183).
 """
 
 from __future__ import annotations
@@ -30,12 +35,22 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from cnnbench.errors import ConfigError
+
 ENV = "CNNBENCH_STREAM_DEDUPE"
 
 
-def dedupe_enabled() -> bool:
-    """`CNNBENCH_STREAM_DEDUPE`: on unless 0, off, false or no."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+def dedupe_wanted(streams: Streams, device_type: str) -> bool:
+    """`CNNBENCH_STREAM_DEDUPE` (1/on/true/yes, 0/off/false/no), or its default for this
+    device and layout (see the module's docstring)."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    if value:
+        raise ConfigError(f"{ENV}={value!r}: expected 1 or 0")
+    return device_type != "cpu" or streams.identity
 
 
 def stream_order(seeds: Sequence[int]) -> list[int]:
@@ -81,12 +96,15 @@ class Streams:
         return padded.index_select(0, self.slots).flatten(0, 1)
 
     def trial_major(self, out: Tensor) -> Tensor:
-        """The convolution's output N x S*M*O x H' x W' -> N x K*O x H' x W', trial order."""
+        """The convolution's output N x S*M*O x H' x W' -> N x K*O x H' x W', trial order:
+        one gather over the channels in the output's own memory layout (no other copy)."""
         if self.identity:
             return out
         o = out.shape[1] // (self.s * self.width)
-        picked = out.unflatten(1, (self.s * self.width, o)).index_select(1, self.position).flatten(1, 2)
-        return picked.contiguous(memory_format=torch.channels_last) if channels_last(out) else picked
+        if channels_last(out):  # memory N x H' x W' x S*M*O: gather the last dimension's groups
+            nhwc = out.permute(0, 2, 3, 1).unflatten(3, (self.s * self.width, o))
+            return nhwc.index_select(3, self.position).flatten(3, 4).permute(0, 3, 1, 2)
+        return out.unflatten(1, (self.s * self.width, o)).index_select(1, self.position).flatten(1, 2)
 
 
 def channels_last(t: Tensor) -> bool:

@@ -44,7 +44,7 @@ from cnnbench.models.tv import ResizeInput
 from cnnbench.train.conv_path import PATHS, conv_mode, conv_path
 from cnnbench.train.device import autocast, build_model, use_channels_last
 from cnnbench.train.per_trial import PerTrialOptimizer
-from cnnbench.train.streams import Streams, dedupe_enabled, stream_conv2d, stream_order
+from cnnbench.train.streams import Streams, dedupe_wanted, stream_conv2d, stream_order
 
 # model-images forwarded at once by a test pass on the CPU (WideEngine.eval_images)
 CPU_EVAL_IMAGES = 768
@@ -290,9 +290,11 @@ class WideEngine:
         """Where S of the K trials' seeds are distinct, 1 < S < K: one batch per stream
         (streams.py), handed to the layers that take the input (the first convolution)."""
         order = stream_order([c.seed for c in self.configs])
-        if not 1 < max(order) + 1 < self.k or not dedupe_enabled():
+        if not 1 < max(order) + 1 < self.k:
             return None
         streams = Streams(order, device)
+        if not dedupe_wanted(streams, device.type):
+            return None
         for m in self.model.modules():
             if isinstance(m, (WideConv2d, WideLinear, WideResizeInput)):
                 m.streams = streams
