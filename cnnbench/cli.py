@@ -290,12 +290,14 @@ UI_SCREENSHOT = ("ui-screenshot", cmd_tool, "the MLflow UI's view of a study as 
             opt("--out", "results/mlflow-compare.png", "the comparison view's file", metavar="PNG"),
             opt("--charts", None, "also the chart view of train/loss by value", metavar="PNG"), TRACKING])
 GPU_CHECK = ("gpu-check", cmd_tool, "every GPU measurement in one command", "On a CUDA machine, into one folder: "
-        "the CUDA tests, `bench --options`, a profile, and the document studies while the budget lasts. "
-        "--dry-run takes the same path on the CPU at toy sizes.", [
+        "the CUDA tests, the conv2 micro-benchmark, the engine sweep, the document studies timed and compared "
+        "with their CPU results, and `bench --sweep`, while the budget lasts. --dry-run takes the same path on the "
+        "CPU at toy sizes.", [
             opt("--out", "results/gpu", "folder for everything it writes", metavar="DIR"),
             flag("--dry-run", "the same path on the CPU, at toy sizes"),
             opt("--budget", 480.0, "seconds in all; later studies are skipped past it", float),
-            opt("--parts", "tests,bench,studies", "comma-separated: tests, bench, kbench, studies", metavar="LIST"),
+            opt("--parts", "tests,conv,engines,studies,sweep",
+                "comma-separated: tests, conv, engines, bench, kbench, studies, sweep", metavar="LIST"),
             opt("--studies", None, "comma-separated NAME or NAME:KEY=VALUE (default: the documents')",
                 metavar="LIST"), DATA])
 COMMANDS = [RUN, STUDY, SWEEP, WORKER, MODELS, EVALUATE, BENCH, SUMMARY, COMPARE, REPORT, UI_SCREENSHOT, GPU_CHECK]

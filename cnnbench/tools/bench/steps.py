@@ -16,18 +16,19 @@ from cnnbench.config.trial import TrialConfig
 from cnnbench.tools.bench.common import lr_configs
 from cnnbench.train.device import configure_backends, sync
 from cnnbench.train.engine import Engine
-from cnnbench.train.fused import FusedEngine
+from cnnbench.train.fused import fused_engine
 from cnnbench.train.loop import evaluate
 from cnnbench.train.single import SingleEngine
 
 
-def make_engine(configs: list[TrialConfig], data) -> Engine:
-    """The engine train_group would use for `configs` (one trial: SingleEngine)."""
+def make_engine(configs: list[TrialConfig], data, engine: str | None = "vmap", fused: bool = False) -> Engine:
+    """The engine for `configs`: one trial the SingleEngine (unless `fused`, the bench's
+    K = 1); else the fused `engine`, vmap's by default (the bench's baseline), None:
+    `fused.engine_for`'s choice."""
     configure_backends(configs[0], data.device)
-    if len(configs) == 1:
+    if len(configs) == 1 and not fused:
         return SingleEngine(configs, data.device, data.info)
-
-    return FusedEngine(configs, data.device, data.info)
+    return fused_engine(configs, data.device, data.info, engine)
 
 
 def step_throughput(configs: list[TrialConfig], data, *, steps: int, repeats: int, warm: int = 30,
