@@ -13,7 +13,7 @@ MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_TRACKING_URI
 
 .DEFAULT_GOAL := help
-.PHONY: help install test chaos bench gpu-check study-lr study-batch study-activation study-epochs study-models study-alexnet study-resnet-bn \
+.PHONY: help install test test-fast chaos bench gpu-check study-lr study-batch study-activation study-epochs study-models study-alexnet study-resnet-bn \
         studies ui clean-state report ui-screenshot notebooks-clean
 
 help:  ## list the targets
@@ -29,8 +29,11 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed  ## create .venv and install cnnbench with its pinned stack
 
-test: $(BIN)/.installed  ## the test suite (what CI runs; the chaos test included)
-	$(BIN)/python -m pytest -q
+test: $(BIN)/.installed  ## the whole test suite (what CI runs; the chaos test included), its 25 slowest tests listed
+	$(BIN)/python -m pytest -q --durations=25
+
+test-fast: $(BIN)/.installed  ## while editing: the tests that need no long training, no server, no chaos (under 3 minutes)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not server and not chaos"
 
 chaos: $(BIN)/.installed  ## the chaos test alone: random SIGKILLs, nothing lost; prints its seed (ARGS="--seed S" replays)
 	$(BIN)/python -m cnnbench.tools.chaos $(ARGS)

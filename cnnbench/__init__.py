@@ -1,8 +1,8 @@
 """cnnbench: controlled hyperparameter studies of convolutional networks.
 
 `import cnnbench` gives the Python API (`cnnbench.api`): load_spec, run_trial, run_study,
-run_sweep, run_worker, evaluate, load_runs, statistics, summarize, and the executors'
-settings Local, Ray, Slurm. They are imported on first use,
+run_sweep, run_worker, evaluate, load_runs, statistics, summarize, register_model (your
+own network), and the executors' settings Local, Ray, Slurm. They are imported on first use,
 so that `import cnnbench` (and the command's start) stays light. The package's layers
 are drawn in docs/layout.md.
 """
@@ -13,8 +13,8 @@ from typing import Any
 
 __version__ = "0.2.0"
 
-API = ("evaluate", "load_runs", "load_spec", "run_study", "run_sweep", "run_trial", "run_worker", "statistics",
-       "summarize", "Local", "Ray", "Slurm")
+API = ("evaluate", "load_runs", "load_spec", "register_model", "run_study", "run_sweep", "run_trial", "run_worker",
+       "statistics", "summarize", "Local", "Ray", "Slurm")
 __all__ = [*API, "__version__"]
 
 

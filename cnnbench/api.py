@@ -28,9 +28,9 @@ from cnnbench.config.space import with_overrides as sweep_overrides
 from cnnbench.config.spec import StudySpec, parse_seeds
 from cnnbench.config.spec import load_spec as read_spec
 from cnnbench.config.trial import TrialConfig
-from cnnbench.data.tensors import data_dir, load_arrays
 from cnnbench.errors import ConfigError
-from cnnbench.models import get_model, list_models, model_entry
+from cnnbench.models import get_model, list_models, model_entry, register_user_model
+from cnnbench.models.user import add_model_path
 from cnnbench.models.summary import summarize as layer_summary
 from cnnbench.report import analysis
 from cnnbench.report.compare import compare_command
@@ -41,10 +41,11 @@ from cnnbench.run.study import StudyOutcome
 from cnnbench.run.study import run_study as study_runner
 from cnnbench.run.sweep import run_sweep as sweep_runner
 from cnnbench.run.executors.settings import Local, Ray, Slurm
+from cnnbench.run.executors.slurm import Submitted
 from cnnbench.run.joining import join_as_worker
 from cnnbench.run.workers import EXIT_GAVE_UP, EXIT_INPUT, EXIT_STORAGE, WorkerReport
 from cnnbench.tools import resources
-from cnnbench.tools.bench import bench as run
+from cnnbench.tools.bench import bench  # `cnnbench bench`: explicit keyword-only parameters, the files written
 from cnnbench.tools.gpu_check import gpu_check as run_gpu_check
 from cnnbench.tools.notebooks import build_reports
 from cnnbench.tools.summary_documents import summary_command
@@ -53,27 +54,50 @@ from cnnbench.track import reader
 from cnnbench.track.stores import default_url
 from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, run_name, tracking_uri
 from cnnbench.train.checkpoint import load_checkpoint
-from cnnbench.train.device import resolve_device
+from cnnbench.train.device import check_inputs
 from cnnbench.train.loop import evaluate_checkpoint
 from cnnbench.train.loop import run_trial as train_one
 from cnnbench.train.result import Recorder, TrialResult
 from cnnbench.util.paths import state_dir
 
-__all__ = ["evaluate", "load_runs", "load_spec", "run_study", "run_sweep", "run_trial", "run_worker", "statistics",
-           "summarize", "Local", "Ray", "Slurm",
+__all__ = ["evaluate", "load_runs", "load_spec", "register_model", "run_study", "run_sweep", "run_trial", "run_worker",
+           "statistics", "summarize", "Local", "Ray", "Slurm", "Submitted",
            # the commands' tools
            "bench", "command", "compare", "gpu_check", "history_text", "models", "report", "screenshot",
            "summary_text", "sweep_storage_url"]
 
 
+def register_model(name: str, *, source: str = ""):
+    """Decorator: your own network under `name`, for specs, `run_study` and `run_trial`
+    (`@cnnbench.register_model("small")` on a class or a function returning an nn.Module;
+    it gets those of in_channels, num_classes, image_size, activation, dropout it accepts).
+    Worker processes import the module that registered it; one registered in a notebook
+    trains in this process (docs/your-own.md)."""
+    return register_user_model(name, source=source)
+
+
+def use_model_path(model_path: str | os.PathLike | Iterable[str | os.PathLike] | None) -> None:
+    """`--model-path`: folders put first on the import path, for networks given as module:Class."""
+    if model_path is None:
+        return
+    folders = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"--model-path: {folder} is not a folder")
+    add_model_path(folders)
+
+
 def load_spec(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None,
-              seeds: Iterable[int] | str | None = None) -> StudySpec:
+              seeds: Iterable[int] | str | None = None,
+              model_path: str | os.PathLike | Iterable[str | os.PathLike] | None = None) -> StudySpec:
     """A study or sweep spec (studies/*.yaml), validated, with fixed settings overridden
     (`overrides`, as `--set`) and, for a study, its seeds replaced (a list, or "0,1,2").
     A shipped study may be named (`lr`, or `studies/lr.yaml` where no such file is): an
-    installed cnnbench runs the document studies too (tools/resources.py)."""
+    installed cnnbench runs the document studies too (tools/resources.py). `model_path`:
+    folders to import the spec's `model: module:Class` from (besides its own folder)."""
     if isinstance(seeds, str):
         seeds = parse_seeds(seeds)
+    use_model_path(model_path)
     path = resources.spec_file(os.fspath(path))
     spec = read_spec(path)
     overrides = dict(overrides or {})
@@ -86,14 +110,17 @@ def load_spec(path: str | os.PathLike, *, overrides: dict[str, Any] | None = Non
 
 def run_trial(config: TrialConfig | None = None, *, data_root: str | os.PathLike | None = None,
               tracking: str | None = None, experiment: str = "runs", track: bool = True,
-              state: str | os.PathLike | None = None, resume: bool = False, **settings: Any) -> TrialResult:
+              state: str | os.PathLike | None = None, resume: bool = False,
+              model_path: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
+              **settings: Any) -> TrialResult:
     """Train one trial: `config`, or the default settings with `settings` over them
     (`run_trial(lr=0.05, epochs=2)`). Tracked as an MLflow run in `experiment` unless
-    `track` is False; epoch checkpoints in the state folder (`resume` goes on from them)."""
+    `track` is False; epoch checkpoints in the state folder (`resume` goes on from them).
+    `model_path`: folders to import `model="module:Class"` from."""
+    use_model_path(model_path)
     base = config.to_dict() if config is not None else {}
     config = TrialConfig.from_dict({**base, **settings}, where="settings")
-    resolve_device(config.device)
-    load_arrays(config.dataset, data_dir(data_root))
+    check_inputs([config], data_root)
     recorder: Recorder = Recorder()
     if track:
 
@@ -115,7 +142,7 @@ def run_study(spec: StudySpec | str | os.PathLike, *, data_root: str | os.PathLi
               state: str | os.PathLike | None = None, storage: str | None = None, fuse: bool | None = None,
               workers: int | None = None, max_fuse: int = 16, command: str = "", final: bool = True,
               share_cores: bool = False, executor: str | Local | Ray | Slurm = "local",
-              checkpoint_uri: str | None = None) -> StudyOutcome | None:
+              checkpoint_uri: str | None = None) -> StudyOutcome | Submitted | None:
     """Run (or join, or resume) a grid study: `results/<study>/` and one MLflow parent run.
 
     `storage`: an Optuna storage URL that processes on several machines share (default: a
@@ -129,6 +156,8 @@ def run_study(spec: StudySpec | str | os.PathLike, *, data_root: str | os.PathLi
     `Slurm(partition=..., time=...)` (array tasks); with a cluster, `storage` and `tracking`
     must be stores every node reaches, and `checkpoint_uri` (a shared folder or fsspec URL;
     default: the runs' MLflow artifacts) is where resume checkpoints follow a trial.
+    `Slurm(wait=False)` only submits the workers (the one that ends the study writes the
+    results) and returns a `Submitted` (the job, and how to follow it).
     `command`: the command line recorded with the runs. Returns the outcome (rows, files,
     counts), or None when another process writes the results."""
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
@@ -145,7 +174,7 @@ def run_sweep(spec: StudySpec | str | os.PathLike, *, workers: int = 1, final: b
               results_root: str | os.PathLike = "results", n_trials: int | None = None,
               sampler_seed: int | None = None, data_root: str | os.PathLike | None = None, command: str = "",
               fuse_k: int | None = None, share_cores: bool = False, executor: str | Local | Ray | Slurm = "local",
-              checkpoint_uri: str | None = None) -> tuple[Session, WorkerReport, SweepOutcome | None]:
+              checkpoint_uri: str | None = None) -> tuple[Session, WorkerReport, SweepOutcome | Submitted | None]:
     """Run (or join, or resume) an Optuna sweep over the spec's search block.
 
     `workers` processes here (more join with the same `storage` from elsewhere);
@@ -153,7 +182,7 @@ def run_sweep(spec: StudySpec | str | os.PathLike, *, workers: int = 1, final: b
     sampler; `fuse_k` trials each worker takes at once and trains fused (default: 16 on
     CUDA and MPS, 1 on the CPU); `final` False: only train trials; `executor` and
     `checkpoint_uri` as for run_study. Returns (session, worker report, outcome), the
-    outcome None where another process writes the results."""
+    outcome None where another process writes the results (a Submitted with `Slurm(wait=False)`)."""
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
     at_least_one(n_trials=n_trials, fuse_k=fuse_k, workers=workers)
     return sweep_runner(spec, workers=workers, final=final, storage=storage, tracking=tracking, state=state,
@@ -192,9 +221,12 @@ def at_least_one(**counts: int | None) -> None:
 
 
 def evaluate(checkpoint: str | os.PathLike, *, device: str = "auto", data_root: str | os.PathLike | None = None,
-             test_batch_size: int = 1024) -> dict[str, Any]:
+             test_batch_size: int = 1024,
+             model_path: str | os.PathLike | Iterable[str | os.PathLike] | None = None) -> dict[str, Any]:
     """Re-test a saved checkpoint (an epoch's, the best or the last) on the test set:
-    {"epoch", "config", "test_loss", "test_acc", "images"}."""
+    {"epoch", "config", "test_loss", "test_acc", "images"}. `model_path`: folders to import
+    a network of your own (module:Class) from."""
+    use_model_path(model_path)
     path = Path(checkpoint)
     if not path.is_file():
         raise ConfigError(f"{path}: no such checkpoint")
@@ -242,16 +274,14 @@ def sweep_storage_url(spec: StudySpec, state: str | os.PathLike | None = None) -
     return default_url(spec.name, state_dir(state))
 
 
-def bench(**kwargs: Any) -> list[str]:
-    """`cnnbench bench` (`tools.bench.bench`): returns the files written."""
-    return run(**kwargs)
-
-
 def summary_text(model: str | None = None, *, input: str | None = None, classes: int = 10, fmt: str = "table",
-                 all_models: bool = False, documents: bool = False, results_dir: str | None = None) -> str:
-    """`cnnbench summary`: per-layer tables of `model` (or every model, `all_models`), with
-    the documents' counts beside ours (`documents`), as text in `fmt` (table, markdown,
-    csv), or written under `results_dir`/summary/; `input` one image as CxHxW."""
+                 all_models: bool = False, documents: bool = False, results_dir: str | None = None,
+                 model_path: str | os.PathLike | Iterable[str | os.PathLike] | None = None) -> str:
+    """`cnnbench summary`: per-layer tables of `model` (a registry name or module:Class; or
+    every model, `all_models`), with the documents' counts beside ours (`documents`), as
+    text in `fmt` (table, markdown, csv), or written under `results_dir`/summary/; `input`
+    one image as CxHxW; `model_path` folders to import module:Class from."""
+    use_model_path(model_path)
     return summary_command(model, input=input, classes=classes, fmt=fmt, all_models=all_models, documents=documents,
                            results_dir=results_dir)
 
@@ -294,7 +324,8 @@ def command(name: str, /, *, typed: str = "", **o: Any) -> tuple[str, int]:
         rows = [f"{'name':<14} {'parameters':>12}  source"]
         return "\n".join(rows + [f"{m:<14} {n:>12,}  {source}" for m, n, source in models()]), 0
     if name == "evaluate":
-        r = evaluate(o["checkpoint"], device=o["device"], data_root=o["data_dir"], test_batch_size=o["test_batch_size"])
+        r = evaluate(o["checkpoint"], device=o["device"], data_root=o["data_dir"], test_batch_size=o["test_batch_size"],
+                     model_path=o["model_path"])
         c = r["config"]
         return (f"{o['checkpoint']}: epoch {r['epoch']} of {c.model} (lr={c.lr:g}, seed={c.seed}): test loss "
                 f"{r['test_loss']:.4f}, test accuracy {r['test_acc']:.2f}% on {r['images']} images"), 0
@@ -305,7 +336,7 @@ def command(name: str, /, *, typed: str = "", **o: Any) -> tuple[str, int]:
         return "wrote " + ", ".join(bench(data_root=o["data_dir"], **{k: o[k] for k in keys})), 0
     if name == "summary":
         return summary_text(o["model"], input=o["input"], classes=o["classes"], fmt=o["format"], all_models=o["all"],
-                            documents=o["documents"], results_dir=o["results_dir"]), 0
+                            documents=o["documents"], results_dir=o["results_dir"], model_path=o["model_path"]), 0
     if name == "compare":
         md, csv = compare(o["a"], o["b"], labels=o["labels"], name=o["name"], out=o["out"],
                           tracking=o["tracking_uri"], command=typed)

@@ -34,6 +34,9 @@ TRACKING = ("--tracking-uri", dict(metavar="URI", help="MLflow tracking URI (def
                                    "sqlite:///mlflow.db)"))
 STATE = ("--state-dir", dict(metavar="DIR", help="checkpoints, Optuna storage (default: $CNNBENCH_HOME, else .cnnbench)"))
 DEVICE = ("--device", dict(default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)"))
+MODEL_PATH = ("--model-path", dict(metavar="DIR", action="append", default=None,
+                                   help="a folder to import `model: module:Class` from (repeatable; a spec's own "
+                                   "folder is searched too)"))
 STORAGE = ("--storage", dict(metavar="URL", help="Optuna storage of the trials, shared by workers on many machines: "
                              "sqlite:///PATH or postgresql://... (default: SQLite in the state folder)"))
 
@@ -75,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace, api: Any) -> int:
     result = api.run_trial(data_root=args.data_dir, tracking=args.tracking_uri, experiment=args.experiment,
-                           track=not args.no_track, state=args.state_dir, resume=args.resume, **parse_overrides(args.sets))
+                           track=not args.no_track, state=args.state_dir, resume=args.resume,
+                           model_path=args.model_path, **parse_overrides(args.sets))
     print(api.history_text(result))
     if result.run_id:
         print(f"MLflow run {result.run_id} in experiment {args.experiment!r}")
@@ -83,13 +87,16 @@ def cmd_run(args: argparse.Namespace, api: Any) -> int:
 
 
 def cmd_study(args: argparse.Namespace, api: Any) -> int:
-    spec = api.load_spec(args.spec, overrides=parse_overrides(args.sets), seeds=args.seeds)
+    spec = api.load_spec(args.spec, overrides=parse_overrides(args.sets), seeds=args.seeds, model_path=args.model_path)
     outcome = api.run_study(spec, data_root=args.data_dir, results_root=args.results_dir, tracking=args.tracking_uri,
                             state=args.state_dir, storage=args.storage, fuse=args.fuse, workers=args.workers,
                             max_fuse=args.max_fuse, command=typed(args), final=not args.no_final,
                             share_cores=args.share_cores, executor=executor_of(args, api),
                             checkpoint_uri=args.checkpoint_uri)
     if outcome is None:  # another process writes the results
+        return 0
+    if isinstance(outcome, api.Submitted):  # --no-wait: the job, and how to follow it
+        print(outcome.text())
         return 0
     print(Path(outcome.files[1]).read_text())
     print(f"{outcome.trained} run(s) trained, {outcome.skipped} already finished; results in "
@@ -129,7 +136,7 @@ def cmd_worker(args: argparse.Namespace, api: Any) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, api: Any) -> int:
-    spec = api.load_spec(args.spec, overrides=parse_overrides(args.sets))
+    spec = api.load_spec(args.spec, overrides=parse_overrides(args.sets), model_path=args.model_path)
     if args.print_storage:
         print(args.storage or api.sweep_storage_url(spec, args.state_dir))
         return 0
@@ -138,7 +145,9 @@ def cmd_sweep(args: argparse.Namespace, api: Any) -> int:
         state=args.state_dir, results_root=args.results_dir, n_trials=args.n_trials, sampler_seed=args.sampler_seed,
         data_root=args.data_dir, command=typed(args), fuse_k=args.fuse_k, share_cores=args.share_cores,
         executor=executor_of(args, api), checkpoint_uri=args.checkpoint_uri)
-    if outcome is not None:
+    if isinstance(outcome, api.Submitted):  # --no-wait: the job, and how to follow it
+        print(outcome.text())
+    elif outcome is not None:
         print(Path(outcome.files[2]).read_text())
         print(f"results in {sweep.out_dir}/, MLflow parent run {sweep.parent} in experiment {spec.name!r}, "
               f"Optuna study {spec.name!r} in {masked(sweep.url)}")
@@ -194,14 +203,14 @@ SHARE = flag("--share-cores", "on the CPU, a worker that runs out of trials give
              "(rounding, not maths; MLflow tag threads=1-2), so a rerun no longer repeats them bit for bit")
 RUN = ("run", cmd_run, "train one trial", "Train one trial with the default settings (document 003's "
         "LeNet-5 run) changed by --set, and record it in MLflow.", [
-            SETS, DATA, TRACKING, STATE, opt("--experiment", "cnnbench-run", "MLflow experiment"),
+            SETS, DATA, MODEL_PATH, TRACKING, STATE, opt("--experiment", "cnnbench-run", "MLflow experiment"),
             flag("--no-track", "do not record the trial in MLflow"),
             flag("--resume", "go on from the last epoch checkpoint of the same settings")], True)
 STUDY = ("study", cmd_study, "run a study spec (studies/*.yaml)", "Train every trial of a study spec (those "
         "finished in the tracking store are read back) and write results/<study>/. The same command resumes it; "
         "processes here (--workers) or elsewhere (the same --storage) share its trials, each trained once, "
         "under one MLflow parent run.", [
-            ("spec", dict(help="the study's YAML file, e.g. studies/lr.yaml")), SETS, DATA,
+            ("spec", dict(help="the study's YAML file, e.g. studies/lr.yaml")), SETS, DATA, MODEL_PATH,
             opt("--seeds", None, "seeds to repeat over, replacing the spec's", metavar="S[,S...]"),
             opt("--results-dir", "results", "where results/<study>/ goes", metavar="DIR"), TRACKING, STATE, STORAGE,
             ("--fuse", dict(help="train compatible trials fused, up to --max-fuse (default on CUDA/MPS)",
@@ -214,7 +223,7 @@ SWEEP = ("sweep", cmd_sweep, "run an Optuna sweep over a spec's search space", "
         "spec's search block with Optuna, each trial scored on a validation split (never the test set) and maybe "
         "pruned. The same command resumes it; workers elsewhere join with the same --storage. At the end the best "
         "trial is trained over sweep.final_seeds, tested once, and results/<sweep>/ written.", [
-            ("spec", dict(help="the sweep's YAML file, e.g. studies/sweep-lenet.yaml")), SETS, DATA,
+            ("spec", dict(help="the sweep's YAML file, e.g. studies/sweep-lenet.yaml")), SETS, DATA, MODEL_PATH,
             opt("--n-trials", None, "finished trials to reach (default: the spec's)", int, metavar="N"), STORAGE,
             opt("--workers", 1, WORKERS, int, metavar="N"), SHARE,
             opt("--sampler-seed", None, "seed of the sampler (default: random)", int, metavar="S"),
@@ -239,7 +248,7 @@ WORKER = ("worker", cmd_worker, "join a study or sweep as one more worker", "Joi
 MODELS = ("models", cmd_tool, "list the registered architectures", "The registry: name, parameters, source.", [])
 EVALUATE = ("evaluate", cmd_tool, "re-test a saved checkpoint", "Measure a checkpoint's loss and accuracy on "
         "the test set (last.pt, best.pt, epoch_NNN.pt, or the MLflow artifact).", [
-            ("checkpoint", dict(help="path of the .pt file")), DATA, DEVICE,
+            ("checkpoint", dict(help="path of the .pt file")), DATA, DEVICE, MODEL_PATH,
             opt("--test-batch-size", 1024, "evaluation batch size", int)])
 BENCH = ("bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time on one device: the naive "
         "loop (a DataLoader, .to(device), loss.item() each step), cnnbench's loop, and K fused trials for K = 1, "
@@ -264,7 +273,8 @@ BENCH = ("bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time
 SUMMARY = ("summary", cmd_tool, "per-layer shapes, parameters, MACs and memory of a model", "Per layer: output "
         "shape, parameters, multiply-accumulates (MACs = FLOPs / 2) and activation memory of one image, then "
         "totals; --documents checks the documents' hand counts against them.", [
-            ("model", dict(nargs="?", help="a registered model (see `cnnbench models`)")),
+            ("model", dict(nargs="?", help="a registered model (see `cnnbench models`) or your own, module:Class")),
+            MODEL_PATH,
             opt("--input", None, "one image, e.g. 1x28x28 (default: the model's own)", metavar="CxHxW"),
             opt("--classes", 10, "outputs of the last layer", int, metavar="N"),
             opt("--format", "table", "output", choices=("table", "markdown", "csv")),

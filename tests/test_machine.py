@@ -125,8 +125,10 @@ def test_workers_killed_while_the_main_process_lives_are_replaced(workdir, sig):
             return not [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("worker_pid") in pids]
         return False
 
-    wait_for(released, timeout=20, what="the dead workers' trials to be queued again")
-    assert time.time() - killed_at < 20
+    # well inside the 60 s grace even on a loaded machine, where a worker stopped by SIGTERM
+    # takes a while to reach its safe point (about a second on a quiet one)
+    wait_for(released, timeout=45, what="the dead workers' trials to be queued again")
+    assert time.time() - killed_at < 45
     out = finish(proc)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "a new worker takes its place" in out.stderr

@@ -107,9 +107,12 @@ def test_the_extras_and_the_tested_torch():
     project = PYPROJECT["project"]
     optional = project["optional-dependencies"]
     assert set(extras.EXTRAS) <= set(optional)
-    assert "cnnbench[report,ui,postgres]" in optional["dev"]
+    # `make install` (the dev extra) brings every extra: the tests of each part run in CI
+    (everything,) = [r for r in optional["dev"] if r.startswith("cnnbench[")]
+    assert set(Requirement(everything).extras) == set(extras.EXTRAS) == {"report", "ui", "postgres", "ray", "slurm"}
     core = {Requirement(r).name.lower(): Requirement(r) for r in project["dependencies"]}
-    assert not {"papermill", "playwright", "psycopg", "psycopg2-binary", "optuna-dashboard"} & set(core)
+    assert not {"papermill", "playwright", "psycopg", "psycopg2-binary", "optuna-dashboard", "ray",
+                "submitit"} & set(core)
     pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
                 if "==" in line and not line.startswith("#"))
     assert (pins["torch"], pins["torchvision"]) == ("2.14.1", "0.29.1")
@@ -117,8 +120,8 @@ def test_the_extras_and_the_tested_torch():
         assert version in core["torch"].specifier
     for version in (pins["torchvision"], "0.26.0"):
         assert version in core["torchvision"].specifier
-    for name in ("grimp", "import-linter"):
-        assert name in pins  # the dev extra's test tools are pinned like the rest
+    for name in ("grimp", "import-linter", "pytest-xdist", "execnet", "kubernetes-validate", "ray", "submitit"):
+        assert name in pins  # the dev extra's test tools and the cluster engines are pinned like the rest
 
 
 

@@ -14,6 +14,7 @@ from cnnbench.train.conv_path import ENV as CONV_PATH_ENV
 from cnnbench.train.device import set_tf32
 from cnnbench.train.wide import widen, widen_reason
 
+import rounding
 from conftest import quick
 
 # trained 200 steps in the equivalence test: the registry's MNIST-sized models
@@ -54,21 +55,21 @@ def test_the_registry_is_covered():
         assert why in widen_reason(get_model(name))
 
 
-# The settings of each model's 200-step comparison, chosen where the model's own rounding
-# noise stays far below the 1e-4 rule: the same trial trained alone in channels-first and
-# in channels-last (the same maths, other rounding) must agree too. Where it does not, the
-# comparison would measure how fast the model amplifies a 1e-7 rounding difference, not the
-# engine (measured at one thread, 200 steps, alone channels-first vs channels-last ->
-# wide vs alone): resnet_bn at lr 1e-4 with momentum 0.9, 1.1e-3 -> 8.7e-4, and at lr 1e-3
-# without momentum 1.3e-3 -> 8.4e-4; resnet with ReLU at lr 1e-3, 1.8e-3 -> 1.4e-3; lenet
-# (tanh) at lr 0.01, 4.4e-4 for the wide trial; inception (tanh) at lr 0.01, 3.5e-3. Momentum
-# multiplies the step tenfold, and a ReLU or a max-pool turns a rounding difference into a
-# different gradient. At these settings (same measurement): lenet5 3.1e-7 -> 4.2e-7, lenet
-# 3.3e-7 -> 3.2e-7, alexnet -> 1.8e-5, inception 8.7e-7 -> 1.4e-6, resnet 1.8e-7 -> 2.2e-7,
-# resnet_bn 3.9e-5 -> 1.6e-5 (its batch statistics amplify rounding: channels-first and
-# channels-last differ by 3.7e-6 from the first step). Smooth activations (tanh; lenet5
-# keeps document 003's sigmoid/tanh). Dropout off: its masks are drawn for the wide tensor,
-# not per trial. Every model still learns in the 200 steps (asserted).
+# The settings of each model's 200-step comparison (rounding.py: the bound is 10 times the
+# rounding noise of the same trial alone, measured in the test), chosen where that noise
+# stays small, so that the comparison measures the engine and not how fast the model
+# amplifies a 1e-7 rounding difference. Measured at one thread, 200 steps, alone
+# channels-first vs channels-last -> wide vs alone, on an AMD EPYC: resnet_bn at lr 1e-4
+# with momentum 0.9, 1.1e-3 -> 8.7e-4, and at lr 1e-3 without momentum 1.3e-3 -> 8.4e-4;
+# resnet with ReLU at lr 1e-3, 1.8e-3 -> 1.4e-3; lenet (tanh) at lr 0.01, 4.4e-4 for the
+# wide trial; inception (tanh) at lr 0.01, 3.5e-3. Momentum multiplies the step tenfold,
+# and a ReLU or a max-pool turns a rounding difference into a different gradient. At these
+# settings (same measurement): lenet5 3.1e-7 -> 4.2e-7, lenet 3.3e-7 -> 3.2e-7, alexnet
+# -> 1.8e-5, inception 8.7e-7 -> 1.4e-6, resnet 1.8e-7 -> 2.2e-7, resnet_bn 3.9e-5 ->
+# 1.6e-5 (its batch statistics amplify rounding: channels-first and channels-last differ
+# by 3.7e-6 from the first step). Smooth activations (tanh; lenet5 keeps document 003's
+# sigmoid/tanh). Dropout off: its masks are drawn for the wide tensor, not per trial.
+# Every model still learns in the 200 steps (asserted).
 SETTINGS = {
     "lenet5": dict(lr=0.02),
     "lenet": dict(activation="tanh", lr=0.001),
@@ -89,15 +90,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model", SMALL)
 def test_wide_trial_follows_the_same_loss_curve_as_alone(data_root, model, device, fp32, one_thread):
-    """fp32: a trial trained in a wide group matches itself trained alone within 1e-4
-    relative over the first 200 steps, batch norm included. Its partner has another lr,
-    momentum and seed, so the batch is per trial, (K, B, ...)."""
+    """fp32: a trial trained in a wide group follows itself trained alone over the first
+    200 steps, batch norm included, within 10 times the rounding noise of the trial alone
+    (rounding.py). Its partner has another lr, momentum and seed, so the batch is per
+    trial, (K, B, ...)."""
     follows_alone(data_root, model, device)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model", ["lenet5", "resnet_bn"])
 def test_wide_trial_on_the_bmm_convolution_follows_alone(data_root, model, device, fp32, one_thread, monkeypatch,
@@ -119,8 +123,14 @@ def follows_alone(data_root, model, device):
     results = train_group([target, other], data_root=data_root, recorders=[fused, Losses()], engine="wide")
     assert results[0].status == results[1].status == FINISHED and results[0].fused_with == 2
     assert len(alone.loss) == len(fused.loss) == 200
-    gaps = [abs(a - f) / abs(a) for a, f in zip(alone.loss, fused.loss)]
-    assert max(gaps) < 1e-4, (max(gaps), gaps.index(max(gaps)))
+
+    def alone_again(**change) -> list[float]:
+        again = Losses()
+        train_group([target.replace(**change)], data_root=data_root, recorders=[again])
+        return again.loss
+
+    noise = rounding.curve_noise(alone_again, alone.loss)
+    rounding.assert_within_noise(rounding.curve_gap(alone.loss, fused.loss), noise, f"wide {model}")
     # the test pass (500 images, on the CPU in pieces of CPU_EVAL_IMAGES // 2): one image at most
     assert results[0].metric("test/acc") == pytest.approx(lone.metric("test/acc"), abs=0.21)
     assert sum(fused.loss[-20:]) < sum(fused.loss[:20])  # it learned
@@ -128,22 +138,32 @@ def follows_alone(data_root, model, device):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", LARGE_CHECKED)
-def test_large_models_widen_to_the_same_logits(model):
+def test_large_models_widen_to_the_same_logits(model, one_thread):
     """Forward only (224 x 224 input), in train mode (batch statistics): shared and
-    per-trial batches."""
+    per-trial batches, within 10 times the rounding noise of the models alone (the same
+    forward in channels-last, and at two threads; rounding.py)."""
     models = []
     for seed in range(2):
         torch.manual_seed(seed)
         models.append(get_model(model, **({"dropout": 0.0} if model != "resnet18" else {})))
     wide = widen(models, in_channels=1)
     x, xs = torch.randn(2, 1, 28, 28), torch.randn(2, 2, 1, 28, 28)
+
+    def alone(inputs) -> torch.Tensor:  # N x K x classes
+        return torch.stack([m(inputs[k]) for k, m in enumerate(models)], 1)
+
     with torch.no_grad():
-        alone = torch.stack([m(x) for m in models], 1)
-        shared = wide(x).view(2, 2, -1)  # N x K x classes
-        own = torch.stack([m(xs[k]) for k, m in enumerate(models)], 1)
+        lone = alone([x, x])
+        shared = wide(x).view(2, 2, -1)
+        own = alone(xs)
         per_trial = wide(xs.permute(1, 0, 2, 3, 4).reshape(2, 2, 28, 28)).view(2, 2, -1)
-    assert torch.allclose(shared, alone, rtol=1e-4, atol=1e-5), (shared - alone).abs().max()
-    assert torch.allclose(per_trial, own, rtol=1e-4, atol=1e-5), (per_trial - own).abs().max()
+        with rounding.threads(2):
+            noise = [rounding.tensor_gap(lone, alone([x, x])), rounding.tensor_gap(own, alone(xs))]
+        for m in models:
+            m.to(memory_format=torch.channels_last)
+        noise += [rounding.tensor_gap(lone, alone([x, x])), rounding.tensor_gap(own, alone(xs))]
+    rounding.assert_within_noise(rounding.tensor_gap(lone, shared), max(noise), f"{model}, a shared batch")
+    rounding.assert_within_noise(rounding.tensor_gap(own, per_trial), max(noise), f"{model}, a batch per trial")
 
 
 def test_engine_choice_and_fallbacks():
@@ -178,6 +198,7 @@ class StopAfter(Recorder):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_a_wide_group_with_batch_norm_resumes_and_writes_single_trial_checkpoints(data_root, tmp_path):
     configs = [quick(model="resnet_bn", epochs=3, lr=lr) for lr in (0.05, 0.01)]
     dirs = [tmp_path / "a", tmp_path / "b"]

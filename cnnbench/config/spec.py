@@ -104,6 +104,7 @@ SPEC_KEYS = {
     "reported": "the document's figures: list of {<scientific values>, epochN_test_acc/final_test_acc/...: percent}",
     "search": "sweep only: name -> {type: float|int|categorical, low, high, log, step, choices}",
     "sweep": "sweep only: sampler, pruner, n_trials, direction, final_seeds",
+    "model_path": "folder(s) put on the import path for a model given as module:Class (relative to the spec)",
 }
 
 SEARCH_TYPES = ("float", "int", "categorical")
@@ -147,6 +148,7 @@ class StudySpec:
     reported: tuple[dict[str, Any], ...]
     search: tuple[SearchDim, ...] = ()
     sweep: SweepSettings | None = None
+    model_path: tuple[str, ...] = ()  # folders the user's networks are imported from (absolute)
 
     @property
     def varied(self) -> tuple[str, ...]:
@@ -187,6 +189,7 @@ def load_spec(path: str | Path) -> StudySpec:
     path = Path(path)
     raw, where = _read_mapping(path)
     name = _name(raw, where, path)
+    model_path = _model_path(raw, where, path)
     scientific, nuisance = _grid(raw, where, "scientific"), _grid(raw, where, "nuisance")
     overlap = set(scientific) & set(nuisance)
     if overlap:
@@ -205,7 +208,7 @@ def load_spec(path: str | Path) -> StudySpec:
         name=name, path=where, title=_text(raw, where, "title", name), source=_text(raw, where, "source"),
         description=_text(raw, where, "description"), scientific=scientific, nuisance=nuisance,
         fixed=dict(fixed), seeds=tuple(seeds), reported=tuple(reported),
-        search=search, sweep=sweep,
+        search=search, sweep=sweep, model_path=model_path,
     )
     spec.base_config()
     if scientific:
@@ -225,6 +228,24 @@ def _read_mapping(path: Path) -> tuple[dict[Any, Any], str]:
         if key not in SPEC_KEYS:
             raise ConfigError(f"{where}: unknown key {key!r}{suggestion(str(key), SPEC_KEYS)}")
     return raw, where
+
+
+def _model_path(raw: dict[Any, Any], where: str, path: Path) -> tuple[str, ...]:
+    """`model_path:` (a folder or a list, relative to the spec), put on the import path with
+    the spec's own folder after it: a network given as module:Class is imported from there."""
+    value = raw.get("model_path") or []
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: model_path: expected a folder or a list of folders, got {value!r}")
+    from cnnbench.models.user import add_model_path  # imported late: the registry imports torch (cli.py's --help)
+
+    folders = [(path.parent / v).resolve() for v in value]
+    for folder in folders:
+        if not folder.is_dir():
+            raise ConfigError(f"{where}: model_path: {folder} is not a folder")
+    add_model_path(folders)
+    add_model_path([path.parent], first=False)
+    return tuple(str(f) for f in folders)
 
 
 def _text(raw: dict[Any, Any], where: str, key: str, default: str = "") -> str:

@@ -24,13 +24,34 @@ from cnnbench.util.text import suggestion
 
 @functools.cache
 def _names() -> dict[str, tuple[str, ...]]:
-    """The registries' name lists (imported late: the registries import torch)."""
-    from cnnbench.data.tensors import AUGMENTATIONS, DATASETS
-    from cnnbench.models import ACTIVATIONS, list_models, model_entry
+    """The fixed name lists (imported late: the registries import torch)."""
+    from cnnbench.data.tensors import AUGMENTATIONS
+    from cnnbench.models import ACTIVATIONS
 
-    return {"model": tuple(list_models()), "activation": tuple(ACTIVATIONS),
-            "dataset": tuple(DATASETS), "augment": tuple(AUGMENTATIONS),
-            **{f"settings:{m}": model_entry(m).settings for m in list_models()}}
+    return {"activation": tuple(ACTIVATIONS), "augment": tuple(AUGMENTATIONS)}
+
+
+def _model_settings(model: str) -> tuple[str, ...]:
+    """The optional settings `model` honours: a registry name (the user's registered ones
+    too: the registry is read live), or an import path, imported here (ConfigError with
+    the module's own error when it does not import)."""
+    from cnnbench.models import is_import_path, list_models, model_entry
+
+    if not is_import_path(model) and model not in list_models():
+        _choice("model", model, list_models())
+    return model_entry(model).settings
+
+
+def _model_identity(model: str) -> str | None:
+    from cnnbench.models import model_identity
+
+    return model_identity(model)
+
+
+def _dataset_problem(dataset: str) -> str | None:
+    from cnnbench.data.tensors import dataset_problem
+
+    return dataset_problem(dataset)
 
 
 # Settings that change how a run is executed or recorded but not what it computes:
@@ -38,7 +59,7 @@ def _names() -> dict[str, tuple[str, ...]]:
 RUNTIME_FIELDS = ("device", "log_every", "checkpoints", "progress", "cudnn_benchmark", "cuda_graphs")
 # Settings added after trials were first recorded: at these values they are left out of a
 # trial's identity, so the keys of trials recorded before them (and their resume) stay.
-LATER_FIELDS = {"tf32": False}
+LATER_FIELDS = {"tf32": False, "test_fraction": 0.0}
 
 
 @dataclass(frozen=True)
@@ -46,16 +67,17 @@ class TrialConfig:
     """Every setting of one training run. Defaults follow document 003's LeNet-5 run."""
 
     # what is trained
-    model: str = field(default="lenet5", metadata={"doc": "architecture, a registry name (`cnnbench models`)"})
+    model: str = field(default="lenet5", metadata={"doc": "architecture: a registry name (`cnnbench models`) or your own, module.path:ClassOrFunction (docs/your-own.md)"})
     activation: str | None = field(default=None, metadata={"doc": "hidden activation; null keeps the model's own (lenet5: sigmoid, tanh on F6)"})
     dropout: float | None = field(default=None, metadata={"doc": "dropout probability of the classifier; null keeps the model's own"})
     # data
-    dataset: str = field(default="mnist", metadata={"doc": "mnist, fashion_mnist or cifar10 (torchvision)"})
+    dataset: str = field(default="mnist", metadata={"doc": "mnist, fashion_mnist, cifar10, torchvision:NAME, imagefolder:PATH or npz:PATH"})
     normalize: bool = field(default=True, metadata={"doc": "subtract the data set's mean and divide by its std, as documents 002/003 do"})
     augment: str = field(default="none", metadata={"doc": "comma list of batch augmentations on the device: hflip, grayscale, crop; none"})
     train_subset: int = field(default=0, metadata={"doc": "train on the first N training images (0 = all); for quick runs"})
     test_subset: int = field(default=0, metadata={"doc": "test on the first N test images (0 = all)"})
     val_size: int = field(default=0, metadata={"doc": "hold out N training images as a fixed, seeded validation split (0 = none)"})
+    test_fraction: float = field(default=0.0, metadata={"doc": "a data set without a test split (an image folder of class folders): hold out this fraction, fixed and seeded, as its test set"})
     # optimisation
     epochs: int = field(default=10, metadata={"doc": "passes over the training set"})
     batch_size: int = field(default=64, metadata={"doc": "training batch size (images per step)"})
@@ -110,8 +132,12 @@ class TrialConfig:
 
     # -- identity -----------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items()
-                if k not in RUNTIME_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+        """What the trial computes: its settings less the runtime ones, and for the user's
+        own network the hash of its source file (an edited network is another trial)."""
+        out = {k: v for k, v in self.to_dict().items()
+               if k not in RUNTIME_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+        source = _model_identity(self.model)
+        return out if source is None else {**out, "model_source": source}
 
     def key(self) -> str:
         """Stable hash of what the trial computes (resolved settings and seed)."""
@@ -183,13 +209,14 @@ def _validate_trial(c: TrialConfig) -> None:
     for f in fields(c):  # types first, also when constructed directly in code
         coerce(f.name, getattr(c, f.name))
     names = _names()
-    _choice("model", c.model, names["model"])
+    settings = _model_settings(c.model)
     for setting in ("activation", "dropout"):
-        if getattr(c, setting) is not None and setting not in names[f"settings:{c.model}"]:
+        if getattr(c, setting) is not None and setting not in settings:
             raise ConfigError(f"{setting}: model {c.model} has no {setting} setting (leave it null)")
     if c.activation is not None:
         _choice("activation", c.activation, names["activation"])
-    _choice("dataset", c.dataset, names["dataset"])
+    problem = _dataset_problem(c.dataset)
+    _check(problem is None, f"dataset: {problem}")
     _choice("optimizer", c.optimizer, ("sgd", "adam"))
     _choice("schedule", c.schedule, ("none", "step", "plateau", "onecycle"))
     _choice("amp", c.amp, ("none", "bf16"))
@@ -210,6 +237,7 @@ def _validate_trial(c: TrialConfig) -> None:
     _check(c.train_subset >= 0, f"train_subset: must be >= 0, got {c.train_subset}")
     _check(c.test_subset >= 0, f"test_subset: must be >= 0, got {c.test_subset}")
     _check(c.val_size >= 0, f"val_size: must be >= 0, got {c.val_size}")
+    _check(0 <= c.test_fraction < 1, f"test_fraction: must be in [0, 1), got {c.test_fraction}")
     _check(c.step_size >= 1, f"step_size: must be >= 1, got {c.step_size}")
     _check(0 < c.gamma <= 1, f"gamma: must be in (0, 1], got {c.gamma}")
     _check(c.patience >= 0, f"patience: must be >= 0, got {c.patience}")

@@ -1,16 +1,17 @@
 """Data sets as tensors on the training device: load, split, batch, augment.
 
-An image set is read once through `torchvision.datasets` (downloaded when missing and
-online), checked, and held as one uint8 tensor `(N, C, H, W)` on the device. Each
+An image set is read once (torchvision's sets through `torchvision.datasets`, downloaded
+when missing and online: torchvision_sets.py; the user's image folders and npz files:
+files.py), checked, and held as one uint8 tensor `(N, C, H, W)` on the device. Each
 epoch's order is a permutation drawn from a generator seeded by (seed, epoch); batches
 are gathered on the device, converted to float and normalised there, and augmented as
-whole batches. There is no per-image PIL path and no DataLoader.
+whole batches. There is no per-image PIL path and no DataLoader. What a data set is
+(channels, size, classes, mean, std) is `dataset_info`'s (info.py).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,41 +19,28 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from cnnbench.data.files import listing, read_imagefolder, read_npz
+from cnnbench.data.info import (  # noqa: F401  (DATASETS, DatasetInfo, dataset_problem: re-exported here)
+    DATASETS,
+    DatasetInfo,
+    cache_path,
+    compute_info,
+    dataset_problem,
+    environ_path,
+    files_key,
+    read_cache,
+    split_name,
+    write_cache,
+)
+from cnnbench.data.memory import check_fits
+from cnnbench.data.torchvision_sets import DATA_ENV, read_builtin, read_named, set_folder
 from cnnbench.errors import DataError  # noqa: F401  (re-exported here)
 
-DATA_ENV = "CNNBENCH_DATA"
 VAL_SPLIT_SEED = 20240601  # the validation split is fixed: the same images for every trial and seed
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    torchvision_class: str
-    channels: int
-    size: int
-    classes: int
-    n_train: int
-    n_test: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    folder: str
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo("mnist", "MNIST", 1, 28, 10, 60_000, 10_000, (0.1307,), (0.3081,), "MNIST"),
-    "fashion_mnist": DatasetInfo("fashion_mnist", "FashionMNIST", 1, 28, 10, 60_000, 10_000,
-                                 (0.2860,), (0.3530,), "FashionMNIST"),
-    "cifar10": DatasetInfo("cifar10", "CIFAR10", 3, 32, 10, 50_000, 10_000,
-                           (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cifar-10-batches-py"),
-}
+TEST_SPLIT_SEED = 20240603  # so is the test split that `test_fraction` holds out
 AUGMENTATIONS = ("hflip", "grayscale", "crop")
 
-
-def train_size(dataset: str, *, val_size: int = 0, train_subset: int = 0) -> int:
-    """Training images per epoch: the training split less the `val_size` images held out,
-    cut to `train_subset` when set (what `DeviceData.load` keeps)."""
-    n = DATASETS[dataset].n_train - val_size
-    return min(n, train_subset) if train_subset else n
+Arrays4 = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -63,77 +51,123 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
 # ----------------------------------------------------------------------------------------
 # loading (host side, cached per process)
 
-_cache: dict[tuple[str, str], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
-_cache_lock = threading.Lock()
+_cache: dict[tuple[str, str], Arrays4] = {}
+_infos: dict[tuple[str, str], DatasetInfo] = {}
+_cache_lock = threading.RLock()
 
 
-def load_arrays(dataset: str, root: str | os.PathLike) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(train_x, train_y, test_x, test_y) as CPU tensors: uint8 (N, C, H, W) and int64 (N,)."""
-    root = Path(root)
-    key = (dataset, str(root.resolve()))
+def _where(dataset: str, root: str | os.PathLike | None) -> tuple[str, str]:
+    """A data set's key in this process's caches: its name, and the data folder where that
+    is where its files are (torchvision's sets)."""
+    kind, what = split_name(dataset)
+    if kind in ("imagefolder", "npz"):
+        return dataset, str(environ_path(what).resolve())
+    return dataset, str(data_dir(root).resolve())
+
+
+def load_arrays(dataset: str, root: str | os.PathLike | None) -> Arrays4:
+    """(train_x, train_y, test_x, test_y) as CPU tensors: uint8 (N, C, H, W) and int64 (N,);
+    the test arrays are empty for a data set without a test split (see `train_test`)."""
+    key = _where(dataset, root)
     with _cache_lock:
         if key not in _cache:
-            info = DATASETS[dataset]
-            train = _read(info, root, train=True)
-            test = _read(info, root, train=False)
-            _cache[key] = (*train, *test)
+            _cache[key], _infos[key] = _read(dataset, data_dir(root))
         return _cache[key]
 
 
-def _read(info: DatasetInfo, root: Path, *, train: bool) -> tuple[Tensor, Tensor]:
-    import torchvision  # only where a data set is read from its files (its import takes a second)
-
-    cls = getattr(torchvision.datasets, info.torchvision_class)
-    split = "train" if train else "test"
-    try:
-        ds = cls(root=str(root), train=train, download=False)
-    except RuntimeError as err:
-        if "not found" not in str(err).lower():
-            raise DataError(f"{root / info.folder}: cannot read the {info.name} {split} set ({_describe(err)})") from None
-        ds = _download(cls, info, root, train)
-    except Exception as err:  # truncated or corrupt files fail inside torchvision's readers
-        raise DataError(f"{root / info.folder}: cannot read the {info.name} {split} set "
-                        f"({_describe(err)}); delete the files to download them again") from None
-    x, y = _as_tensors(ds.data, ds.targets, info)
-    expected = info.n_train if train else info.n_test
-    if x.shape != (expected, info.channels, info.size, info.size) or y.shape != (expected,):
-        raise DataError(f"{root / info.folder}: the {info.name} {split} set has {x.shape[0]} images of shape "
-                        f"{tuple(x.shape[1:])} and {y.shape[0]} labels; expected {expected} of "
-                        f"{(info.channels, info.size, info.size)} (truncated or corrupt?)")
-    if y.min() < 0 or y.max() >= info.classes:
-        raise DataError(f"{root / info.folder}: the {info.name} {split} labels lie outside 0..{info.classes - 1} (corrupt?)")
-    return x, y
-
-
-def _download(cls, info: DatasetInfo, root: Path, train: bool):
-    # folders the download creates are removed again if it fails: nothing half-written
-    created = [p for p in (root, root / info.folder) if not p.exists()]
-    try:
-        return cls(root=str(root), train=train, download=True)
-    except Exception as err:
-        for path in reversed(created):
-            shutil.rmtree(path, ignore_errors=True)
-        raise DataError(
-            f"{info.name} is not in {root.resolve()} and could not be downloaded ({_describe(err, 120)}); "
-            f"set {DATA_ENV} or --data-dir to a folder that holds {info.folder}/") from None
+def _read(dataset: str, root: Path) -> tuple[Arrays4, DatasetInfo]:
+    kind, what = split_name(dataset)
+    if kind == "builtin":
+        info = DATASETS[dataset]
+        train = read_builtin(info, root, train=True)
+        return (*train, *read_builtin(info, root, train=False)), info
+    if kind == "imagefolder":
+        path = environ_path(what)
+        train, test, classes = read_imagefolder(path)
+        kind_name, folder = "ImageFolder", str(path.resolve())
+    elif kind == "npz":
+        path = environ_path(what)
+        train, test, classes = read_npz(path)
+        kind_name, folder = "npz", str(path.resolve())
+    else:
+        train, test, classes = read_named(what, root)
+        kind_name, folder = what.partition(":")[0], str(set_folder(what, root))
+    cache, files = _source(dataset, root)
+    key = files_key(files)
+    info = read_cache(cache, key)
+    if info is None or (info.n_train, info.n_test, info.classes) != (len(train[0]), len(test[0]), classes):
+        info = compute_info(dataset, kind_name, folder, train, test, classes)
+        write_cache(cache, key, info)
+    return (*train, *test), info
 
 
-def _describe(err: BaseException, limit: int = 200) -> str:
-    text = _one_line(err)
-    text = text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
-    return f"{type(err).__name__}: {text}" if text and text != type(err).__name__ else type(err).__name__
+def _source(dataset: str, root: Path) -> tuple[Path, list[Path]]:
+    """(the file that caches a user's data set's info, the files whose sizes and times key it)."""
+    kind, what = split_name(dataset)
+    if kind == "imagefolder":
+        path = environ_path(what)
+        _, train, test = listing(path)
+        return cache_path(path), [f for f, _ in train + test]
+    if kind == "npz":
+        path = environ_path(what)
+        return cache_path(path), [path] if path.is_file() else []
+    folder = set_folder(what, root)
+    files = [p for p in (folder.rglob("*") if folder != root else folder.glob("*"))
+             if p.is_file() and not p.name.startswith(".")] if folder.is_dir() else []
+    return root / f".cnnbench-info-{what.replace(':', '-')}.json", files
 
 
-def _as_tensors(data, targets, info: DatasetInfo) -> tuple[Tensor, Tensor]:
-    x = torch.as_tensor(data)
-    if x.dtype != torch.uint8:
-        raise DataError(f"{info.name}: expected uint8 images, got {x.dtype}")
-    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
-    return x.contiguous(), torch.as_tensor(targets, dtype=torch.int64)
+def dataset_info(dataset: str, root: str | os.PathLike | None = None) -> DatasetInfo:
+    """What `dataset` is: channels, size, classes, split sizes, mean, std. A user's data set:
+    from this process's load of it, else its cached info (files unchanged), else read now."""
+    if dataset in DATASETS:
+        return DATASETS[dataset]
+    key = _where(dataset, root)
+    with _cache_lock:
+        loaded = [info for (name, _), info in _infos.items() if name == dataset]
+        if key not in _infos and loaded:  # read from another data folder by this process
+            return loaded[0]
+        if key not in _infos:
+            cache, files = _source(dataset, data_dir(root))
+            info = read_cache(cache, files_key(files))
+            if info is not None:
+                _infos[key] = info
+            else:
+                load_arrays(dataset, root)
+        return _infos[key]
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
+def train_test(dataset: str, root: str | os.PathLike | None, test_fraction: float = 0.0) -> Arrays4:
+    """`load_arrays`, with a set that has no test split split by `test_fraction` (a fixed,
+    seeded choice of images). DataError when a test split is missing or given twice."""
+    train_x, train_y, test_x, test_y = load_arrays(dataset, root)
+    if len(test_x) and test_fraction:
+        raise DataError(f"test_fraction: {dataset} has a test split of its own; leave test_fraction at 0")
+    if len(test_x):
+        return train_x, train_y, test_x, test_y
+    if not test_fraction:
+        raise DataError(f"{dataset}: no test split (no test/ folder); set test_fraction (0.1, say) to hold out "
+                        "part of its images as the test set")
+    n_test = held_out(len(train_x), test_fraction)
+    if n_test >= len(train_x):
+        raise DataError(f"test_fraction: {test_fraction} of {len(train_x)} images leaves none to train on")
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(TEST_SPLIT_SEED))
+    test_idx, train_idx = order[:n_test].sort().values, order[n_test:].sort().values
+    return train_x[train_idx], train_y[train_idx], train_x[test_idx], train_y[test_idx]
+
+
+def held_out(n: int, fraction: float) -> int:
+    """Images `test_fraction` holds out of `n` (at least one)."""
+    return max(1, round(n * fraction)) if fraction else 0
+
+
+def train_size(dataset: str, *, val_size: int = 0, train_subset: int = 0, test_fraction: float = 0.0,
+               root: str | os.PathLike | None = None) -> int:
+    """Training images per epoch: the training split less the `test_fraction` and `val_size`
+    images held out, cut to `train_subset` when set (what `DeviceData.load` keeps)."""
+    info = dataset_info(dataset, root)
+    n = info.n_train - (held_out(info.n_train, test_fraction) if not info.n_test else 0) - val_size
+    return min(n, train_subset) if train_subset else n
 
 
 # ----------------------------------------------------------------------------------------
@@ -164,10 +198,10 @@ class DeviceData:
 
     @classmethod
     def load(cls, *, dataset: str, root: str | os.PathLike, device: torch.device, normalize: bool = True,
-             train_subset: int = 0, test_subset: int = 0, val_size: int = 0,
+             train_subset: int = 0, test_subset: int = 0, val_size: int = 0, test_fraction: float = 0.0,
              channels_last: bool = False) -> "DeviceData":
-        info = DATASETS[dataset]
-        train_x, train_y, test_x, test_y = load_arrays(dataset, root)
+        info = dataset_info(dataset, root)
+        train_x, train_y, test_x, test_y = train_test(dataset, root, test_fraction)
         if val_size >= len(train_x):
             raise DataError(f"val_size: {val_size} leaves no training images out of {len(train_x)}")
         val = None
@@ -180,6 +214,8 @@ class DeviceData:
             train_x, train_y = train_x[:train_subset], train_y[:train_subset]
         if test_subset:
             test_x, test_y = test_x[:test_subset], test_y[:test_subset]
+        if device.type != "cpu":  # on the CPU the arrays are in memory already
+            check_fits(sum(t.nbytes for t in (train_x, test_x, *(val or ()))), device, dataset)
 
         def put(x: Tensor, y: Tensor) -> Split:
             if device.type == "cuda":  # pinned host memory, then one asynchronous copy each

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cnnbench.models import get_model, model_entry
+from cnnbench.models import get_model, model_entry, model_identity
 from cnnbench.models.tv import ResizeInput
 
 MNIST_INPUT = (1, 28, 28)  # what get_model builds for by default (in_channels=1, image_size=28)
@@ -136,7 +136,9 @@ def model_cost(name: str, input_shape: Iterable[int] | None = None, *, num_class
 
 
 def natural_input(name: str) -> tuple[int, int, int]:
-    """The input a registered model is summarized at when none is given."""
+    """The input a registered model is summarized at when none is given (a user's: MNIST's)."""
+    if model_identity(name) is not None:
+        return MNIST_INPUT
     with torch.device("meta"):
         probe = get_model(name)
     return (probe.channels, probe.size, probe.size) if isinstance(probe, ResizeInput) else MNIST_INPUT
@@ -151,7 +153,9 @@ def _build(name: str, input_shape: Iterable[int] | None, num_classes: int) -> tu
     c, h, w = shape
     if h != w:
         raise ValueError(f"registered models take square images; got {h} x {w}")
-    with torch.device("meta"):  # shapes and counts only: nothing is allocated or computed
+    # shapes and counts only: nothing is allocated or computed (a user's network may compute
+    # with real values while it is built or run: on the CPU)
+    with torch.device("meta" if model_identity(name) is None else "cpu"):
         module = get_model(name, in_channels=c, image_size=h, num_classes=num_classes)
     if isinstance(module, ResizeInput) and shape == (module.channels, module.size, module.size):
         module = module.net  # the wrapper would pass the input through unchanged

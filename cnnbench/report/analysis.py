@@ -17,7 +17,7 @@ import pandas as pd
 
 from cnnbench.config.spec import StudySpec
 from cnnbench.config.trial import FIELD_TYPES, TrialConfig
-from cnnbench.data.tensors import DATASETS
+from cnnbench.data.tensors import dataset_info
 from cnnbench.models import list_models
 from cnnbench.models.summary import model_cost
 from cnnbench.report import compare as comparing
@@ -174,7 +174,7 @@ def model_costs(models: list[str] | None = None, dataset: str = "mnist") -> pd.D
     when None), built for `dataset`'s images: `cnnbench.models.summary.model_cost`, the same
     numbers `cnnbench summary` and the models study's table show."""
 
-    info = DATASETS[dataset]
+    info = dataset_info(dataset)
     records = []
     for name in models or list_models():
         cost = model_cost(name, (info.channels, info.size, info.size), num_classes=info.classes)

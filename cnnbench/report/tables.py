@@ -24,7 +24,7 @@ from matplotlib.ticker import MaxNLocator
 
 from cnnbench.config.spec import StudySpec  # noqa: E402
 from cnnbench.config.trial import TrialConfig
-from cnnbench.data.tensors import DATASETS
+from cnnbench.data.tensors import dataset_info
 from cnnbench.models.summary import model_cost
 from cnnbench.report import stats  # noqa: E402
 from cnnbench.track.schema import EPOCH, TEST_ACC, TEST_LOSS, TRAIN_EPOCH_LOSS, VAL_ACC  # noqa: E402
@@ -105,7 +105,7 @@ def summary_frame(spec: StudySpec, rows: Sequence[TrialRow]) -> pd.DataFrame:
 
 def _model_cost(config: TrialConfig) -> dict[str, int]:
 
-    info = DATASETS[config.dataset]
+    info = dataset_info(config.dataset)
     return model_cost(config.model, (info.channels, info.size, info.size), num_classes=info.classes)
 
 

@@ -122,6 +122,10 @@ def interrupted(session: Session, trial: Any, reason: str = "interrupted (Ctrl-C
         return
     trial.set_user_attr(ATTR_REASON, reason)
     session.study.tell(trial, state=TrialState.FAIL)
+    # stopped after its MLflow run had ended whole (finished: result.json and all) but before
+    # Optuna was told: its outcome is recorded, so it is not trained again
+    if recorded(session, session.storage.get_trial(trial_id(trial))):
+        return
     kill_run(session, frozen.user_attrs.get(ATTR_MLFLOW_RUN_ID))
     requeue(session, trial)
 

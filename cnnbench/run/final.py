@@ -150,7 +150,7 @@ def _final_runs(session: Session, best: Any) -> list[FinalRun]:
     pending = [c for c in configs if c.key() not in done]
     ckpt_root = session.ckpt_root / "final"
     data_cache: dict[tuple, Any] = {}
-    for idx in fuse_groups(pending):
+    for idx in fuse_groups(pending, root=session.data_root):
         group = [pending[i] for i in idx]
         recorders = [session.tracker.recorder(c, parent=session.parent, name=f"final: {run_name(c, names)}",
                                             tags={TAG_PHASE: "final", TAG_TRIAL: str(best.number),

@@ -110,6 +110,11 @@ class GridStudy(Kind):
             session.skipped = len(complete & set(session.configs))
             reopen(session, parent)  # the execution goes on
             return parent
+        if parent is not None and session.role != "lead":
+            # a worker started after the execution ended (a Job's pod restarted late, say):
+            # nothing is left to it, and the execution stays as it ended (no second parent run)
+            session.skipped = len(complete & set(session.configs))
+            return parent
         if parent is not None:  # a new execution of a study whose runs are all in the storage
             busy = {t.user_attrs.get(ATTR_KEY) for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
             for key in session.configs:
@@ -141,11 +146,13 @@ class GridStudy(Kind):
         the first: the same group key, each fusable (one that is not trains alone)."""
         waiting = [t for t in sorted(trials, key=lambda t: t.number) if t.state == TrialState.WAITING]
         configs = [session.configs.get(t.user_attrs.get(ATTR_KEY, "")) for t in waiting]
-        if not configs or configs[0] is None or k <= 1 or not fusable(configs[0], wide_only=session.wide_only):
+        root = session.data_root
+        if not configs or configs[0] is None or k <= 1 or not fusable(configs[0], wide_only=session.wide_only,
+                                                                       root=root):
             return 1
         first, n = group_key(configs[0]), 1
         for c in configs[1:k]:
-            if c is None or group_key(c) != first or not fusable(c, wide_only=session.wide_only):
+            if c is None or group_key(c) != first or not fusable(c, wide_only=session.wide_only, root=root):
                 break
             n += 1
         return n

@@ -6,11 +6,13 @@ the same `workers.run_worker` that every executor runs, started by hand or by a 
 engine (a Kubernetes Indexed Job's pods, a batch script), any number of times, on any
 machine, and safe to SIGKILL at any moment (its trials are recovered by heartbeat). Its
 resume checkpoints follow each trial to any node (checkpoint_share.py). With `final`,
-the worker that ends the study writes its results (exactly one does).
+the worker that ends the study writes its results (exactly one does). A pod of a
+Kubernetes Indexed Job names itself after its index (JOB_COMPLETION_INDEX: w0, w1, ...).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from cnnbench.config.space import plan
@@ -45,5 +47,6 @@ def join_as_worker(spec: StudySpec, *, storage: str | None = None, tracking: str
                      data_root=data_root, command=command, fuse_k=fuse_k, wide_only=on_cpu and kind is GRID,
                      role="worker", share_checkpoints=True, checkpoint_uri=checkpoint_uri, executor="worker")
     ending = (finish if kind is GRID else finalize) if final else None
-    return run_worker(spec, kind, open_args, label=label or "worker",
+    index = os.environ.get("JOB_COMPLETION_INDEX", "")  # set by Kubernetes for an Indexed Job's pods
+    return run_worker(spec, kind, open_args, label=label or (f"w{index}" if index.isdigit() else "worker"),
                       threads=threads or (usable_cores() if on_cpu else None), on_session=ending)

@@ -20,7 +20,6 @@ from optuna.trial import TrialState
 from cnnbench.config.spec import StudySpec
 from cnnbench.config.trial import TrialConfig
 from cnnbench.errors import ConfigError
-from cnnbench.data.tensors import data_dir, load_arrays
 from cnnbench.run import storage as optuna_store
 from cnnbench.run.checkpoint_share import CheckpointShare
 from cnnbench.run.claims import lost
@@ -37,7 +36,7 @@ from cnnbench.track.schema import (
     worker_name,
 )
 from cnnbench.track.writer import Tracker, check_reachable, quiet_mlflow, tracking_uri
-from cnnbench.train.device import resolve_device
+from cnnbench.train.device import check_inputs
 from cnnbench.util import fileio, interrupt, processes
 from cnnbench.util.paths import state_dir
 from cnnbench.util.text import masked
@@ -54,10 +53,7 @@ def preflight(spec: StudySpec, configs: list[TrialConfig], *, url: str, uri: str
             raise ConfigError(f"{spec.path}: name: {spec.name!r} is too long for the file system here ({path.parent}"
                               f" cannot hold the {len(os.fsencode(part))}-byte name {part[:40]!r}...)")
     optuna_store.check(url)
-    for device in sorted({c.device for c in configs}):
-        resolve_device(device)
-    for dataset in sorted({c.dataset for c in configs}):
-        load_arrays(dataset, data_dir(data_root))
+    check_inputs(configs, data_root)  # devices, data, the user's networks on a batch
     fileio.check_writable(out_dir)
     check_reachable(uri)  # workers started together on a fresh store: see stores.py
 
@@ -89,20 +85,12 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
     root = state_dir(state)
     url = storage or stores.default_url(spec.name, root)
     uri = tracking_uri(tracking)
+    open_args.update(storage=url, tracking=uri)  # a worker on another node joins these, not its own defaults
     out_dir = Path(results_root) / spec.name
-    configs = kind.configs_to_check(spec, plan)
-    name, execution = kind.execution(spec, plan, uri=uri, url=url)
-    owner = ResultsOwner(out_dir, execution, f"{kind.name} {spec.name}") if role == "lead" else None
     if check_stores is not None:
         check_stores(url, uri)
-    if not checked:
-        lock_file = optuna_store.ClaimLock(url, name).file
-        preflight(spec, configs, url=url, uri=uri, data_root=data_root, out_dir=out_dir,
-                  paths=[out_dir / "summary.csv", root / "checkpoints" / spec.name / "x"]
-                  + ([owner.path] if owner else []) + ([lock_file] if lock_file else []))
-    if owner is not None and not owner.take():
-        owner = None  # the same execution holds it: this process joins it
-
+    owner = checked_and_owned(spec, kind, plan, url=url, uri=uri, root=root, out_dir=out_dir, data_root=data_root,
+                              lead=role == "lead", checked=checked)
     holder: dict[str, Session] = {}
     store = optuna_store.open_storage(url, lambda study, trial: lost(holder["session"], trial))
     opened = kind.create(spec, plan=plan, store=store, uri=uri, n_trials=n_trials, sampler_seed=sampler_seed,
@@ -112,7 +100,7 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
                       parent="", target=opened.target, out_dir=out_dir, ckpt_root=root / "checkpoints" / spec.name,
                       data_root=data_root, command=command, worker=worker or worker_name(optuna_store.identity()),
                       grid_size=opened.grid_size, fuse_k=opened.fuse_k, wide_only=wide_only, configs=opened.configs,
-                      plan=plan, open_args=open_args, supervisor=supervisor, slot=slot, owner=owner,
+                      plan=plan, open_args=open_args, supervisor=supervisor, slot=slot, owner=owner, role=role,
                       executor=executor, node=node or processes.host())
     if share_checkpoints or checkpoint_uri:
         session.share = CheckpointShare(session.tracker, checkpoint_uri)
@@ -123,6 +111,24 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
         session.close()
         raise
     return session
+
+
+def checked_and_owned(spec: StudySpec, kind: Kind, plan: Any, *, url: str, uri: str, root: Path, out_dir: Path,
+                      data_root: Any, lead: bool, checked: bool) -> ResultsOwner | None:
+    """The preflight (unless `checked`), then the results folder's lock for the process that
+    leads an execution: held (returned), joined (None: the same execution holds it), or
+    refused (ConfigError: another execution's)."""
+    configs = [] if checked else kind.configs_to_check(spec, plan)  # a spec that is not of this kind: refused first
+    name, execution = kind.execution(spec, plan, uri=uri, url=url)
+    owner = ResultsOwner(out_dir, execution, f"{kind.name} {spec.name}") if lead else None
+    if not checked:
+        lock_file = optuna_store.ClaimLock(url, name).file
+        preflight(spec, configs, url=url, uri=uri, data_root=data_root, out_dir=out_dir,
+                  paths=[out_dir / "summary.csv", root / "checkpoints" / spec.name / "x"]
+                  + ([owner.path] if owner else []) + ([lock_file] if lock_file else []))
+    if owner is not None and not owner.take():
+        return None  # the same execution holds it: this process joins it
+    return owner
 
 
 def start_or_join(session: Session, *, lead: bool = True) -> None:

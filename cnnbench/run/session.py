@@ -172,6 +172,7 @@ class Session:
     data_root: Any
     command: str
     worker: str = ""  # a label for this process's lines
+    role: str = "lead"  # lead (it leads an execution), worker (`cnnbench worker`), supervised (run/pool.py's)
     grid_size: int = 0
     fuse_k: int = 1  # trials claimed and trained fused at once (1: one at a time)
     wide_only: bool = False  # fuse only models that widen (the CPU default)

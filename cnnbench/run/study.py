@@ -37,9 +37,12 @@ from cnnbench.run.claims import claim_results, results_written
 from cnnbench.run.grid import GRID
 from cnnbench.run.opening import open_session, pause_parent
 from cnnbench.run.session import Session, count_states
-from cnnbench.run.executors import prepare
+from cnnbench.run.executors import detached, prepare
 from cnnbench.run.executors.local import LocalPlan
+from cnnbench.run.networks import networks, notebook_workers
+from cnnbench.run.executors.slurm import Submitted
 from cnnbench.run.pool import supervise
+from cnnbench.run.trials import say_engine
 from cnnbench.run.workers import work
 from cnnbench.track.schema import ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON, TAG_FUSE, TAG_THREADS, TAG_WORKERS
 from cnnbench.train.device import resolve_device, usable_cores
@@ -67,9 +70,10 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
               tracking: str | None = None, state: str | os.PathLike | None = None, storage: str | None = None,
               fuse: bool | None = None, workers: int | None = None, max_fuse: int = 16, command: str = "",
               final: bool = True, share_cores: bool = False, executor: Any = "local",
-              checkpoint_uri: str | None = None) -> StudyOutcome | None:
+              checkpoint_uri: str | None = None) -> StudyOutcome | Submitted | None:
     """Run (or join) the study: train its runs here, or in `workers` workers, and write
-    the results when this is the process that ends it (None where another one does).
+    the results when this is the process that ends it (None where another one does; a
+    Submitted where a Slurm executor without `wait` only submitted the workers).
     `fuse` and `workers` None: chosen per device (see `execution`). `share_cores`: on the
     CPU, a worker that runs out of work gives its core to those still training (faster
     when groups are uneven, but their trials' rounding then depends on when it ended).
@@ -79,6 +83,7 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
     p = plan(spec)
     device = p.runs[0].device
     asked_to_fuse = fuse
+    workers = notebook_workers(f"study {spec.name}", networks(spec, p.runs), workers)
     fuse, workers, threads = execution(device, fuse, workers)
     wide_only = resolve_device(device).type == "cpu" and asked_to_fuse is None  # the CPU fuses only what widens
     runner = prepare(executor, threads=threads, share_cores=share_cores)
@@ -87,6 +92,9 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
                            fuse_k=max_fuse if fuse else 1, wide_only=wide_only, check_stores=runner.check_stores,
                            checkpoint_uri=checkpoint_uri)
     try:  # from here a stop request leaves the parent run KILLED (open_session covers its own stretch)
+        if detached(runner) and len(session.configs) > session.skipped:  # Slurm's --no-wait: the tasks finish it
+            return runner.submit(session, share_out(session, fuse, workers, threads, max_fuse),
+                                 final=finish if final else None)
         report = train(session, runner, fuse, workers, threads, max_fuse)
         if report is not None and report.stopped:
             left_undone(session, report.stopped)
@@ -107,12 +115,7 @@ def train(session: Session, runner: Any, fuse: bool, workers: int, threads: int 
     """The study's pending runs trained here, or by `workers` workers of `runner` (the
     executor); their report (None when nothing was pending)."""
     pending = len(session.configs) - session.skipped
-    if session.wide_only:  # one wide group per worker
-        session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, workers, max_fuse)
-    session.threads = threads
-    for key, value in {TAG_FUSE: str(fuse), TAG_WORKERS: str(workers), TAG_THREADS: str(threads or "")}.items():
-        session.tracker.client.set_tag(session.parent, key, value)
-    workers = max(1, min(workers, pending))
+    workers = share_out(session, fuse, workers, threads, max_fuse)
     if pending and (workers > 1 or not isinstance(runner, LocalPlan)):
         return supervise(session, runner.for_workers(workers), workers)
     if pending:
@@ -120,6 +123,20 @@ def train(session: Session, runner: Any, fuse: bool, workers: int, threads: int 
             torch.set_num_threads(threads)
         return work(session)
     return None
+
+
+def share_out(session: Session, fuse: bool, workers: int, threads: int | None, max_fuse: int) -> int:
+    """The workers the pending runs get (at most one a run), the size of each one's wide
+    group on the CPU, and the parent run's tags that say so."""
+    pending = len(session.configs) - session.skipped
+    if session.wide_only:  # one wide group per worker
+        session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, workers, max_fuse)
+    session.threads = threads
+    for key, value in {TAG_FUSE: str(fuse), TAG_WORKERS: str(workers), TAG_THREADS: str(threads or "")}.items():
+        session.tracker.client.set_tag(session.parent, key, value)
+    if pending:
+        say_engine(session, fuse)
+    return max(1, min(workers, pending))
 
 
 def left_undone(session: Session, why: str) -> None:
@@ -223,7 +240,8 @@ def collect_rows(session: Session, chosen: dict[str, Any]) -> list[TrialRow]:
     assert p is not None
     results = {key: _result(session, key, chosen.get(key)) for key in session.configs}
     c0 = p.runs[0]
-    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset)
+    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset,
+                         test_fraction=c0.test_fraction, root=session.data_root)
     rows = []
     for i, (trial, run_index) in enumerate(zip(p.trials, p.run_of)):
         run_cfg = p.runs[run_index]
@@ -241,7 +259,8 @@ def write(session: Session, outcome: StudyOutcome, fingerprint: str) -> None:
     spec, p = session.spec, session.plan
     assert p is not None
     c0 = p.runs[0]
-    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset)
+    n_train = train_size(c0.dataset, val_size=c0.val_size, train_subset=c0.train_subset,
+                         test_fraction=c0.test_fraction, root=session.data_root)
     device = sorted({r.result.device for r in outcome.rows if r.result.device})
     with interrupt.shielded():
         try:

@@ -32,9 +32,11 @@ from cnnbench.run.final import finalize
 from cnnbench.run.opening import join, mark_ready, open_session, pause_parent, reopen
 from cnnbench.run.search import make_pruner, make_sampler, objective_value
 from cnnbench.run.session import Kind, Member, Opened, Outcome, Session, trial_id
-from cnnbench.run.executors import prepare
+from cnnbench.run.executors import detached, prepare
 from cnnbench.run.executors.local import LocalPlan
+from cnnbench.run.networks import networks, notebook_workers
 from cnnbench.run.pool import supervise
+from cnnbench.run.trials import say_engine
 from cnnbench.run.workers import WorkerReport, work
 from cnnbench.track.schema import (
     ATTR_BEST_EPOCH,
@@ -224,13 +226,14 @@ def start_parent(session: Session) -> str:
 
 def open_sweep(spec: StudySpec, *, storage: str | None = None, tracking: str | None = None, state: Any = None,
                results_root: Any = "results", n_trials: int | None = None, sampler_seed: int | None = None,
-               data_root: Any = None, command: str = "", fuse_k: int | None = None,
+               data_root: Any = None, command: str = "", fuse_k: int | None = None, worker: str = "",
                check_stores: Any = None, checkpoint_uri: str | None = None) -> Session:
     """Check everything, then create or join the sweep's Optuna study and MLflow parent run.
-    `fuse_k` None: `default_fuse_k` of the spec's device."""
+    `fuse_k` None: `default_fuse_k` of the spec's device. `worker`: the label of this
+    process's lines (default: host and pid)."""
     return open_session(spec, SWEEP, storage=storage, tracking=tracking, state=state, results_root=results_root,
                         n_trials=n_trials, sampler_seed=sampler_seed, data_root=data_root, command=command,
-                        fuse_k=fuse_k, check_stores=check_stores, checkpoint_uri=checkpoint_uri)
+                        fuse_k=fuse_k, worker=worker, check_stores=check_stores, checkpoint_uri=checkpoint_uri)
 
 
 def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, share_cores: bool = False,
@@ -240,8 +243,10 @@ def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, share_co
               checkpoint_uri: str | None = None) -> tuple[Session, WorkerReport, Any]:
     """Open (or join) the sweep, train trials here (or in `workers` workers of `executor`),
     and finish it when this is the process that ends it. Returns (session, report,
-    outcome); the outcome is None where another process writes the results. `share_cores`,
+    outcome); the outcome is None where another process writes the results, a Submitted
+    where a Slurm executor without `wait` only submitted the workers. `share_cores`,
     `executor` and `checkpoint_uri`: as for a study (study.run_study)."""
+    workers = notebook_workers(f"sweep {spec.name}", networks(spec), workers) or 1
     # on the CPU the workers share the cores: N workers with every core each spend their
     # time waiting for each other's threads (measured: 6x slower for LeNet with 2 on 2)
     on_cpu = resolve_device(spec.base_config().device).type == "cpu"
@@ -250,6 +255,9 @@ def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, share_co
                          n_trials=n_trials, sampler_seed=sampler_seed, data_root=data_root, command=command,
                          fuse_k=fuse_k, check_stores=runner.check_stores, checkpoint_uri=checkpoint_uri)
     try:
+        say_engine(session, True)
+        if detached(runner):  # Slurm's --no-wait: the tasks train, the one that ends the sweep finishes it
+            return session, WorkerReport(), runner.submit(session, workers, final=finalize if final else None)
         if workers > 1 or not isinstance(runner, LocalPlan):
             report = supervise(session, runner.for_workers(workers), workers)
         else:

@@ -24,11 +24,11 @@ from cnnbench.run import storage as optuna_store
 from cnnbench.run.claims import failed, tell
 from cnnbench.run.search import PruningRecorder
 from cnnbench.run.session import Member, Session, trial_id
-from cnnbench.track.schema import EPOCH, TAG_CHECKPOINT, TAG_EXECUTOR, TAG_NODE, TAG_WORKER
+from cnnbench.track.schema import EPOCH, TAG_CHECKPOINT, TAG_ENGINE, TAG_EXECUTOR, TAG_NODE, TAG_WORKER
 from cnnbench.track.writer import run_name
 from cnnbench.train import side_by_side
 from cnnbench.train.device import resolve_device
-from cnnbench.train.fused import fuse_groups
+from cnnbench.train.fused import engine_choice, fuse_groups
 from cnnbench.train.checkpoint import resume_epoch
 from cnnbench.train.loop import load_data, train_group
 from cnnbench.util import interrupt
@@ -50,7 +50,7 @@ def train_claimed(session: Session, batch: list[Any], data_cache: dict[tuple, An
         with contextlib.ExitStack() as beats:
             for m in members:
                 beats.enter_context(optuna_store.Heartbeat(session.storage, trial_id(m.trial)))
-            groups = fused_groups(members, session.fuse_k, wide_only=session.wide_only)
+            groups = fused_groups(members, session.fuse_k, wide_only=session.wide_only, root=session.data_root)
             for wave in waves(groups):
                 states += train_wave(session, [groups[i] for i in wave], data_cache)
     except KeyboardInterrupt:  # the worker loop fails and queues again every member not told
@@ -82,12 +82,29 @@ def prepare(session: Session, trial: Any) -> Member | None:
     return Member(trial, config, ckpt, session.tracker.recorder(config, parent=session.parent, name=name, tags=tags))
 
 
-def fused_groups(members: list[Member], max_k: int, *, wide_only: bool = False) -> list[list[Member]]:
+def engine_line(session: Session, fuse: bool) -> str:
+    """Which engine trains the trials, and why, per network: one line, said once per study
+    or sweep and kept as its parent run's tag."""
+    configs = list(session.configs.values()) or [session.spec.base_config()]
+    models = {c.model: c for c in configs}
+    if not fuse or session.fuse_k <= 1:
+        why = "fusing off" if not fuse else "one trial per worker"
+        return "; ".join(f"{m}: one trial at a time ({why})" for m in models)
+    return "; ".join(engine_choice(c, wide_only=session.wide_only, root=session.data_root) for c in models.values())
+
+
+def say_engine(session: Session, fuse: bool) -> None:
+    line = engine_line(session, fuse)
+    session.tracker.client.set_tag(session.parent, TAG_ENGINE, line[:5000])
+    print(f"{session.kind.name} {session.spec.name}: engine {line}", flush=True)
+
+
+def fused_groups(members: list[Member], max_k: int, *, wide_only: bool = False, root: Any = None) -> list[list[Member]]:
     """Members that can train as one FusedEngine together (fused.group_key), split by
     what breaks fusing (batch size, model, activation, epochs...) and by the epoch their
     checkpoints resume from (a group starts at one epoch); order kept, nothing dropped."""
     out = []
-    for idx in fuse_groups([m.config for m in members], max_k=max_k, wide_only=wide_only):
+    for idx in fuse_groups([m.config for m in members], max_k=max_k, wide_only=wide_only, root=root):
         by_epoch: dict[int, list[Member]] = {}
         for i in idx:
             by_epoch.setdefault(resume_epoch(members[i].ckpt, members[i].config), []).append(members[i])

@@ -24,6 +24,7 @@ from cnnbench.config.spec import StudySpec
 from cnnbench.errors import ConfigError, DataError, DeviceError, StorageError, TrackingError
 from cnnbench.run.claims import claim, interrupted
 from cnnbench.run.cores import CoreShare
+from cnnbench.run.networks import import_networks
 from cnnbench.run.opening import open_session
 from cnnbench.run.session import Kind, Session
 from cnnbench.run.trials import train_claimed
@@ -118,15 +119,13 @@ class Ended:
 
 def run_worker(spec: StudySpec, kind: Kind, open_args: dict[str, Any], *, label: str, events: Any = None,
                threads: int | None = None, share: tuple[Any, int | None] | None = None,
-               on_session: Any = None) -> Ended:
+               on_session: Any = None, imports: tuple[str, ...] = ()) -> Ended:
     """Join the study, train until nothing is left, and say how it ended (never raises but
     on a bug). `events`: a queue the supervisor's progress board reads (None: lines printed);
     `share`: the counter of workers training and the threads of all (cores.CoreShare);
     `on_session`: called with the session once it is open (the final step of `cnnbench
-    worker --final`, say, runs in it)."""
-    spec, plan = without_progress_bars(spec, open_args.get("plan")) if events is not None else (
-        spec, open_args.get("plan"))
-
+    worker --final`, say, runs in it); `imports`: the user's modules that register the
+    study's networks (networks.worker_imports), imported first."""
     def say(line: str) -> None:
         if events is not None:
             events.put(("line", label, line, None))
@@ -136,6 +135,9 @@ def run_worker(spec: StudySpec, kind: Kind, open_args: dict[str, Any], *, label:
     previous = None
     try:
         previous = interrupt.install()  # a stop request that came while the supervisor started us is raised here
+        import_networks(spec, imports)  # before any config is made: they register the study's networks
+        spec, plan = without_progress_bars(spec, open_args.get("plan")) if events is not None else (
+            spec, open_args.get("plan"))
         if threads:
             torch.set_num_threads(threads)
         session = open_session(spec, kind, **{**open_args, "plan": plan}, worker=label)

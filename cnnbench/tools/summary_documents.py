@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnbench.errors import ConfigError
-from cnnbench.models import list_models, summary
+from cnnbench.models import is_import_path, list_models, summary
 from cnnbench.models.summary import si
 from cnnbench.tools.summary_claims import ALEXNET_TABLE, CLAIMS, VGG16_TABLE, Claim, Figure
 from cnnbench.tools.summary_layouts import Counts
@@ -192,7 +192,7 @@ def summary_command(model: str | None = None, *, input: str | None = None, class
         raise ConfigError("summary: give a MODEL or --all, not both")
     if not (model or all_models or documents):
         raise ConfigError("summary: give a MODEL (one of " + ", ".join(list_models()) + "), --all or --documents")
-    if model and model not in list_models():
+    if model and not is_import_path(model) and model not in list_models():
         raise ConfigError(f"summary: unknown model {model!r}; known: {', '.join(list_models())}")
     if classes < 1:
         raise ConfigError(f"--classes: must be >= 1, got {classes}")
@@ -203,9 +203,10 @@ def summary_command(model: str | None = None, *, input: str | None = None, class
         try:
             summaries.append(summary.summarize(name, shape, num_classes=classes))
         except (ValueError, RuntimeError) as err:
-            if shape is None:
-                raise  # the model's own input failing is a bug, not bad input
-            raise ConfigError(f"summary: {name} cannot take input {input}: {' '.join(str(err).split())}") from None
+            if shape is None and not is_import_path(name):
+                raise  # the model's own input failing is a bug, not bad input (a user's network's: bad input)
+            shown = input or "1x28x28 (give another with --input CxHxW)"
+            raise ConfigError(f"summary: {name} cannot take input {shown}: {' '.join(str(err).split())}") from None
     counts = None
     if documents:
         counts = Counts()

@@ -353,7 +353,8 @@ def load_loss_curve(frame: pd.DataFrame, *, first_epoch: bool = True) -> pd.Data
 def train_images(row: dict[str, Any]) -> int:
     """Training images per epoch of a trial (its subset, less its validation split)."""
     return train_size(row["dataset"], val_size=int(row.get("val_size") or 0),
-                      train_subset=int(row.get("train_subset") or 0))
+                      train_subset=int(row.get("train_subset") or 0),
+                      test_fraction=float(row.get("test_fraction") or 0.0))
 
 
 def _count(tag: Any) -> int:

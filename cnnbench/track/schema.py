@@ -50,6 +50,7 @@ TAG_FUSE = "cnnbench.fuse"  # whether trials train fused
 TAG_FUSE_K = "cnnbench.fuse_k"  # trials claimed and trained fused at once
 TAG_WORKERS = "cnnbench.workers"  # worker processes
 TAG_THREADS = "cnnbench.threads"  # CPU threads per trial (empty: torch's default)
+TAG_ENGINE = "cnnbench.engine"  # which engine trains the trials (wide, vmap, one at a time) and why, per network
 TAG_OPTUNA_STORAGE = "optuna.storage"  # the Optuna storage URL (password masked)
 TAG_OPTUNA_STUDY = "optuna.study"  # the Optuna study's name (a sweep's trials too)
 

@@ -405,7 +405,10 @@ def result_from_json(d: dict[str, Any]) -> TrialResult:
 def quiet_mlflow() -> None:
     """No retries with long back-off against a server that is down, and less chatter: no
     progress bar per artifact fetched (a resumed study fetches each finished trial's small
-    result.json; the bars would bury the study's own progress)."""
+    result.json; the bars would bury the study's own progress). No usage telemetry: MLflow 3
+    otherwise looks up and posts to its telemetry host from every process that records a run
+    (seen with strace: a DNS query per process), which a worker on a closed cluster must not."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -7,14 +7,17 @@ import contextlib
 import os
 import platform
 import threading
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from cnnbench.config.trial import TrialConfig
-from cnnbench.data.tensors import DatasetInfo
+from cnnbench.data.memory import check_fits
+from cnnbench.data.tensors import DatasetInfo, dataset_info, train_test
 from cnnbench.errors import DeviceError
-from cnnbench.models import get_model
+from cnnbench.models import get_model, model_identity
+from cnnbench.models.user import check_model
 
 
 def usable_cores() -> int:
@@ -76,6 +79,23 @@ def set_tf32(enabled: bool) -> None:
 RNG_LOCK = threading.RLock()
 
 
+def check_inputs(configs: Sequence[TrialConfig], data_root: str | os.PathLike | None) -> None:
+    """What trials need, checked before anything is written: their devices, their data
+    (read, split, and small enough for each device), and each of the user's networks
+    built for the data and run on a batch (models.user.check_model). One-line errors."""
+    devices = [resolve_device(d) for d in sorted({c.device for c in configs})]
+    for dataset, fraction in sorted({(c.dataset, c.test_fraction) for c in configs}):
+        arrays = train_test(dataset, data_root, fraction)
+        for device in devices:
+            if device.type != "cpu":  # on the CPU they were read into memory already
+                check_fits(arrays[0].nbytes + arrays[2].nbytes, device, dataset)
+    for c in {(c.model, c.activation, c.dropout, c.dataset): c for c in configs}.values():
+        if model_identity(c.model) is not None:
+            info = dataset_info(c.dataset, data_root)
+            check_model(c.model, in_channels=info.channels, num_classes=info.classes, image_size=info.size,
+                        activation=c.activation, dropout=c.dropout)
+
+
 def build_model(config: TrialConfig, info: DatasetInfo) -> nn.Module:
     """The trial's model with its initial weights: torch's default init after seeding."""
     with RNG_LOCK:
@@ -84,11 +104,35 @@ def build_model(config: TrialConfig, info: DatasetInfo) -> nn.Module:
                          image_size=info.size, activation=config.activation, dropout=config.dropout)
 
 
-def use_channels_last(config: TrialConfig, device: torch.device) -> bool:
+def use_channels_last(config: TrialConfig, device: torch.device, info: DatasetInfo | None = None) -> bool:
     """The `channels_last` setting, with null resolved per device: on for the CPU, where
     oneDNN's channels-last convolutions and pools measured 14-28% faster for every model
-    here (`cnnbench bench --options`), off elsewhere until measured there."""
-    return config.channels_last if config.channels_last is not None else device.type == "cpu"
+    here (`cnnbench bench --options`), off elsewhere until measured there. A user's
+    network is on for the CPU only where a channels-last batch goes through it (a
+    `x.view(n, -1)` in its forward fails on one): `takes_channels_last`."""
+    if config.channels_last is not None:
+        return config.channels_last
+    if device.type != "cpu":
+        return False
+    return model_identity(config.model) is None or takes_channels_last(config, info or dataset_info(config.dataset))
+
+
+_channels_last: dict[tuple, bool] = {}
+
+
+@torch.no_grad()
+def takes_channels_last(config: TrialConfig, info: DatasetInfo) -> bool:
+    """Does a channels-last batch of 2 images go through the trial's network (eval mode)?"""
+    key = (config.model, model_identity(config.model), config.activation, config.dropout, info.channels, info.size)
+    if key not in _channels_last:
+        model = build_model(config, info).eval().to(memory_format=torch.channels_last)  # as the engines hold it
+        x = torch.rand(2, info.channels, info.size, info.size).contiguous(memory_format=torch.channels_last)
+        try:
+            model(x)
+            _channels_last[key] = True
+        except Exception:
+            _channels_last[key] = False
+    return _channels_last[key]
 
 
 def autocast(config: TrialConfig, device: torch.device):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,10 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from cnnbench.config.trial import TrialConfig
-from cnnbench.data.tensors import DATASETS, DatasetInfo
+from cnnbench.data.tensors import DatasetInfo, dataset_info
+from cnnbench.models import model_identity
 from cnnbench.models.layers import BATCH_NORMS
+from cnnbench.train import probe
 from cnnbench.train.device import autocast, build_model, device_name, resolve_device
 from cnnbench.train.measured import measured_engine
 from cnnbench.train.per_trial import PerTrialOptimizer
@@ -56,45 +58,67 @@ def group_key(config: TrialConfig) -> tuple:
     return tuple((k, v) for k, v in sorted(d.items()) if k not in PER_TRIAL)
 
 
-_traits_cache: dict[tuple, tuple[bool, str | None]] = {}
+class Traits(NamedTuple):
+    """What a network allows: why it cannot be widened, why vmap cannot fuse it (None: it
+    can), and the classes of the user's whose forward was tried and widens (probe.py)."""
+    wide: str | None
+    vmap: str | None
+    trusted: frozenset[str] = frozenset()
 
 
-def model_traits(config: TrialConfig) -> tuple[bool, str | None]:
-    """(has batch norm, why it cannot be widened or None) for the trial's model."""
-    key = (config.model, config.activation, config.dataset, config.dropout)
+_traits_cache: dict[tuple, Traits] = {}
+
+
+def model_traits(config: TrialConfig, root: Any = None) -> Traits:
+    """The engines the trial's network can take (`root`: the data folder, for the data's
+    shape). cnnbench's own models are known; a user's network with classes of its own is
+    tried (probe.py), once per network version and data set in a process."""
+    key = (config.model, model_identity(config.model), config.activation, config.dataset, config.dropout)
     if key not in _traits_cache:
-        with torch.device("meta"):  # shapes only: no memory, no init cost
-            model = build_model(config, DATASETS[config.dataset])
+        info = dataset_info(config.dataset, root)
+        try:
+            with torch.device("meta"):  # shapes only: no memory, no init cost
+                model = build_model(config, info)
+        except Exception:  # a user's network that computes with real values while it is built
+            model = build_model(config, info)
         has_bn = any(isinstance(m, BATCH_NORMS) for m in model.modules())
-        _traits_cache[key] = (has_bn, widen_reason(model))
+        no_vmap = "it has batch norm, which vmap cannot fuse (running statistics)" if has_bn else None
+        unknown = probe.unknown_types(model)
+        if not unknown:
+            _traits_cache[key] = Traits(widen_reason(model), no_vmap)
+        else:  # the user's classes: tried on two copies with different weights
+            copies = [build_model(config.replace(seed=seed), info) for seed in (0, 1)]
+            wide = widen_reason(model, trusted=unknown) or probe.own_state_problem(model, unknown) or \
+                probe.wide_problem(copies, info.channels, info.size, unknown)
+            vmapped = no_vmap or probe.vmap_problem(copies, info.channels, info.size)
+            _traits_cache[key] = Traits(wide, vmapped, unknown if wide is None else frozenset())
     return _traits_cache[key]
 
 
-def fusable(config: TrialConfig, *, wide_only: bool = False) -> bool:
-    """Can trials of this config train fused: widened, or (unless `wide_only`) through vmap,
-    which cannot fuse batch norm."""
-    has_bn, reason = model_traits(config)
-    return reason is None or (not wide_only and not has_bn)
+def fusable(config: TrialConfig, *, wide_only: bool = False, root: Any = None) -> bool:
+    """Can trials of this config train fused: widened, or (unless `wide_only`) through vmap."""
+    t = model_traits(config, root)
+    return t.wide is None or (not wide_only and t.vmap is None)
 
 
-def engine_for(config: TrialConfig, requested: str | None = None, k: int | None = None) -> str:
+def engine_for(config: TrialConfig, requested: str | None = None, root: Any = None, k: int | None = None) -> str:
     """The fused engine for `k` trials of `config`: `requested` ("wide" or "vmap") if it can
     train them, else a ValueError saying why. None: the one that can, and where both can,
-    `default_engine`'s choice for the trial's device."""
-    has_bn, reason = model_traits(config)
+    `default_engine`'s choice for the trial's device (`root`: the data folder, for a
+    user's network's traits)."""
+    t = model_traits(config, root)
     if requested not in (None, *ENGINES):
         raise ValueError(f"unknown fused engine {requested!r}; known: {', '.join(ENGINES)}")
-    if requested == "wide" and reason:
-        raise ValueError(f"model {config.model} cannot be widened: {reason}")
-    if requested == "vmap" and has_bn:
-        raise ValueError(f"model {config.model} has batch norm, which vmap cannot fuse")
-    if requested is None and reason:
-        if has_bn:
-            raise ValueError(f"model {config.model} has batch norm and cannot be widened ({reason}): "
-                             "it trains alone")
-        log.info("model %s fuses through vmap, not widened: %s", config.model, reason)
-    if requested or reason or has_bn:
-        return requested or ("vmap" if reason else "wide")
+    if requested == "wide" and t.wide:
+        raise ValueError(f"model {config.model} cannot be widened: {t.wide}")
+    if requested == "vmap" and t.vmap:
+        raise ValueError(f"model {config.model}: {t.vmap}")
+    if requested is None and t.wide:
+        if t.vmap:
+            raise ValueError(f"model {config.model} cannot be widened ({t.wide}) and {t.vmap}: it trains alone")
+        log.info("model %s fuses through vmap, not widened: %s", config.model, t.wide)
+    if requested or t.wide or t.vmap:
+        return requested or ("wide" if t.wide is None else "vmap")
     device = resolve_device(config.device)
     return default_engine(config, device.type, device_name(device), k or 2)
 
@@ -114,33 +138,52 @@ def default_engine(config: TrialConfig, device_type: str, name: str, k: int,
     return chosen or "vmap"
 
 
+def engine_choice(config: TrialConfig, *, wide_only: bool, root: Any = None) -> str:
+    """Which engine trains fused groups of trials of `config`, and why, in words."""
+    t = model_traits(config, root)
+    if not fusable(config, wide_only=wide_only, root=root):
+        vmap = t.vmap or "and on the CPU vmap is slower than one trial at a time"
+        return f"{config.model}: one trial at a time (not widened: {t.wide}; {vmap})"
+    name = "wide" if wide_only else engine_for(config, root=root)
+    if name == "wide":
+        how = "tried: widened, its output matches" if t.trusted else "every layer widens"
+        return f"{config.model}: wide (K trials as one wide model; {how})"
+    why = ("on this device vmap, measured faster or nothing measured (train/measured.py)" if t.wide is None
+           else f"not widened: {t.wide}")
+    return f"{config.model}: vmap (K stacked trials; {why})"
+
+
 def check_fusable(configs: Sequence[TrialConfig]) -> None:
     keys = {group_key(c) for c in configs}
     if len(keys) != 1:
         raise ValueError("fused trials must share every setting but " + ", ".join(PER_TRIAL))
     if not fusable(configs[0]):
-        raise ValueError(f"model {configs[0].model} has batch norm and cannot be widened "
-                         f"({model_traits(configs[0])[1]}): it trains alone")
+        t = model_traits(configs[0])
+        raise ValueError(f"model {configs[0].model} has batch norm and cannot be widened ({t.wide}): it trains alone"
+                         if t.vmap and "batch norm" in t.vmap else
+                         f"model {configs[0].model} cannot be widened ({t.wide}) and {t.vmap}: it trains alone")
 
 
 def fused_engine(configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo,
                  engine: str | None = None):
     """The engine that trains `configs` (fusable, see `group_key`) as one: wide or vmap."""
     check_fusable(configs)
-    name = engine_for(configs[0], engine, len(configs))
-    return (WideEngine if name == "wide" else FusedEngine)(configs, device, info)
+    name = engine_for(configs[0], engine, k=len(configs))
+    if name == "wide":
+        return WideEngine(configs, device, info, trusted=model_traits(configs[0]).trusted)
+    return FusedEngine(configs, device, info)
 
 
 def fuse_groups(configs: Sequence[TrialConfig], *, max_k: int = 16, enabled: bool = True,
-                wide_only: bool = False) -> list[list[int]]:
+                wide_only: bool = False, root: Any = None) -> list[list[int]]:
     """Indices of `configs`, grouped into runs of at most `max_k` fusable trials (order kept).
     `wide_only`: fuse only models that widen (the CPU, where vmap is slower than alone)."""
     groups: dict[tuple, list[int]] = {}
     out: list[list[int]] = []
     for i, c in enumerate(configs):
-        if not enabled or not fusable(c, wide_only=wide_only):
+        if not enabled or not fusable(c, wide_only=wide_only, root=root):
             if enabled:
-                log.info("model %s trains one trial at a time: %s", c.model, model_traits(c)[1])
+                log.info("model %s trains one trial at a time: %s", c.model, model_traits(c, root).wide)
             out.append([i])
             continue
         key = group_key(c)

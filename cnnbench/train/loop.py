@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from cnnbench.config.record import EPOCH, EPOCH_SECONDS, LR, SPLIT_KEYS, TEST_ACC, TRAIN_EPOCH_LOSS, VAL_ACC, VAL_LOSS
 from cnnbench.config.trial import TrialConfig
-from cnnbench.data.tensors import DeviceData, data_dir, mix_seed
+from cnnbench.data.tensors import DeviceData, data_dir, dataset_info, mix_seed
 from cnnbench.errors import StorageError
 from cnnbench.train.checkpoint import load_checkpoint, restore_result, resume_state, write_checkpoints
 from cnnbench.train.device import (RNG_LOCK, configure_backends, is_out_of_memory, resolve_device, sync,
@@ -57,7 +57,8 @@ def load_data(config: TrialConfig, root: str | os.PathLike | None, device: torch
     return DeviceData.load(dataset=config.dataset, root=data_dir(root), device=device,
                            normalize=config.normalize, train_subset=config.train_subset,
                            test_subset=config.test_subset, val_size=config.val_size,
-                           channels_last=use_channels_last(config, device))
+                           test_fraction=config.test_fraction,
+                           channels_last=use_channels_last(config, device, dataset_info(config.dataset, root)))
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike | dict[str, Any], *, device: str = "auto",

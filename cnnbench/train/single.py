@@ -30,7 +30,7 @@ class SingleEngine:
         c = self.config
         self.device = device
         self.model = build_model(c, info).to(device)
-        if use_channels_last(c, device):
+        if use_channels_last(c, device, info):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.names = [n for n, _ in self.model.named_parameters()]
         params = [p for _, p in self.model.named_parameters()]

@@ -197,8 +197,15 @@ WHY_NOT = {nn.LocalResponseNorm: "LocalResponseNorm normalises across neighbouri
                                  "mix the channels of adjacent trials"}
 
 
-def widen_reason(model: nn.Module) -> str | None:
-    """None when `model` can be widened; otherwise why not (the first module in the way)."""
+def forward_known(t: type) -> bool:
+    """A module class whose forward is known to keep the trials of a wide layout apart."""
+    return t in ELEMENTWISE or t in LAYOUT_SAFE or t in SPECIAL or full_name(t) in TV_LAYOUT_SAFE | {TV_INCEPTION}
+
+
+def widen_reason(model: nn.Module, *, trusted: frozenset[str] = frozenset()) -> str | None:
+    """None when `model` can be widened; otherwise why not (the first module in the way).
+    `trusted`: the full names of classes of unknown forward that were tried and keep the
+    trials apart (probe.py; names, so that a module imported again keeps them)."""
     for path, m in model.named_modules():
         t, where = type(m), path or "the model"
         if t in WHY_NOT:
@@ -211,18 +218,17 @@ def widen_reason(model: nn.Module) -> str | None:
             return f"{where}: {t.__name__} is not widened"
         if full_name(t) == TV_GOOGLENET and (m.transform_input or m.aux1 is not None):
             return f"{where}: GoogLeNet with transform_input or auxiliary heads is not widened"
-        if t not in ELEMENTWISE and t not in LAYOUT_SAFE and t not in SPECIAL and \
-                full_name(t) not in TV_LAYOUT_SAFE | {TV_INCEPTION}:
+        if not forward_known(t) and full_name(t) not in trusted:
             return f"{where}: {t.__name__}'s forward is not known to keep trials apart (not in wide.LAYOUT_SAFE)"
     return None
 
 
-def widen(models: Sequence[nn.Module], *, in_channels: int) -> nn.Module:
+def widen(models: Sequence[nn.Module], *, in_channels: int, trusted: frozenset[str] = frozenset()) -> nn.Module:
     """One wide module from K models of one architecture (their own weights, copied).
 
     `in_channels`: the data's channels, which tell the shared batch from per-trial ones.
     Raises ValueError with `widen_reason` when the architecture cannot be widened."""
-    reason = widen_reason(models[0])
+    reason = widen_reason(models[0], trusted=trusted)
     if reason:
         raise ValueError(f"cannot widen {type(models[0]).__name__}: {reason}")
     return _widen(copy.deepcopy(models[0]), list(models), len(models), in_channels)
@@ -257,7 +263,8 @@ def trial_view(wide: Tensor, shape: torch.Size, k: int) -> Tensor:
 class WideEngine:
     """The engine (engine.Engine) for K trials widened into one model."""
 
-    def __init__(self, configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo) -> None:
+    def __init__(self, configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo,
+                 trusted: frozenset[str] = frozenset()) -> None:
         self.configs = list(configs)
         self.k = len(self.configs)
         c0 = self.configs[0]
@@ -265,8 +272,8 @@ class WideEngine:
         conv_mode(device.type)  # a bad CNNBENCH_CONV_PATH stops the group here, before it trains
         models = [build_model(c, info) for c in self.configs]  # each seeded as when it trains alone
         shapes = {n: t.shape for n, t in models[0].state_dict().items()}
-        self.model = widen(models, in_channels=info.channels).to(device)
-        self.channels_last = use_channels_last(c0, device)
+        self.model = widen(models, in_channels=info.channels, trusted=trusted).to(device)  # trusted: probe.py
+        self.channels_last = use_channels_last(c0, device, info)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.names = [n for n, _ in self.model.named_parameters()]

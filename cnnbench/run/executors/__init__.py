@@ -1,7 +1,8 @@
 """Where a study's workers run: processes on this machine (the default), Ray tasks on a
 Ray cluster, Slurm array tasks through submitit. Each starts the same worker
 (`workers.run_worker`) under the same supervisor (`run/pool.py`); `prepare` turns a
-choice (a name, or settings.Local / Ray / Slurm) into the executor."""
+choice (a name, or settings.Local / Ray / Slurm) into the executor; `detached` tells an
+executor that only submits its workers (Slurm with --no-wait)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,10 @@ def prepare(choice: Any, *, threads: int | None = None, share_cores: bool = Fals
 
         return SlurmTasks(settings)
     return LocalPlan(threads=threads, share_cores=share_cores)
+
+
+def detached(runner: Any) -> bool:
+    """Whether `runner` only submits its workers and returns (Slurm with --no-wait): the
+    runner then neither watches them nor writes the results nor ends the parent run; the
+    worker that ends the study does."""
+    return not getattr(runner, "waits", True)

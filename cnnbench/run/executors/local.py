@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from cnnbench.config.spec import StudySpec
+from cnnbench.run.networks import worker_imports
 from cnnbench.run.session import Kind, Session
 from cnnbench.run.storage import process_id
 from cnnbench.run.workers import Ended, run_worker
@@ -61,7 +62,8 @@ class LocalProcesses:
         faults = self.ctx.Queue()  # its own: the message of a worker that failed is its own
         proc = self.ctx.Process(target=worker_main, name=f"cnnbench-{slot}",
                                 args=(s.spec, s.kind, open_args, slot, self.threads,
-                                      index % self.gpus if self.gpus else None, self.events, self.share, faults))
+                                      index % self.gpus if self.gpus else None, self.events, self.share, faults,
+                                      worker_imports(s.spec, s.configs.values())))
         proc.start()
         return Process(proc, faults)
 
@@ -96,7 +98,8 @@ class Process:
 
 
 def worker_main(spec: StudySpec, kind: Kind, open_args: dict[str, Any], label: str, threads: int | None,
-                gpu: int | None, events: Any, share: tuple[Any, int | None] | None = None, faults: Any = None) -> None:
+                gpu: int | None, events: Any, share: tuple[Any, int | None] | None = None, faults: Any = None,
+                imports: tuple[str, ...] = ()) -> None:
     """A worker process: `workers.run_worker`, its message (bad input, a fault of the
     machine) to `faults`, then exit with its status."""
     try:
@@ -105,7 +108,8 @@ def worker_main(spec: StudySpec, kind: Kind, open_args: dict[str, Any], label: s
         pass
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    ended = run_worker(spec, kind, open_args, label=label, events=events, threads=threads, share=share)
+    ended = run_worker(spec, kind, open_args, label=label, events=events, threads=threads, share=share,
+                       imports=imports)
     if ended.message and faults is not None:
         faults.put(ended.message)
         faults.close()

@@ -26,6 +26,7 @@ from typing import Any
 from cnnbench.config.spec import StudySpec
 from cnnbench.errors import ConfigError
 from cnnbench.run.executors.settings import Ray, refuse_local_stores
+from cnnbench.run.networks import worker_imports
 from cnnbench.run.session import Kind, Session
 from cnnbench.run.storage import process_id
 from cnnbench.run.workers import EXIT_LOST, Ended, run_worker
@@ -95,7 +96,8 @@ class RayTasks:
         s = session
         open_args = {**s.open_args, "storage": s.url, "checked": True, "role": "supervised",
                      "supervisor": process_id(), "slot": slot, "share_checkpoints": True}
-        return RayTask(self.ray, self.task.remote(s.spec, s.kind, open_args, slot, self.events, self.gpus))
+        imports = worker_imports(s.spec, s.configs.values())
+        return RayTask(self.ray, self.task.remote(s.spec, s.kind, open_args, slot, self.events, self.gpus, imports))
 
     def close(self) -> None:
         pass  # the cluster is the user's; a local one ends with this process
@@ -165,7 +167,7 @@ def node_state() -> Path:
 
 
 def ray_worker(spec: StudySpec, kind: Kind, open_args: dict[str, Any], label: str, events: Any,
-               gpus: float) -> tuple[int, str, str]:
+               gpus: float, imports: tuple[str, ...] = ()) -> tuple[int, str, str]:
     """A Ray task: `workers.run_worker` on this node; (exit status, message, where it ran)."""
     import ray
 
@@ -174,5 +176,5 @@ def ray_worker(spec: StudySpec, kind: Kind, open_args: dict[str, Any], label: st
     where = f"node {ray.util.get_node_ip_address()} pid {os.getpid()}"
     node = ray.get_runtime_context().get_node_id()[:12]
     ended = run_worker(spec, kind, {**open_args, "state": str(node_state()), "executor": "ray", "node": node},
-                       label=label, events=events)
+                       label=label, events=events, imports=imports)
     return ended.status, ended.message, where

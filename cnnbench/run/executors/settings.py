@@ -33,7 +33,9 @@ class Slurm:
     """Slurm array tasks through submitit: `partition`, `time` (minutes) and the GPUs and
     CPUs of each task; `sbatch` extra sbatch parameters (KEY=VALUE); `wait`: watch the
     tasks and write the results here (False: print the job and how to follow it);
-    `folder`: submitit's logs and pickles (default: the state folder's slurm/)."""
+    `folder`: submitit's logs, pickles and the tasks' progress (default: the state folder's
+    slurm/; on a real cluster a folder every node reaches); `cluster`: "slurm", or "local"
+    (submitit's local executor: the tasks as processes on this machine, no Slurm needed)."""
     partition: str | None = None
     time: int = 60
     gpus_per_worker: int | None = None
@@ -41,6 +43,7 @@ class Slurm:
     sbatch: tuple[str, ...] = field(default_factory=tuple)
     wait: bool = True
     folder: str | None = None
+    cluster: str = "slurm"
     name = "slurm"
 
 

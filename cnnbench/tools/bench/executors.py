@@ -24,6 +24,7 @@ from cnnbench.data.tensors import data_dir
 from cnnbench.run.executors.settings import Ray
 from cnnbench.run.study import run_study
 from cnnbench.tools.bench.common import LR_STUDY
+from cnnbench.track.schema import TAG_KIND
 from cnnbench.train.device import device_name
 from cnnbench.util import fileio
 from cnnbench.util.extras import require
@@ -44,7 +45,7 @@ def first_run_s(tracking: str, t0_ms: float) -> float:
     """Seconds from the study's call to its first trial's run: the start-up."""
     client = MlflowClient(tracking)
     exp = client.get_experiment_by_name("bench-executors")
-    starts = [r.info.start_time for r in client.search_runs([exp.experiment_id], "tags.`cnnbench.kind` = 'trial'")]
+    starts = [r.info.start_time for r in client.search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = 'trial'")]
     return (min(starts) - t0_ms) / 1000.0 if starts else float("nan")
 
 

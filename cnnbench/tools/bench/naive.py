@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
 from cnnbench.config.trial import TrialConfig
-from cnnbench.data.tensors import DATASETS
+from cnnbench.data.tensors import dataset_info
 from cnnbench.models import get_model
 from cnnbench.train.device import sync
 
@@ -24,7 +24,7 @@ def naive_trial(config: TrialConfig, root: Path, device: torch.device, *, epochs
     """The documents' loop. Returns (training images/s after `warm` untimed steps, total seconds)."""
 
     start = time.perf_counter()
-    info = DATASETS[config.dataset]
+    info = dataset_info(config.dataset)
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
     cls = getattr(torchvision.datasets, info.torchvision_class)
     train, test = cls(root=str(root), train=True, transform=tf), cls(root=str(root), train=False, transform=tf)

@@ -108,7 +108,7 @@ def _one_way(spec: StudySpec, label: str, kk: int, root: Path, *, n_trials: int,
         t0 = time.perf_counter()
         sweep = open_sweep(spec, storage=f"sqlite:///{tmp}/optuna.db", tracking=f"sqlite:///{tmp}/mlflow.db",
                            state=Path(tmp) / "state", results_root=Path(tmp) / "results", n_trials=n_trials,
-                           sampler_seed=sampler_seed, data_root=root, fuse_k=kk)
+                           sampler_seed=sampler_seed, data_root=root, fuse_k=kk, worker="bench")
         t1 = time.perf_counter()  # a fresh store's tables created: once per sweep, not per trial
         report = work(sweep)
         wall = time.perf_counter() - t1

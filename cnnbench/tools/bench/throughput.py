@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnnbench.config.trial import TrialConfig
-from cnnbench.data.tensors import DATASETS, data_dir, load_arrays
+from cnnbench.data.tensors import data_dir, dataset_info, load_arrays
 from cnnbench.models import get_model
 from cnnbench.run.study import execution
 from cnnbench.tools.bench.common import (
@@ -154,7 +154,7 @@ def parallel_workers(config: TrialConfig, root: Path, workers: int, threads: int
 def flops_per_image(config: TrialConfig, device: torch.device) -> float:
     """Training FLOPs per image (forward + backward), counted by torch.utils.flop_counter."""
 
-    info = DATASETS[config.dataset]
+    info = dataset_info(config.dataset)
     model = get_model(config.model, in_channels=info.channels, num_classes=info.classes, image_size=info.size,
                       activation=config.activation).to(device)
     x = torch.randn(config.batch_size, info.channels, info.size, info.size, device=device)
