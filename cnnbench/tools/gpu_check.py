@@ -119,26 +119,6 @@ def environment(out: Path, device) -> Step:
     return Step("environment", status="ok", detail="; ".join(lines[:4]))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """For `python -m cnnbench.tools.gpu_check` (the CLI's `gpu-check` calls run_gpu_check)."""
-
-    p = argparse.ArgumentParser(prog="cnnbench gpu-check")
-    p.add_argument("--out", default="results/gpu")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--parts", default=",".join(DEFAULT_PARTS))
-    p.add_argument("--studies", default=None)
-    a = p.parse_args(argv)
-    steps = run_gpu_check(Path(a.out), dry_run=a.dry_run, data_root=a.data_dir, budget=a.budget,
-                          parts=tuple(a.parts.split(",")), studies=tuple(a.studies.split(",")) if a.studies else None)
-    return 0 if all(s.status != "failed" for s in steps) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def gpu_check(out: str | Path, *, dry_run: bool = False, data_root: str | os.PathLike | None = None,
               budget: float = DEFAULT_BUDGET, parts: str = ",".join(DEFAULT_PARTS),
               studies: str | None = None) -> list[Step]:
@@ -159,3 +139,23 @@ def gpu_check(out: str | Path, *, dry_run: bool = False, data_root: str | os.Pat
             raise ConfigError(f"--studies: no study {name!r} (no {spec_file})")
     return run_gpu_check(Path(out), dry_run=dry_run, data_root=data_root, budget=budget, parts=chosen,
                          studies=entries)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """For `python -m cnnbench.tools.gpu_check`, as `cnnbench gpu-check` (the options checked by gpu_check)."""
+
+    p = argparse.ArgumentParser(prog="cnnbench gpu-check")
+    p.add_argument("--out", default="results/gpu")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS))
+    p.add_argument("--studies", default=None)
+    a = p.parse_args(argv)
+    steps = gpu_check(a.out, dry_run=a.dry_run, data_root=a.data_dir, budget=a.budget, parts=a.parts,
+                      studies=a.studies)
+    return 0 if all(s.status != "failed" for s in steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
