@@ -73,7 +73,7 @@ studies: study-lr study-batch study-activation study-epochs study-models study-a
 bench: $(BIN)/.installed  ## naive loop vs cnnbench vs fused K trials; writes results/bench/
 	$(BIN)/cnnbench bench $(ARGS)
 
-gpu-check: $(BIN)/.installed  ## on a CUDA machine: CUDA tests, bench, studies, timed (at most 8 min on an H100); ARGS=--dry-run tries it on the CPU
+gpu-check: $(BIN)/.installed  ## on a CUDA machine: CUDA tests, conv2 and engine benches, sweep, studies timed and compared (9 min); ARGS=--dry-run tries it on the CPU
 	$(BIN)/cnnbench gpu-check --out $(if $(OUT),$(OUT),results/gpu) $(ARGS)
 
 ui: $(BIN)/.installed  ## MLflow UI on the tracking store (http://127.0.0.1:$(PORT))

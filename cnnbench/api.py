@@ -334,9 +334,11 @@ def screenshot(study: str, out: str | os.PathLike, *, charts: str | os.PathLike 
 
 
 def gpu_check(out: str | os.PathLike, *, dry_run: bool = False, data_root: str | os.PathLike | None = None,
-              budget: float = 480.0, parts: str = "tests,bench,studies", studies: str | None = None) -> Any:
+              budget: float = 480.0, parts: str = "tests,conv,engines,studies,sweep",
+              studies: str | None = None) -> Any:
     """Every GPU measurement in one command, into `out` (`tools.gpu_check`): `parts`
-    (comma-separated: tests, bench, kbench, studies) within `budget` seconds; `studies`
+    (comma-separated: tests, conv, engines, bench, kbench, studies, sweep) within `budget`
+    seconds; `studies`
     comma-separated NAME or NAME:KEY=VALUE; `dry_run` takes the same path on the CPU."""
     return run_gpu_check(out, dry_run=dry_run, data_root=data_root, budget=budget, parts=parts, studies=studies)
 

@@ -268,7 +268,8 @@ BENCH = ("bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time
             opt("--fuse-k", None, "with --sweep: trials fused (default: 16 on CUDA and MPS, 8 on the CPU)", int),
             opt("--sweep-trials", 32, "with --sweep: trials", int), opt("--sweep-epochs", 3, "with --sweep: epochs", int),
             opt("--sweep-train-subset", None, "with --sweep: images per epoch (default: all)", int, metavar="N"),
-            flag("--engines", "only the fused engines, wide against vmap, K = 1, 2, 4, ... --max-k"),
+            flag("--engines", "only the fused engines, wide against vmap, K = 1, 2, 4, ... --max-k; kept in the "
+                 "state folder, where the choice of engine on a GPU follows them"),
             flag("--executors", "instead: the tiny 3-seed lr study with 2 workers as local processes and as Ray "
                  "tasks on a 2-node Ray cluster on this machine (where only loopback may be used, run it under "
                  ".ci/ray-netns); results/bench/executors.md"),
@@ -310,12 +311,14 @@ UI_SCREENSHOT = ("ui-screenshot", cmd_tool, "the MLflow UI's view of a study as 
             opt("--out", "results/mlflow-compare.png", "the comparison view's file", metavar="PNG"),
             opt("--charts", None, "also the chart view of train/loss by value", metavar="PNG"), TRACKING])
 GPU_CHECK = ("gpu-check", cmd_tool, "every GPU measurement in one command", "On a CUDA machine, into one folder: "
-        "the CUDA tests, `bench --options`, a profile, and the document studies while the budget lasts. "
-        "--dry-run takes the same path on the CPU at toy sizes.", [
+        "the CUDA tests, the conv2 micro-benchmark, the engine sweep, the document studies timed and compared "
+        "with their CPU results, and `bench --sweep`, while the budget lasts. --dry-run takes the same path on the "
+        "CPU at toy sizes.", [
             opt("--out", "results/gpu", "folder for everything it writes", metavar="DIR"),
             flag("--dry-run", "the same path on the CPU, at toy sizes"),
             opt("--budget", 480.0, "seconds in all; later studies are skipped past it", float),
-            opt("--parts", "tests,bench,studies", "comma-separated: tests, bench, kbench, studies", metavar="LIST"),
+            opt("--parts", "tests,conv,engines,studies,sweep",
+                "comma-separated: tests, conv, engines, bench, kbench, studies, sweep", metavar="LIST"),
             opt("--studies", None, "comma-separated NAME or NAME:KEY=VALUE (default: the documents')",
                 metavar="LIST"), DATA])
 COMMANDS = [RUN, STUDY, SWEEP, WORKER, MODELS, EVALUATE, BENCH, SUMMARY, COMPARE, REPORT, UI_SCREENSHOT, GPU_CHECK]

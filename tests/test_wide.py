@@ -259,3 +259,98 @@ def test_every_engine_meets_the_one_engine_protocol():
         def load_trial_state(self, k, state): ...
 
     assert not isinstance(NoEvalBatch(), Engine)
+
+
+# the wide groups whose steps a CUDA graph's warm-up must undo: a shared batch (dense conv1),
+# one batch per stream (3 trials on 2 seeds), batch norm's running statistics (buffers)
+RESTORED = {"shared": ("lenet5", [0, 0, 0]), "per-stream": ("lenet5", [0, 1, 0]), "batch-norm": ("resnet_bn", [0, 1])}
+
+
+@pytest.mark.parametrize("case", list(RESTORED))
+def test_a_wide_engine_restored_from_its_state_tensors_trains_as_if_untouched(data_root, case, monkeypatch):
+    """What graphs.StepGraph's warm-up relies on: every tensor a wide step changes is in
+    `state_tensors()` (weights, momentum buffers, batch norm statistics), so steps taken and
+    undone leave no trace: snapshot, three steps, restore, five steps == five fresh steps."""
+    from cnnbench.train.loop import load_data
+    from cnnbench.train.streams import ENV as DEDUPE_ENV
+    from cnnbench.train.wide import WideEngine
+
+    monkeypatch.setenv(DEDUPE_ENV, "1")  # the per-stream case on the CPU too
+
+    model, seeds = RESTORED[case]
+    base = quick(model=model, activation="relu", lr=0.05, momentum=0.9, weight_decay=1e-4)
+    configs = [base.replace(lr=0.05 / (1 + i), seed=s) for i, s in enumerate(seeds)]
+    data = load_data(base, data_root, torch.device("cpu"))
+    streams = sorted(set(seeds))
+    orders = [data.epoch_order(s, 0) for s in streams]
+
+    def steps(engine, first, count):
+        engine.begin_epoch([[c.lr for c in configs]])
+        engine.train(True)
+        out = []
+        for s in range(first, first + count):
+            rows = [o[s * 64:(s + 1) * 64] for o in orders]
+            xs, ys = [data.to_float(data.train.x[r]) for r in rows], [data.train.y[r] for r in rows]
+            x, y = (xs[0], ys[0]) if len(rows) == 1 else (torch.stack(xs), torch.stack(ys))
+            out.append(engine.train_step(x, y, 0).tolist())
+        return out
+
+    fresh = steps(WideEngine(configs, data.device, data.info), 0, 5)
+    engine = WideEngine(configs, data.device, data.info)
+    assert engine.per_stream == (case == "per-stream")
+    saved = [t.detach().clone() for t in engine.state_tensors()]
+    steps(engine, 10, 3)  # the warm-up, on other batches
+    with torch.no_grad():
+        for t, s in zip(engine.state_tensors(), saved):
+            t.copy_(s)
+    assert steps(engine, 0, 5) == fresh
+
+
+def test_graph_reason_lets_a_wide_step_be_captured():
+    """graphs.graph_reason on CUDA (the decision only: nothing runs on a GPU here)."""
+    from cnnbench.data.tensors import DATASETS
+    from cnnbench.train.graphs import graph_reason
+    from cnnbench.train.wide import WideEngine
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    configs = [quick(), quick(lr=0.02, seed=1), quick(lr=0.05)]
+    wide = WideEngine(configs, cpu, DATASETS["mnist"])
+    assert graph_reason(configs, wide, cuda, per_step_lr=False) == ""
+    assert graph_reason(configs, wide, cpu, per_step_lr=False) == "not on CUDA"
+    assert "schedule" in graph_reason(configs, wide, cuda, per_step_lr=True)
+    off = [c.replace(cuda_graphs=False) for c in configs]
+    assert graph_reason(off, wide, cuda, per_step_lr=False) == "cuda_graphs is off"
+    adam = [c.replace(optimizer="adam") for c in configs]
+    assert "adam" in graph_reason(adam, wide, cuda, per_step_lr=False)
+
+    class NoState:  # an engine that cannot restore what its steps change
+        pass
+
+    assert "cannot restore" in graph_reason(configs, NoState(), cuda, per_step_lr=False)
+
+
+def test_the_fused_engine_follows_the_measured_speeds(tmp_path, monkeypatch):
+    """fused.default_engine: the wide engine on the CPU whatever was measured; elsewhere the
+    faster one measured for this device, model, batch size and nearest K (measured.py), vmap
+    where nothing was measured or the file is damaged."""
+    from cnnbench.train.fused import default_engine
+    from cnnbench.train.measured import entry, measured_engine, record_speeds, speeds_file
+
+    gpu, config = "NVIDIA H100 80GB HBM3", quick()
+    path = speeds_file(tmp_path)
+    assert default_engine(config, "cuda", gpu, 16, speeds=path) == "vmap"  # nothing measured
+    record_speeds([entry(gpu, "lenet5", 64, 4, {"vmap": 2e5, "wide": 1e5}),
+                   entry(gpu, "lenet5", 64, 64, {"vmap": 1e6, "wide": 2e6}),
+                   entry("another GPU", "lenet5", 64, 16, {"vmap": 1.0, "wide": 9.0})], path)
+    assert default_engine(config, "cuda", gpu, 3, speeds=path) == "vmap"  # nearest measured K: 4
+    assert default_engine(config, "cuda", gpu, 32, speeds=path) == "wide"  # 64 (log scale: 32 is nearer 64 than 4)
+    assert default_engine(config, "cpu", "x86_64", 3, speeds=path) == "wide"
+    assert measured_engine(gpu, "lenet", 64, 16, path=path) is None  # another model
+    assert measured_engine(gpu, "lenet5", 128, 16, path=path) is None  # another batch size
+    record_speeds([entry(gpu, "lenet5", 64, 64, {"vmap": 3e6, "wide": 2e6})], path)  # measured again: replaced
+    assert measured_engine(gpu, "lenet5", 64, 64, path=path) == "vmap"
+    assert len(__import__("json").loads(path.read_text())["entries"]) == 3
+    path.write_text("{not json")
+    assert default_engine(config, "cuda", gpu, 64, speeds=path) == "vmap"
+    monkeypatch.setenv("CNNBENCH_HOME", str(tmp_path / "state"))
+    assert speeds_file() == tmp_path / "state" / "engine-speeds.json"

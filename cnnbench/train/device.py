@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import threading
 from typing import Sequence
 
 import torch
@@ -75,6 +76,12 @@ def set_tf32(enabled: bool) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
+# torch's global generator is the process's: a model is seeded and built whole under this
+# lock (and the loop reseeds it each epoch under it), also while groups train side by side
+# in threads (side_by_side.py)
+RNG_LOCK = threading.RLock()
+
+
 def check_inputs(configs: Sequence[TrialConfig], data_root: str | os.PathLike | None) -> None:
     """What trials need, checked before anything is written: their devices, their data
     (read, split, and small enough for each device), and each of the user's networks
@@ -94,9 +101,10 @@ def check_inputs(configs: Sequence[TrialConfig], data_root: str | os.PathLike | 
 
 def build_model(config: TrialConfig, info: DatasetInfo) -> nn.Module:
     """The trial's model with its initial weights: torch's default init after seeding."""
-    torch.manual_seed(config.seed)
-    return get_model(config.model, in_channels=info.channels, num_classes=info.classes,
-                     image_size=info.size, activation=config.activation, dropout=config.dropout)
+    with RNG_LOCK:
+        torch.manual_seed(config.seed)
+        return get_model(config.model, in_channels=info.channels, num_classes=info.classes,
+                         image_size=info.size, activation=config.activation, dropout=config.dropout)
 
 
 def use_channels_last(config: TrialConfig, device: torch.device, info: DatasetInfo | None = None) -> bool:
