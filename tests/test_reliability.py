@@ -209,6 +209,33 @@ def test_ctrl_c_stops_cleanly_after_saving(workdir, how):
     assert len([r for r in trials if r.info.status == "FINISHED"]) == 2
 
 
+def test_a_stop_request_that_lands_in_a_finalizer_is_not_lost(tmp_path):
+    """The garbage collector runs finalizers and weakref callbacks (SQLAlchemy's class
+    registry, say) between any two lines: a Stop raised by the handler inside one is
+    swallowed by Python ("Exception ignored in ...") and a worker trained on to its end
+    (seen once in the Ctrl-C test). It must be raised again outside the callback."""
+    code = textwrap.dedent("""
+        import signal, sys, time
+        from cnnbench.util import interrupt
+        interrupt.install()
+
+        class Finalized:
+            def __del__(self):
+                raise interrupt.Stop(signal.SIGTERM)  # as when SIGTERM's handler runs in a finalizer
+
+        try:
+            Finalized()
+            end = time.time() + 30
+            while time.time() < end:
+                time.sleep(0.01)
+        except KeyboardInterrupt as err:
+            sys.exit(interrupt.exit_status(err))
+        sys.exit(0)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["process", "group"])
 def test_ctrl_c_while_the_workers_start_stops_cleanly(workdir, how):

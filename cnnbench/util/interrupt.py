@@ -17,13 +17,20 @@ a Ctrl-C handles the others too, and the command exits with 128 + the signal's n
   so that a stop request while they start reaches none of them half-started; each calls
   `install` (which unblocks them) and the parent forwards a stop request to them.
 
+A stop request raised while the main thread runs a finalizer or a weakref callback (the
+garbage collector runs them between any two lines) would be swallowed there ("Exception
+ignored in ..."), and the process would run on: `install` sends such a one again
+(`_unraisable`), so that it is raised outside the callback.
+
 Signals reach only the main thread; elsewhere these are no-ops.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from typing import Any, Iterator
 
@@ -69,11 +76,31 @@ def _handler(signum: int, frame: Any) -> None:
     raise Stop(signum)
 
 
+def _unraisable(unraisable: Any) -> None:
+    """sys.unraisablehook: a `Stop` swallowed in a finalizer or a weakref callback is sent
+    again AGAIN_S later, from a timer thread, so that it lands once the callback and this
+    hook returned (one that lands in another callback comes back here); anything else goes
+    to the hook before ours."""
+    err = unraisable.exc_value
+    if isinstance(err, Stop):
+        timer = threading.Timer(AGAIN_S, os.kill, (os.getpid(), err.signum))
+        timer.daemon = True
+        timer.start()
+        return
+    _hooks[0](unraisable)
+
+
+_hooks = [sys.unraisablehook]  # the hook before `_unraisable`
+AGAIN_S = 0.05  # seconds before a swallowed stop request is sent again (a callback ends in microseconds)
+
+
 def install() -> dict[int, Any] | None:
     """SIGINT, SIGTERM and SIGHUP raise `Stop` (held inside `shielded`), even when the
     parent ignored or blocked them. Returns the previous handlers (None off the main thread)."""
     if not _main():
         return None
+    if sys.unraisablehook is not _unraisable:
+        _hooks[0], sys.unraisablehook = sys.unraisablehook, _unraisable
     previous = {int(s): signal.signal(s, _handler) for s in SIGNALS}
     signal.pthread_sigmask(signal.SIG_UNBLOCK, set(SIGNALS))
     return previous
