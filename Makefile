@@ -13,7 +13,7 @@ MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_TRACKING_URI
 
 .DEFAULT_GOAL := help
-.PHONY: help install test chaos bench gpu-check study-lr study-batch study-activation study-epochs study-models study-alexnet study-resnet-bn \
+.PHONY: help install test test-fast chaos bench calibrate gpu-check study-lr study-batch study-activation study-epochs study-models study-alexnet study-resnet-bn \
         studies ui clean-state report ui-screenshot notebooks-clean
 
 help:  ## list the targets
@@ -29,32 +29,40 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed  ## create .venv and install cnnbench with its pinned stack
 
-test: $(BIN)/.installed  ## the test suite (what CI runs; the chaos test included)
-	$(BIN)/python -m pytest -q
+test: $(BIN)/.installed  ## the whole test suite (what CI runs; the chaos test included), its 25 slowest tests listed
+	$(BIN)/python -m pytest -q --durations=25
+
+test-fast: $(BIN)/.installed  ## while editing: the tests that need no long training, no server, no chaos (under 3 minutes)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not server and not chaos"
 
 chaos: $(BIN)/.installed  ## the chaos test alone: random SIGKILLs, nothing lost; prints its seed (ARGS="--seed S" replays)
 	$(BIN)/python -m cnnbench.tools.chaos $(ARGS)
 
-study-lr: $(BIN)/.installed  ## document 003: learning rate 0.001..0.1 (LeNet-5, 10 epochs)
+# the CPU layout the studies use here: measured on first use (about a minute), then read
+# from the state folder's cache (per CPU model, flags, torch version and core count)
+calibrate: $(BIN)/.installed  ## the CPU layout fastest on this machine (workers, engine, K, channels-last, conv path; bf16), cached
+	$(BIN)/cnnbench bench --calibrate
+
+study-lr: $(BIN)/.installed calibrate  ## document 003: learning rate 0.001..0.1 (LeNet-5, 10 epochs)
 	$(BIN)/cnnbench study studies/lr.yaml $(ARGS)
 
-study-batch: $(BIN)/.installed  ## document 003: training batch size 32..512 (LeNet-5, 10 epochs)
+study-batch: $(BIN)/.installed calibrate  ## document 003: training batch size 32..512 (LeNet-5, 10 epochs)
 	$(BIN)/cnnbench study studies/batch.yaml $(ARGS)
 
-study-activation: $(BIN)/.installed  ## document 003: sigmoid/tanh vs ReLU in LeNet-5
+study-activation: $(BIN)/.installed calibrate  ## document 003: sigmoid/tanh vs ReLU in LeNet-5
 	$(BIN)/cnnbench study studies/activation.yaml $(ARGS)
 
-study-epochs: $(BIN)/.installed  ## documents 000 and 002: accuracy against training length, best epoch
+study-epochs: $(BIN)/.installed calibrate  ## documents 000 and 002: accuracy against training length, best epoch
 	$(BIN)/cnnbench study studies/epochs-lenet.yaml $(ARGS)
 	$(BIN)/cnnbench study studies/epochs.yaml $(ARGS)
 
-study-models: $(BIN)/.installed  ## LeNet-5, AlexNet, Inception, ResNet under one budget
+study-models: $(BIN)/.installed calibrate  ## LeNet-5, AlexNet, Inception, ResNet under one budget
 	$(BIN)/cnnbench study studies/models.yaml $(ARGS)
 
-study-alexnet: $(BIN)/.installed  ## document 000: AlexNet, augmentation x batch size, 20 epochs
+study-alexnet: $(BIN)/.installed calibrate  ## document 000: AlexNet, augmentation x batch size, 20 epochs
 	$(BIN)/cnnbench study studies/alexnet.yaml $(ARGS)
 
-study-resnet-bn: $(BIN)/.installed  ## document 002's ResNet with batch norm: lr 0.001..0.1, trained fused (wide)
+study-resnet-bn: $(BIN)/.installed calibrate  ## document 002's ResNet with batch norm: lr 0.001..0.1, trained fused (wide)
 	$(BIN)/cnnbench study studies/resnet-bn.yaml $(ARGS)
 
 study-models-gpu: $(BIN)/.installed  ## torchvision AlexNet, GoogLeNet, ResNet-18, VGG16 at 224x224 (needs a GPU)
@@ -69,7 +77,7 @@ studies: $(BIN)/.installed  ## every document study (CPU-sized), one after anoth
 bench: $(BIN)/.installed  ## naive loop vs cnnbench vs fused K trials; writes results/bench/
 	$(BIN)/cnnbench bench $(ARGS)
 
-gpu-check: $(BIN)/.installed  ## on a CUDA machine: CUDA tests, bench, studies, timed (at most 8 min on an H100); ARGS=--dry-run tries it on the CPU
+gpu-check: $(BIN)/.installed  ## on a CUDA machine: CUDA tests, conv2 and engine benches, sweep, studies timed and compared (9 min); ARGS=--dry-run tries it on the CPU
 	$(BIN)/cnnbench gpu-check --out $(if $(OUT),$(OUT),results/gpu) $(ARGS)
 
 ui: $(BIN)/.installed  ## MLflow UI on the tracking store (http://127.0.0.1:$(PORT))

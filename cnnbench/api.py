@@ -42,10 +42,12 @@ from cnnbench.run.executors.slurm import Submitted
 from cnnbench.run.joining import join_as_worker
 from cnnbench.run.workers import EXIT_GAVE_UP, EXIT_INPUT, EXIT_STORAGE, WorkerReport
 from cnnbench.tools import resources
+from cnnbench.tools.bench import bench  # `cnnbench bench`: explicit keyword-only parameters, the files written
 from cnnbench.track.stores import default_url, quiet_mlflow
 from cnnbench.track.writer import Tracker, check_reachable, run_name, tracking_uri
+from cnnbench.train import calibration
 from cnnbench.train.checkpoint import load_checkpoint
-from cnnbench.train.device import check_inputs
+from cnnbench.train.device import check_inputs, resolve_device
 from cnnbench.train.loop import evaluate_checkpoint
 from cnnbench.train.loop import run_trial as train_one
 from cnnbench.train.result import Recorder, TrialResult
@@ -141,7 +143,8 @@ def run_study(spec: StudySpec | str | os.PathLike, *, data_root: str | os.PathLi
               state: str | os.PathLike | None = None, storage: str | None = None, fuse: bool | None = None,
               workers: int | None = None, max_fuse: int = 16, command: str = "", final: bool = True,
               share_cores: bool = False, executor: str | Local | Ray | Slurm = "local",
-              checkpoint_uri: str | None = None, timings: bool = False) -> StudyOutcome | Submitted | None:
+              checkpoint_uri: str | None = None, timings: bool = False,
+              fast: bool = False) -> StudyOutcome | Submitted | None:
     """Run (or join, or resume) a grid study: `results/<study>/` and one MLflow parent run.
 
     `storage`: an Optuna storage URL that processes on several machines share (default: a
@@ -157,18 +160,44 @@ def run_study(spec: StudySpec | str | os.PathLike, *, data_root: str | os.PathLi
     default: the runs' MLflow artifacts) is where resume checkpoints follow a trial.
     `Slurm(wait=False)` only submits the workers (the one that ends the study writes the
     results) and returns a `Submitted` (the job, and how to follow it).
-    `command`: the command line recorded with the runs. `timings`: where the wall time
-    went, as a table in the outcome and metrics `timings/...` on the parent run (also
-    CNNBENCH_TIMINGS=1). Returns the outcome (rows, files, counts, the table), or None
-    when another process writes the results."""
+    `command`: the command line recorded with the runs. On the CPU the study uses this
+    machine's calibrated layout where one is cached (`cnnbench bench --calibrate`); `fast`:
+    the fast profile (`fast_spec`), its results in `results_root`/fast/. `timings`: where
+    the wall time went, as a table in the outcome and metrics `timings/...` on the parent
+    run (also CNNBENCH_TIMINGS=1). Returns the outcome (rows, files, counts, the table), or
+    None when another process writes the results."""
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
     if not spec.scientific:
         raise ConfigError(f"{spec.path}: no scientific block; a spec with only a search block is run by run_sweep")
     at_least_one(workers=workers, max_fuse=max_fuse)
+    if fast:  # other trials than fp32's, so another results folder: the fp32 results stay
+        spec, results_root = fast_spec(spec, data_root=data_root, state=state), Path(results_root) / "fast"
     return study_runner(spec, data_root=data_root, results_root=results_root, tracking=tracking, state=state,
                         storage=storage, fuse=fuse, workers=workers, max_fuse=max_fuse, command=command,
                         final=final, share_cores=share_cores, executor=executor, checkpoint_uri=checkpoint_uri,
-                        timings=timings)
+                        timings=timings, fast=fast)
+
+
+def fast_spec(spec: StudySpec, *, data_root: str | os.PathLike | None = None,
+              state: str | os.PathLike | None = None) -> StudySpec:
+    """The study's fast profile on a CPU with bf16 matrix units: amp=bf16 (other trials
+    than fp32's: `run_study` writes their results to `results/fast/<study>/`, and
+    `cnnbench compare results/<study> results/fast/<study>` tells whether they reproduce
+    fp32's), this machine's calibration measured first where none is cached (its fast
+    layout is what the study then uses). ConfigError elsewhere."""
+    device = resolve_device(spec.base_config().device)
+    if device.type != "cpu":
+        raise ConfigError(f"--fast: a profile of the CPU, and study {spec.name} runs on {device.type}; "
+                          "--set amp=bf16 gives bf16 there")
+    units = calibration.matrix_units(calibration.machine())
+    if not units:
+        raise ConfigError("--fast: this CPU has no bf16 matrix units (AMX, AVX-512-BF16), where bf16 is emulated "
+                          "and slower than fp32; run the study without it")
+    from cnnbench.tools.bench.calibrate import calibrate as calibrate_cpu  # only for --fast: the calibration's benches
+
+    cal = calibrate_cpu(data_root=data_root, state=state)[0]
+    print(f"--fast: bf16 autocast on {', '.join(units)}; {cal.bf16}", flush=True)
+    return spec.with_overrides({"amp": "bf16"})
 
 
 def run_sweep(spec: StudySpec | str | os.PathLike, *, workers: int = 1, final: bool = True,
@@ -284,13 +313,6 @@ def sweep_storage_url(spec: StudySpec, state: str | os.PathLike | None = None) -
     return default_url(spec.name, state_dir(state))
 
 
-def bench(**kwargs: Any) -> list[str]:
-    """`cnnbench bench` (`tools.bench.bench`): returns the files written."""
-    from cnnbench.tools.bench import bench as run  # only for the benches: torchvision's naive loop
-
-    return run(**kwargs)
-
-
 def summary_text(model: str | None = None, *, input: str | None = None, classes: int = 10, fmt: str = "table",
                  all_models: bool = False, documents: bool = False, results_dir: str | None = None,
                  model_path: str | os.PathLike | Iterable[str | os.PathLike] | None = None) -> str:
@@ -332,9 +354,11 @@ def screenshot(study: str, out: str | os.PathLike, *, charts: str | os.PathLike 
 
 
 def gpu_check(out: str | os.PathLike, *, dry_run: bool = False, data_root: str | os.PathLike | None = None,
-              budget: float = 480.0, parts: str = "tests,bench,studies", studies: str | None = None) -> Any:
+              budget: float = 480.0, parts: str = "tests,conv,engines,studies,sweep",
+              studies: str | None = None) -> Any:
     """Every GPU measurement in one command, into `out` (`tools.gpu_check`): `parts`
-    (comma-separated: tests, bench, kbench, studies) within `budget` seconds; `studies`
+    (comma-separated: tests, conv, engines, bench, kbench, studies, sweep) within `budget`
+    seconds; `studies`
     comma-separated NAME or NAME:KEY=VALUE; `dry_run` takes the same path on the CPU."""
     from cnnbench.tools.gpu_check import gpu_check as run_gpu_check  # only for `cnnbench gpu-check`
 
@@ -357,8 +381,9 @@ def command(name: str, /, *, typed: str = "", **o: Any) -> tuple[str, int]:
     if name == "bench":
         keys = ("device", "model", "batch_size", "steps", "repeats", "max_k", "options", "lr_study", "epochs",
                 "sweep", "fuse_k", "sweep_trials", "sweep_epochs", "sweep_train_subset", "engines", "executors",
-                "overhead", "baseline", "results_dir")
-        return "wrote " + ", ".join(bench(data_root=o["data_dir"], **{k: o[k] for k in keys})), 0
+                "overhead", "baseline", "calibrate", "recalibrate", "profile", "results_dir")
+        files = bench(data_root=o["data_dir"], state=o["state_dir"], command=typed, **{k: o[k] for k in keys})
+        return ("wrote " + ", ".join(files)) if files else "", 0
     if name == "summary":
         return summary_text(o["model"], input=o["input"], classes=o["classes"], fmt=o["format"], all_models=o["all"],
                             documents=o["documents"], results_dir=o["results_dir"], model_path=o["model_path"]), 0

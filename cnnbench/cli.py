@@ -99,7 +99,7 @@ def cmd_study(args: argparse.Namespace, api: Any) -> int:
                                 tracking=args.tracking_uri, state=args.state_dir, storage=args.storage, fuse=args.fuse,
                                 workers=args.workers, max_fuse=args.max_fuse, command=typed(args, path, paths),
                                 final=not args.no_final, share_cores=args.share_cores, executor=executor,
-                                checkpoint_uri=args.checkpoint_uri, timings=args.timings)
+                                checkpoint_uri=args.checkpoint_uri, timings=args.timings, fast=args.fast)
         status = max(status, show_study(outcome, api))
     return status
 
@@ -179,7 +179,8 @@ def cmd_tool(args: argparse.Namespace, api: Any) -> int:
     `command` with the command's options returns the text to show and the exit status."""
     options = {k: v for k, v in vars(args).items() if k not in ("run", "argv", "command", "sets")}
     text, status = api.command(args.command, **options, typed=typed(args))
-    print(text, end="" if text.endswith("\n") else "\n")
+    if text:
+        print(text, end="" if text.endswith("\n") else "\n")
     return status
 
 
@@ -242,6 +243,9 @@ STUDY = ("study", cmd_study, "run study specs (studies/*.yaml)", "Train every tr
             opt("--max-fuse", 16, "largest fused group", int, metavar="K"),
             opt("--workers", None, WORKERS + " (default: one per core on the CPU, 1 on CUDA/MPS)", int, metavar="N"),
             SHARE, TIMINGS, *EXECUTOR,
+            flag("--fast", "the CPU's fast profile: bf16 autocast (amp=bf16) in this machine's calibrated layout, "
+                 "on CPUs with bf16 matrix units (AMX, AVX-512-BF16; calibrated first where not yet); other trials "
+                 "than fp32's, their results in RESULTS_DIR/fast/STUDY/, so the fp32 results stay"),
             flag("--no-final", "only train; the process that ends the study writes the results")], True)
 SWEEP = ("sweep", cmd_sweep, "run an Optuna sweep over a spec's search space", "Find the best settings over a "
         "spec's search block with Optuna, each trial scored on a validation split (never the test set) and maybe "
@@ -288,7 +292,8 @@ BENCH = ("bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time
             opt("--fuse-k", None, "with --sweep: trials fused (default: 16 on CUDA and MPS, 8 on the CPU)", int),
             opt("--sweep-trials", 32, "with --sweep: trials", int), opt("--sweep-epochs", 3, "with --sweep: epochs", int),
             opt("--sweep-train-subset", None, "with --sweep: images per epoch (default: all)", int, metavar="N"),
-            flag("--engines", "only the fused engines, wide against vmap, K = 1, 2, 4, ... --max-k"),
+            flag("--engines", "only the fused engines, wide against vmap, K = 1, 2, 4, ... --max-k; kept in the "
+                 "state folder, where the choice of engine on a GPU follows them"),
             flag("--overhead", "instead: a study's bookkeeping with almost no training (the lr study, 64 images), "
                  "fitted per process, trial and trial-epoch, with the writes in the background and in the training "
                  "thread (CNNBENCH_SYNC_BOOKKEEPING=1); --repeats runs per shape"),
@@ -297,7 +302,14 @@ BENCH = ("bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time
             flag("--executors", "instead: the tiny 3-seed lr study with 2 workers as local processes and as Ray "
                  "tasks on a 2-node Ray cluster on this machine (where only loopback may be used, run it under "
                  ".ci/ray-netns); results/bench/executors.md"),
-            opt("--results-dir", "results", "writes RESULTS_DIR/bench/", metavar="DIR")])
+            flag("--calibrate", "instead: the CPU layout fastest here (workers x threads, engine and K, "
+                 "channels-last, conv path; bf16 where the CPU has matrix units), measured once and cached in the "
+                 "state folder per CPU, torch and core count; CPU studies use it. Cached: printed, not measured. "
+                 "Measured: results/bench/calibration-<cpu kind>.md"),
+            flag("--recalibrate", "--calibrate, measured again even where cached"),
+            flag("--profile", "instead: where a wide K=3 LeNet-5 step's time goes on one CPU thread, by op "
+                 "(results/bench/profile-cpu-<cpu kind>.md)"),
+            STATE, opt("--results-dir", "results", "writes RESULTS_DIR/bench/", metavar="DIR")])
 SUMMARY = ("summary", cmd_tool, "per-layer shapes, parameters, MACs and memory of a model", "Per layer: output "
         "shape, parameters, multiply-accumulates (MACs = FLOPs / 2) and activation memory of one image, then "
         "totals; --documents checks the documents' hand counts against them.", [
@@ -328,12 +340,14 @@ UI_SCREENSHOT = ("ui-screenshot", cmd_tool, "the MLflow UI's view of a study as 
             opt("--out", "results/mlflow-compare.png", "the comparison view's file", metavar="PNG"),
             opt("--charts", None, "also the chart view of train/loss by value", metavar="PNG"), TRACKING])
 GPU_CHECK = ("gpu-check", cmd_tool, "every GPU measurement in one command", "On a CUDA machine, into one folder: "
-        "the CUDA tests, `bench --options`, a profile, and the document studies while the budget lasts. "
-        "--dry-run takes the same path on the CPU at toy sizes.", [
+        "the CUDA tests, the conv2 micro-benchmark, the engine sweep, the document studies timed and compared "
+        "with their CPU results, and `bench --sweep`, while the budget lasts. --dry-run takes the same path on the "
+        "CPU at toy sizes.", [
             opt("--out", "results/gpu", "folder for everything it writes", metavar="DIR"),
             flag("--dry-run", "the same path on the CPU, at toy sizes"),
             opt("--budget", 480.0, "seconds in all; later studies are skipped past it", float),
-            opt("--parts", "tests,bench,studies", "comma-separated: tests, bench, kbench, studies", metavar="LIST"),
+            opt("--parts", "tests,conv,engines,studies,sweep",
+                "comma-separated: tests, conv, engines, bench, kbench, studies, sweep", metavar="LIST"),
             opt("--studies", None, "comma-separated NAME or NAME:KEY=VALUE (default: the documents')",
                 metavar="LIST"), DATA])
 COMMANDS = [RUN, STUDY, SWEEP, WORKER, MODELS, EVALUATE, BENCH, SUMMARY, COMPARE, REPORT, UI_SCREENSHOT, GPU_CHECK]

@@ -78,6 +78,19 @@ def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> s
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(*args: str) -> int:
+    """`cnnbench *args` in this process, through the command's own entry (cnnbench.cli.main):
+    its exit status, an argparse refusal's included. Far cheaper than `cli` (no interpreter,
+    torch and MLflow to start again); each kind of bad input keeps one `cli` case, for the
+    real command's exit status and stderr."""
+    from cnnbench.cli import main
+
+    try:
+        return main(list(args))
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+
+
 def tree(path: Path) -> set[str]:
     """Every file under `path` (relative), to check that nothing was written."""
     return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}

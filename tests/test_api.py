@@ -4,6 +4,7 @@ and a study run, read back and summarized through it."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,16 @@ def test_the_api_is_public_documented_and_light_to_import():
         assert callable(getattr(cnnbench, name)) and getattr(cnnbench, name).__doc__, name
     with pytest.raises(AttributeError):
         cnnbench.no_such_function  # noqa: B018
+    # a user reads every option from the signature: no **kwargs passed through, except
+    # run_trial's training settings (TrialConfig's fields, each checked: see below)
+    for name in cnnbench.API:
+        function = getattr(cnnbench, name)
+        if inspect.isfunction(function):
+            rest = [p.name for p in inspect.signature(function).parameters.values()
+                    if p.kind is inspect.Parameter.VAR_KEYWORD]
+            assert rest == (["settings"] if name == "run_trial" else []), f"{name} takes **{rest}"
+    with pytest.raises(ConfigError, match="no_such_setting"):
+        cnnbench.run_trial(no_such_setting=1, track=False)
     # importing the package (and the command's parser) pulls in neither torch nor MLflow,
     # and no module of cnnbench switches matplotlib's backend (a notebook keeps its own)
     code = textwrap.dedent("""
@@ -43,6 +54,7 @@ def test_version():
     assert out.returncode == 0 and out.stdout.strip() == f"cnnbench {cnnbench.__version__}"
 
 
+@pytest.mark.slow
 def test_a_study_from_python_read_back_and_summarized(workdir, data_root):
     spec = cnnbench.load_spec(REPO / "studies" / "lr.yaml", seeds=[0, 1],
                               overrides={"epochs": 1, "train_subset": 640, "test_subset": 300, "progress": False})

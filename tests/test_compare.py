@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from scipy import stats as st
 
-from conftest import REPO, cli, tree
+from conftest import REPO, cli, run_main, tree
 
 SPEC = ("name: lr2\ntitle: Two learning rates\nscientific:\n  lr: [0.02, 0.1]\nfixed:\n  model: lenet5\n"
         "  activation: relu\n  epochs: 2\n  train_subset: 640\n  test_subset: 300\n  log_every: 2\n"
@@ -26,7 +26,7 @@ def _by_lr(frame: pd.DataFrame, metric: str) -> dict[float, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_a_three_seed_study_has_intervals_and_verdicts_and_compare_runs_on_two_executions(workdir):
+def test_a_three_seed_study_has_intervals_and_verdicts_and_compare_runs_on_two_executions(workdir, capsys):
     (workdir / "lr2.yaml").write_text(SPEC)
     out = cli("study", "lr2.yaml", cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -80,11 +80,9 @@ def test_a_three_seed_study_has_intervals_and_verdicts_and_compare_runs_on_two_e
     assert {parent.data.tags["stats/final_test_acc/lr:0.02/verdict"], parent.data.tags[
         "stats/final_test_acc/lr:0.1/verdict"]} & {"best"}
 
-    # a second execution in bf16, and compare
-    out = cli("study", "lr2.yaml", "--set", "amp=bf16", "--results-dir", "results-bf16", cwd=workdir)
-    assert out.returncode == 0, out.stderr[-3000:]
-    out = cli("compare", "results/lr2", "results-bf16/lr2", "--labels", "fp32,bf16", cwd=workdir)
-    assert out.returncode == 0, out.stderr[-3000:]
+    # a second execution in bf16, and compare (in this process: the first ran the real command)
+    assert run_main("study", "lr2.yaml", "--set", "amp=bf16", "--results-dir", "results-bf16") == 0
+    assert run_main("compare", "results/lr2", "results-bf16/lr2", "--labels", "fp32,bf16") == 0
     cmp_dir = workdir / "results" / "compare-lr2-fp32-bf16"
     assert "Does bf16 reproduce fp32? Study `lr2`" in (cmp_dir / "compare.md").read_text()
     got = pd.read_csv(cmp_dir / "compare.csv")
@@ -110,23 +108,22 @@ def test_a_three_seed_study_has_intervals_and_verdicts_and_compare_runs_on_two_e
             assert rows.loc[lr, "verdict"] == ("differs" if adjusted < 0.05 else "within seed noise")
 
     # the same execution again trains nothing; its study run compares as identical, by run id
-    again = cli("study", "lr2.yaml", cwd=workdir)
-    assert again.returncode == 0 and "0 run(s) trained" in again.stdout
+    capsys.readouterr()
+    assert run_main("study", "lr2.yaml") == 0 and "0 run(s) trained" in capsys.readouterr().out
     runs = client.search_runs([exp.experiment_id], "tags.`cnnbench.kind` = 'study'", order_by=["start_time ASC"])
     fp32 = [r.info.run_id for r in runs if r.data.params.get("fixed.amp") is None]
     assert len(fp32) == 2
-    out = cli("compare", *fp32, "--name", "again", "--out", "cmp", cwd=workdir)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert run_main("compare", *fp32, "--name", "again", "--out", "cmp") == 0
     same = pd.read_csv(workdir / "cmp" / "compare-again" / "compare.csv")
     assert (same["verdict"] == "identical").all() and len(same) == 2 * 3
 
 
-def test_compare_committed_results_with_themselves(tmp_path):
+def test_compare_committed_results_with_themselves(tmp_path, monkeypatch):
     """Committed results (no training): a copy of results/lr reproduces it exactly."""
     shutil.copytree(REPO / "results" / "lr", tmp_path / "copy" / "lr")
-    out = cli("compare", str(REPO / "results" / "lr"), str(tmp_path / "copy" / "lr"), "--out", str(tmp_path / "out"),
-              cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)  # in this process: the three-seed test above runs the real command
+    assert run_main("compare", str(REPO / "results" / "lr"), str(tmp_path / "copy" / "lr"), "--out",
+                    str(tmp_path / "out")) == 0
     folders = [p.name for p in (tmp_path / "out").iterdir()]
     assert folders == ["compare-lr-results-copy"]  # same folder names: the first ancestors that differ
     got = pd.read_csv(tmp_path / "out" / folders[0] / "compare.csv")
@@ -135,25 +132,34 @@ def test_compare_committed_results_with_themselves(tmp_path):
     assert (got["pairs"] == 3).all()
 
 
-@pytest.mark.parametrize("args, message", [
+BAD_INPUT = [
     (["compare", "empty", "results/lr"], "empty: no summary.csv here"),
     (["compare", "results/lr", "results/batch"], "is study 'lr', results/batch is study 'batch'"),
     (["compare", "results/lr", "nowhere"], "nowhere: no such results folder"),
     (["compare", "results/lr", "results/lr", "--labels", "fp32"], "--labels: expected two different labels"),
     (["compare", "results/lr", "results/lr", "--name", "../up"], "--name: '../up' is not a folder name"),
     (["compare", "results/lr", "bad"], "bad/summary.csv: not a cnnbench summary.csv"),
-])
-def test_compare_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_compare_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, args, message):
+    """In this process (cnnbench.cli.main), but for the first case."""
     for name in ("lr", "batch"):
         shutil.copytree(REPO / "results" / name, tmp_path / "results" / name)
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "summary.csv").write_text("lr,acc\n0.1,98\n")
     before = tree(tmp_path)
-    out = cli(*args, cwd=tmp_path)
-    assert out.returncode == 2, out.stderr
-    err = out.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("cnnbench: error:") and message in err[0], out.stderr
+    if args == BAD_INPUT[0][0]:  # one case through the real command: its exit status and stderr
+        out = cli(*args, cwd=tmp_path)
+        code, stderr = out.returncode, out.stderr
+    else:
+        monkeypatch.chdir(tmp_path)
+        code, stderr = run_main(*args), capsys.readouterr().err
+    assert code == 2, stderr
+    err = stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cnnbench: error:") and message in err[0], stderr
     assert tree(tmp_path) == before
 
 

@@ -75,6 +75,9 @@ def sweep_spec(folder: Path, name: str) -> Path:
     return path
 
 
+STORES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.server)]
+
+
 @pytest.fixture
 def store(request, workdir):
     """(backend, URL) of a fresh store: a SQLite file in the test's folder, or a fresh
@@ -85,7 +88,7 @@ def store(request, workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize("store", STORES, indirect=True)
 def test_studies_started_together_on_a_fresh_mlflow_store(workdir, store):
     backend, urls = store
     uri = urls[1] if urls else f"sqlite:///{workdir / 'mlflow.db'}"
@@ -104,7 +107,7 @@ def test_studies_started_together_on_a_fresh_mlflow_store(workdir, store):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize("store", STORES, indirect=True)
 def test_sweep_workers_started_together_on_a_fresh_optuna_storage(workdir, store):
     backend, urls = store
     storage = urls[0] if urls else f"sqlite:///{workdir / 'optuna.db'}"
@@ -127,7 +130,7 @@ def test_sweep_workers_started_together_on_a_fresh_optuna_storage(workdir, store
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize("store", STORES, indirect=True)
 def test_processes_started_together_share_one_grid_study(workdir, store):
     """One grid study, N processes with the same command and storage (as on N machines):
     every planned run trained exactly once, all under one MLflow parent run, and the

@@ -67,16 +67,21 @@ def test_without_threads_only_the_count_moves_and_an_idle_worker_wakes_when_it_d
     t0 = time.monotonic()
     gpu.wait(0.3)  # nothing moves: the whole timeout
     assert time.monotonic() - t0 >= 0.3
-    other = ctx.Process(target=_leave_after, args=(training, 0.5))
+    ready, go = ctx.Event(), ctx.Event()
+    other = ctx.Process(target=_leave_after, args=(training, ready, go, 0.5))
     other.start()
+    assert ready.wait(300)  # a spawned interpreter: seconds, and far more on a busy machine
     t0 = time.monotonic()
-    gpu.wait(30)  # the other worker stops training after 0.5 s: wakes then, not after 30
+    go.set()
+    gpu.wait(30)  # the other worker stops training 0.5 s after `go`: wakes then, not after 30
     woke = time.monotonic() - t0
     other.join(30)
     assert training.value == 1 and 0.4 < woke < 10, woke
 
 
-def _leave_after(training, seconds):
+def _leave_after(training, ready, go, seconds):
+    ready.set()
+    go.wait(300)
     time.sleep(seconds)
     CoreShare(training, None, None).idle()
 

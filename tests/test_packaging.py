@@ -53,7 +53,7 @@ def test_a_postgresql_store_without_its_driver_names_the_postgres_extra(monkeypa
 
 
 def test_studies_and_notebooks_are_found_in_the_checkout():
-    from cnnbench.tools import gpu_check, notebooks, resources
+    from cnnbench.tools import gpu_studies, notebooks, resources
 
     assert resources.checkout() == REPO
     assert resources.path("studies", "lr") == REPO / "studies" / "lr.yaml"
@@ -61,7 +61,7 @@ def test_studies_and_notebooks_are_found_in_the_checkout():
     assert resources.names("studies") == sorted(p.stem for p in (REPO / "studies").glob("*.yaml"))
     assert resources.names("notebooks") == ["analysis", "models", "sweep"]
     # where the commands look (tools/ is one folder deeper than the package root)
-    assert gpu_check._studies_dir() == REPO / "studies"
+    assert gpu_studies.studies_dir() == REPO / "studies"
     assert notebooks.NOTEBOOK_DIR == REPO / "notebooks" and notebooks.PACKAGE_ROOT == REPO
     with pytest.raises(ValueError, match="unknown kind of resource 'models'"):
         resources.folder("models")
@@ -120,7 +120,7 @@ def test_the_extras_and_the_tested_torch():
         assert version in core["torch"].specifier
     for version in (pins["torchvision"], "0.26.0"):
         assert version in core["torchvision"].specifier
-    for name in ("grimp", "import-linter", "kubernetes-validate", "ray", "submitit"):
+    for name in ("grimp", "import-linter", "pytest-xdist", "execnet", "kubernetes-validate", "ray", "submitit"):
         assert name in pins  # the dev extra's test tools and the cluster engines are pinned like the rest
 
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from mlflow import MlflowClient
 
 from cnnbench.util import fileio
 from cnnbench.cli import main
+from cnnbench.run.barrier import ENV as BARRIER_ENV
 from cnnbench.config.spec import SPEC_KEYS
 
 from conftest import tree
@@ -43,9 +45,20 @@ def write_spec(folder: Path, name: str = "rel", epochs: int = 6, subset: int = 5
     return path
 
 
-def start(folder: Path, *args: str, **popen) -> subprocess.Popen:
+def start(folder: Path, *args: str, barrier: Path | None = None, **popen) -> subprocess.Popen:
+    """`cnnbench *args` in the background; `barrier`: a folder where its trials are held
+    mid-way, after their first epoch, until the test releases them (cnnbench/run/barrier.py)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if barrier is not None:
+        barrier.mkdir(exist_ok=True)
+        env[BARRIER_ENV] = str(barrier)
     return subprocess.Popen([sys.executable, "-m", "cnnbench", *args], cwd=folder, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen)
+                            stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def held(barrier: Path) -> list[Path]:
+    """The trials held at the barrier: reached-<pid>-<trial>-<epoch> files."""
+    return sorted(barrier.glob("reached-*"))
 
 
 def finish(proc: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -94,26 +107,32 @@ def reference(tmp_path_factory, data_root, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
     monkeypatch.setenv("CNNBENCH_HOME", str(folder / ".cnnbench"))
     monkeypatch.setenv("CNNBENCH_DATA", str(data_root))
-    out = cli_run(folder, "study", str(write_spec(folder)), "--no-fuse")
+    out = cli_run(folder, "study", str(write_spec(folder, **KILLED)), "--no-fuse")
     assert out.returncode == 0, out.stderr[-2000:]
     return acc_history(folder, "rel")
+
+
+KILLED = dict(epochs=3, subset=1000)  # held after epoch 1 (the barrier), so killed with two epochs to go
 
 
 @pytest.mark.slow
 def test_sigkill_mid_trial_resumes_and_loses_nothing(workdir, reference, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
     monkeypatch.setenv("CNNBENCH_HOME", str(workdir / ".cnnbench"))
-    spec = write_spec(workdir)
-    proc = start(workdir, "study", str(spec), "--no-fuse")
-    wait_for(lambda: checkpoints(workdir, "rel") or proc.poll() is not None, what="a first epoch checkpoint")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    spec = write_spec(workdir, **KILLED)
+    barrier = workdir / "barrier"
+    proc = start(workdir, "study", str(spec), "--no-fuse", barrier=barrier)
+    try:  # the state waited for: a trial held mid-way through epoch 2, its epoch 1 checkpoint written
+        wait_for(lambda: held(barrier) or proc.poll() is not None, timeout=600, what="a trial held after epoch 1")
+        assert checkpoints(workdir, "rel"), "held before its first checkpoint"
+    finally:
+        proc.send_signal(signal.SIGKILL)  # its worker processes die with it (PR_SET_PDEATHSIG)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
     _, left = runs(workdir, "rel")
     assert any(r.info.status == "RUNNING" for r in left), "the kill did not land mid-trial"
 
-    again = cli_run(workdir, "study", str(spec), "--no-fuse")
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert main(["study", str(spec), "--no-fuse"]) == 0  # resumed in this process
     client, trials = trial_runs(workdir, "rel")
     _, every = runs(workdir, "rel")
     assert not [r for r in every if r.info.status == "RUNNING"]
@@ -128,6 +147,24 @@ def test_sigkill_mid_trial_resumes_and_loses_nothing(workdir, reference, monkeyp
     assert acc_history(workdir, "rel") == reference
     summary = pd.read_csv(workdir / "results" / "rel" / "summary.csv")
     assert set(summary["mlflow_run_id"]) == {r.info.run_id for r in finished}
+
+
+def test_the_barrier_holds_a_trial_until_released_and_is_off_when_unset(tmp_path, monkeypatch):
+    """The tests' hook (cnnbench/run/barrier.py) that the kill and Ctrl-C tests hold a trial with."""
+    from cnnbench.run import barrier
+
+    monkeypatch.delenv(BARRIER_ENV, raising=False)
+    barrier.hold(3, 1)  # unset: returns at once, writes nothing
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv(BARRIER_ENV, str(tmp_path))
+    released = threading.Event()
+    holder = threading.Thread(target=lambda: (barrier.hold(3, 1), released.set()))
+    holder.start()
+    wait_for(lambda: (tmp_path / f"reached-{os.getpid()}-3-1").exists(), what="trial 3 held after epoch 1")
+    assert not released.wait(0.5)  # held
+    (tmp_path / f"release-{os.getpid()}-3-1").touch()
+    assert released.wait(30)
+    holder.join()
 
 
 def _ignore_sigint() -> None:
@@ -150,22 +187,24 @@ def ctrl_c(proc: subprocess.Popen, how: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("how", sorted(CTRL_C))
 def test_ctrl_c_stops_cleanly_after_saving(workdir, how):
-    spec = write_spec(workdir, name="ctrlc", subset=2000)  # six epochs: most of the study is left to stop
-    proc = start(workdir, "study", str(spec), "--no-fuse", **CTRL_C[how])
-    # the state waited for: a first epoch checkpoint (its trial is mid-way: 6 epochs)
-    wait_for(lambda: checkpoints(workdir, "ctrlc") or proc.poll() is not None, timeout=600,
-             what="a first epoch checkpoint")
-    assert proc.poll() is None, "the study ended before its first checkpoint was seen"
-    ctrl_c(proc, how)
-    out = finish(proc)
+    spec = write_spec(workdir, name="ctrlc", **KILLED)
+    barrier = workdir / "barrier"
+    proc = start(workdir, "study", str(spec), "--no-fuse", barrier=barrier, **CTRL_C[how])
+    try:  # the state waited for: a trial held mid-way through epoch 2, its epoch 1 checkpoint written
+        wait_for(lambda: held(barrier) or proc.poll() is not None, timeout=600, what="a trial held after epoch 1")
+        assert proc.poll() is None, "the study ended before a trial was held"
+        ctrl_c(proc, how)
+        out = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert out.returncode == 130, out.stderr[-2000:]
     assert "run the same command to resume" in out.stderr
     _, every = runs(workdir, "ctrlc")
     assert every and {r.info.status for r in every} == {"KILLED"}, out.stderr[-3000:]
     assert checkpoints(workdir, "ctrlc")
     assert not (workdir / "results" / "ctrlc").exists()  # no results for an unfinished study
-    again = cli_run(workdir, "study", str(spec), "--no-fuse")
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert main(["study", str(spec), "--no-fuse"]) == 0  # resumed in this process
     _, trials = trial_runs(workdir, "ctrlc")
     assert len([r for r in trials if r.info.status == "FINISHED"]) == 2
 
@@ -237,7 +276,8 @@ def test_ctrl_c_right_after_the_parent_run_is_created_leaves_it_killed(workdir, 
     assert every and {r.info.status for r in every} == {"KILLED"}
 
 
-def test_a_diverging_trial_is_recorded_and_the_study_goes_on(workdir):
+@pytest.mark.slow
+def test_a_diverging_trial_is_recorded_and_the_study_goes_on(workdir, capsys):
     spec = write_spec(workdir, name="div", epochs=2, subset=640)
     spec.write_text(spec.read_text().replace("[0.02, 0.05]", "[0.05, 10.0]"))
     out = cli_run(workdir, "study", str(spec))
@@ -250,10 +290,12 @@ def test_a_diverging_trial_is_recorded_and_the_study_goes_on(workdir):
     bad = [r for r in trials if float(r.data.params["lr"]) == 10.0][0]
     assert bad.info.status == "FAILED" and bad.data.tags["cnnbench.status"] == "diverged"
     assert bad.data.tags["diverged"] == "true" and "nan" in bad.data.tags["cnnbench.reason"].lower()
-    again = cli_run(workdir, "study", str(spec))  # a diverged trial is an outcome: not trained again
-    assert "0 run(s) trained, 2 already finished" in again.stdout
+    capsys.readouterr()
+    assert main(["study", str(spec)]) == 0  # in this process; a diverged trial is an outcome: not trained again
+    assert "0 run(s) trained, 2 already finished" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_an_out_of_memory_trial_is_recorded_failed_and_the_study_goes_on(workdir):
     # alexnet_paper resizes a 60,000-image batch to 3x227x227: one 37 GB allocation, refused at once
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -281,12 +323,21 @@ def test_an_out_of_memory_trial_is_recorded_failed_and_the_study_goes_on(workdir
 def test_a_second_process_joins_the_study_and_no_run_is_trained_twice(workdir):
     """The same command twice at once: they share the study's runs (one claims each), one
     MLflow parent holds both, and the one that ends the study writes the results."""
-    spec = write_spec(workdir, name="twice", epochs=10, subset=10000)  # runs long enough for the second to join
-    first = start(workdir, "study", str(spec), "--no-fuse", "--workers", "1")
-    wait_for(lambda: any(r.info.status == "RUNNING" for r in trial_runs(workdir, "twice")[1]),
-             what="the first process's first run")
-    second = cli_run(workdir, "study", str(spec), "--no-fuse", "--workers", "1")
-    done = finish(first)
+    spec = write_spec(workdir, name="twice", epochs=2, subset=1000)
+    barrier = workdir / "barrier"
+    first = start(workdir, "study", str(spec), "--no-fuse", "--workers", "1", barrier=barrier)
+    second = None
+    try:  # the first process holds its run mid-way (the barrier) until the second has claimed the other
+        wait_for(lambda: held(barrier) or first.poll() is not None, timeout=600, what="the first process's run, held")
+        second = start(workdir, "study", str(spec), "--no-fuse", "--workers", "1")
+        wait_for(lambda: len({r.data.tags["cnnbench.pid"] for r in trial_runs(workdir, "twice")[1]}) == 2
+                 or second.poll() is not None, timeout=600, what="the second process's run")
+        (barrier / "release").touch()
+        second, done = finish(second), finish(first)
+    finally:
+        for proc in (first, second):
+            if isinstance(proc, subprocess.Popen) and proc.poll() is None:
+                proc.kill()
     assert second.returncode == 0 and done.returncode == 0, second.stderr[-2000:] + done.stderr[-2000:]
     client, all_runs = runs(workdir, "twice")
     trials = [r for r in all_runs if r.data.tags.get("cnnbench.kind") == "trial"]
@@ -506,11 +557,12 @@ def test_a_failing_writer_leaves_the_previous_file_and_no_temporary(tmp_path):
 def test_a_process_killed_while_writing_never_leaves_a_partial_file(tmp_path):
     target = tmp_path / "table.md"
     fileio.write_text(target, "old\n")
-    code = ("import sys; from cnnbench import fileio; "
+    code = ("import sys; from cnnbench.util import fileio; "
             f"fileio.write_text({str(target)!r}, 'x' * 400_000_000)")
-    proc = subprocess.Popen([sys.executable, "-c", code])
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     wait_for(lambda: any(p.name.startswith(".table.md.") for p in tmp_path.iterdir()) or proc.poll() is not None,
              what="the temporary file")
     proc.kill()
-    proc.wait()
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]  # killed while writing (an import error once hid here)
     assert target.read_text() == "old\n"  # either the old file or, had it finished, the whole new one

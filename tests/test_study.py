@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, cli, tree
+from conftest import REPO, cli, run_main, tree
 
 QUICK = ["--set", "epochs=2", "--set", "train_subset=1280", "--set", "test_subset=500", "--set", "log_every=5",
          "--set", "progress=false"]
@@ -18,7 +18,7 @@ def _runs(uri, experiment):
 
 
 @pytest.mark.slow
-def test_lr_study_end_to_end(workdir):
+def test_lr_study_end_to_end(workdir, capsys):
     # --fuse: the five learning rates train as one group, as they do by default on a GPU
     out = cli("study", str(REPO / "studies" / "lr.yaml"), *QUICK, "--seeds", "0", "--fuse", cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -69,10 +69,10 @@ def test_lr_study_end_to_end(workdir):
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "results")} >= {
         "results/summary.csv", "results/table.md", "results/curves.png"}
 
-    # the same command again trains nothing: every trial is found finished by its config
-    again = cli("study", str(REPO / "studies" / "lr.yaml"), *QUICK, "--seeds", "0", cwd=workdir)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "0 run(s) trained, 5 already finished" in again.stdout
+    # the same command again (in this process) trains nothing: every trial is found finished by its config
+    capsys.readouterr()
+    assert run_main("study", str(REPO / "studies" / "lr.yaml"), *QUICK, "--seeds", "0") == 0
+    assert "0 run(s) trained, 5 already finished" in capsys.readouterr().out
     _, runs = _runs(uri, "lr")
     finished = [r for r in runs if r.data.tags.get("cnnbench.kind") == "trial"]
     assert len(finished) == 5
@@ -80,6 +80,7 @@ def test_lr_study_end_to_end(workdir):
         summary["final_test_acc"].tolist()
 
 
+@pytest.mark.slow
 def test_run_trains_one_trial_with_overrides(workdir):
     out = cli("run", "--set", "epochs=1", "--set", "train_subset=640", "--set", "test_subset=200",
               "--set", "activation=relu", "--set", "lr=0.05", "--set", "progress=false", cwd=workdir)
@@ -89,7 +90,7 @@ def test_run_trains_one_trial_with_overrides(workdir):
     assert len(runs) == 1 and runs[0].data.params["activation"] == "relu"
 
 
-@pytest.mark.parametrize("args, message", [
+BAD_INPUT = [
     (["run", "--set", "lrr=0.1"], "unknown setting 'lrr'"),
     (["run", "--set", "batch_size=big"], "batch_size: expected an integer, got 'big'"),
     (["run", "--set", "epochs=0"], "epochs: must be >= 1"),
@@ -97,18 +98,27 @@ def test_run_trains_one_trial_with_overrides(workdir):
     (["study", "studies/lr.yaml", "--set", "lr=0.2"], "lr is varied by study lr"),
     (["study", "studies/missing.yaml"], "studies/missing.yaml: no such spec file"),
     (["study", "studies/lr.yaml", "--seeds", "0,x"], "--seeds: expected integers"),
-])
-def test_bad_input_exits_2_and_writes_nothing(workdir, args, message):
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_bad_input_exits_2_and_writes_nothing(workdir, capsys, args, message):
+    """In this process (cnnbench.cli.main), but for the first case."""
     (workdir / "studies").mkdir()
     (workdir / "studies" / "lr.yaml").write_text((REPO / "studies" / "lr.yaml").read_text())
     before = tree(workdir)
-    out = cli(*args, cwd=workdir)
-    assert out.returncode == 2, out.stderr
-    err = out.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("cnnbench: error:") and message in err[0], out.stderr
+    if args == BAD_INPUT[0][0]:  # one case through the real command: its exit status and stderr
+        out = cli(*args, cwd=workdir)
+        code, stderr = out.returncode, out.stderr
+    else:
+        code, stderr = run_main(*args), capsys.readouterr().err
+    assert code == 2, stderr
+    err = stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cnnbench: error:") and message in err[0], stderr
     assert tree(workdir) == before  # no mlflow.db, no results, no checkpoints
 
 
+@pytest.mark.slow
 def test_evaluate_retests_an_epoch_checkpoint(workdir, data_root):
     """Document 000's `python mnist.py --net model/net_008.pth`: re-test a saved epoch."""
     from cnnbench.train.loop import run_trial

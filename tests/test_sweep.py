@@ -19,7 +19,9 @@ from optuna.trial import TrialState
 
 from cnnbench.config.spec import load_spec
 from cnnbench.errors import ConfigError
+from cnnbench.run.barrier import ENV as BARRIER_ENV
 from cnnbench.track import stores
+import rounding
 from conftest import cli, tree
 
 TINY = {"train_subset": 2000, "val_size": 500, "test_subset": 500, "batch_size": 32, "epochs": 3,
@@ -137,8 +139,9 @@ def test_small_sweep_prunes_and_records_every_trial(workdir, capsys):
     from cnnbench.cli import main
 
     # grid order is queue order: the good trial completes first, the median pruner then
-    # stops the bad ones at epoch 2 (lr 0.0002 stays near chance on this subset)
-    spec = write_spec(workdir, "prune", {"lr": [0.02, 0.0002], "activation": ["relu", "sigmoid"]},
+    # stops the bad ones at epoch 2 (lr 0.0002 stays near chance on this subset). tanh at lr
+    # 0.01: the best trial's curve keeps a rounding difference small (see rounding.py)
+    spec = write_spec(workdir, "prune", {"lr": [0.01, 0.0002], "activation": ["tanh", "sigmoid"]},
                       {"sampler": "grid", "pruner": "median", "startup_trials": 1, "final_seeds": [0, 1]})
     assert main(["sweep", str(spec)]) == 0
     out = capsys.readouterr().out
@@ -148,14 +151,14 @@ def test_small_sweep_prunes_and_records_every_trial(workdir, capsys):
     states = [t.state for t in trials]
     assert len(trials) == 4 and TrialState.RUNNING not in states and TrialState.WAITING not in states
     params = [(t.params["lr"], t.params["activation"]) for t in trials]
-    assert sorted(params) == sorted([(0.02, "relu"), (0.02, "sigmoid"), (0.0002, "relu"), (0.0002, "sigmoid")])
+    assert sorted(params) == sorted([(0.01, "tanh"), (0.01, "sigmoid"), (0.0002, "tanh"), (0.0002, "sigmoid")])
     by_params = {(t.params["lr"], t.params["activation"]): t for t in trials}
-    assert by_params[(0.02, "relu")].state == TrialState.COMPLETE
-    assert by_params[(0.0002, "relu")].state == TrialState.PRUNED
+    assert by_params[(0.01, "tanh")].state == TrialState.COMPLETE
+    assert by_params[(0.0002, "tanh")].state == TrialState.PRUNED
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     for t in pruned:  # stopped at epoch 2 of 3, below the completed trial
         assert max(t.intermediate_values) == 2 and t.intermediate_values[2] < study.best_value
-    assert study.best_trial.params == {"lr": 0.02, "activation": "relu"}
+    assert study.best_trial.params == {"lr": 0.01, "activation": "tanh"}
     best = study.best_trial
     assert best.value == max(best.intermediate_values.values())  # the objective: best val acc over epochs
     assert f"{len(pruned)} pruned" in out
@@ -182,19 +185,24 @@ def test_small_sweep_prunes_and_records_every_trial(workdir, capsys):
     # the best trial over the final seeds, each tested once with its best-validation checkpoint
     assert sorted(r.data.tags["seed"] for r in final) == ["0", "1"]
     for r in final:
-        assert r.data.tags["optuna.trial_number"] == str(best.number) and r.data.params["lr"] == "0.02"
+        assert r.data.tags["optuna.trial_number"] == str(best.number) and r.data.params["lr"] == "0.01"
         acc = client.get_metric_history(r.info.run_id, "test/acc")
         assert len(acc) == 1 and 50 < acc[0].value <= 100
     seed0 = next(r for r in final if r.data.tags["seed"] == "0")
-    # the sweep's own seed again (fused with seed 1: the same maths, other float rounding)
-    assert seed0.data.metrics["best/acc"] == pytest.approx(best.value, abs=2.0)
+    # the sweep's own seed again (fused with seed 1: the same maths, other float rounding):
+    # the best trial's curve, within 10 times its rounding noise (rounding.py)
+    searched = [v for _, v in _curve(client, best.user_attrs["mlflow_run_id"])]
+    again = [v for _, v in _curve(client, seed0.info.run_id)]
+    noise = rounding.curve_noise(lambda **change: [v for _, v in _alone_curve(load_spec(spec), best.params, **change)],
+                                 searched)
+    rounding.assert_within_noise(rounding.curve_gap(searched, again), noise, "final seed 0 against the search")
 
     results = workdir / "results" / "prune"
     expected = {"trials.csv", "best.yaml", "final.md", "history.png", "parallel_coordinate.png", "slice.png",
                 "intermediate.png"}
     assert expected <= {p.name for p in results.iterdir()}
     best_yaml = yaml.safe_load((results / "best.yaml").read_text())
-    assert best_yaml["trial"] == best.number and best_yaml["params"] == {"lr": 0.02, "activation": "relu"}
+    assert best_yaml["trial"] == best.number and best_yaml["params"] == {"lr": 0.01, "activation": "tanh"}
     assert best_yaml["final"]["n"] == 2 and best_yaml["config"]["val_size"] == 500
     assert "± " in (results / "final.md").read_text()
     logged = {a.path for a in client.list_artifacts(parent, "results")}
@@ -230,36 +238,46 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, w
     pytest.fail(f"timed out waiting for {what}")
 
 
+def start_sweep(workdir: Path, spec: Path, *args: str, barrier: Path, **popen) -> subprocess.Popen:
+    """`cnnbench sweep` in the background, its trials held mid-way after their first epoch
+    at `barrier` until released (cnnbench/run/barrier.py)."""
+    barrier.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", BARRIER_ENV: str(barrier)}
+    return subprocess.Popen([sys.executable, "-m", "cnnbench", "sweep", str(spec), *args], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def held(barrier: Path, trial: int | str = "*") -> Path | None:
+    """Trial `trial` (any: "*") held at the barrier after its first epoch: its
+    reached-<pid>-<trial>-1 file."""
+    return next(iter(barrier.glob(f"reached-*-{trial}-1")), None)
+
+
 @pytest.mark.slow
-def test_sweep_killed_mid_trial_resumes_with_exactly_the_requested_trials(workdir):
+def test_sweep_killed_mid_trial_resumes_with_exactly_the_requested_trials(workdir, capsys):
+    from cnnbench.cli import main
+
     spec = write_spec(workdir, "killed", {"lr": {"type": "float", "low": 0.01, "high": 0.05, "log": True}},
                       {"sampler": "tpe", "pruner": "none", "n_trials": 3, "startup_trials": 2, "final_seeds": [0]},
-                      # trials of several seconds: the state waited for (trial 1 running, with an epoch
-                      # reported) lasts long enough to be seen by polling (at 1,000 images and 3 epochs
-                      # a trial took 0.8 s in CI, and the whole sweep ended between two looks)
-                      activation="relu", train_subset=4000, epochs=8)
+                      activation="relu")
     url = storage_of(workdir, "killed")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "sweep", str(spec)], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    barrier = workdir / "barrier"
+    proc = start_sweep(workdir, spec, barrier=barrier)
 
     def second_trial_mid_way():
-        if not Path(url[len("sqlite:///"):]).exists():
-            return None
-        try:
-            trials = load_running_study(url, "killed").get_trials()
-        except Exception:  # the study is not created yet
-            return None
+        trials = load_running_study(url, "killed").get_trials()
         return next((t for t in trials if t.number == 1 and t.state == TrialState.RUNNING
                      and t.intermediate_values), None)
 
-    try:
-        killed = _wait_for(second_trial_mid_way, 240, proc, "trial 1 had run an epoch")
+    try:  # trial 0 held after its first epoch, let go; trial 1 held after its first: the kill
+        reached = _wait_for(lambda: held(barrier, 0), 600, proc, "trial 0 held after its first epoch")
+        (barrier / reached.name.replace("reached-", "release-")).touch()
+        _wait_for(lambda: held(barrier, 1), 600, proc, "trial 1 held after its first epoch")
+        killed = second_trial_mid_way()
+        assert killed is not None
+    finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
         proc.stdout.close()
 
     # what the killed process left behind: a RUNNING trial and a RUNNING MLflow run
@@ -270,9 +288,9 @@ def test_sweep_killed_mid_trial_resumes_with_exactly_the_requested_trials(workdi
     orphan = study.trials[1].user_attrs["mlflow_run_id"]
     assert client.get_run(orphan).info.status == "RUNNING"
 
-    again = cli("sweep", str(spec), cwd=workdir)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "trial 1 lost" in again.stdout
+    capsys.readouterr()
+    assert main(["sweep", str(spec)]) == 0  # resumed in this process
+    assert "trial 1 lost" in capsys.readouterr().out
 
     trials = optuna.load_study(study_name="killed", storage=url).get_trials()
     states = [t.state for t in trials]
@@ -288,7 +306,7 @@ def test_sweep_killed_mid_trial_resumes_with_exactly_the_requested_trials(workdi
     assert dead.info.status == "KILLED" and dead.data.tags["optuna.state"] == "FAIL"
     redo = client.get_run(retry.user_attrs["mlflow_run_id"])
     assert redo.data.tags["optuna.retry_of"] == "1" and int(redo.data.tags["cnnbench.resumed_from_epoch"]) >= 1
-    assert [m.step for m in client.get_metric_history(redo.info.run_id, "val/acc")] == list(range(1, 9))  # all of it
+    assert [m.step for m in client.get_metric_history(redo.info.run_id, "val/acc")] == [1, 2, 3]  # all of it
     parents, search, final = by_kind(runs)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(search) == 4 and len(final) == 1
     assert (workdir / "results" / "killed" / "final.md").exists()
@@ -298,24 +316,12 @@ def test_sweep_killed_mid_trial_resumes_with_exactly_the_requested_trials(workdi
 @pytest.mark.parametrize("how", ["process", "group"])
 def test_ctrl_c_stops_a_sweep_mid_trial_and_queues_the_trial_again(workdir, how):
     spec = write_spec(workdir, "ctrlc", {"lr": {"type": "float", "low": 0.01, "high": 0.05, "log": True}},
-                      {"sampler": "random", "pruner": "none", "n_trials": 3, "final_seeds": [0]},
-                      epochs=6, train_subset=4000)  # trial 0 lasts seconds: its window is seen
+                      {"sampler": "random", "pruner": "none", "n_trials": 3, "final_seeds": [0]})
     url = storage_of(workdir, "ctrlc")
-    proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "sweep", str(spec)], cwd=workdir,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=how == "group")
-
-    def first_trial_mid_way():  # the state waited for: trial 0 has reported an epoch
-        if not Path(url[len("sqlite:///"):]).exists():
-            return None
-        try:
-            trials = load_running_study(url, "ctrlc").get_trials()
-        except Exception:  # the study is not created yet
-            return None
-        return next((t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values), None)
-
-    try:
-        _wait_for(first_trial_mid_way, 600, proc, "trial 0 had run an epoch")
+    barrier = workdir / "barrier"
+    proc = start_sweep(workdir, spec, barrier=barrier, start_new_session=how == "group")
+    try:  # the state waited for: trial 0 held mid-way through epoch 2 (epoch 1 reported)
+        _wait_for(lambda: held(barrier, 0), 600, proc, "trial 0 held after its first epoch")
         if how == "group":
             os.killpg(proc.pid, signal.SIGINT)
         else:
@@ -375,12 +381,13 @@ def _curve(client, run_id: str, key: str = "train/loss") -> list[tuple[int, floa
 def test_fused_sweep_prunes_one_member_while_the_others_finish(workdir):
     from cnnbench.run.sweep import open_sweep
     from cnnbench.run.workers import work
-    from cnnbench.train.loop import run_trial
 
     # one fused group of three grid points; the threshold pruner must stop lr 0.0002 (near
-    # chance after two epochs) and let the other two (well above 30 %) run all three epochs
-    spec = load_spec(write_spec(workdir, "fprune", {"lr": [0.02, 0.01, 0.0002]},
-                                {"sampler": "grid", "pruner": "none", "final_seeds": [0]}, activation="relu"))
+    # chance after two epochs) and let the other two (well above 30 %) run all three epochs.
+    # tanh at lr 0.01: its curve keeps a rounding difference near float32's last digits
+    # (ReLU at lr 0.02 turned it into 9 % on an Intel CPU, and into 7 % here at two threads)
+    spec = load_spec(write_spec(workdir, "fprune", {"lr": [0.01, 0.005, 0.0002]},
+                                {"sampler": "grid", "pruner": "none", "final_seeds": [0]}, activation="tanh"))
     sweep = open_sweep(spec, fuse_k=3)
     assert sweep.fuse_k == 3 and sweep.target == 3
     sweep.study.pruner = optuna.pruners.ThresholdPruner(lower=30.0, n_warmup_steps=2)
@@ -391,7 +398,7 @@ def test_fused_sweep_prunes_one_member_while_the_others_finish(workdir):
     assert len(trials) == 3  # exactly the requested number, each its own trial
     by_lr = {t.params["lr"]: t for t in trials}
     assert by_lr[0.0002].state == TrialState.PRUNED and sorted(by_lr[0.0002].intermediate_values) == [1, 2]
-    for lr in (0.02, 0.01):
+    for lr in (0.01, 0.005):
         assert by_lr[lr].state == TrialState.COMPLETE and sorted(by_lr[lr].intermediate_values) == [1, 2, 3]
         assert by_lr[lr].value == max(by_lr[lr].intermediate_values.values()) > 30
     assert len({t.user_attrs["worker_pid"] for t in trials}) == 1
@@ -413,50 +420,49 @@ def test_fused_sweep_prunes_one_member_while_the_others_finish(workdir):
     pruned_curve = _curve(client, by_lr[0.0002].user_attrs["mlflow_run_id"])
     assert max(s for s, _ in pruned_curve) == 2 * 2000  # stopped after epoch 2 (2000 training images each)
 
-    # a fused member follows the curve of the same parameters trained alone (fp32: 1e-4)
-    fused = _curve(client, by_lr[0.02].user_attrs["mlflow_run_id"])
-    alone = run_trial(trial_config_of(spec, {"lr": 0.02}), evaluate_test=False)
-    assert [s for s, _ in fused] == [s for s, _ in alone.curve] and len(fused) > 10
-    worst = max(abs(f - a) / abs(a) for (_, f), (_, a) in zip(fused, alone.curve))
-    assert worst < 1e-4, worst
+    # a fused member follows the curve of the same parameters trained alone, within 10 times
+    # the rounding noise of the trial alone (rounding.py)
+    fused = _curve(client, by_lr[0.01].user_attrs["mlflow_run_id"])
+    alone = _alone_curve(spec, {"lr": 0.01})
+    assert [s for s, _ in fused] == [s for s, _ in alone] and len(fused) > 10
+    reference = [loss for _, loss in alone]
+    noise = rounding.curve_noise(lambda **change: [loss for _, loss in _alone_curve(spec, {"lr": 0.01}, **change)],
+                                 reference)
+    rounding.assert_within_noise(rounding.curve_gap(reference, [loss for _, loss in fused]), noise, "fused member")
 
 
-def trial_config_of(spec, params):
+def _alone_curve(spec, params: dict, **change) -> list[tuple[int, float]]:
+    """The train/loss curve of the spec's trial at `params`, trained alone here (`change`:
+    settings that change only the rounding, rounding.curve_noise)."""
     from cnnbench.config.space import trial_config
+    from cnnbench.train.loop import run_trial
 
-    return trial_config(spec, params)
+    return run_trial(trial_config(spec, params).replace(**change), evaluate_test=False).curve
 
 
 @pytest.mark.slow
-def test_fused_sweep_killed_mid_group_resumes_to_exactly_the_requested_trials(workdir):
+def test_fused_sweep_killed_mid_group_resumes_to_exactly_the_requested_trials(workdir, capsys):
+    from cnnbench.cli import main
+
     spec = write_spec(workdir, "fkilled", {"lr": {"type": "float", "low": 0.01, "high": 0.05, "log": True}},
                       {"sampler": "tpe", "pruner": "none", "n_trials": 4, "startup_trials": 2, "final_seeds": [0]},
-                      activation="relu", train_subset=3000)  # an epoch long enough to be caught mid-group
+                      activation="relu")
     url = storage_of(workdir, "fkilled")
-    opened: dict[str, object] = {}  # the storage, opened once it exists (a poll is then one query)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "sweep", str(spec), "--fuse-k", "2"], cwd=workdir,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    barrier = workdir / "barrier"
+    proc = start_sweep(workdir, spec, "--fuse-k", "2", barrier=barrier)
 
     def group_mid_way():
-        if not Path(url[len("sqlite:///"):]).exists():
-            return None
-        try:  # opened as cnnbench opens it: a bare RDBStorage could race the sweep creating the tables
-            if "storage" not in opened:
-                opened["storage"] = stores.optuna_storage(url)
-            trials = optuna.load_study(study_name="fkilled", storage=opened["storage"]).get_trials()
-        except Exception:  # the study is not created yet
-            return None
+        trials = load_running_study(url, "fkilled").get_trials()
         running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
         return running if len(running) == 2 and len(trials) == 2 else None  # the first group, mid-way
 
-    try:
-        killed = _wait_for(group_mid_way, 240, proc, "both members of the first group had run an epoch")
+    try:  # the group held mid-way through epoch 2, once both members recorded epoch 1
+        _wait_for(lambda: held(barrier), 600, proc, "the first group held after its first epoch")
+        killed = group_mid_way()
+        assert killed is not None
+    finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
         proc.stdout.close()
 
     study = optuna.load_study(study_name="fkilled", storage=url)
@@ -467,9 +473,10 @@ def test_fused_sweep_killed_mid_group_resumes_to_exactly_the_requested_trials(wo
     orphans = [t.user_attrs["mlflow_run_id"] for t in study.trials]
     assert [client.get_run(r).info.status for r in orphans] == ["RUNNING"] * 2
 
-    again = cli("sweep", str(spec), "--fuse-k", "2", cwd=workdir)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "trial 0 lost" in again.stdout and "trial 1 lost" in again.stdout
+    capsys.readouterr()
+    assert main(["sweep", str(spec), "--fuse-k", "2"]) == 0  # resumed in this process
+    out = capsys.readouterr().out
+    assert "trial 0 lost" in out and "trial 1 lost" in out
 
     trials = optuna.load_study(study_name="fkilled", storage=url).get_trials()
     states = [t.state for t in trials]

@@ -14,6 +14,7 @@ from cnnbench.train.conv_path import ENV as CONV_PATH_ENV
 from cnnbench.train.device import set_tf32
 from cnnbench.train.wide import widen, widen_reason
 
+import rounding
 from conftest import quick
 
 # trained 200 steps in the equivalence test: the registry's MNIST-sized models
@@ -54,21 +55,21 @@ def test_the_registry_is_covered():
         assert why in widen_reason(get_model(name))
 
 
-# The settings of each model's 200-step comparison, chosen where the model's own rounding
-# noise stays far below the 1e-4 rule: the same trial trained alone in channels-first and
-# in channels-last (the same maths, other rounding) must agree too. Where it does not, the
-# comparison would measure how fast the model amplifies a 1e-7 rounding difference, not the
-# engine (measured at one thread, 200 steps, alone channels-first vs channels-last ->
-# wide vs alone): resnet_bn at lr 1e-4 with momentum 0.9, 1.1e-3 -> 8.7e-4, and at lr 1e-3
-# without momentum 1.3e-3 -> 8.4e-4; resnet with ReLU at lr 1e-3, 1.8e-3 -> 1.4e-3; lenet
-# (tanh) at lr 0.01, 4.4e-4 for the wide trial; inception (tanh) at lr 0.01, 3.5e-3. Momentum
-# multiplies the step tenfold, and a ReLU or a max-pool turns a rounding difference into a
-# different gradient. At these settings (same measurement): lenet5 3.1e-7 -> 4.2e-7, lenet
-# 3.3e-7 -> 3.2e-7, alexnet -> 1.8e-5, inception 8.7e-7 -> 1.4e-6, resnet 1.8e-7 -> 2.2e-7,
-# resnet_bn 3.9e-5 -> 1.6e-5 (its batch statistics amplify rounding: channels-first and
-# channels-last differ by 3.7e-6 from the first step). Smooth activations (tanh; lenet5
-# keeps document 003's sigmoid/tanh). Dropout off: its masks are drawn for the wide tensor,
-# not per trial. Every model still learns in the 200 steps (asserted).
+# The settings of each model's 200-step comparison (rounding.py: the bound is 10 times the
+# rounding noise of the same trial alone, measured in the test), chosen where that noise
+# stays small, so that the comparison measures the engine and not how fast the model
+# amplifies a 1e-7 rounding difference. Measured at one thread, 200 steps, alone
+# channels-first vs channels-last -> wide vs alone, on an AMD EPYC: resnet_bn at lr 1e-4
+# with momentum 0.9, 1.1e-3 -> 8.7e-4, and at lr 1e-3 without momentum 1.3e-3 -> 8.4e-4;
+# resnet with ReLU at lr 1e-3, 1.8e-3 -> 1.4e-3; lenet (tanh) at lr 0.01, 4.4e-4 for the
+# wide trial; inception (tanh) at lr 0.01, 3.5e-3. Momentum multiplies the step tenfold,
+# and a ReLU or a max-pool turns a rounding difference into a different gradient. At these
+# settings (same measurement): lenet5 3.1e-7 -> 4.2e-7, lenet 3.3e-7 -> 3.2e-7, alexnet
+# -> 1.8e-5, inception 8.7e-7 -> 1.4e-6, resnet 1.8e-7 -> 2.2e-7, resnet_bn 3.9e-5 ->
+# 1.6e-5 (its batch statistics amplify rounding: channels-first and channels-last differ
+# by 3.7e-6 from the first step). Smooth activations (tanh; lenet5 keeps document 003's
+# sigmoid/tanh). Dropout off: its masks are drawn for the wide tensor, not per trial.
+# Every model still learns in the 200 steps (asserted).
 SETTINGS = {
     "lenet5": dict(lr=0.02),
     "lenet": dict(activation="tanh", lr=0.001),
@@ -89,15 +90,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model", SMALL)
 def test_wide_trial_follows_the_same_loss_curve_as_alone(data_root, model, device, fp32, one_thread):
-    """fp32: a trial trained in a wide group matches itself trained alone within 1e-4
-    relative over the first 200 steps, batch norm included. Its partner has another lr,
-    momentum and seed, so the batch is per trial, (K, B, ...)."""
+    """fp32: a trial trained in a wide group follows itself trained alone over the first
+    200 steps, batch norm included, within 10 times the rounding noise of the trial alone
+    (rounding.py). Its partner has another lr, momentum and seed, so the batch is per
+    trial, (K, B, ...)."""
     follows_alone(data_root, model, device)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model", ["lenet5", "resnet_bn"])
 def test_wide_trial_on_the_bmm_convolution_follows_alone(data_root, model, device, fp32, one_thread, monkeypatch,
@@ -119,8 +123,14 @@ def follows_alone(data_root, model, device):
     results = train_group([target, other], data_root=data_root, recorders=[fused, Losses()], engine="wide")
     assert results[0].status == results[1].status == FINISHED and results[0].fused_with == 2
     assert len(alone.loss) == len(fused.loss) == 200
-    gaps = [abs(a - f) / abs(a) for a, f in zip(alone.loss, fused.loss)]
-    assert max(gaps) < 1e-4, (max(gaps), gaps.index(max(gaps)))
+
+    def alone_again(**change) -> list[float]:
+        again = Losses()
+        train_group([target.replace(**change)], data_root=data_root, recorders=[again])
+        return again.loss
+
+    noise = rounding.curve_noise(alone_again, alone.loss)
+    rounding.assert_within_noise(rounding.curve_gap(alone.loss, fused.loss), noise, f"wide {model}")
     # the test pass (500 images, on the CPU in pieces of CPU_EVAL_IMAGES // 2): one image at most
     assert results[0].metric("test/acc") == pytest.approx(lone.metric("test/acc"), abs=0.21)
     assert sum(fused.loss[-20:]) < sum(fused.loss[:20])  # it learned
@@ -128,22 +138,32 @@ def follows_alone(data_root, model, device):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", LARGE_CHECKED)
-def test_large_models_widen_to_the_same_logits(model):
+def test_large_models_widen_to_the_same_logits(model, one_thread):
     """Forward only (224 x 224 input), in train mode (batch statistics): shared and
-    per-trial batches."""
+    per-trial batches, within 10 times the rounding noise of the models alone (the same
+    forward in channels-last, and at two threads; rounding.py)."""
     models = []
     for seed in range(2):
         torch.manual_seed(seed)
         models.append(get_model(model, **({"dropout": 0.0} if model != "resnet18" else {})))
     wide = widen(models, in_channels=1)
     x, xs = torch.randn(2, 1, 28, 28), torch.randn(2, 2, 1, 28, 28)
+
+    def alone(inputs) -> torch.Tensor:  # N x K x classes
+        return torch.stack([m(inputs[k]) for k, m in enumerate(models)], 1)
+
     with torch.no_grad():
-        alone = torch.stack([m(x) for m in models], 1)
-        shared = wide(x).view(2, 2, -1)  # N x K x classes
-        own = torch.stack([m(xs[k]) for k, m in enumerate(models)], 1)
+        lone = alone([x, x])
+        shared = wide(x).view(2, 2, -1)
+        own = alone(xs)
         per_trial = wide(xs.permute(1, 0, 2, 3, 4).reshape(2, 2, 28, 28)).view(2, 2, -1)
-    assert torch.allclose(shared, alone, rtol=1e-4, atol=1e-5), (shared - alone).abs().max()
-    assert torch.allclose(per_trial, own, rtol=1e-4, atol=1e-5), (per_trial - own).abs().max()
+        with rounding.threads(2):
+            noise = [rounding.tensor_gap(lone, alone([x, x])), rounding.tensor_gap(own, alone(xs))]
+        for m in models:
+            m.to(memory_format=torch.channels_last)
+        noise += [rounding.tensor_gap(lone, alone([x, x])), rounding.tensor_gap(own, alone(xs))]
+    rounding.assert_within_noise(rounding.tensor_gap(lone, shared), max(noise), f"{model}, a shared batch")
+    rounding.assert_within_noise(rounding.tensor_gap(own, per_trial), max(noise), f"{model}, a batch per trial")
 
 
 def test_engine_choice_and_fallbacks():
@@ -162,7 +182,7 @@ def test_engine_choice_and_fallbacks():
 
 
 def test_the_cpu_shares_a_study_out_over_its_workers_in_wide_groups():
-    from cnnbench.run.study import cpu_groups, execution
+    from cnnbench.run.layout import cpu_groups, execution
 
     assert cpu_groups(5, 2, 16) == 3 and cpu_groups(15, 2, 16) == 8 and cpu_groups(1, 2, 16) == 1
     assert cpu_groups(40, 2, 16) == 16
@@ -178,6 +198,7 @@ class StopAfter(Recorder):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_a_wide_group_with_batch_norm_resumes_and_writes_single_trial_checkpoints(data_root, tmp_path):
     configs = [quick(model="resnet_bn", epochs=3, lr=lr) for lr in (0.05, 0.01)]
     dirs = [tmp_path / "a", tmp_path / "b"]
@@ -238,3 +259,98 @@ def test_every_engine_meets_the_one_engine_protocol():
         def load_trial_state(self, k, state): ...
 
     assert not isinstance(NoEvalBatch(), Engine)
+
+
+# the wide groups whose steps a CUDA graph's warm-up must undo: a shared batch (dense conv1),
+# one batch per stream (3 trials on 2 seeds), batch norm's running statistics (buffers)
+RESTORED = {"shared": ("lenet5", [0, 0, 0]), "per-stream": ("lenet5", [0, 1, 0]), "batch-norm": ("resnet_bn", [0, 1])}
+
+
+@pytest.mark.parametrize("case", list(RESTORED))
+def test_a_wide_engine_restored_from_its_state_tensors_trains_as_if_untouched(data_root, case, monkeypatch):
+    """What graphs.StepGraph's warm-up relies on: every tensor a wide step changes is in
+    `state_tensors()` (weights, momentum buffers, batch norm statistics), so steps taken and
+    undone leave no trace: snapshot, three steps, restore, five steps == five fresh steps."""
+    from cnnbench.train.loop import load_data
+    from cnnbench.train.streams import ENV as DEDUPE_ENV
+    from cnnbench.train.wide import WideEngine
+
+    monkeypatch.setenv(DEDUPE_ENV, "1")  # the per-stream case on the CPU too
+
+    model, seeds = RESTORED[case]
+    base = quick(model=model, activation="relu", lr=0.05, momentum=0.9, weight_decay=1e-4)
+    configs = [base.replace(lr=0.05 / (1 + i), seed=s) for i, s in enumerate(seeds)]
+    data = load_data(base, data_root, torch.device("cpu"))
+    streams = sorted(set(seeds))
+    orders = [data.epoch_order(s, 0) for s in streams]
+
+    def steps(engine, first, count):
+        engine.begin_epoch([[c.lr for c in configs]])
+        engine.train(True)
+        out = []
+        for s in range(first, first + count):
+            rows = [o[s * 64:(s + 1) * 64] for o in orders]
+            xs, ys = [data.to_float(data.train.x[r]) for r in rows], [data.train.y[r] for r in rows]
+            x, y = (xs[0], ys[0]) if len(rows) == 1 else (torch.stack(xs), torch.stack(ys))
+            out.append(engine.train_step(x, y, 0).tolist())
+        return out
+
+    fresh = steps(WideEngine(configs, data.device, data.info), 0, 5)
+    engine = WideEngine(configs, data.device, data.info)
+    assert engine.per_stream == (case == "per-stream")
+    saved = [t.detach().clone() for t in engine.state_tensors()]
+    steps(engine, 10, 3)  # the warm-up, on other batches
+    with torch.no_grad():
+        for t, s in zip(engine.state_tensors(), saved):
+            t.copy_(s)
+    assert steps(engine, 0, 5) == fresh
+
+
+def test_graph_reason_lets_a_wide_step_be_captured():
+    """graphs.graph_reason on CUDA (the decision only: nothing runs on a GPU here)."""
+    from cnnbench.data.tensors import DATASETS
+    from cnnbench.train.graphs import graph_reason
+    from cnnbench.train.wide import WideEngine
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    configs = [quick(), quick(lr=0.02, seed=1), quick(lr=0.05)]
+    wide = WideEngine(configs, cpu, DATASETS["mnist"])
+    assert graph_reason(configs, wide, cuda, per_step_lr=False) == ""
+    assert graph_reason(configs, wide, cpu, per_step_lr=False) == "not on CUDA"
+    assert "schedule" in graph_reason(configs, wide, cuda, per_step_lr=True)
+    off = [c.replace(cuda_graphs=False) for c in configs]
+    assert graph_reason(off, wide, cuda, per_step_lr=False) == "cuda_graphs is off"
+    adam = [c.replace(optimizer="adam") for c in configs]
+    assert "adam" in graph_reason(adam, wide, cuda, per_step_lr=False)
+
+    class NoState:  # an engine that cannot restore what its steps change
+        pass
+
+    assert "cannot restore" in graph_reason(configs, NoState(), cuda, per_step_lr=False)
+
+
+def test_the_fused_engine_follows_the_measured_speeds(tmp_path, monkeypatch):
+    """fused.default_engine: the wide engine on the CPU whatever was measured; elsewhere the
+    faster one measured for this device, model, batch size and nearest K (measured.py), vmap
+    where nothing was measured or the file is damaged."""
+    from cnnbench.train.fused import default_engine
+    from cnnbench.train.measured import entry, measured_engine, record_speeds, speeds_file
+
+    gpu, config = "NVIDIA H100 80GB HBM3", quick()
+    path = speeds_file(tmp_path)
+    assert default_engine(config, "cuda", gpu, 16, speeds=path) == "vmap"  # nothing measured
+    record_speeds([entry(gpu, "lenet5", 64, 4, {"vmap": 2e5, "wide": 1e5}),
+                   entry(gpu, "lenet5", 64, 64, {"vmap": 1e6, "wide": 2e6}),
+                   entry("another GPU", "lenet5", 64, 16, {"vmap": 1.0, "wide": 9.0})], path)
+    assert default_engine(config, "cuda", gpu, 3, speeds=path) == "vmap"  # nearest measured K: 4
+    assert default_engine(config, "cuda", gpu, 32, speeds=path) == "wide"  # 64 (log scale: 32 is nearer 64 than 4)
+    assert default_engine(config, "cpu", "x86_64", 3, speeds=path) == "wide"
+    assert measured_engine(gpu, "lenet", 64, 16, path=path) is None  # another model
+    assert measured_engine(gpu, "lenet5", 128, 16, path=path) is None  # another batch size
+    record_speeds([entry(gpu, "lenet5", 64, 64, {"vmap": 3e6, "wide": 2e6})], path)  # measured again: replaced
+    assert measured_engine(gpu, "lenet5", 64, 64, path=path) == "vmap"
+    assert len(__import__("json").loads(path.read_text())["entries"]) == 3
+    path.write_text("{not json")
+    assert default_engine(config, "cuda", gpu, 64, speeds=path) == "vmap"
+    monkeypatch.setenv("CNNBENCH_HOME", str(tmp_path / "state"))
+    assert speeds_file() == tmp_path / "state" / "engine-speeds.json"

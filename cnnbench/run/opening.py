@@ -66,7 +66,7 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
                  tracking: str | None = None, state: Any = None, results_root: Any = "results",
                  n_trials: int | None = None, sampler_seed: int | None = None, data_root: Any = None,
                  command: str = "", worker: str = "", fuse_k: int | None = None,
-                 wide_only: bool = False, checked: bool = False, role: str = "lead",
+                 wide_only: bool = False, engine: str | None = None, checked: bool = False, role: str = "lead",
                  supervisor: str | None = None, slot: str | None = None, share_checkpoints: bool = False,
                  checkpoint_uri: str | None = None, check_stores: Callable[[str, str], None] | None = None,
                  executor: str = "local", node: str = "") -> Session:
@@ -79,13 +79,12 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
     `share_checkpoints`: every epoch's resume checkpoint also goes where any node reads it,
     `checkpoint_uri` or else the trial's MLflow run (checkpoint_share.py). `check_stores(url,
     uri)`: the executor's refusal of stores its workers cannot reach, before anything is created.
-    `executor`, `node`: what started this process and where it runs, for its runs' tags."""
+    `executor`, `node`: what started it and where, for its runs' tags. `engine`: see Session."""
     stores.quiet_mlflow()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     open_args = dict(plan=plan, storage=storage, tracking=tracking, state=state, results_root=results_root,
-                     n_trials=n_trials, sampler_seed=sampler_seed, data_root=data_root, command=command,
-                     fuse_k=fuse_k, wide_only=wide_only, share_checkpoints=share_checkpoints,
-                     checkpoint_uri=checkpoint_uri)
+                     n_trials=n_trials, sampler_seed=sampler_seed, data_root=data_root, command=command, fuse_k=fuse_k,
+                     wide_only=wide_only, engine=engine, share_checkpoints=share_checkpoints, checkpoint_uri=checkpoint_uri)
     root = state_dir(state)
     url = storage or stores.default_url(spec.name, root)
     uri = tracking_uri(tracking)
@@ -106,9 +105,9 @@ def open_session(spec: StudySpec, kind: Kind, *, plan: Any = None, storage: str 
                       lock=optuna_store.ClaimLock(url, opened.study.study_name), tracker=tracker,
                       parent="", target=opened.target, out_dir=out_dir, ckpt_root=root / "checkpoints" / spec.name,
                       data_root=data_root, command=command, worker=worker or worker_name(optuna_store.identity()),
-                      grid_size=opened.grid_size, fuse_k=opened.fuse_k, wide_only=wide_only, configs=opened.configs,
-                      plan=plan, open_args=open_args, supervisor=supervisor, slot=slot, owner=owner, role=role,
-                      executor=executor, node=node or processes.host())
+                      grid_size=opened.grid_size, fuse_k=opened.fuse_k, wide_only=wide_only, engine=engine,
+                      configs=opened.configs, plan=plan, open_args=open_args, supervisor=supervisor, slot=slot,
+                      owner=owner, role=role, executor=executor, node=node or processes.host())
     if share_checkpoints or checkpoint_uri:
         session.share = CheckpointShare(session.tracker, checkpoint_uri)
     holder["session"] = session
@@ -126,14 +125,14 @@ def checked_and_owned(spec: StudySpec, kind: Kind, plan: Any, *, url: str, uri: 
     """The preflight (unless `checked`), then the results folder's lock for the process that
     leads an execution: held (returned), joined (None: the same execution holds it), or
     refused (ConfigError: another execution's)."""
-    configs = kind.configs_to_check(spec, plan)  # first: a spec of the other kind is refused here, in one line
+    configs = [] if checked else kind.configs_to_check(spec, plan)  # a spec that is not of this kind: refused first
     name, execution = kind.execution(spec, plan, uri=uri, url=url)
     owner = ResultsOwner(out_dir, execution, f"{kind.name} {spec.name}") if lead else None
     if not checked:
         lock_file = optuna_store.ClaimLock(url, name).file
         with timings.phase("session/preflight"):
-            preflight(spec, configs, url=url, uri=uri, data_root=data_root,
-                      out_dir=out_dir, paths=[out_dir / "summary.csv", root / "checkpoints" / spec.name / "x"]
+            preflight(spec, configs, url=url, uri=uri, data_root=data_root, out_dir=out_dir,
+                      paths=[out_dir / "summary.csv", root / "checkpoints" / spec.name / "x"]
                       + ([owner.path] if owner else []) + ([lock_file] if lock_file else []))
     if owner is not None and not owner.take():
         return None  # the same execution holds it: this process joins it

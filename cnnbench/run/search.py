@@ -14,6 +14,7 @@ import optuna
 from cnnbench.config.space import OBJECTIVES
 from cnnbench.config.spec import StudySpec
 from cnnbench.config.trial import TrialConfig
+from cnnbench.run import barrier
 from cnnbench.run import storage as sweep_storage
 from cnnbench.run.session import trial_id
 from cnnbench.track import jobs, stores
@@ -71,6 +72,8 @@ class PruningRecorder(Recorder):
         self.inner, self.trial, self.metric, self.on_epoch, self.on_log = inner, trial, metric, on_epoch, on_log
         self.url = stores.absolute(url)  # the Optuna storage, as the writer process opens it
         self.on_checkpoint = on_checkpoint
+        self.recorded = 0  # the last epoch recorded here (this process)
+        self.held = False  # by the tests' barrier (barrier.py), once per trial
 
     def start(self, config: TrialConfig, info: dict[str, Any], resumed: TrialResult | None) -> None:
         self.inner.start(config, info, resumed)
@@ -90,9 +93,13 @@ class PruningRecorder(Recorder):
         self.inner.train_loss(samples, loss)
         if self.on_log is not None:
             self.on_log()
+        if self.recorded and not self.held:  # mid-way through the epoch after the first recorded
+            self.held = True
+            barrier.hold(self.trial.number, self.recorded)
 
     def epoch(self, record: dict[str, float]) -> str | None:
         self.inner.epoch(record)
+        self.recorded = int(record[EPOCH])
         if self.on_epoch is not None:
             self.on_epoch(record)
         if not self.metric:

@@ -176,6 +176,7 @@ class Session:
     grid_size: int = 0
     fuse_k: int = 1  # trials claimed and trained fused at once (1: one at a time)
     wide_only: bool = False  # fuse only models that widen (the CPU default)
+    engine: str | None = None  # the fused engine preferred ("wide", "vmap"; None: fused.engine_for's choice)
     configs: dict[str, TrialConfig] = field(default_factory=dict)  # a study's runs by key, in queue order
     plan: Plan | None = None
     skipped: int = 0  # a study's runs already finished when this process opened it

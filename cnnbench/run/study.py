@@ -19,7 +19,6 @@ numbers from that run's per-epoch record (`config.space.plan`).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +44,9 @@ from cnnbench.run.executors.slurm import Submitted
 from cnnbench.run.pool import supervise
 from cnnbench.run.trials import say_engine
 from cnnbench.run.workers import work
+from cnnbench.run.layout import Execution, cpu_groups, cpu_layout, decide, kept_layout, layout_tags
 from cnnbench.track.schema import ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON, TAG_FUSE, TAG_THREADS, TAG_WORKERS
-from cnnbench.train.device import resolve_device, usable_cores
+from cnnbench.train.calibration import applied
 from cnnbench.errors import StorageError, Unfinished
 from cnnbench.train.result import DIVERGED, FAILED, FINISHED, TrialResult
 from cnnbench.util import interrupt
@@ -73,7 +73,8 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
               tracking: str | None = None, state: str | os.PathLike | None = None, storage: str | None = None,
               fuse: bool | None = None, workers: int | None = None, max_fuse: int = 16, command: str = "",
               final: bool = True, share_cores: bool = False, executor: Any = "local",
-              checkpoint_uri: str | None = None, timings: bool = False) -> StudyOutcome | Submitted | None:
+              checkpoint_uri: str | None = None, timings: bool = False,
+              fast: bool = False) -> StudyOutcome | Submitted | None:
     """Run (or join) the study: train its runs here, or in `workers` workers, and write
     the results when this is the process that ends it (None where another one does; a
     Submitted where a Slurm executor without `wait` only submitted the workers).
@@ -83,24 +84,28 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
     `executor`: where the workers run ("local", "ray", "slurm", or executors.settings'
     Local / Ray / Slurm); `checkpoint_uri`: a folder or fsspec URL every node reaches for
     the resume checkpoints (default with a cluster executor: the runs' MLflow artifacts).
-    `timings`: the phase table in the outcome and on the parent run (run/phases.py)."""
+    On the CPU with local workers, the layout this machine's calibration chose (its `fast`
+    one with `fast`; see `decide`) where one is cached in the state folder. `timings`: the
+    phase table in the outcome and on the parent run (run/phases.py)."""
     timer = Timed(timings)
     p = plan(spec)
     device = p.runs[0].device
-    asked_to_fuse = fuse
     workers = notebook_workers(f"study {spec.name}", networks(spec, p.runs), workers)
-    fuse, workers, threads = execution(device, fuse, workers)
-    wide_only = resolve_device(device).type == "cpu" and asked_to_fuse is None  # the CPU fuses only what widens
-    runner = prepare(executor, threads=threads, share_cores=share_cores)
+    runner = prepare(executor, share_cores=share_cores)
+    layout = cpu_layout(device, state, fast=fast) if isinstance(runner, LocalPlan) else None
+    ex = decide(device, fuse, workers, max_fuse, layout)
     session = open_session(spec, GRID, plan=p, storage=storage, tracking=tracking, state=state,
                            results_root=results_root, data_root=data_root, command=command,
-                           fuse_k=max_fuse if fuse else 1, wide_only=wide_only, check_stores=runner.check_stores,
-                           checkpoint_uri=checkpoint_uri)
+                           fuse_k=ex.max_fuse if ex.fuse else 1, wide_only=ex.wide_only, engine=ex.engine,
+                           check_stores=runner.check_stores, checkpoint_uri=checkpoint_uri)
     try:  # from here a stop request leaves the parent run KILLED (open_session covers its own stretch)
+        ex = decide(device, fuse, workers, max_fuse, kept_layout(session, layout)) if ex.on_cpu else ex
+        if isinstance(runner, LocalPlan):
+            runner = prepare(executor, threads=ex.threads, share_cores=share_cores)
         if detached(runner) and len(session.configs) > session.skipped:  # Slurm's --no-wait: the tasks finish it
-            return runner.submit(session, share_out(session, fuse, workers, threads, max_fuse),
-                                 final=finish if final else None)
-        report = train(session, runner, fuse, workers, threads, max_fuse)
+            return runner.submit(session, share_out(session, ex), final=finish if final else None)
+        with applied(ex.layout):
+            report = train(session, runner, ex)
         if report is not None and report.stopped:
             left_undone(session, report.stopped)
         outcome = finish(session) if final else None
@@ -119,33 +124,40 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
         session.close()
 
 
-def train(session: Session, runner: Any, fuse: bool, workers: int, threads: int | None, max_fuse: int) -> Any:
-    """The study's pending runs trained here, or by `workers` workers of `runner` (the
+def train(session: Session, runner: Any, ex: Execution) -> Any:
+    """The study's pending runs trained here, or by `ex.workers` workers of `runner` (the
     executor); their report (None when nothing was pending)."""
     pending = len(session.configs) - session.skipped
-    workers = share_out(session, fuse, workers, threads, max_fuse)
+    workers = share_out(session, ex)
     if pending and (workers > 1 or not isinstance(runner, LocalPlan)):
         with phase("workers/start, then wait for them"):
             return supervise(session, runner.for_workers(workers), workers)
     if pending:
-        if threads:
-            torch.set_num_threads(threads)
+        if ex.threads:
+            torch.set_num_threads(ex.threads)
         return work(session)
     return None
 
 
-def share_out(session: Session, fuse: bool, workers: int, threads: int | None, max_fuse: int) -> int:
-    """The workers the pending runs get (at most one a run), the size of each one's wide
-    group on the CPU, and the parent run's tags that say so."""
+def share_out(session: Session, ex: Execution) -> int:
+    """The workers the pending runs get (at most one a run), the engine and the size of
+    each one's group (on the CPU by default one group per worker), and the parent run's
+    tags that say so (on the CPU its layout too)."""
     pending = len(session.configs) - session.skipped
-    if session.wide_only:  # one wide group per worker
-        session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, workers, max_fuse)
-    session.threads = threads
-    for key, value in {TAG_FUSE: str(fuse), TAG_WORKERS: str(workers), TAG_THREADS: str(threads or "")}.items():
+    session.wide_only = session.open_args["wide_only"] = ex.wide_only
+    session.engine = session.open_args["engine"] = ex.engine
+    session.fuse_k = session.open_args["fuse_k"] = ex.max_fuse if ex.fuse else 1  # a kept layout's K
+    if ex.share_out:  # one group per worker
+        session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, ex.workers, ex.max_fuse)
+    session.threads = ex.threads
+    tags = {TAG_FUSE: str(ex.fuse), TAG_WORKERS: str(ex.workers), TAG_THREADS: str(ex.threads or "")}
+    if ex.on_cpu:
+        tags.update(layout_tags(ex.layout))
+    for key, value in tags.items():
         session.tracker.client.set_tag(session.parent, key, value)
     if pending:
-        say_engine(session, fuse)
-    return max(1, min(workers, pending))
+        say_engine(session, ex.fuse)
+    return max(1, min(ex.workers, pending))
 
 
 def left_undone(session: Session, why: str) -> None:
@@ -160,31 +172,6 @@ def left_undone(session: Session, why: str) -> None:
                "run the same command to go on")
     pause_parent(session, "FAILED", message)
     raise Unfinished(message)
-
-
-def execution(device: str, fuse: bool | None, workers: int | None) -> tuple[bool, int, int | None]:
-    """(fuse, worker processes, threads per trial) for a study on `device`.
-
-    Measured with `cnnbench bench` on a 2-core CPU: two single-thread worker processes
-    beat one two-thread process by about 1.3x, and a wide group (wide.py) in each worker
-    beats one trial per worker (see docs/speed.md), where vmap-fused trials
-    are slower than one at a time; on an accelerator fusing is the point. So by default:
-    on the CPU one worker per core, one thread each, each training a wide group of the
-    trials whose model widens (`cpu_groups`), every trial on its threads from start to end,
-    so a study's numbers are the same bits however its workers' timing falls (with
-    `share_cores`, a worker that runs out of work gives its core to those still training:
-    run/cores.py); elsewhere fused groups in one process."""
-    on_cpu = resolve_device(device).type == "cpu"
-    cores = usable_cores()
-    fuse = True if fuse is None else fuse
-    workers = (cores if on_cpu else 1) if workers is None else workers
-    return fuse, workers, max(1, cores // workers) if on_cpu else None
-
-
-def cpu_groups(n_trials: int, workers: int, max_fuse: int) -> int:
-    """The largest wide group on the CPU: the trials shared out evenly over the workers
-    (5 trials on 2 workers: groups of 3 and 2), so that every worker has a group."""
-    return max(1, min(max_fuse, math.ceil(n_trials / max(1, workers))))
 
 
 def _chosen(session: Session, trials: list[Any]) -> dict[str, Any]:

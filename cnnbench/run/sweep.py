@@ -79,7 +79,7 @@ MAX_FAILURES_IN_A_ROW = 3  # a worker whose trials keep failing (a broken device
 def default_fuse_k(device: str) -> int:
     """Trials a worker trains at once by default: FUSE_K on CUDA and MPS, where K fused
     LeNets take little longer per step than one; 1 on the CPU, where they take about K
-    times as long and one trial at a time is as fast (see study.execution)."""
+    times as long and one trial at a time is as fast (see run.layout.execution)."""
     return 1 if resolve_device(device).type == "cpu" else FUSE_K
 
 
@@ -228,13 +228,14 @@ def start_parent(session: Session) -> str:
 
 def open_sweep(spec: StudySpec, *, storage: str | None = None, tracking: str | None = None, state: Any = None,
                results_root: Any = "results", n_trials: int | None = None, sampler_seed: int | None = None,
-               data_root: Any = None, command: str = "", fuse_k: int | None = None,
+               data_root: Any = None, command: str = "", fuse_k: int | None = None, worker: str = "",
                check_stores: Any = None, checkpoint_uri: str | None = None) -> Session:
     """Check everything, then create or join the sweep's Optuna study and MLflow parent run.
-    `fuse_k` None: `default_fuse_k` of the spec's device."""
+    `fuse_k` None: `default_fuse_k` of the spec's device. `worker`: the label of this
+    process's lines (default: host and pid)."""
     return open_session(spec, SWEEP, storage=storage, tracking=tracking, state=state, results_root=results_root,
                         n_trials=n_trials, sampler_seed=sampler_seed, data_root=data_root, command=command,
-                        fuse_k=fuse_k, check_stores=check_stores, checkpoint_uri=checkpoint_uri)
+                        fuse_k=fuse_k, worker=worker, check_stores=check_stores, checkpoint_uri=checkpoint_uri)
 
 
 def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, share_cores: bool = False,

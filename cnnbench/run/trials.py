@@ -2,7 +2,8 @@
 
 One path whatever the batch's size: the claimed trials are split into groups that can
 train fused (fused.group_key, and the epoch their checkpoints resume from), and each
-group goes through `train_group`: one FusedEngine, or the SingleEngine for a lone trial.
+group goes through `train_group`: one fused engine, or the SingleEngine for a lone trial.
+On CUDA, groups that may (side_by_side.plan) train side by side, each on its own stream.
 Every member stays its own trial: its own heartbeat, MLflow child run, pruning (only it
 stops), checkpoints and outcome. An error fails every member not told yet with the
 reason (a stop request and a fault of the machine are the worker loop's: it queues them
@@ -31,8 +32,9 @@ from cnnbench.run.session import Member, Outcome, Session, trial_id
 from cnnbench.track import jobs, stores
 from cnnbench.track.schema import EPOCH, TAG_CHECKPOINT, TAG_ENGINE, TAG_EXECUTOR, TAG_NODE, TAG_WORKER
 from cnnbench.track.writer import run_name
+from cnnbench.train import side_by_side
 from cnnbench.train.device import resolve_device
-from cnnbench.train.fused import engine_choice, fuse_groups
+from cnnbench.train.fused import engine_choice, fuse_groups, preferred_engine
 from cnnbench.train.checkpoint import resume_epoch
 from cnnbench.train.loop import load_data, train_group
 from cnnbench.train.result import TrialResult
@@ -56,8 +58,9 @@ def train_claimed(session: Session, batch: list[Any], data_cache: dict[tuple, An
         with contextlib.ExitStack() as beats:
             for m in members:
                 beats.enter_context(optuna_store.Heartbeat(session.storage, trial_id(m.trial)))
-            for group in fused_groups(members, session.fuse_k, wide_only=session.wide_only, root=session.data_root):
-                states += train_members(session, group, data_cache)
+            groups = fused_groups(members, session.fuse_k, wide_only=session.wide_only, root=session.data_root)
+            for wave in waves(groups):
+                states += train_wave(session, [groups[i] for i in wave], data_cache)
     except KeyboardInterrupt:  # the worker loop fails and queues again every member not told
         raise
     except BaseException as err:
@@ -103,7 +106,8 @@ def engine_line(session: Session, fuse: bool) -> str:
     if not fuse or session.fuse_k <= 1:
         why = "fusing off" if not fuse else "one trial per worker"
         return "; ".join(f"{m}: one trial at a time ({why})" for m in models)
-    return "; ".join(engine_choice(c, wide_only=session.wide_only, root=session.data_root) for c in models.values())
+    return "; ".join(engine_choice(c, wide_only=session.wide_only, root=session.data_root, preferred=session.engine)
+                     for c in models.values())
 
 
 def say_engine(session: Session, fuse: bool) -> None:
@@ -125,17 +129,44 @@ def fused_groups(members: list[Member], max_k: int, *, wide_only: bool = False, 
     return out
 
 
-def train_members(session: Session, group: list[Member], data_cache: dict[tuple, Any]) -> list[str]:
+def waves(groups: list[list[Member]]) -> list[list[int]]:
+    """The groups' indices in waves that train side by side (on CUDA; side_by_side.plan)."""
+    if not groups:
+        return []
+    device = resolve_device(groups[0][0].config.device)
+    return side_by_side.plan([g[0].config for g in groups], device.type)
+
+
+def train_wave(session: Session, groups: list[list[Member]], data_cache: dict[tuple, Any]) -> list[str]:
+    """Groups that train side by side, each on its own CUDA stream (side_by_side.py), or one
+    group alone. Returns the states' names, group by group."""
+    if len(groups) == 1:
+        return train_members(session, groups[0], data_cache)
+    trial_data(session, groups[0][0].config, data_cache)  # loaded once, before the threads share it
+    device = resolve_device(groups[0][0].config.device)
+    tasks = [functools.partial(train_members, session, g, data_cache) for g in groups]
+    session.say(f"[{session.worker}] {len(groups)} groups side by side on {device}")
+    return [state for states in side_by_side.run_together(tasks, device) for state in states]
+
+
+def train_members(session: Session, group: list[Member], data_cache: dict[tuple, Any],
+                  wave: side_by_side.Wave | None = None) -> list[str]:
     """One group through train_group (a lone member: the SingleEngine), one PruningRecorder
     per member reporting to its own trial and MLflow run. A pruned or diverging member
-    stops alone; the group ends when none is left. Each outcome is handed to the
-    background writer (`record`). Returns the states' names."""
+    stops alone; the group ends when none is left; a group of a `wave` (side by side) also
+    when the wave stops. Each outcome is handed to the background writer (`record`).
+    Returns the states' names."""
     configs = [m.config for m in group]
     t0 = time.perf_counter()
     label = ", ".join(run_name(c, session.names) for c in configs)[:60]
-    results = train_group(configs, recorders=[recorder(session, m) for m in group],
+    engine = preferred_engine(configs[0], session.engine, session.data_root) if len(configs) > 1 else None
+    recorders = [recorder(session, m) for m in group]
+    if wave is not None:
+        recorders = [side_by_side.StopRecorder(r, wave) for r in recorders]
+    results = train_group(configs, recorders=recorders,
                           checkpoint_dirs=[m.ckpt for m in group], evaluate_test=session.kind.evaluate_test,
-                          data=trial_data(session, configs[0], data_cache), progress=label, wait=False)
+                          data=trial_data(session, configs[0], data_cache), progress=label, engine=engine,
+                          wait=False)
     states = []
     for m, result in zip(group, results):
         outcome = session.kind.outcome(session, result)

@@ -117,21 +117,23 @@ def time_paths(x_shape: Sequence[int], w_shape: Sequence[int], *, device: torch.
                ) -> dict[str, float]:
     """Microseconds per forward + backward call of each path, the best of `repeats` calls."""
     x, w, b = operands(x_shape, w_shape, device=device, bias=bias, dtype=dtype, channels_last=channels_last)
-    times = {}
     with torch.enable_grad():  # also when the first call comes from a no_grad test pass
-        for name, conv in PATHS.items():
-            step = fb_step(conv, x, w, b, stride, padding, dilation, groups)
-            for _ in range(WARMUP):
-                step()
-            best = float("inf")
-            for _ in range(repeats):
-                sync(device)
-                start = time.perf_counter()
-                step()
-                sync(device)
-                best = min(best, time.perf_counter() - start)
-            times[name] = best * 1e6
-    return times
+        return {name: best_time(fb_step(conv, x, w, b, stride, padding, dilation, groups), device, repeats)
+                for name, conv in PATHS.items()}
+
+
+def best_time(step: Any, device: torch.device, repeats: int = REPEATS, warmup: int = WARMUP) -> float:
+    """Microseconds per call of `step`: the best of `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best * 1e6
 
 
 def fb_step(conv: Any, x: Tensor, w: Tensor, b: Tensor | None, stride: Any, padding: Any, dilation: Any,

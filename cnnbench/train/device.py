@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import threading
 from typing import Sequence
 
 import torch
@@ -14,9 +15,12 @@ from torch import nn
 from cnnbench.config.trial import TrialConfig
 from cnnbench.data.memory import check_fits
 from cnnbench.data.tensors import DatasetInfo, dataset_info, train_test
-from cnnbench.errors import DeviceError
+from cnnbench.errors import ConfigError, DeviceError
 from cnnbench.models import get_model, model_identity
 from cnnbench.models.user import check_model
+
+# the CPU's channels-last default for `channels_last: null` (1 or 0; unset: 1)
+CHANNELS_LAST_ENV = "CNNBENCH_CHANNELS_LAST"
 
 
 def usable_cores() -> int:
@@ -72,6 +76,12 @@ def set_tf32(enabled: bool) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
+# torch's global generator is the process's: a model is seeded and built whole under this
+# lock (and the loop reseeds it each epoch under it), also while groups train side by side
+# in threads (side_by_side.py)
+RNG_LOCK = threading.RLock()
+
+
 def check_inputs(configs: Sequence[TrialConfig], data_root: str | os.PathLike | None) -> None:
     """What trials need, checked before anything is written: their devices, their data
     (read, split, and small enough for each device), and each of the user's networks
@@ -91,20 +101,27 @@ def check_inputs(configs: Sequence[TrialConfig], data_root: str | os.PathLike | 
 
 def build_model(config: TrialConfig, info: DatasetInfo) -> nn.Module:
     """The trial's model with its initial weights: torch's default init after seeding."""
-    torch.manual_seed(config.seed)
-    return get_model(config.model, in_channels=info.channels, num_classes=info.classes,
-                     image_size=info.size, activation=config.activation, dropout=config.dropout)
+    with RNG_LOCK:
+        torch.manual_seed(config.seed)
+        return get_model(config.model, in_channels=info.channels, num_classes=info.classes,
+                         image_size=info.size, activation=config.activation, dropout=config.dropout)
 
 
 def use_channels_last(config: TrialConfig, device: torch.device, info: DatasetInfo | None = None) -> bool:
-    """The `channels_last` setting, with null resolved per device: on for the CPU, where
-    oneDNN's channels-last convolutions and pools measured 14-28% faster for every model
-    here (`cnnbench bench --options`), off elsewhere until measured there. A user's
-    network is on for the CPU only where a channels-last batch goes through it (a
+    """The `channels_last` setting, with null resolved per device: on the CPU
+    `CNNBENCH_CHANNELS_LAST` (1 or 0: the calibration's choice, train/calibration.py), else
+    on, where oneDNN's channels-last convolutions and pools measured 14-28% faster for
+    every model here (`cnnbench bench --options`); off elsewhere until measured there. A
+    user's network is on for the CPU only where a channels-last batch goes through it (a
     `x.view(n, -1)` in its forward fails on one): `takes_channels_last`."""
     if config.channels_last is not None:
         return config.channels_last
     if device.type != "cpu":
+        return False
+    value = os.environ.get(CHANNELS_LAST_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ConfigError(f"{CHANNELS_LAST_ENV}={value!r}: expected 1 or 0")
+    if value == "0":
         return False
     return model_identity(config.model) is None or takes_channels_last(config, info or dataset_info(config.dataset))
 

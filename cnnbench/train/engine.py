@@ -22,6 +22,9 @@ class Engine(Protocol):
 
     k: int  # trials trained together
     eval_images: int | None  # test images per forward pass, at most (loop.evaluate); None: no limit
+    # True: trials on several seeds get one batch per stream, (S, B, ...) in the order of the
+    # distinct seeds, and the engine gives each trial its stream's (wide.py); False: (K, B, ...)
+    per_stream: bool
 
     def begin_epoch(self, lrs: list[list[float]]) -> None:
         """`lrs[step][k]`: the learning rates, one row for the whole epoch or one per step."""
@@ -33,8 +36,9 @@ class Engine(Protocol):
         """Training (dropout on, batch statistics) or evaluation mode."""
 
     def train_step(self, x: Tensor, y: Tensor, step: int) -> Tensor:
-        """One step of every trial on the batch (B, ...) all share or the K batches (K, B, ...);
-        the K training losses, on the device (no host sync)."""
+        """One step of every trial on the batch (B, ...) all share, the K batches (K, B, ...)
+        or, where `per_stream`, the S streams' (S, B, ...); the K training losses, on the
+        device (no host sync)."""
 
     def eval_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per trial, the summed loss and the count of right answers on one test batch."""

@@ -16,15 +16,18 @@ the batch becomes `(K, B, ...)`.
 
 Two fused engines: `FusedEngine` here (vmap) and `wide.WideEngine` (the K models as one
 wide model: grouped convolutions, batched linears, one batch norm over K*C channels).
-`engine_for` picks the wide one wherever the model widens (`wide.widen_reason`), vmap
-otherwise; a model with batch norm (running statistics mutated in place, which vmap
-cannot do) that does not widen trains alone.
+`engine_for` picks the one that can train the model (vmap where it does not widen,
+`wide.widen_reason`; wide where it has batch norm, running statistics mutated in place,
+which vmap cannot do; alone where neither) and, where both can, the wide one on the CPU
+and the one measured faster on other devices (measured.py); a model with batch norm that
+does not widen trains alone.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -37,7 +40,8 @@ from cnnbench.data.tensors import DatasetInfo, dataset_info
 from cnnbench.models import model_identity
 from cnnbench.models.layers import BATCH_NORMS
 from cnnbench.train import probe
-from cnnbench.train.device import autocast, build_model, resolve_device
+from cnnbench.train.device import autocast, build_model, device_name, resolve_device
+from cnnbench.train.measured import measured_engine
 from cnnbench.train.per_trial import PerTrialOptimizer
 from cnnbench.train.wide import WideEngine, widen_reason
 
@@ -97,11 +101,11 @@ def fusable(config: TrialConfig, *, wide_only: bool = False, root: Any = None) -
     return t.wide is None or (not wide_only and t.vmap is None)
 
 
-def engine_for(config: TrialConfig, requested: str | None = None, root: Any = None) -> str:
-    """The fused engine for trials of `config`: `requested` ("wide" or "vmap") if it can
-    train them, else a ValueError saying why. None: on CUDA vmap wherever it can (measured
-    there with whole steps as CUDA graphs, which the wide engine does not do yet), else
-    wide where the model widens, vmap otherwise."""
+def engine_for(config: TrialConfig, requested: str | None = None, root: Any = None, k: int | None = None) -> str:
+    """The fused engine for `k` trials of `config`: `requested` ("wide" or "vmap") if it can
+    train them, else a ValueError saying why. None: the one that can, and where both can,
+    `default_engine`'s choice for the trial's device (`root`: the data folder, for a
+    user's network's traits)."""
     t = model_traits(config, root)
     if requested not in (None, *ENGINES):
         raise ValueError(f"unknown fused engine {requested!r}; known: {', '.join(ENGINES)}")
@@ -113,22 +117,53 @@ def engine_for(config: TrialConfig, requested: str | None = None, root: Any = No
         if t.vmap:
             raise ValueError(f"model {config.model} cannot be widened ({t.wide}) and {t.vmap}: it trains alone")
         log.info("model %s fuses through vmap, not widened: %s", config.model, t.wide)
-    if requested is None and t.vmap is None and resolve_device(config.device).type == "cuda":
-        return "vmap"
-    return requested or ("wide" if t.wide is None else "vmap")
+    if requested or t.wide or t.vmap:
+        return requested or ("wide" if t.wide is None else "vmap")
+    device = resolve_device(config.device)
+    return default_engine(config, device.type, device_name(device), k or 2)
 
 
-def engine_choice(config: TrialConfig, *, wide_only: bool, root: Any = None) -> str:
-    """Which engine trains fused groups of trials of `config`, and why, in words."""
+def default_engine(config: TrialConfig, device_type: str, name: str, k: int,
+                   speeds: Path | None = None) -> str:
+    """Where both engines can train the trials: on the CPU the wide one (1.3x to 2x vmap's
+    model-images/s for LeNet-5 at K = 1, 3, 8 on one thread, results/bench/engines_cpu.csv);
+    elsewhere the faster one measured on this device for this model, batch size and K
+    (measured.py: `cnnbench bench --engines`, gpu-check's engine sweep), and vmap where
+    nothing was measured (the H100's figures were vmap's, with whole steps as CUDA graphs)."""
+    if device_type == "cpu":
+        return "wide"
+    chosen = measured_engine(name, config.model, config.batch_size, k, path=speeds)
+    if chosen:
+        log.info("fused engine %s for %d trials of %s on %s: measured faster", chosen, k, config.model, name)
+    return chosen or "vmap"
+
+
+def preferred_engine(config: TrialConfig, preferred: str | None, root: Any = None) -> str | None:
+    """`preferred` ("wide" or "vmap", a calibration's choice) where it can train trials of
+    `config`, else None: `engine_for`'s own choice."""
+    if preferred is None:
+        return None
+    try:
+        return engine_for(config, preferred, root)
+    except ValueError:  # a model that does not widen, or batch norm under vmap
+        return None
+
+
+def engine_choice(config: TrialConfig, *, wide_only: bool, root: Any = None, preferred: str | None = None) -> str:
+    """Which engine trains fused groups of trials of `config`, and why, in words
+    (`preferred`: the calibration's engine, where it can train them)."""
     t = model_traits(config, root)
     if not fusable(config, wide_only=wide_only, root=root):
         vmap = t.vmap or "and on the CPU vmap is slower than one trial at a time"
         return f"{config.model}: one trial at a time (not widened: {t.wide}; {vmap})"
-    name = "wide" if wide_only else engine_for(config, root=root)
+    chosen = preferred_engine(config, preferred, root)
+    name = chosen or ("wide" if wide_only else engine_for(config, root=root))
     if name == "wide":
         how = "tried: widened, its output matches" if t.trusted else "every layer widens"
         return f"{config.model}: wide (K trials as one wide model; {how})"
-    why = "on CUDA vmap runs whole steps as CUDA graphs" if t.wide is None else f"not widened: {t.wide}"
+    why = ("on this device vmap, measured faster or nothing measured (train/measured.py)" if t.wide is None
+           else f"not widened: {t.wide}")
+    why = "this machine's calibration measured it fastest" if chosen == "vmap" else why
     return f"{config.model}: vmap (K stacked trials; {why})"
 
 
@@ -147,7 +182,7 @@ def fused_engine(configs: Sequence[TrialConfig], device: torch.device, info: Dat
                  engine: str | None = None):
     """The engine that trains `configs` (fusable, see `group_key`) as one: wide or vmap."""
     check_fusable(configs)
-    name = engine_for(configs[0], engine)
+    name = engine_for(configs[0], engine, k=len(configs))
     if name == "wide":
         return WideEngine(configs, device, info, trusted=model_traits(configs[0]).trusted)
     return FusedEngine(configs, device, info)
@@ -177,6 +212,7 @@ class FusedEngine:
     """The engine (engine.Engine) for K stacked models, vmapped."""
 
     eval_images: int | None = None  # test images per forward pass, at most (loop.evaluate)
+    per_stream = False  # vmap maps over K batches, one per trial
 
     def __init__(self, configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo) -> None:
         self.configs = list(configs)

@@ -14,17 +14,23 @@ starts exactly where it stood. The graph is captured again at each epoch (the le
 rate of that epoch is part of it). Where a step cannot be captured (not CUDA, an
 optimizer or schedule whose per-step state lives on the host, batch augmentation drawn
 from its own generator, torch.compile, an engine without `state_tensors`) the loop runs
-eagerly, and a failed capture falls back to eager with the reason.
+eagerly, and a failed capture falls back to eager with the reason. Every engine has
+`state_tensors` (single.py, fused.py, wide.py), so each can be graphed.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 WARM_STEPS = 3
+# one capture at a time in this process: groups side by side (side_by_side.py) capture in
+# their own threads, each on its own stream, and `torch.cuda.graph` frees the allocator's
+# cache and synchronises the device as it begins
+CAPTURE_LOCK = threading.Lock()
 
 
 def graph_reason(configs: Sequence[Any], engine: Any, device: torch.device, per_step_lr: bool) -> str:
@@ -53,6 +59,7 @@ class StepGraph:
         self.index = torch.zeros(streams, batch, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss: Tensor | None = None
+        self.stream: torch.cuda.Stream | None = None  # the capture's, made at the first capture
         self.warm = False
 
     def _step(self) -> Tensor:
@@ -81,7 +88,11 @@ class StepGraph:
                 torch.cuda.set_rng_state(rng, self.index.device)
             self.warm = True
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.index.device)
+        # this group's own capture stream (torch.cuda.graph's default one is shared by the
+        # process); "thread_local": another group's thread may allocate meanwhile
+        with CAPTURE_LOCK, torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
             self.loss = self._step()
         self.graph = graph
 

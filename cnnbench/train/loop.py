@@ -35,7 +35,8 @@ from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DeviceData, data_dir, dataset_info, mix_seed
 from cnnbench.errors import StorageError
 from cnnbench.train.checkpoint import hand_over, load_checkpoint, restore_result, resume_state
-from cnnbench.train.device import configure_backends, is_out_of_memory, resolve_device, sync, use_channels_last
+from cnnbench.train.device import (RNG_LOCK, configure_backends, is_out_of_memory, resolve_device, sync,
+                                   use_channels_last)
 from cnnbench.train.engine import Engine
 from cnnbench.train.fused import fused_engine
 from cnnbench.train.graphs import StepGraph, graph_reason
@@ -93,10 +94,11 @@ def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike 
     `fused`: None trains K > 1 trials with the FusedEngine and one trial with the
     SingleEngine; True uses the FusedEngine even for one trial (the benchmark's K = 1).
     `engine`: which fused engine, "wide" (wide.WideEngine) or "vmap" (fused.FusedEngine);
-    None: fused.engine_for's choice (vmap on CUDA, as measured there; wide elsewhere where
-    the model widens). `wait`: return once everything the group handed to the background
-    writer is written (its checkpoints, what its recorders wrote); False: the caller
-    drains the writer (run.trials: a trial's run ends while the next trial trains).
+    None: fused.engine_for's choice (where both can train the group: wide on the CPU, the
+    one measured faster elsewhere, train/measured.py). `wait`: return once everything the
+    group handed to the background writer is written (its checkpoints, what its recorders
+    wrote); False: the caller drains the writer (run.trials: a trial's run ends while the
+    next trial trains).
 
     Every trial's outcome is returned, failures included: an exception inside training
     (out of memory, say) marks the trials failed with the reason and does not propagate.
@@ -242,12 +244,15 @@ def _resume(fit: Fit, started: list[bool]) -> int:
 
 def _batch(fit: Fit, rows: list[Tensor], augmenters: list[Any] | None = None) -> tuple[Tensor, Tensor]:
     """The batch of image indices `rows` (one row per stream): (B, ...) when every trial
-    shares one stream, else (K, B, ...), each trial its own stream's batch."""
+    shares one stream, (S, B, ...) for an engine that takes one per stream, else (K, B, ...),
+    each trial its own stream's batch."""
     data = fit.data
     xs = [data.to_float(data.train.x[idx], augmenters[i] if augmenters else None) for i, idx in enumerate(rows)]
     ys = [data.train.y[idx] for idx in rows]
     if len(fit.streams) == 1:
         return xs[0], ys[0]
+    if fit.engine.per_stream:  # each stream's batch once; the engine maps streams to trials
+        return torch.stack(xs), torch.stack(ys)
     return torch.stack(xs)[fit.stream_index], torch.stack(ys)[fit.stream_index]
 
 
@@ -269,7 +274,8 @@ def _train_epoch(fit: Fit, epoch: int, step_graph: StepGraph | None):
     n_train, batch = len(data.train), c0.batch_size
     orders = [data.epoch_order(s, epoch) for s in fit.streams]
     augmenters = [data.augmenter(c0.augmentations(), s, epoch) for s in fit.streams]
-    torch.manual_seed(mix_seed(fit.configs[0].seed, epoch, 2))  # dropout
+    with RNG_LOCK:  # not while another group's model is seeded and built (side_by_side.py)
+        torch.manual_seed(mix_seed(fit.configs[0].seed, epoch, 2))  # dropout
     lr_rows = [[fit.schedules[k].lr(epoch, step) if fit.active[k] else 0.0 for k in range(fit.k)]
                for step in range(fit.steps_per_epoch if fit.schedules[0].per_step() else 1)]
     engine.begin_epoch(lr_rows)

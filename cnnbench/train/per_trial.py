@@ -68,7 +68,8 @@ class PerTrialOptimizer:
     def step(self, grads: list[Tensor], lr: Tensor) -> None:
         if self.use_wd:  # L2 weight decay, as torch.optim: g <- g + wd * p
             grads = torch._foreach_add(grads, torch._foreach_mul(self.params, self.weight_decay))
-        neg_lr = [(-lr).view(s) for s in self.shapes]
+        neg = -lr  # once: one small op per step, not one per tensor
+        neg_lr = [neg.view(s) for s in self.shapes]
         self.steps += 1
         if not self.adam:  # buf <- momentum * buf + g;  p <- p - lr * buf
             torch._foreach_mul_(self.bufs, self.momentum)

@@ -23,6 +23,7 @@ class SingleEngine:
 
     k = 1
     eval_images: int | None = None  # test images per forward pass, at most (loop.evaluate)
+    per_stream = False  # one trial, one batch
 
     def __init__(self, configs: Sequence[TrialConfig], device: torch.device, info: DatasetInfo) -> None:
         (self.config,) = configs

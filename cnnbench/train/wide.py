@@ -20,13 +20,17 @@ copy of the whole (`WideEngine.trial_state`, checkpoints in SingleEngine's forma
 A model is widened only if every module in it is one the transform knows (`widen_reason`
 says which is not, and why); the others fuse through vmap (fused.py) or train alone.
 Trials with different seeds in one group get their own batches: the input `(K, B, C, H, W)`
-becomes `(B, K*C, H, W)` and the first convolution is grouped too.
+becomes `(B, K*C, H, W)` and the first convolution is grouped too; where several trials
+share a seed (S distinct, 1 < S < K) the loop hands one batch per stream, `(S, B, C, H, W)`
+(`per_stream`), and the first convolution runs once per stream (streams.py).
+`state_tensors` lists every tensor a step changes, so a whole wide step can be captured
+as a CUDA graph (graphs.py).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,7 @@ from cnnbench.models.tv import ResizeInput
 from cnnbench.train.conv_path import PATHS, conv_mode, conv_path
 from cnnbench.train.device import autocast, build_model, use_channels_last
 from cnnbench.train.per_trial import PerTrialOptimizer
+from cnnbench.train.streams import Streams, dedupe_wanted, stream_conv2d, stream_order
 
 # model-images forwarded at once by a test pass on the CPU (WideEngine.eval_images)
 CPU_EVAL_IMAGES = 768
@@ -56,15 +61,28 @@ class WideConv2d(nn.Module):
         self.weight = nn.Parameter(torch.cat([m.weight.detach() for m in convs]))
         self.bias = nn.Parameter(torch.cat([m.bias.detach() for m in convs])) if c.bias is not None else None
 
+        self.streams: Streams | None = None  # set by WideEngine where trials share batches
+
     def forward(self, x: Tensor) -> Tensor:
+        geometry = (self.stride, self.padding, self.dilation)
         if self.k > 1 and x.shape[1] == self.in_per_trial:  # the shared batch: N x C x H x W
             if self.groups == 1:  # one dense convolution with K*O outputs
-                return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+                return F.conv2d(x, self.weight, self.bias, *geometry)
             x = x.repeat(1, self.k, 1, 1)  # N x K*C x H x W
+        elif self.streams is not None and x.shape[1] == self.streams.s * self.in_per_trial:  # N x S*C x H x W
+            if self.groups == 1:  # each stream's batch once, with its trials' filters
+                return stream_conv2d(x, self.weight, self.bias, self.streams, geometry, convolution)
+            x = self.streams.to_trials(x, self.in_per_trial)  # N x K*C x H x W
         groups = self.k * self.groups
-        conv = PATHS[conv_path(x, self.weight, self.bias, self.stride, self.padding, self.dilation, groups)]
+        conv = convolution(x, self.weight, self.bias, *geometry, groups)
         # N x K*C x H x W -> N x K*O x H' x W'
-        return conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, groups)
+        return conv(x, self.weight, self.bias, *geometry, groups)
+
+
+def convolution(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any, dilation: Any,
+                groups: int) -> Callable[..., Tensor]:
+    """The function that computes this grouped convolution: F.conv2d or grouped_conv2d (conv_path)."""
+    return PATHS[conv_path(x, weight, bias, stride, padding, dilation, groups)]
 
 
 class WideLinear(nn.Module):
@@ -76,11 +94,15 @@ class WideLinear(nn.Module):
         self.k, self.in_features = len(linears), lin.in_features
         self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in linears]))
         self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in linears])) if lin.bias is not None else None
+        self.streams: Streams | None = None  # set by WideEngine where trials share batches
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[0]
         if self.k > 1 and x.shape[1] == self.in_features:  # shared input: N x in
             xk = x.unsqueeze(0).expand(self.k, -1, -1)
+        elif self.streams is not None and x.shape[1] == self.streams.s * self.in_features:  # N x S*in
+            xk = x.view(n, self.streams.s, self.in_features).transpose(0, 1)  # S x N x in
+            xk = xk.index_select(0, self.streams.trial_stream)  # K x N x in
         else:  # N x K*in -> K x N x in
             xk = x.view(n, self.k, self.in_features).transpose(0, 1)
         w = self.weight.transpose(1, 2)  # K x in x out
@@ -124,11 +146,14 @@ class WideResizeInput(nn.Module):
         super().__init__()
         self.net, self.size, self.channels = resize.net, resize.size, resize.channels
         self.k, self.in_channels = k, in_channels
+        self.streams: Streams | None = None  # set by WideEngine where trials share batches
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        k = 1 if x.shape[1] == self.in_channels else self.k  # the shared batch, or K trials' own
+        # the shared batch, one per stream (resized once each), or K trials' own
+        s = self.streams.s if self.streams is not None else 0
+        k = 1 if x.shape[1] == self.in_channels else s if x.shape[1] == s * self.in_channels else self.k
         c = x.shape[1] // k
         if c != self.channels:
             x = x.unflatten(1, (k, c))  # N x k x c x S x S
@@ -259,12 +284,28 @@ class WideEngine:
         self.shapes = {n: shapes[n] for n in shapes}
         self.views = [trial_view(p, shapes[n], self.k) for n, p in zip(self.names, self.params)]
         self.opt = PerTrialOptimizer(self.views, self.configs, device)
+        self.streams = self._share_streams(device)
+        self.per_stream = self.streams is not None
         self.forward = self.model if c0.compile == "none" else torch.compile(self.model, mode=c0.compile)
         # test images per forward pass, at most (loop.evaluate): on the CPU, K trials'
         # activations of a 1024-image test batch do not stay in cache (LeNet-5, K = 3, one
         # thread: a test pass took 0.96 s in batches of 1024, 0.60 s in pieces of 256;
         # K = 2: 0.65 s and 0.42 s)
         self.eval_images = max(1, CPU_EVAL_IMAGES // self.k) if device.type == "cpu" else None
+
+    def _share_streams(self, device: torch.device) -> Streams | None:
+        """Where S of the K trials' seeds are distinct, 1 < S < K: one batch per stream
+        (streams.py), handed to the layers that take the input (the first convolution)."""
+        order = stream_order([c.seed for c in self.configs])
+        if not 1 < max(order) + 1 < self.k:
+            return None
+        streams = Streams(order, device)
+        if not dedupe_wanted(streams, device.type):
+            return None
+        for m in self.model.modules():
+            if isinstance(m, (WideConv2d, WideLinear, WideResizeInput)):
+                m.streams = streams
+        return streams
 
     # -- the engine interface ---------------------------------------------------------------
     def begin_epoch(self, lrs: list[list[float]]) -> None:
@@ -278,8 +319,9 @@ class WideEngine:
         self.model.train(mode)
 
     def wide_input(self, x: Tensor) -> Tensor:
-        """The shared batch `(B, C, H, W)` as it is; per-trial batches `(K, B, C, H, W)` side
-        by side on channels, `(B, K*C, H, W)`."""
+        """The shared batch `(B, C, H, W)` as it is; per-trial batches `(K, B, C, H, W)` (or,
+        where `per_stream`, one per stream, `(S, B, C, H, W)`) side by side on channels,
+        `(B, K*C, H, W)` (`(B, S*C, H, W)`)."""
         if x.dim() == 4:
             return x
         k, b, c, h, w = x.shape
@@ -295,6 +337,8 @@ class WideEngine:
         """B x K cross-entropies of `logits` (B x K x classes) against the shared labels
         `y` (B) or per-trial ones (K x B)."""
         b, k, n = logits.shape
+        if self.streams is not None and y.dim() == 2 and y.shape[0] == self.streams.s:  # S x B
+            y = self.streams.labels(y)  # K x B
         target = y.unsqueeze(1).expand(b, k) if y.dim() == 1 else y.t()  # B x K
         return F.cross_entropy(logits.reshape(b * k, n), target.reshape(b * k), reduction="none").view(b, k)
 
@@ -303,11 +347,12 @@ class WideEngine:
         with autocast(self.config, self.device):
             logits = self.logits(x)
         losses = self.losses(logits.float(), y).mean(0)  # K
-        losses.sum().backward()  # trial k's loss depends on trial k's weights only
-        grads = [p.grad.reshape(v.shape) for p, v in zip(self.params, self.views)]
-        self.opt.step(grads, lr)
-        for p in self.params:
-            p.grad = None
+        # trial k's loss depends on trial k's weights only. The gradients as autograd makes
+        # them, without .grad: accumulating into .grad copies each one whose strides differ
+        # from its parameter's (a linear layer's, made transposed; LeNet-5, K = 3: 0.3 ms of
+        # a 15 ms step on one CPU thread), and the update reads them in any layout
+        grads = torch.autograd.grad(losses.sum(), self.params)
+        self.opt.step([g.reshape(v.shape) for g, v in zip(grads, self.views)], lr)
         return losses.detach()
 
     @torch.no_grad()
@@ -317,6 +362,11 @@ class WideEngine:
         loss = self.losses(logits, y).sum(0)
         correct = (logits.argmax(-1) == y.unsqueeze(1)).sum(0)
         return loss, correct
+
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor a training step changes (weights, buffers, optimizer state): what a
+        CUDA graph's warm-up restores (graphs.StepGraph)."""
+        return [*self.params, *self.buffers.values(), *self.opt.state_tensors()]
 
     # -- per-trial state, in SingleEngine's format ------------------------------------------
     def trial_state(self, k: int) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch
 
 from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import data_dir
-from cnnbench.run.study import execution
+from cnnbench.run.layout import execution
 from cnnbench.tools.bench.common import (
     LR_STUDY,
     LR_STUDY_IMAGES,
@@ -28,6 +28,7 @@ from cnnbench.tools.bench.common import (
 from cnnbench.train.device import device_name, resolve_device
 from cnnbench.train.fused import fusable
 from cnnbench.train.loop import load_data
+from cnnbench.train.measured import entry, record_speeds
 from cnnbench.util import fileio
 
 
@@ -99,7 +100,8 @@ def wide_vs_vmap(device: str = "auto", ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32
     (`steps` steps per measurement, median of `repeats`, the engines and one trial alone
     interleaved per K). One row per K: {k, single, vmap, wide, wide_over_vmap,
     wide_over_single, notes}. `threads`: torch's CPU threads for the run (the study
-    runner's workers use 1). `cnnbench bench --engines`."""
+    runner's workers use 1). `cnnbench bench --engines`, which keeps them for
+    `fused.engine_for` (write_engine_rows)."""
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -130,8 +132,8 @@ def wide_vs_vmap(device: str = "auto", ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32
                     m.samples.append(runs[e]())
         single, vmap, wide = (measured[e].median for e in ("single", "vmap", "wide"))
         row = {"device": str(dev), "device_name": device_name(dev), "threads": torch.get_num_threads(),
-               "model": model, "k": k, "single": round(single, 1), "vmap": round(vmap, 1), "wide": round(wide, 1),
-               "wide_over_vmap": round(wide / vmap, 3), "wide_over_single": round(wide / single, 3),
+               "model": model, "batch_size": batch_size, "k": k, "single": single, "vmap": vmap, "wide": wide,
+               "wide_over_vmap": wide / vmap, "wide_over_single": wide / single,  # unrounded: the ratios agree
                "notes": "; ".join(notes)}
         rows.append(row)
         say(f"  K={k:<3} single {single:>10,.0f}  vmap {vmap:>10,.0f}  wide {wide:>10,.0f} model-images/s  "
@@ -141,9 +143,13 @@ def wide_vs_vmap(device: str = "auto", ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32
     return rows
 
 
-def write_engine_rows(rows: list[dict[str, Any]], out_dir: Path) -> Path:
-    """`rows` of `wide_vs_vmap` as out_dir/engines_<device type>.csv."""
+def write_engine_rows(rows: list[dict[str, Any]], out_dir: Path, speeds: Path | None = None) -> Path:
+    """`rows` of `wide_vs_vmap` as out_dir/engines_<device type>.csv, and into the measured
+    speeds that `fused.engine_for` follows (train/measured.py; `speeds`: that file, default
+    the state folder's)."""
 
     path = out_dir / f"engines_{rows[0]['device'].split(':')[0]}.csv"
     fileio.write_text(path, pd.DataFrame(rows).to_csv(index=False))
+    record_speeds([entry(r["device_name"], r["model"], r["batch_size"], r["k"], {"vmap": r["vmap"], "wide": r["wide"]},
+                         threads=r["threads"] if r["device"] == "cpu" else None) for r in rows], speeds)
     return path

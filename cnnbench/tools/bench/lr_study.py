@@ -4,6 +4,7 @@ naive loop trial after trial; results/bench/lr_study.md."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -16,26 +17,33 @@ from cnnbench.data.tensors import data_dir
 from cnnbench.run.study import run_study
 from cnnbench.tools.bench.common import LR_STUDY
 from cnnbench.tools.bench.naive import naive_trial
+from cnnbench.train import calibration
 from cnnbench.train.device import device_name, resolve_device
 from cnnbench.util import fileio
 
 
 def time_lr_study(*, data_root=None, device: str = "auto", epochs: int = 10, say=print,
-                  out_dir: Path | None = None) -> dict[str, float]:
+                  out_dir: Path | None = None, state=None) -> dict[str, float]:
     """The learning-rate study for real, both ways: cnnbench's study runner with its
     defaults for this device (MLflow logging, checkpoints and results included, into a
-    throwaway store), and the naive loop trial after trial with a test pass per epoch."""
+    throwaway store; on the CPU the layout of this machine's calibration in `state`, where
+    one is cached), and the naive loop trial after trial with a test pass per epoch."""
 
     dev = resolve_device(device)
     root = data_dir(data_root)
+    cal = calibration.load(state) if dev.type == "cpu" else None
+    layout = cal.layout.describe() if cal else "the defaults (no calibration cached)"
     fixed = {"model": "lenet5", "activation": "sigmoid", "batch_size": 64, "momentum": 0.9, "epochs": epochs,
              "test_batch_size": 1024, "device": str(dev), "progress": False, "log_every": 10}
     spec = StudySpec(name="bench-lr", path="(cnnbench bench --lr-study)", title="lr study, timed",
                      source="document 003", description="", scientific={"lr": LR_STUDY}, nuisance={},
                      fixed=fixed, seeds=(0,), reported=())
+    say(f"the study runner's CPU layout: {layout}" if dev.type == "cpu" else f"the study runner on {dev}")
     timed = {}
     for share in (False, True) if dev.type == "cpu" else (False,):  # --share-cores: only the CPU's threads
         with tempfile.TemporaryDirectory() as tmp:
+            if cal is not None:  # the throwaway state folder holds this machine's calibration too
+                calibration.save(cal, Path(tmp) / "state")
             t0 = time.perf_counter()
             run_study(spec, data_root=root, results_root=Path(tmp) / "results", tracking=f"sqlite:///{tmp}/mlflow.db",
                       state=Path(tmp) / "state", share_cores=share)
@@ -54,7 +62,8 @@ def time_lr_study(*, data_root=None, device: str = "auto", epochs: int = 10, say
         fileio.write_text(out_dir / "lr_study.md", (
             f"# The learning-rate study, timed both ways\n\n"
             f"5 trials (lr {', '.join(map(str, LR_STUDY))}) x {epochs} epochs of LeNet-5 on all of MNIST, a test "
-            f"pass after each epoch, on {dev} ({device_name(dev)}), torch {torch.__version__}.\n\n"
+            f"pass after each epoch, on {dev} ({device_name(dev)}), torch {torch.__version__}; the study runner's "
+            f"CPU layout: {layout}; load average {os.getloadavg()[0]:.1f} at the end.\n\n"
             f"| way | wall time (s) | x naive |\n|---|---|---|\n"
             f"| naive loop, trials one after another | {naive:.1f} | 1.00 |\n"
             f"| cnnbench study runner (its defaults here; MLflow, checkpoints, results included) | {ours:.1f} "

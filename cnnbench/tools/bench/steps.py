@@ -16,17 +16,19 @@ from cnnbench.config.trial import TrialConfig
 from cnnbench.tools.bench.common import lr_configs
 from cnnbench.train.device import configure_backends, sync
 from cnnbench.train.engine import Engine
-from cnnbench.train.fused import FusedEngine
+from cnnbench.train.fused import FusedEngine, fused_engine
 from cnnbench.train.loop import evaluate
 from cnnbench.train.single import SingleEngine
 
 
-def make_engine(configs: list[TrialConfig], data) -> Engine:
-    """The engine train_group would use for `configs` (one trial: SingleEngine)."""
+def make_engine(configs: list[TrialConfig], data, engine: str | None = None) -> Engine:
+    """The engine for `configs`: one trial, the SingleEngine; K trials, the vmap engine,
+    or `engine` ("wide" or "vmap", train.fused.fused_engine)."""
     configure_backends(configs[0], data.device)
-    if len(configs) == 1:
+    if len(configs) == 1 and engine is None:
         return SingleEngine(configs, data.device, data.info)
-
+    if engine is not None:
+        return fused_engine(configs, data.device, data.info, engine)
     return FusedEngine(configs, data.device, data.info)
 
 

@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import data_dir, dataset_info, load_arrays
 from cnnbench.models import get_model
-from cnnbench.run.study import execution
+from cnnbench.run.layout import execution
 from cnnbench.tools.bench.common import (
     LR_STUDY,
     LR_STUDY_IMAGES,
@@ -147,7 +147,7 @@ def summarize(measures: dict[tuple[str, int], Measurement], base: TrialConfig, d
 
 def parallel_workers(config: TrialConfig, root: Path, workers: int, threads: int) -> float:
     """Model-images/s of `workers` single-trial processes training at once with `threads`
-    threads each: what the study runner does on the CPU (`study.execution`)."""
+    threads each: what the study runner does on the CPU (`run.layout.execution`)."""
     return parallel_groups([[config.replace(lr=LR_STUDY[i % 5])] for i in range(workers)], root, threads)
 
 
