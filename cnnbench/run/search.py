@@ -3,7 +3,6 @@ reports each epoch's validation score (and may prune), and a trial's objective v
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 from pathlib import Path
@@ -16,11 +15,8 @@ from cnnbench.config.spec import StudySpec
 from cnnbench.config.trial import TrialConfig
 from cnnbench.run import barrier
 from cnnbench.run import storage as sweep_storage
-from cnnbench.run.session import trial_id
-from cnnbench.track import jobs, stores
 from cnnbench.track.schema import ATTR_MLFLOW_RUN_ID, EPOCH
 from cnnbench.train.result import Recorder, TrialResult
-from cnnbench.util.background import writer
 
 PRUNE_FROM_EPOCH = 2  # median pruning judges a trial from its second epoch on: epoch 1 is too noisy
 
@@ -57,28 +53,30 @@ def make_pruner(spec: StudySpec):
 
 
 class PruningRecorder(Recorder):
-    """Passes every event to the trial's MLflow recorder and tells Optuna the run's id
-    (through the background writer, after the run's own first writes). In a
+    """Passes every event to the trial's MLflow recorder and tells Optuna the run's id (at
+    once, in the training thread, as the run is created). In a
     sweep (`metric` set) it reports each epoch's validation score to Optuna and asks the
     loop to stop when Optuna prunes the trial; `on_epoch` sees every epoch's record, and
     `on_log` is called at every logging point (every `log_every` steps), `on_checkpoint`
     with each epoch's resume checkpoint once it is on disk (in the background writer's
     thread, after the file's own write)."""
 
-    def __init__(self, inner: Any, trial: Any, metric: str | None, url: str,
+    def __init__(self, inner: Any, trial: Any, metric: str | None,
                  on_epoch: Callable[[dict[str, float]], None] | None = None,
                  on_log: Callable[[], Any] | None = None,
                  on_checkpoint: Callable[[Path, int], None] | None = None) -> None:
         self.inner, self.trial, self.metric, self.on_epoch, self.on_log = inner, trial, metric, on_epoch, on_log
-        self.url = stores.absolute(url)  # the Optuna storage, as the writer process opens it
         self.on_checkpoint = on_checkpoint
         self.recorded = 0  # the last epoch recorded here (this process)
         self.held = False  # by the tests' barrier (barrier.py), once per trial
 
     def start(self, config: TrialConfig, info: dict[str, Any], resumed: TrialResult | None) -> None:
         self.inner.start(config, info, resumed)
-        writer().submit(functools.partial(jobs.set_trial_attr, self.url, trial_id(self.trial), ATTR_MLFLOW_RUN_ID,
-                                          self.inner.run_id or ""), "optuna attributes", remote=True)
+        # in this thread, one commit, not through the background writer: from the moment the
+        # run exists its trial names it, so that a worker killed at any moment after (before its
+        # writer process has even started, on a busy machine) leaves a run that the recovery of
+        # its lost trials ends (claims.recover), instead of one left RUNNING with no trial's id
+        self.trial.set_user_attr(ATTR_MLFLOW_RUN_ID, self.inner.run_id or "")
         if resumed is not None and self.metric:  # a retried trial: the epochs its checkpoint restored count too
             for record in resumed.history:
                 if self.metric in record:

@@ -197,7 +197,7 @@ def recorder(session: Session, member: Member) -> PruningRecorder:
     """The member's MLflow recorder, wrapped: the run id to Optuna, a sweep's score each
     epoch (which may prune it), and each epoch to the progress board."""
     share = session.share
-    return PruningRecorder(member.inner, member.trial, session.metric, session.url,
+    return PruningRecorder(member.inner, member.trial, session.metric,
                            on_epoch=epoch_events(session, member),
                            on_log=session.cores.adjust if session.cores is not None else None,
                            on_checkpoint=(lambda path, epoch: share.put(member.run_id, path.parent)) if share else None)

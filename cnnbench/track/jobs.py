@@ -166,10 +166,6 @@ def result_from_json(d: dict[str, Any]) -> TrialResult:
 # Optuna
 
 
-def set_trial_attr(url: str, trial_id: int, key: str, value: Any) -> None:
-    storage(url).set_trial_user_attr(trial_id, key, value)
-
-
 def record_outcome(store: Any, optuna_study: Any, mlflow: Any, trial_id: int, trial: Any, run_id: str | None,
                    state: TrialState, value: float | None, attrs: dict[str, Any], reason: str = "") -> None:
     """Tell Optuna a trial's outcome (`trial`: the trial or its number), its user
