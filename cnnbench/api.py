@@ -42,7 +42,6 @@ from cnnbench.run.executors.slurm import Submitted
 from cnnbench.run.joining import join_as_worker
 from cnnbench.run.workers import EXIT_GAVE_UP, EXIT_INPUT, EXIT_STORAGE, WorkerReport
 from cnnbench.tools import resources
-from cnnbench.tools.bench import bench  # `cnnbench bench`: explicit keyword-only parameters, the files written
 from cnnbench.track.stores import default_url, quiet_mlflow
 from cnnbench.track.writer import Tracker, check_reachable, run_name, tracking_uri
 from cnnbench.train import calibration
@@ -313,6 +312,16 @@ def sweep_storage_url(spec: StudySpec, state: str | os.PathLike | None = None) -
     return default_url(spec.name, state_dir(state))
 
 
+def __getattr__(name: str) -> Any:
+    """`bench`: `tools.bench.bench` itself (explicit keyword-only parameters; returns the
+    files written), imported on first use: only for the benches."""
+    if name == "bench":
+        from cnnbench.tools.bench import bench
+
+        return bench
+    raise AttributeError(f"module 'cnnbench.api' has no attribute {name!r}")
+
+
 def summary_text(model: str | None = None, *, input: str | None = None, classes: int = 10, fmt: str = "table",
                  all_models: bool = False, documents: bool = False, results_dir: str | None = None,
                  model_path: str | os.PathLike | Iterable[str | os.PathLike] | None = None) -> str:
@@ -379,6 +388,8 @@ def command(name: str, /, *, typed: str = "", **o: Any) -> tuple[str, int]:
         return (f"{o['checkpoint']}: epoch {r['epoch']} of {c.model} (lr={c.lr:g}, seed={c.seed}): test loss "
                 f"{r['test_loss']:.4f}, test accuracy {r['test_acc']:.2f}% on {r['images']} images"), 0
     if name == "bench":
+        from cnnbench.tools.bench import bench  # only for `cnnbench bench`
+
         keys = ("device", "model", "batch_size", "steps", "repeats", "max_k", "options", "lr_study", "epochs",
                 "sweep", "fuse_k", "sweep_trials", "sweep_epochs", "sweep_train_subset", "engines", "executors",
                 "overhead", "baseline", "calibrate", "recalibrate", "profile", "results_dir")
