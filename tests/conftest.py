@@ -91,6 +91,15 @@ def run_main(*args: str) -> int:
         return exit_.code if isinstance(exit_.code, int) else 1
 
 
+def refusal(args: tuple[str, ...] | list[str], *, real: bool, cwd: Path, capsys) -> tuple[int, str]:
+    """A refused command's exit status and stderr: through the real `cnnbench` command
+    (`real`: one case per kind of bad input) or in this process (`run_main`)."""
+    if real:
+        out = cli(*args, cwd=cwd)
+        return out.returncode, out.stderr
+    return run_main(*args), capsys.readouterr().err
+
+
 def tree(path: Path) -> set[str]:
     """Every file under `path` (relative), to check that nothing was written."""
     return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}

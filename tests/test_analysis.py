@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, TINY_STUDY, cli, run_main
+from conftest import REPO, TINY_STUDY, cli, refusal
 
 TINY = "  train_subset: 640\n  test_subset: 300\n  log_every: 2\n  progress: false\n"
 SPECS = {
@@ -245,11 +245,7 @@ def test_notebooks_say_so_when_the_study_or_sweep_is_absent(workdir):
 def test_report_bad_input_exits_2(workdir, capsys, args, message):
     """In this process (cnnbench.cli.main), but for the first case."""
     (workdir / "results").mkdir()
-    if args[1:] == ["--results-dir", "nowhere"]:  # one case through the real command
-        out = cli(*args, cwd=workdir)
-        code, stderr = out.returncode, out.stderr
-    else:
-        code, stderr = run_main(*args), capsys.readouterr().err
+    code, stderr = refusal(args, real=args[1:] == ["--results-dir", "nowhere"], cwd=workdir, capsys=capsys)
     assert code == 2, stderr
     err = stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0], stderr

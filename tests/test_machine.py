@@ -27,6 +27,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from cnnbench.tools.chaos import fill  # the chaos test's full disk, the same way
 from conftest import tree
 
 SPEC = """
@@ -184,20 +185,6 @@ def tmpfs(path: Path, size: str = "16m"):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-def fill(folder: Path) -> Path:
-    """Every free byte of `folder`'s file system taken by one file."""
-    path = folder / "filler"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for size in (1 << 20, 4096, 1):  # unbuffered: every byte that fits is written
-            with contextlib.suppress(OSError):
-                while os.write(fd, b"\0" * size):
-                    pass
-    finally:
-        os.close(fd)
-    return path
 
 
 @pytest.mark.slow

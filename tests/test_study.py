@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, cli, run_main, tree
+from conftest import REPO, cli, refusal, run_main, tree
 
 QUICK = ["--set", "epochs=2", "--set", "train_subset=1280", "--set", "test_subset=500", "--set", "log_every=5",
          "--set", "progress=false"]
@@ -107,11 +107,7 @@ def test_bad_input_exits_2_and_writes_nothing(workdir, capsys, args, message):
     (workdir / "studies").mkdir()
     (workdir / "studies" / "lr.yaml").write_text((REPO / "studies" / "lr.yaml").read_text())
     before = tree(workdir)
-    if args == BAD_INPUT[0][0]:  # one case through the real command: its exit status and stderr
-        out = cli(*args, cwd=workdir)
-        code, stderr = out.returncode, out.stderr
-    else:
-        code, stderr = run_main(*args), capsys.readouterr().err
+    code, stderr = refusal(args, real=args == BAD_INPUT[0][0], cwd=workdir, capsys=capsys)  # one case: the real command
     assert code == 2, stderr
     err = stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cnnbench: error:") and message in err[0], stderr

@@ -7,6 +7,7 @@ trained again. See docs/your-own.md."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -214,7 +215,10 @@ def test_a_registered_network_through_the_python_api_with_worker_processes(workd
     assert [r.result.fused_with for r in outcome.rows] == [2, 2, 2, 2]  # a wide pair in each worker
     assert all(r.result.metric(TEST_ACC) > 20 for r in outcome.rows)  # chance: 10
     trials = [r for r in runs_of("api") if r.data.tags.get(TAG_KIND) == "trial"]
-    assert len({r.data.tags[TAG_PID] for r in trials}) == 2  # trained by two worker processes
+    pids = {r.data.tags[TAG_PID] for r in trials}
+    # trained in the worker processes, which found the registered network by re-importing its
+    # module (not in this one); one worker may claim both groups before the other is up
+    assert str(os.getpid()) not in pids and 1 <= len(pids) <= 2
     result = cnnbench.run_trial(model=registered, dataset=f"npz:{npz}", epochs=1, progress=False, track=False)
     assert result.status == "finished" and len(result.history) == 1
 
