@@ -10,6 +10,9 @@ DIR/release-<pid>-<trial number>-<epoch> exists (or `GIVE_UP_S` have passed, so 
 test that died never leaves it waiting for ever). The wait is outside every shielded
 stretch (util/interrupt.py): a Ctrl-C stops it as it stops a training step.
 
+The background writer (util/background.py) is waited for before the file is written, so
+that the recorded epoch is on disk when the test sees the trial held.
+
 Unset, as everywhere outside the tests: nothing happens. Called from
 search.PruningRecorder, which every study and sweep trial records through.
 """
@@ -19,6 +22,8 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+
+from cnnbench.util import background
 
 ENV = "CNNBENCH_TEST_BARRIER"
 GIVE_UP_S = 600.0  # a held trial goes on after this long without a release
@@ -30,6 +35,7 @@ def hold(trial: int, epoch: int) -> None:
     folder = os.environ.get(ENV)
     if not folder:
         return
+    background.writer().wait_all()  # what the epoch handed over (checkpoint, metrics) on disk first
     name = f"{os.getpid()}-{trial}-{epoch}"
     (Path(folder) / f"reached-{name}").touch()
     releases = (Path(folder) / "release", Path(folder) / f"release-{name}")
