@@ -16,6 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 from mlflow import MlflowClient
 
@@ -167,6 +168,26 @@ def test_sqlite_stores_are_in_wal_mode_with_normal_sync(tmp_path):
     storage.engine.dispose()
     with sqlite3.connect(tmp_path / "optuna.db") as conn:  # the mode stays in the file
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_checking_a_store_keeps_the_locks_of_this_process_s_connections(tmp_path):
+    """The preflight's check of a SQLite file (stores.damaged) in a process that already has
+    connections to it (two studies in one process, a notebook, a test reading the record):
+    a descriptor of its own, closed, would drop their locks, and another process closing its
+    last connection would delete the write-ahead log under them (seen: 'file is not a
+    database', an Optuna trial state read as '3'). The log must outlive that other process."""
+    from cnnbench.track import stores
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = stores.optuna_storage(url)  # a connection of this process, in WAL mode, kept in the pool
+    optuna_study = optuna.create_study(storage=storage, study_name="held")
+    optuna_study.ask()
+    assert stores.damaged(tmp_path / "optuna.db") is None
+    other = "import sqlite3; c = sqlite3.connect({!r}); c.execute('SELECT count(*) FROM trials').fetchone(); c.close()"
+    subprocess.run([sys.executable, "-c", other.format(str(tmp_path / "optuna.db"))], check=True, timeout=60)
+    assert (tmp_path / "optuna.db-wal").exists(), "the other process found itself the last connection"
+    assert len(optuna_study.get_trials()) == 1
+    storage.engine.dispose()
 
 
 SPEC = """

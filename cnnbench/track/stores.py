@@ -124,23 +124,27 @@ def sqlite_file(url: str) -> Path | None:
     return Path(database) if database and database != ":memory:" else None
 
 
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-
 def damaged(path: Path) -> str | None:
     """Why an existing SQLite file is not a usable database (None: it is, or it is empty or
-    absent, which SQLite starts afresh): the cause in a few words."""
-    import sqlite3
+    absent, which SQLite starts afresh): the cause in a few words.
 
+    Read through SQLite only, never with a file descriptor of our own: closing any
+    descriptor of a file drops every POSIX lock this process holds on it, and in WAL mode
+    each open connection holds a shared lock on the database file for its whole life (that
+    is how the last one to close knows it may fold the log back and delete it). A process
+    that already has connections to the store (two studies in one process, a notebook, a
+    test) would lose them: another process closing its last connection would then delete
+    the log under them, and they read garbage ("file is not a database", an enum value
+    '3'). SQLite shares one descriptor per file among a process's connections, and defers
+    closing it while locks are held, so a connection of its own is safe."""
     if not path.is_file() or path.stat().st_size == 0:
         return None
-    with open(path, "rb") as f:
-        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-            return "not a SQLite database: truncated or overwritten?"
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_S)) as conn:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as err:
+        if "not a database" in str(err).lower():
+            return "not a SQLite database: truncated or overwritten?"
         return f"a damaged SQLite database ({err})"
     return None
 
