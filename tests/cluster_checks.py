@@ -72,9 +72,12 @@ def study_trials(storage: str) -> list:
     return optuna.load_study(study_name=names[0], storage=storage).get_trials()
 
 
-def trial_in_training(storage: str, tracking: str, epochs: int, *, alive, timeout: float = 900):
+def trial_in_training(storage: str, tracking: str, epochs: int, *, alive, timeout: float = 900,
+                      shared: bool = False):
     """A RUNNING trial whose run has recorded at least one epoch of `epochs` and not all of
-    them, waiting for one while `alive()` holds."""
+    them, waiting for one while `alive()` holds; with `shared`, also one whose resume
+    checkpoint is in its run's artifacts already (it is put there after the epoch's metrics:
+    a trial caught in between has none to show yet)."""
     client = MlflowClient(tracking)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -83,7 +86,8 @@ def trial_in_training(storage: str, tracking: str, epochs: int, *, alive, timeou
             for trial in study_trials(storage):
                 run_id = trial.user_attrs.get(ATTR_MLFLOW_RUN_ID)
                 if trial.state == TrialState.RUNNING and run_id and \
-                        1 <= len(client.get_metric_history(run_id, TEST_ACC)) < epochs:
+                        1 <= len(client.get_metric_history(run_id, TEST_ACC)) < epochs and \
+                        (not shared or "resume/last.pt" in [a.path for a in client.list_artifacts(run_id, "resume")]):
                     return trial
         except Exception:  # the study not created yet, a store busy: look again
             pass

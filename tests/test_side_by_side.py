@@ -5,7 +5,6 @@ trained in threads compute the numbers they compute one after another."""
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -133,12 +132,19 @@ def test_a_stop_request_stops_every_group_of_the_wave(data_root):
         return task
 
     def interrupt(wave):
-        time.sleep(1.0)  # the main thread is waiting for the groups by now
-        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1.0)  # the groups are training by now
+        # Ctrl-C as the main thread takes it: a signal sent to the process may be delivered to
+        # any of its threads that does not block it, and then the main thread, asleep in its
+        # wait, is not woken until every group has ended
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         wait_for_stop(wave)
 
-    with pytest.raises(KeyboardInterrupt) as raised:
-        run_together([group(base, "a"), group(base.replace(batch_size=32), "b"), interrupt], CPU, threads=True)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
+    try:
+        with pytest.raises(KeyboardInterrupt) as raised:
+            run_together([group(base, "a"), group(base.replace(batch_size=32), "b"), interrupt], CPU, threads=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert not isinstance(raised.value, Stopped)  # the main thread's own stop request
     assert set(results) == {"a", "b"} and all(isinstance(e, Stopped) for e in results.values())
     assert statuses == {"a": INTERRUPTED, "b": INTERRUPTED}

@@ -158,7 +158,7 @@ def test_an_array_study_goes_on_after_a_task_is_cancelled_mid_trial(postgres, tm
                           "--results-dir", str(tmp_path / "results"), "--state-dir", str(tmp_path / "state")],
                          cwd=tmp_path, env={"CNNBENCH_DATA": str(data_root)})
         array = driver.wait_for(r"workers started on Slurm .*\(job (\d+)_0, job \1_1\)").group(1)
-        victim = trial_in_training(storage, url, epochs, alive=lambda: driver.proc.poll() is None)
+        victim = trial_in_training(storage, url, epochs, alive=lambda: driver.proc.poll() is None, shared=True)
         slot = victim.user_attrs[ATTR_WORKER_SLOT]
         subprocess.run(["scancel", f"{array}_{slot[1:]}"], check=True)
         status = driver.finish()

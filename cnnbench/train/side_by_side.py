@@ -168,8 +168,9 @@ def run_together(tasks: Sequence[Callable[[Wave], T]], device: torch.device, *,
             raise
 
     with ThreadPoolExecutor(max_workers=len(tasks), thread_name_prefix="cnnbench-group") as pool:
-        futures = [pool.submit(run, task) for task in tasks]
-        try:
+        futures = []
+        try:  # a stop request while the groups are handed over stops those already started too
+            futures.extend(pool.submit(run, task) for task in tasks)
             wait(futures)
         except KeyboardInterrupt as err:  # a stop request reaches the main thread only
             wave.stop(getattr(err, "signum", None))
