@@ -74,23 +74,32 @@ def sqlite_file(url: str) -> Path | None:
     return Path(database) if database and database != ":memory:" else None
 
 
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-
 def damaged(path: Path) -> str | None:
     """Why an existing SQLite file is not a usable database (None: it is, or it is empty or
-    absent, which SQLite starts afresh): the cause in a few words."""
+    absent, which SQLite starts afresh): the cause in a few words.
+
+    Opened read-write, as the store itself will be: a process killed in a write leaves a
+    hot journal (or an unrecovered log) that the next connection rolls back, and a
+    read-only one cannot ("attempt to write a readonly database"), which is not damage.
+
+    Read through SQLite only, never with a file descriptor of our own: closing any
+    descriptor of a file drops every POSIX lock this process holds on it, so a process
+    that already has connections to the store (two studies in one process, a notebook, a
+    test) would lose their locks and another process could write under them. SQLite
+    shares one descriptor per file among a process's connections, and defers closing it
+    while locks are held, so a connection of its own is safe."""
     import sqlite3
 
     if not path.is_file() or path.stat().st_size == 0:
         return None
-    with open(path, "rb") as f:
-        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-            return "not a SQLite database: truncated or overwritten?"
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_S)) as conn:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=BUSY_S)) as conn:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as err:
+        if "not a database" in str(err).lower():
+            return "not a SQLite database: truncated or overwritten?"
+        if isinstance(err, sqlite3.OperationalError) and "readonly" in str(err).lower():
+            return None  # a write-protected file or folder: the store's own open says so
         return f"a damaged SQLite database ({err})"
     return None
 
