@@ -72,12 +72,9 @@ def study_trials(storage: str) -> list:
     return optuna.load_study(study_name=names[0], storage=storage).get_trials()
 
 
-def trial_in_training(storage: str, tracking: str, epochs: int, *, alive, timeout: float = 900,
-                      shared: bool = False):
+def trial_in_training(storage: str, tracking: str, epochs: int, *, alive, timeout: float = 900):
     """A RUNNING trial whose run has recorded at least one epoch of `epochs` and not all of
-    them, waiting for one while `alive()` holds; with `shared`, also one whose resume
-    checkpoint is in its run's artifacts already (it is put there after the epoch's metrics:
-    a trial caught in between has none to show yet)."""
+    them, waiting for one while `alive()` holds."""
     client = MlflowClient(tracking)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -86,8 +83,7 @@ def trial_in_training(storage: str, tracking: str, epochs: int, *, alive, timeou
             for trial in study_trials(storage):
                 run_id = trial.user_attrs.get(ATTR_MLFLOW_RUN_ID)
                 if trial.state == TrialState.RUNNING and run_id and \
-                        1 <= len(client.get_metric_history(run_id, TEST_ACC)) < epochs and \
-                        (not shared or "resume/last.pt" in [a.path for a in client.list_artifacts(run_id, "resume")]):
+                        1 <= len(client.get_metric_history(run_id, TEST_ACC)) < epochs:
                     return trial
         except Exception:  # the study not created yet, a store busy: look again
             pass

@@ -128,6 +128,11 @@ def damaged(path: Path) -> str | None:
     """Why an existing SQLite file is not a usable database (None: it is, or it is empty or
     absent, which SQLite starts afresh): the cause in a few words.
 
+    Opened read-write, as the store itself will be: a process killed in a write leaves a
+    hot journal (or, in WAL mode, a log to recover) that the next connection rolls back or
+    recovers, and a read-only one cannot ("attempt to write a readonly database"), which
+    is not damage.
+
     Read through SQLite only, never with a file descriptor of our own: closing any
     descriptor of a file drops every POSIX lock this process holds on it, and in WAL mode
     each open connection holds a shared lock on the database file for its whole life (that
@@ -140,11 +145,13 @@ def damaged(path: Path) -> str | None:
     if not path.is_file() or path.stat().st_size == 0:
         return None
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_S)) as conn:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=BUSY_S)) as conn:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as err:
         if "not a database" in str(err).lower():
             return "not a SQLite database: truncated or overwritten?"
+        if isinstance(err, sqlite3.OperationalError) and "readonly" in str(err).lower():
+            return None  # a write-protected file or folder: the store's own open says so
         return f"a damaged SQLite database ({err})"
     return None
 
