@@ -299,7 +299,7 @@ def test_sigterm_and_sighup_stop_the_study_like_ctrl_c(workdir, sig):
     assert out.returncode == 128 + sig, out.stderr[-3000:]
     assert f"stopped by {signal.Signals(sig).name}" in out.stderr
     every = runs(workdir, "term")
-    assert every and {r.info.status for r in every} == {"KILLED"}
+    assert every and {r.info.status for r in every} == {"KILLED"}, out.stderr[-6000:]
     again = finish(start(workdir, "study", str(spec), "--no-fuse", "--workers", "2"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert_done_once(workdir, "term", keys=2)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnnbench.models import get_model, model_entry, model_identity
+from cnnbench.models.meta import on_meta
 from cnnbench.models.tv import ResizeInput
 
 MNIST_INPUT = (1, 28, 28)  # what get_model builds for by default (in_channels=1, image_size=28)
@@ -139,7 +140,7 @@ def natural_input(name: str) -> tuple[int, int, int]:
     """The input a registered model is summarized at when none is given (a user's: MNIST's)."""
     if model_identity(name) is not None:
         return MNIST_INPUT
-    with torch.device("meta"):
+    with on_meta():
         probe = get_model(name)
     return (probe.channels, probe.size, probe.size) if isinstance(probe, ResizeInput) else MNIST_INPUT
 
@@ -155,7 +156,7 @@ def _build(name: str, input_shape: Iterable[int] | None, num_classes: int) -> tu
         raise ValueError(f"registered models take square images; got {h} x {w}")
     # shapes and counts only: nothing is allocated or computed (a user's network may compute
     # with real values while it is built or run: on the CPU)
-    with torch.device("meta" if model_identity(name) is None else "cpu"):
+    with on_meta() if model_identity(name) is None else torch.device("cpu"):
         module = get_model(name, in_channels=c, image_size=h, num_classes=num_classes)
     if isinstance(module, ResizeInput) and shape == (module.channels, module.size, module.size):
         module = module.net  # the wrapper would pass the input through unchanged

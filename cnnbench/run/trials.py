@@ -55,7 +55,7 @@ def train_claimed(session: Session, batch: list[Any], data_cache: dict[tuple, An
         else:
             members.append(member)
     try:
-        with contextlib.ExitStack() as beats:
+        with interrupt.kept(), contextlib.ExitStack() as beats:
             for m in members:
                 beats.enter_context(optuna_store.Heartbeat(session.storage, trial_id(m.trial)))
             groups = fused_groups(members, session.fuse_k, wide_only=session.wide_only, root=session.data_root)

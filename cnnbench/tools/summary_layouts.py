@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnbench.models import get_model
+from cnnbench.models.meta import on_meta
 from cnnbench.models.summary import Summary, summarize
 
 
@@ -94,7 +95,7 @@ class NaiveInception(nn.Module):
 # ---- the counts the claims draw on --------------------------------------------------------
 
 def _meta(build: Callable[[], nn.Module]) -> nn.Module:
-    with torch.device("meta"):
+    with on_meta():
         return build()
 
 

@@ -39,11 +39,13 @@ from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DatasetInfo, dataset_info
 from cnnbench.models import model_identity
 from cnnbench.models.layers import BATCH_NORMS
+from cnnbench.models.meta import on_meta
 from cnnbench.train import probe
 from cnnbench.train.device import autocast, build_model, device_name, resolve_device
 from cnnbench.train.measured import measured_engine
 from cnnbench.train.per_trial import PerTrialOptimizer
 from cnnbench.train.wide import WideEngine, widen_reason
+from cnnbench.util import interrupt
 
 log = logging.getLogger(__name__)
 ENGINES = ("wide", "vmap")
@@ -77,7 +79,7 @@ def model_traits(config: TrialConfig, root: Any = None) -> Traits:
     if key not in _traits_cache:
         info = dataset_info(config.dataset, root)
         try:
-            with torch.device("meta"):  # shapes only: no memory, no init cost
+            with interrupt.kept(), on_meta():  # shapes only: no memory, no init cost
                 model = build_model(config, info)
         except Exception:  # a user's network that computes with real values while it is built
             model = build_model(config, info)

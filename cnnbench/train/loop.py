@@ -117,12 +117,13 @@ def train_group(configs: Sequence[TrialConfig], *, data_root: str | os.PathLike 
     results = [TrialResult(config=c, device=str(device), fused_with=k_trials) for c in configs]
     started = [False] * k_trials
     try:
-        with timings.phase("group/build"):
-            if k_trials == 1 and not fused:
-                trainer: Engine = SingleEngine(configs, device, data.info)
-            else:
-                trainer = fused_engine(configs, device, data.info, engine)
-        _fit(trainer, configs, data, recorders, ckpt_dirs, results, started, evaluate_test, progress)
+        with interrupt.kept():  # a stop request that torch turned into another error is still one
+            with timings.phase("group/build"):
+                if k_trials == 1 and not fused:
+                    trainer: Engine = SingleEngine(configs, device, data.info)
+                else:
+                    trainer = fused_engine(configs, device, data.info, engine)
+            _fit(trainer, configs, data, recorders, ckpt_dirs, results, started, evaluate_test, progress)
     except KeyboardInterrupt as err:
         _end(results, recorders, started, INTERRUPTED, interrupt.reason(err), wall0, settle=wait)
         raise

@@ -40,6 +40,7 @@ from torch import nn
 
 from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DATASETS
+from cnnbench.models.meta import on_meta
 from cnnbench.train.device import build_model
 from cnnbench.train.result import Recorder, TrialResult
 from cnnbench.util.interrupt import Stop
@@ -54,7 +55,7 @@ def draws_random(config: TrialConfig) -> bool:
     """Does a training step of `config` draw from torch's global generator (dropout)?"""
     key = (config.model, config.activation, config.dataset, config.dropout)
     if key not in _random_cache:
-        with torch.device("meta"):  # shapes only
+        with on_meta():  # shapes only
             model = build_model(config, DATASETS[config.dataset])
         _random_cache[key] = any(isinstance(m, DROPOUTS) and m.p > 0 for m in model.modules())
     return _random_cache[key]

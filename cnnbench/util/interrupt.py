@@ -20,7 +20,11 @@ a Ctrl-C handles the others too, and the command exits with 128 + the signal's n
 A stop request raised while the main thread runs a finalizer or a weakref callback (the
 garbage collector runs them between any two lines) would be swallowed there ("Exception
 ignored in ..."), and the process would run on: `install` sends such a one again
-(`_unraisable`), so that it is raised outside the callback.
+(`_unraisable`), so that it is raised outside the callback. One raised inside torch's
+machinery may come out as another error ("trying to pop from empty mode stack", an
+AttributeError of a module whose import it cut), which a handler of errors would take for
+a trial's failure and go on: inside `kept()` an error raised after a stop request is that
+request (`Stop`).
 
 Signals reach only the main thread; elsewhere these are no-ops.
 """
@@ -38,6 +42,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # the stop requests
 
 _depth = 0  # shielded stretches entered and not left (main thread)
 _pending: int | None = None  # a stop request that came while shielded: raised when the shield ends
+_requested: int | None = None  # the first stop request since `install` (the process is stopping)
 
 
 class Stop(KeyboardInterrupt):
@@ -69,7 +74,8 @@ def _main() -> bool:
 
 
 def _handler(signum: int, frame: Any) -> None:
-    global _pending
+    global _pending, _requested
+    _requested = _requested or signum
     if _depth:
         _pending = _pending or signum
         return
@@ -81,11 +87,20 @@ def _unraisable(unraisable: Any) -> None:
     again AGAIN_S later, from a timer thread, so that it lands once the callback and this
     hook returned (one that lands in another callback comes back here); anything else goes
     to the hook before ours."""
+    global _depth, _pending
     err = unraisable.exc_value
     if isinstance(err, Stop):
-        timer = threading.Timer(AGAIN_S, os.kill, (os.getpid(), err.signum))
-        timer.daemon = True
-        timer.start()
+        held, main = _pending, _main()
+        if main:  # a second request while the timer starts is this one (raised here, it would be lost)
+            _depth += 1
+        try:
+            timer = threading.Timer(AGAIN_S, os.kill, (os.getpid(), err.signum))
+            timer.daemon = True
+            timer.start()
+        finally:
+            if main:
+                _depth -= 1
+                _pending = held
         return
     _hooks[0](unraisable)
 
@@ -97,8 +112,10 @@ AGAIN_S = 0.05  # seconds before a swallowed stop request is sent again (a callb
 def install() -> dict[int, Any] | None:
     """SIGINT, SIGTERM and SIGHUP raise `Stop` (held inside `shielded`), even when the
     parent ignored or blocked them. Returns the previous handlers (None off the main thread)."""
+    global _requested
     if not _main():
         return None
+    _requested = None
     if sys.unraisablehook is not _unraisable:
         _hooks[0], sys.unraisablehook = sys.unraisablehook, _unraisable
     previous = {int(s): signal.signal(s, _handler) for s in SIGNALS}
@@ -108,9 +125,28 @@ def install() -> dict[int, Any] | None:
 
 def restore(previous: dict[int, Any] | None) -> None:
     """The handlers `install` replaced."""
+    global _requested
     if previous and _main():
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _requested = None
+
+
+def requested() -> int | None:
+    """The signal of the stop request this process received since `install` (None: none)."""
+    return _requested
+
+
+@contextlib.contextmanager
+def kept() -> Iterator[None]:
+    """A stretch whose errors, once a stop request came, are that request: an Exception
+    raised inside after the handler ran is raised as `Stop` (see the module)."""
+    try:
+        yield
+    except Exception as err:
+        if _requested is not None and _main():
+            raise Stop(_requested) from err
+        raise
 
 
 def _raise_pending() -> None:
