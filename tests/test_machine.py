@@ -317,13 +317,14 @@ def test_runs_of_a_killed_execution_are_closed_whatever_was_lost(workdir, lost):
     killed execution's runs are still closed KILLED, not left RUNNING for ever."""
     spec = write_spec(workdir, "orphans", epochs=4)
     proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2", start_new_session=True)
-    wait_for(lambda: len(running_trials(workdir, "orphans")) >= 2 or proc.poll() is not None, what="two trials")
-    assert proc.poll() is None, "the study ended before two of its trials were seen training"
+    # a trial in its first epoch (its run starts with it), the whole study killed: a second
+    # worker slow to start on a loaded machine may not be training yet
+    wait_for(lambda: running_trials(workdir, "orphans") or proc.poll() is not None, what="a trial training")
+    assert proc.poll() is None, "the study ended before a trial was seen training"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(0.5)
-    # What the kill left RUNNING: the parent and the trials still training at that moment
-    # (a trial may have finished between the look above and the kill, so at least one).
+    # What the kill left RUNNING: the parent and the trials still training at that moment.
     left = {r.info.run_id: r.data.tags.get("cnnbench.kind") for r in runs(workdir, "orphans")
             if r.info.status == "RUNNING"}
     assert "trial" in left.values() and len(left) >= 2, left
