@@ -112,11 +112,6 @@ def test_workers_killed_while_the_main_process_lives_are_replaced(workdir, sig):
                         what="two trials training")
     pids = {int(r.data.tags["cnnbench.pid"]) for r in training}
     assert os.getpid() not in pids and proc.pid not in pids
-    killed_at = time.time()
-    for pid in pids:
-        os.kill(pid, sig)
-    wait_for(lambda: not any(alive(p) for p in pids), timeout=60, what="the workers to die")
-    # queued again at once: no trial is left held by a dead worker (the heartbeat's grace is 60 s)
     storage = f"sqlite:///{workdir / '.cnnbench' / 'optuna' / 'owned.db'}"
 
     def released():
@@ -126,10 +121,16 @@ def test_workers_killed_while_the_main_process_lives_are_replaced(workdir, sig):
             return not [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("worker_pid") in pids]
         return False
 
-    # well inside the 60 s grace even on a loaded machine, where a worker stopped by SIGTERM
-    # takes a while to reach its safe point (about a second on a quiet one)
-    wait_for(released, timeout=45, what="the dead workers' trials to be queued again")
+    killed_at = time.time()
+    for pid in pids:
+        os.kill(pid, sig)
+    # queued again at once: no trial is left held by a killed worker (the heartbeat's grace
+    # is 60 s), well inside the grace even on a loaded machine, where a worker stopped by
+    # SIGTERM takes a while to reach its safe point (about a second on a quiet one); looked
+    # for from the kill on, since a worker's own exit (the interpreter's) takes seconds more
+    wait_for(released, timeout=45, what="the killed workers' trials to be queued again")
     assert time.time() - killed_at < 45
+    wait_for(lambda: not any(alive(p) for p in pids), timeout=60, what="the workers to die")
     out = finish(proc)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "a new worker takes its place" in out.stderr
