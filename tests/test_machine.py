@@ -108,9 +108,11 @@ def test_workers_killed_while_the_main_process_lives_are_replaced(workdir, sig):
     their place, and the study finishes with exit 0, each trial trained once, nothing RUNNING."""
     spec = write_spec(workdir, "owned", lrs="[0.02, 0.05, 0.1]")
     proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2")
-    training = wait_for(lambda: len(running_trials(workdir, "owned")) >= 2 and running_trials(workdir, "owned"),
-                        what="two trials training")
-    pids = {int(r.data.tags["cnnbench.pid"]) for r in training}
+    def workers_training() -> set[int]:  # a worker's last run may still be ending while its next trial trains
+        pids = {int(r.data.tags["cnnbench.pid"]) for r in running_trials(workdir, "owned")}
+        return pids if len(pids) >= 2 else set()
+
+    pids = wait_for(workers_training, what="both workers training")
     assert os.getpid() not in pids and proc.pid not in pids
     storage = f"sqlite:///{workdir / '.cnnbench' / 'optuna' / 'owned.db'}"
 
