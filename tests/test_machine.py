@@ -108,6 +108,7 @@ def test_workers_killed_while_the_main_process_lives_are_replaced(workdir, sig):
     their place, and the study finishes with exit 0, each trial trained once, nothing RUNNING."""
     spec = write_spec(workdir, "owned", lrs="[0.02, 0.05, 0.1]")
     proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2")
+
     def workers_training() -> set[int]:  # a worker's last run may still be ending while its next trial trains
         pids = {int(r.data.tags["cnnbench.pid"]) for r in running_trials(workdir, "owned")}
         return pids if len(pids) >= 2 else set()

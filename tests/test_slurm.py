@@ -219,12 +219,14 @@ def test_ctrl_c_stops_every_task_at_its_next_safe_point(tmp_path, data_root):
     storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
     spec = tmp_path / "stop.yaml"
     spec.write_text("name: stop\nscientific: {lr: [0.02, 0.05]}\nseeds: [0]\n"
-                    "fixed: {epochs: 6, train_subset: 2000, test_subset: 300, log_every: 10, progress: false}\n")
+                    "fixed: {epochs: 20, train_subset: 2000, test_subset: 300, log_every: 10, progress: false}\n")
+    # 20 epochs of under a second each: the stop request must land mid-trial even when the
+    # first epoch's record is seen late (the bookkeeping branch writes it in the background)
     driver = Command(["study", str(spec), "--executor", "slurm", "--workers", "2", "--storage", storage,
                       "--tracking-uri", tracking, "--results-dir", "results", "--state-dir", "state"],
                      cwd=tmp_path, env={"CNNBENCH_DATA": str(data_root)})
     array = driver.wait_for(r"workers started on Slurm .*\(job (\d+)_0, job \1_1\)").group(1)
-    victim = trial_in_training(storage, tracking, 6, alive=lambda: driver.proc.poll() is None)
+    victim = trial_in_training(storage, tracking, 20, alive=lambda: driver.proc.poll() is None)
     t0 = time.monotonic()
     driver.proc.send_signal(signal.SIGINT)
     status = driver.finish(timeout=600)
