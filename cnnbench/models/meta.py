@@ -1,11 +1,13 @@
 """Networks built on torch's meta device: shapes and counts, no memory, no initialisation.
 
 `on_meta()` is `torch.device("meta")` with a stop request held for the stretch
-(util.interrupt.shielded). Torch's device context pushes itself on the thread's mode
-stack before its `__enter__` returns: a stop request raised between the two leaves the
-mode on the stack with no `__exit__` to pop it, so every tensor the thread makes after
-that is a meta tensor. Seen: a worker stopped by SIGTERM while it looked at its trials'
-networks went on, and its next trials failed with "Cannot copy out of meta tensor".
+(util.interrupt.shielded). A KeyboardInterrupt raised inside torch's mode machinery
+while a network is built on meta comes out as another error ("trying to pop from empty
+mode stack"), or cuts a lazy import in half (sympy's) so that later builds fail, and
+leaves the mode stack unsound. Seen: a worker stopped by SIGTERM while it looked at its
+trials' networks took the error for its network's, went on, and failed its next trials
+with "Cannot copy out of meta tensor" (tests/test_reliability.py, the hail of stop
+requests, reproduces the errors without the shield).
 """
 
 from __future__ import annotations

@@ -62,27 +62,26 @@ def work(session: Session) -> WorkerReport:
     while True:
         batch: list[Any] = []
         try:
-            with interrupt.kept():  # a stop request that torch turned into another error is still one
-                with interrupt.shielded(), timings.phase("claims/claim trials"):  # taken whole or not at all
-                    with session.lock():
-                        batch, counts = claim(session, session.fuse_k)
-                if not batch:
-                    if writer().busy():  # outcomes still being told: count again once they are
-                        writer().drain()
-                        continue
-                    if session.cores is not None:
-                        session.cores.idle()
-                    if session.is_finished(counts):
-                        return report
-                    wait(session)  # the rest runs elsewhere, in case a worker is lost (or until one here ends)
+            with interrupt.shielded(), timings.phase("claims/claim trials"):  # taken whole or not at all
+                with session.lock():
+                    batch, counts = claim(session, session.fuse_k)
+            if not batch:
+                if writer().busy():  # outcomes still being told: count again once they are
+                    writer().drain()
                     continue
                 if session.cores is not None:
-                    session.cores.busy()
-                report.add(train_claimed(session, batch, data_cache))
-                if limit and report.failed_in_a_row >= limit:
-                    writer().drain()
-                    report.stopped = f"{report.failed_in_a_row} trials failed in a row"
+                    session.cores.idle()
+                if session.is_finished(counts):
                     return report
+                wait(session)  # the rest runs elsewhere, in case a worker is lost (or until one here ends)
+                continue
+            if session.cores is not None:
+                session.cores.busy()
+            report.add(train_claimed(session, batch, data_cache))
+            if limit and report.failed_in_a_row >= limit:
+                writer().drain()
+                report.stopped = f"{report.failed_in_a_row} trials failed in a row"
+                return report
         except KeyboardInterrupt as err:
             with interrupt.shielded():
                 writer().settle()  # what was handed over is written before the stop is recorded

@@ -132,11 +132,6 @@ def restore(previous: dict[int, Any] | None) -> None:
         _requested = None
 
 
-def requested() -> int | None:
-    """The signal of the stop request this process received since `install` (None: none)."""
-    return _requested
-
-
 @contextlib.contextmanager
 def kept() -> Iterator[None]:
     """A stretch whose errors, once a stop request came, are that request: an Exception
