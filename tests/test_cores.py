@@ -3,6 +3,7 @@
 whose workers end unevenly, with and without it."""
 
 import multiprocessing
+import threading
 import time
 
 import pytest
@@ -86,9 +87,10 @@ def _leave_after(training, ready, go, seconds):
     CoreShare(training, None, None).idle()
 
 
+LONG = 20000  # images per epoch of the long trial
 SHARED = """
 name: {name}
-scientific: {{train_subset: [600, 700, 20000]}}
+scientific: {{train_subset: [600, 700, {long}]}}
 fixed: {{activation: relu, epochs: 2, test_subset: 300, log_every: 5, progress: false}}
 """
 
@@ -104,20 +106,61 @@ def _threads_tags(folder, name):
             if r.data.tags.get(TAG_KIND) == "trial"}
 
 
+def _release(barrier, storage, over):
+    """The test's side of the barrier (run/barrier.py): every trial is held after its first
+    epoch until both workers hold one (both started and training: however late one starts,
+    neither runs through the study alone); then the short trials go at once, and the long
+    one once both short ones are complete, so that it trains its second epoch beside a
+    worker with nothing left to claim."""
+    import optuna
+
+    released, pids, deadline = set(), set(), time.monotonic() + 300  # a stuck study is not held for ever
+    while not over.is_set():
+        held = [p for p in barrier.glob("reached-*") if p.name not in released]
+        pids |= {p.name.split("-")[1] for p in held}
+        if held and (len(pids) >= 2 or time.monotonic() > deadline):
+            try:
+                trials = optuna.load_study(study_name=None, storage=storage).get_trials()
+            except Exception:  # the store busy: look again
+                time.sleep(0.05)
+                continue
+            by_number = {t.number: t for t in trials}
+            complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+            for p in held:
+                trial = by_number.get(int(p.name.split("-")[2]))
+                short = trial is not None and trial.user_attrs.get("train_subset") != str(LONG)
+                if short or complete >= 2 or time.monotonic() > deadline:
+                    (barrier / p.name.replace("reached-", "release-", 1)).touch()
+                    released.add(p.name)
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("share", [False, True], ids=["default", "share-cores"])
-def test_a_study_shares_cores_only_when_asked(workdir, share):
-    """3 trials on 2 single-trial workers, two short ones and a long one: whatever the
-    order of claims and the workers' start-up, the long one trains on while the other
-    worker has nothing left (an earlier version with 3 equal trials let the third end
-    before the other worker's first did, when that worker started late). By default it
-    keeps its thread count (a study's numbers repeat bit for bit whatever the timing);
-    with --share-cores it takes the idle worker's core."""
+def test_a_study_shares_cores_only_when_asked(workdir, monkeypatch, share):
+    """3 trials on 2 single-trial workers, two short ones and a long one, held at the
+    barrier so that, whatever the order of claims and the workers' start-up, the long one
+    trains on while the other worker has nothing left (without it, a worker that started
+    late, or a run's end written late by the background writer, let the long trial end
+    before the other worker was idle: seen in CI). By default it keeps its thread count (a
+    study's numbers repeat bit for bit whatever the timing); with --share-cores it takes
+    the idle worker's core."""
     from cnnbench.cli import main
+    from cnnbench.run.barrier import ENV as BARRIER_ENV
 
-    (workdir / "cores.yaml").write_text(SHARED.format(name="cores"))
-    args = ["study", str(workdir / "cores.yaml"), "--no-fuse", "--workers", "2"]
-    assert main(args + (["--share-cores"] if share else [])) == 0
+    (workdir / "cores.yaml").write_text(SHARED.format(name="cores", long=LONG))
+    storage, barrier, over = f"sqlite:///{workdir / 'optuna.db'}", workdir / "barrier", threading.Event()
+    barrier.mkdir()
+    monkeypatch.setenv(BARRIER_ENV, str(barrier))  # the worker processes inherit it
+    releaser = threading.Thread(target=_release, args=(barrier, storage, over), daemon=True)
+    releaser.start()
+    args = ["study", str(workdir / "cores.yaml"), "--no-fuse", "--workers", "2", "--storage", storage]
+    try:
+        assert main(args + (["--share-cores"] if share else [])) == 0
+    finally:
+        over.set()
+        releaser.join(30)
+    assert len(list(barrier.glob("reached-*"))) == 3  # every trial was held once
     tags = _threads_tags(workdir, "cores")
     assert len(tags) == 3
     steady = {t for t in tags.values() if "-" not in t}

@@ -30,6 +30,7 @@ from mlflow import MlflowClient
 from cnnbench.util import fileio
 from cnnbench.cli import main
 from cnnbench.run.barrier import ENV as BARRIER_ENV
+from cnnbench.util.background import SYNC_ENV
 from cnnbench.config.spec import SPEC_KEYS
 
 from conftest import tree
@@ -117,8 +118,15 @@ def reference(tmp_path_factory, data_root, monkeypatch):
 KILLED = dict(epochs=3, subset=1000)  # held after epoch 1 (the barrier), so killed with two epochs to go
 
 
+# where a trial's writes run (util/background.py): in the training thread, the CPU's way, or
+# in the background writer, an accelerator's (CI has none: forced here)
+BOOKKEEPING = {"in-thread": "", "background": "0"}
+
+
 @pytest.mark.slow
-def test_sigkill_mid_trial_resumes_and_loses_nothing(workdir, reference, monkeypatch):
+@pytest.mark.parametrize("bookkeeping", sorted(BOOKKEEPING))
+def test_sigkill_mid_trial_resumes_and_loses_nothing(workdir, reference, monkeypatch, bookkeeping):
+    monkeypatch.setenv(SYNC_ENV, BOOKKEEPING[bookkeeping])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
     monkeypatch.setenv("CNNBENCH_HOME", str(workdir / ".cnnbench"))
     spec = write_spec(workdir, **KILLED)
@@ -188,7 +196,9 @@ def ctrl_c(proc: subprocess.Popen, how: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", sorted(CTRL_C))
-def test_ctrl_c_stops_cleanly_after_saving(workdir, how):
+def test_ctrl_c_stops_cleanly_after_saving(workdir, monkeypatch, how):
+    # the terminal's way with the writes in the background writer (an accelerator's way)
+    monkeypatch.setenv(SYNC_ENV, BOOKKEEPING["background" if how == "group" else "in-thread"])
     spec = write_spec(workdir, name="ctrlc", **KILLED)
     barrier = workdir / "barrier"
     proc = start(workdir, "study", str(spec), "--no-fuse", barrier=barrier, **CTRL_C[how])

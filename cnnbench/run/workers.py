@@ -28,6 +28,7 @@ from cnnbench.run.opening import open_session
 from cnnbench.run.session import Kind, Session
 from cnnbench.run.trials import train_claimed
 from cnnbench.track import jobs
+from cnnbench.train.device import resolve_device
 from cnnbench.util import interrupt, timings
 from cnnbench.util.background import writer
 from cnnbench.util.faults import storage_fault
@@ -58,6 +59,7 @@ def work(session: Session) -> WorkerReport:
     report = WorkerReport()
     data_cache: dict[tuple, Any] = {}
     limit = session.kind.max_failures_in_a_row
+    writer().choose(resolve_device(session.spec.base_config().device).type == "cpu")  # util/background.py
     writer().start(jobs.warm)  # the background writer's process starts beside the first claim and data
     while True:
         batch: list[Any] = []

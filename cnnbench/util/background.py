@@ -31,8 +31,17 @@ What keeps the record whole, as it was when all of this ran in the training thre
 - a stop request never cuts a job in half: signals reach the main thread only, and the
   writer process ignores them (its parent drains, then it ends).
 
-`CNNBENCH_SYNC_BOOKKEEPING=1` runs every job at once in the thread that hands it over (the
-way before this writer existed: the "before" figure of `cnnbench bench --overhead`).
+Where a process trains decides whether it uses the writer at all (`choose`, called by the
+worker loop): on an accelerator it does (the CPU waits while the device trains); on the CPU
+every job runs at once in the thread that hands it over, the way before this writer
+existed, because the training already uses every core and a writer beside it only competes
+for them. Measured on 2 cores: with almost no training (`cnnbench bench --overhead`,
+results/bench/overhead.md) the training thread waited for the writer 22 % of the time; the
+1-seed lr study (10 epochs, all of MNIST) took 144 s in the background and 147 s in the
+thread (medians of 3, within the machine's noise); and under load the writer fell seconds
+behind its trials (a worker out of work gave its cores away late; CI's kill tests found no
+trial mid-way in MLflow, its epochs written only after it ended). `CNNBENCH_SYNC_BOOKKEEPING`
+decides instead where it is set: 1 in the thread everywhere, 0 the writer everywhere.
 """
 
 from __future__ import annotations
@@ -89,6 +98,7 @@ class Writer:
 
     def __init__(self, sync: bool | None = None) -> None:
         self.sync = os.environ.get(SYNC_ENV, "") not in ("", "0") if sync is None else sync
+        self.forced = sync is not None  # the caller's choice: `choose` leaves it as it is
         self.lanes: dict[bool, collections.deque] = {False: collections.deque(), True: collections.deque()}
         self.last = {False: DONE, True: DONE}  # each lane's last ticket
         self.cond = threading.Condition()
@@ -111,7 +121,8 @@ class Writer:
         ticket = Ticket()
         if self.sync:
             try:
-                ticket.value = job()
+                with timings.phase(timings.IN_THREAD + what):  # on the training's path: its own section
+                    ticket.value = job()
             finally:
                 ticket.done.set()
             return ticket
@@ -124,6 +135,16 @@ class Writer:
             self.started()
             self.cond.notify_all()
         return ticket
+
+    def choose(self, on_cpu: bool) -> None:
+        """This process trains on the CPU (`on_cpu`) or on an accelerator: the jobs run in the
+        handing thread, or in the background (see the module), unless the environment or the
+        caller decided it. What was handed over before is written first."""
+        env = os.environ.get(SYNC_ENV, "")
+        sync = env != "0" if env else on_cpu
+        if not self.forced and self.sync != sync:
+            self.drain()
+            self.sync = sync
 
     def start(self, warm: Callable[[], Any] | None = None) -> None:
         """Start the threads and the writer process now, so that their start-up (and `warm`,

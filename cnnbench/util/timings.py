@@ -5,7 +5,8 @@ Any layer times a stretch with `with timings.phase("group/steps"): ...`. Phases 
 count exclusively: while an inner phase runs, the outer one is paused, so a thread's phases
 add up to its wall time and no second is counted twice. Names are `section/what`; a
 section's rows are shown together, in the order they first ran. The background writer's
-phases (`writer/...`) run on its own thread, beside the training, and are shown as such.
+phases (`writer/...`) run on its own thread, beside the training, and are shown as such;
+where its jobs run in the training thread instead (the CPU's way), they are `bookkeeping/...`.
 `count(name)` counts events (SQLite commits, say) instead of seconds.
 
 Off, `phase` returns one shared null context and `add` and `count` return at once: a
@@ -24,6 +25,7 @@ from typing import Any, Iterator
 
 ENV = "CNNBENCH_TIMINGS"
 WRITER = "writer/"  # the section of the background writer's phases (util/background.py)
+IN_THREAD = "bookkeeping/"  # ... and of the same jobs where they run in the handing thread (the CPU's way)
 
 _on = os.environ.get(ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 _lock = threading.Lock()
