@@ -12,8 +12,8 @@ give three unknowns, fitted exactly:
 from 15 trials x 10 epochs, 15 x 1 and 5 x 10 (the minimum over `repeats` runs each).
 Each way is timed so: `background` (this code with CNNBENCH_SYNC_BOOKKEEPING=0: the
 background writer, an accelerator's default), `sync` (this code with
-CNNBENCH_SYNC_BOOKKEEPING=1: every write in the training thread, the CPU's default) and, with `--baseline DIR`, another checkout (the code before this
-work, say). The database commits of one 15 x 10 run of each way are counted by a
+CNNBENCH_SYNC_BOOKKEEPING=1: every write in the training thread, the CPU's default) and,
+with `--baseline DIR`, another checkout (the code before this work, say). The database commits of one 15 x 10 run of each way are counted by a
 SQLAlchemy listener that a sitecustomize module puts in every process of the run. The
 phase table of the 15 x 10 run comes from `--timings` (on in every run of a way that has
 it, so that its shapes are timed alike). results/bench/overhead.md.
@@ -72,7 +72,8 @@ def time_overhead(*, data_root: Any = None, repeats: int = 2, baseline: str | No
     """Every way, every shape, `repeats` times (interleaved, so that a busy machine weighs on
     each way alike), one counted run each; then the note."""
     here = Path(__file__).resolve().parents[3]
-    ways = [Way("background", here, {"CNNBENCH_SYNC_BOOKKEEPING": "0"}, True), Way("sync", here, {"CNNBENCH_SYNC_BOOKKEEPING": "1"}, True)]
+    ways = [Way("background", here, {"CNNBENCH_SYNC_BOOKKEEPING": "0"}, True),
+            Way("sync", here, {"CNNBENCH_SYNC_BOOKKEEPING": "1"}, True)]
     if baseline:
         ways.insert(0, Way("baseline", Path(baseline).resolve(), {}, False))
     with tempfile.TemporaryDirectory(prefix="cnnbench-overhead-") as tmp:
