@@ -1,8 +1,14 @@
 """`cnnbench bench` runs all three paths and writes its report (figures are not asserted:
 speed is a benchmark, not a test)."""
 
+import math
+
 import pandas as pd
 import pytest
+import torch
+
+from cnnbench.tools.bench.bound import fp32_bound
+from cnnbench.train.device import usable_cores
 
 from conftest import cli, run_main
 
@@ -18,8 +24,22 @@ def test_bench_times_naive_single_and_fused_and_writes_results(workdir):
     assert set(frame[frame["method"] == "fused"]["k"]) == {1, 2}
     assert set(frame[frame["method"] == "wide"]["k"]) == {1, 2}
     assert (frame["model_images_per_s"] > 0).all()
+    assert (frame["fraction_of_fp32_peak"] > 0).all()  # the CPU's bound is measured, not left blank
+    assert "GFLOP/s (measured FP32 matmul" in out.stdout
     assert frame.loc[frame["method"] == "naive", "ratio_to_naive"].iloc[0] == 1.0
     assert (workdir / "results" / "bench" / "throughput.png").stat().st_size > 5_000
+
+
+def test_the_cpu_s_fp32_bound_is_measured_on_every_core_and_leaves_the_threads_as_they_were():
+    cores, threads = usable_cores(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tflops, source = fp32_bound(torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert math.isfinite(tflops) and tflops > 0
+    assert source == f"measured FP32 matmul, 2048 x 2048, on {cores} thread(s)"
 
 
 def test_bench_refuses_bad_options(workdir):

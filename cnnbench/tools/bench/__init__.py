@@ -5,7 +5,8 @@
                  with --options each speed option (options.py); bench.csv, bench.md,
                  throughput.png
   engines.py     --engines: the wide engine against vmap's, by K
-  lr_study.py    --lr-study: the learning-rate study for real, both ways
+  lr_study.py    --lr-study: the learning-rate study for real, both ways, and its share
+                 of the FP32 bound
   overhead.py    --overhead: a study's bookkeeping (start-up, MLflow, Optuna, checkpoints,
                  results) with almost no training, fitted per process, trial and epoch
   sweep.py       --sweep: one Optuna sweep, one trial at a time and K fused
@@ -13,6 +14,7 @@
   calibrate.py   --calibrate: the CPU layout fastest on this machine, cached for studies
   cpu_profile.py --profile: where a wide K=3 step's time goes on one CPU thread, by op
   naive.py       the documents' loop, every ratio's baseline
+  bound.py       a training image's FLOPs and the FP32 matmul bound they are held against
   steps.py       one engine's steps, test passes and profile (also gpu-check's)
   common.py      what they share: the rows, the timed loop, worker processes
 `bench` below is the command: it checks every option, then runs the bench the flags ask

@@ -15,11 +15,14 @@ from cnnbench.config.spec import StudySpec
 from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import data_dir
 from cnnbench.run.study import run_study
+from cnnbench.tools.bench.bound import flops_per_image, fp32_bound
 from cnnbench.tools.bench.common import LR_STUDY
 from cnnbench.tools.bench.naive import naive_trial
 from cnnbench.train import calibration
 from cnnbench.train.device import device_name, resolve_device
 from cnnbench.util import fileio
+
+TRAIN_IMAGES = 60_000  # MNIST's training set, every epoch
 
 
 def time_lr_study(*, data_root=None, device: str = "auto", epochs: int = 10, say=print,
@@ -53,6 +56,10 @@ def time_lr_study(*, data_root=None, device: str = "auto", epochs: int = 10, say
     ours = timed[False]
     base = TrialConfig.from_dict(fixed)
     naive = sum(naive_trial(base.replace(lr=lr), root, dev, epochs=epochs, evaluate=True)[1] for lr in LR_STUDY)
+    bound, source = fp32_bound(dev)
+    at_bound = flops_per_image(base, dev) * len(LR_STUDY) * epochs * TRAIN_IMAGES / (bound * 1e12)
+    say(f"the study's training FLOPs at the FP32 matrix-multiply bound ({bound * 1e3:,.0f} GFLOP/s, {source}): "
+        f"{at_bound:.1f} s; the study runner reaches {at_bound / ours:.1%} of it, the naive loop {at_bound / naive:.1%}")
     say(f"naive loop, 5 trials one after another, the same epochs and test passes: {naive:.1f} s; "
         f"cnnbench is {naive / ours:.2f}x faster" + (f", {naive / timed[True]:.2f}x with --share-cores"
                                                      if True in timed else ""))
@@ -67,6 +74,9 @@ def time_lr_study(*, data_root=None, device: str = "auto", epochs: int = 10, say
             f"| way | wall time (s) | x naive |\n|---|---|---|\n"
             f"| naive loop, trials one after another | {naive:.1f} | 1.00 |\n"
             f"| cnnbench study runner (its defaults here; MLflow, checkpoints, results included) | {ours:.1f} "
-            f"| {naive / ours:.2f} |\n" + shared))
-    return {"naive_seconds": naive, "cnnbench_seconds": ours, "ratio": naive / ours,
+            f"| {naive / ours:.2f} |\n" + shared +
+            f"\nThe FP32 matrix-multiply bound, {bound * 1e3:,.0f} GFLOP/s ({source}), would train the study's "
+            f"training FLOPs (forward and backward, test passes not counted) in {at_bound:.1f} s: the study runner "
+            f"reaches {at_bound / ours:.1%} of the bound end to end, the naive loop {at_bound / naive:.1%}.\n"))
+    return {"naive_seconds": naive, "cnnbench_seconds": ours, "ratio": naive / ours, "bound_seconds": at_bound,
             **({"shared_seconds": timed[True]} if True in timed else {})}

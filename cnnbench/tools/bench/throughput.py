@@ -19,19 +19,16 @@ from __future__ import annotations
 
 import math
 import platform
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from cnnbench.config.trial import TrialConfig
-from cnnbench.data.tensors import data_dir, dataset_info, load_arrays
-from cnnbench.models import get_model
+from cnnbench.data.tensors import data_dir, load_arrays
 from cnnbench.run.layout import execution
+from cnnbench.tools.bench.bound import flops_per_image, fp32_bound
 from cnnbench.tools.bench.common import (
     LR_STUDY,
     LR_STUDY_IMAGES,
@@ -45,14 +42,9 @@ from cnnbench.tools.bench.engines import wide_measures, wide_projection
 from cnnbench.tools.bench.fused import K_VALUES, fused_measures
 from cnnbench.tools.bench.naive import naive_loop
 from cnnbench.tools.bench.options import option_measures
-from cnnbench.train.device import device_name, resolve_device, set_tf32, sync
+from cnnbench.train.device import device_name, resolve_device
 from cnnbench.train.loop import load_data
 from cnnbench.util import fileio
-
-
-# FP32 (non-tensor-core) peak of common accelerators, TFLOP/s, for the fraction reached
-FP32_PEAK_TFLOPS = {"H100 SXM": 67.0, "H100 PCIe": 51.0, "H100": 67.0, "H200": 67.0, "A100": 19.5,
-                    "L40S": 91.6, "L4": 30.3, "A10G": 31.2, "V100": 15.7, "T4": 8.1, "RTX 4090": 82.6}
 
 
 def run_bench(*, data_root=None, device: str = "auto", model: str = "lenet5", batch_size: int = 64,
@@ -119,7 +111,7 @@ def summarize(measures: dict[tuple[str, int], Measurement], base: TrialConfig, d
     loop, the fraction of FP32 peak) and the learning-rate study's projected time per way."""
     naive = measures[("naive", 1)].median
     flops = flops_per_image(base, dev)
-    peak, peak_source = fp32_peak(dev)
+    peak, peak_source = fp32_bound(dev)
     rows = []
     for m in measures.values():
         rows.append({"method": m.method, "k": m.k, "model_images_per_s": round(m.median, 1),
@@ -151,45 +143,14 @@ def parallel_workers(config: TrialConfig, root: Path, workers: int, threads: int
     return parallel_groups([[config.replace(lr=LR_STUDY[i % 5])] for i in range(workers)], root, threads)
 
 
-def flops_per_image(config: TrialConfig, device: torch.device) -> float:
-    """Training FLOPs per image (forward + backward), counted by torch.utils.flop_counter."""
-
-    info = dataset_info(config.dataset)
-    model = get_model(config.model, in_channels=info.channels, num_classes=info.classes, image_size=info.size,
-                      activation=config.activation).to(device)
-    x = torch.randn(config.batch_size, info.channels, info.size, info.size, device=device)
-    y = torch.randint(0, info.classes, (config.batch_size,), device=device)
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(x), y).backward()
-    return counter.get_total_flops() / config.batch_size
-
-
-def fp32_peak(device: torch.device) -> tuple[float, str]:
-    """(TFLOP/s, how it was found) for the fraction-of-peak figure."""
-    if device.type != "cuda":
-        return math.nan, "n/a on this device"
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in sorted(FP32_PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-        if key in name:
-            return tflops, f"{name} datasheet"
-    set_tf32(False)
-    a = torch.randn(8192, 8192, device=device)
-    for _ in range(3):
-        a @ a
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    sync(device)
-    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12, f"{name}, measured FP32 matmul"
-
-
 def _report(s: dict[str, Any]) -> str:
     lines = ["", f"{'method':<24}{'K':>4}{'model-images/s':>16}{'x naive':>9}{'fp32 peak':>11}"]
     for r in s["rows"]:
         frac = r["fraction_of_fp32_peak"]
         lines.append(f"{r['method']:<24}{r['k']:>4}{r['model_images_per_s']:>16,.0f}{r['ratio_to_naive']:>9.2f}"
                      f"{(f'{frac:.2%}' if frac == frac else '–'):>11} {r['note']}")
+    lines.append(f"fp32 peak: the share of the FP32 matrix-multiply bound, {s['fp32_peak_tflops'] * 1e3:,.0f} GFLOP/s "
+                 f"({s['peak_source']})" if s["fp32_peak_tflops"] == s["fp32_peak_tflops"] else "")
     lines.append("")
     lines.append(f"learning-rate study (5 trials x 10 epochs x 60,000 images), projected training time "
                  f"({s['flops_per_training_image'] / 1e6:.2f} MFLOP per training image):")
