@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from cnnbench.config.trial import TrialConfig
+from cnnbench.data.tensors import dataset_info
 from cnnbench.train.device import resolve_device
 from cnnbench.train.loop import load_data, train_group
 
 LR_STUDY = (0.001, 0.005, 0.01, 0.05, 0.1)
-LR_STUDY_IMAGES = len(LR_STUDY) * 10 * 60_000  # 5 trials x 10 epochs of 60,000 training images
+LR_STUDY_IMAGES = len(LR_STUDY) * 10 * dataset_info("mnist").n_train  # 5 trials x 10 epochs of MNIST's training set
 
 
 @dataclass

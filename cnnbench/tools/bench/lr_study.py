@@ -13,7 +13,7 @@ import torch
 
 from cnnbench.config.spec import StudySpec
 from cnnbench.config.trial import TrialConfig
-from cnnbench.data.tensors import data_dir
+from cnnbench.data.tensors import data_dir, dataset_info
 from cnnbench.run.study import run_study
 from cnnbench.tools.bench.bound import flops_per_image, fp32_bound
 from cnnbench.tools.bench.common import LR_STUDY
@@ -21,8 +21,6 @@ from cnnbench.tools.bench.naive import naive_trial
 from cnnbench.train import calibration
 from cnnbench.train.device import device_name, resolve_device
 from cnnbench.util import fileio
-
-TRAIN_IMAGES = 60_000  # MNIST's training set, every epoch
 
 
 def time_lr_study(*, data_root=None, device: str = "auto", epochs: int = 10, say=print,
@@ -57,9 +55,11 @@ def time_lr_study(*, data_root=None, device: str = "auto", epochs: int = 10, say
     base = TrialConfig.from_dict(fixed)
     naive = sum(naive_trial(base.replace(lr=lr), root, dev, epochs=epochs, evaluate=True)[1] for lr in LR_STUDY)
     bound, source = fp32_bound(dev)
-    at_bound = flops_per_image(base, dev) * len(LR_STUDY) * epochs * TRAIN_IMAGES / (bound * 1e12)
+    images = len(LR_STUDY) * epochs * dataset_info(base.dataset).n_train
+    at_bound = flops_per_image(base, dev) * images / (bound * 1e12)
     say(f"the study's training FLOPs at the FP32 matrix-multiply bound ({bound * 1e3:,.0f} GFLOP/s, {source}): "
-        f"{at_bound:.1f} s; the study runner reaches {at_bound / ours:.1%} of it, the naive loop {at_bound / naive:.1%}")
+        f"{at_bound:.1f} s; the study runner reaches {at_bound / ours:.1%} of it, "
+        f"the naive loop {at_bound / naive:.1%}")
     say(f"naive loop, 5 trials one after another, the same epochs and test passes: {naive:.1f} s; "
         f"cnnbench is {naive / ours:.2f}x faster" + (f", {naive / timed[True]:.2f}x with --share-cores"
                                                      if True in timed else ""))
