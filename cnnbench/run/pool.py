@@ -138,6 +138,9 @@ class Pool:
                 self.report.stopped = f"worker {slot.label} {why}"
             elif room > 0:
                 self.report.stopped = f"worker {slot.label} {why} ({slot.restarts + 1} time(s))"
+            else:  # the other workers already hold (or have finished) everything left
+                self.say(f"[{slot.label}] {why}; its trials are queued again, no new worker is needed "
+                         f"(the others hold what is left)")
             return
         slot.restarts += 1
         self.say(f"[{slot.label}] {why}; its trials are queued again, a new worker takes its place")

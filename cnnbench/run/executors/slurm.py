@@ -31,7 +31,8 @@ cancelled), and a task that has not stopped STOP_GRACE_S later is cancelled outr
 Without `wait` (--no-wait) nobody supervises: `submit` sends N tasks that each join the
 study as `cnnbench worker` does (the one that ends it writes the results) and returns a
 `Submitted` that says how to follow them; Slurm may requeue those (a preempted one joins
-again). Every task keeps its own state folder (under the node's temporary folder):
+again). Every task keeps its own state folder (under the node's temporary folder, named
+after the execution and the task, removed when the task ends with nothing left to resume):
 checkpoints follow a trial through the shared store (run/checkpoint_share.py).
 `cluster="local"` runs the same tasks as processes on this machine through submitit's
 local executor (no Slurm needed: the tests, and trying it out).
@@ -193,9 +194,9 @@ class SlurmTasks:
         open_args = {**s.open_args, "storage": s.url, "tracking": s.tracker.uri, "checked": True,
                      "role": "supervised", "supervisor": process_id(), "slot": slot, "share_checkpoints": True}
         self.ex = self.ex or self.executor(session, requeue=False)
-        assert self.events.folder is not None
+        assert self.events.folder is not None and self.run_dir is not None
         events = self.events.folder / f"{len(self.tasks):03d}-{slot}.jsonl"
-        args = (s.spec, s.kind, open_args, slot, str(events), self.gpus, self.threads, None)
+        args = (s.spec, s.kind, open_args, slot, str(events), self.gpus, self.threads, None, self.run_dir.name)
         task = SlurmTask(self)
         self.tasks.append(task)
         if self.first_round > 0:  # the first round: one array job of every slot, once all have asked
@@ -241,9 +242,9 @@ class SlurmTasks:
                      "share_checkpoints": True}
         ex = self.executor(session, requeue=True)
         ex.update_parameters(slurm_array_parallelism=n)
-        jobs = self.send(lambda: self.array(ex, [(s.spec, s.kind, open_args, f"w{i}", None, self.gpus, self.threads,
-                                                   final) for i in range(n)]))
         assert self.run_dir is not None
+        jobs = self.send(lambda: self.array(ex, [(s.spec, s.kind, open_args, f"w{i}", None, self.gpus, self.threads,
+                                                   final, self.run_dir.name) for i in range(n)]))
         return Submitted(s.kind.name, s.spec.name, [str(j.job_id) for j in jobs], self.run_dir, s.parent,
                          self.settings.cluster)
 
@@ -377,27 +378,39 @@ class Submitted:
             f"  stop:      scancel {jobs} (the same command again goes on from there; finished trials are kept)"])
 
 
-def task_state() -> Path:
+def task_state(execution: str) -> Path:
     """This task's own state folder, under the node's temporary folder ($TMPDIR), named
-    after the task: nothing is shared through a disk by accident (not even a
-    $CNNBENCH_HOME that sbatch carried over from the submitting shell)."""
+    after the execution (its submitit folder's name: the study, the time, the submitting
+    process) and the task: nothing is shared through a disk by accident, not even with an
+    earlier execution's task of the same job id (Slurm numbers jobs from 1 again when its
+    state is reset; the local executor's ids are process ids), nor through a
+    $CNNBENCH_HOME that sbatch carried over from the submitting shell."""
     import submitit
 
-    return Path(tempfile.gettempdir()) / "cnnbench-slurm" / str(submitit.JobEnvironment().job_id)
+    return Path(tempfile.gettempdir()) / "cnnbench-slurm" / execution / str(submitit.JobEnvironment().job_id)
 
 
 def slurm_worker(spec: StudySpec, kind: Kind, open_args: dict[str, Any], label: str, events: str | None,
-                 gpus: int, threads: int | None, final: Callable[[Session], Any] | None = None) -> tuple[int, str, str]:
+                 gpus: int, threads: int | None, final: Callable[[Session], Any] | None,
+                 execution: str) -> tuple[int, str, str]:
     """A task (submitit runs it on a node): `workers.run_worker` in the task's own state
-    folder, its events to the file `events` (None: printed to its log), `final` run by the
-    worker that ends the study; (exit status, message, where it ran). Slurm's warning before
-    the time limit (submitit's signal, SIGUSR2) is a stop request here, as SIGTERM is."""
+    folder (task_state), its events to the file `events` (None: printed to its log), `final`
+    run by the worker that ends the study; (exit status, message, where it ran). Slurm's
+    warning before the time limit (submitit's signal, SIGUSR2) is a stop request here, as
+    SIGTERM is. A task that ends well leaves its state folder behind it removed: its
+    trials are over, and what they were is in the stores; one that stops or fails keeps it
+    for the same task requeued (the shared store holds its checkpoints for any other)."""
     warning = signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
     signal.signal(warning, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
     if not gpus:  # a task without GPUs: Slurm may leave CUDA_VISIBLE_DEVICES unset (every GPU seen)
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     where = f"node {this_host()} pid {os.getpid()}"
-    ended = run_worker(spec, kind, {**open_args, "state": str(task_state()), "executor": "slurm", "node": this_host()},
+    state = task_state(execution)
+    ended = run_worker(spec, kind, {**open_args, "state": str(state), "executor": "slurm", "node": this_host()},
                        label=label, events=EventFile(events) if events else None, threads=threads, on_session=final,
                        imports=worker_imports(spec))
+    if ended.status == 0:
+        shutil.rmtree(state, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            state.parent.rmdir()  # the execution's folder, once its last task here is gone
     return ended.status, ended.message, where
