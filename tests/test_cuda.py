@@ -178,13 +178,16 @@ def test_a_graphed_trial_computes_the_same_numbers_as_the_eager_one(data_root, s
 def test_groups_side_by_side_on_cuda_compute_what_they_compute_one_after_another(data_root, monkeypatch):
     """Three groups (two batch sizes, two activations, one of them wide on two seeds), each
     on its own CUDA stream in its own thread, with whole steps as CUDA graphs: the same
-    losses and accuracies as one group after another. cuDNN autotuning off and the
-    convolution path fixed: choices made by timing could differ under the other groups' load."""
+    losses and accuracies as one group after another. Deterministic kernels (cuDNN's and
+    cuBLAS's) and the convolution path fixed: choices made by timing could differ under the
+    other groups' load, and cuDNN's default weight gradients add in whatever order the
+    GPU's blocks finish (on the H200 the lone batch-32 trial's curve differed from itself
+    side by side, the wide group's did not)."""
     from cnnbench.train.side_by_side import StopRecorder, run_together
 
     monkeypatch.setenv(CONV_PATH_ENV, "bmm")
     base = quick(device="cuda", activation="relu", lr=0.05, train_subset=100 * 64, log_every=5,
-                 cudnn_benchmark=False)
+                 cudnn_benchmark=False, deterministic=True)
     groups = [[base, base.replace(lr=0.02, seed=1), base.replace(lr=0.01)], [base.replace(batch_size=32)],
               [base.replace(activation="sigmoid", batch_size=128)]]
 
@@ -200,3 +203,23 @@ def test_groups_side_by_side_on_cuda_compute_what_they_compute_one_after_another
     together = run_together(tasks, torch.device("cuda"))
     assert together == alone
     assert all(status == FINISHED for group in together for status, _, _ in group)
+
+
+def test_checkpoints_copied_off_the_gpu_in_the_background_never_break_a_capture(data_root, tmp_path, capsys):
+    """gpu-check's fused sweep on an H200 (2026-12-04) failed every fused trial: the
+    background writer copied an epoch's checkpoints off the GPU while the training thread
+    captured the next epoch's step as a CUDA graph ("operation not permitted when stream is
+    capturing"; checkpoint.on_host). Sixteen wide trials of a few steps an epoch, so that
+    each epoch's capture begins while the last one's sixteen checkpoints are copied: every
+    trial finishes, every capture holds, every checkpoint is written."""
+    from cnnbench.util.background import writer
+
+    base = quick(device="cuda", activation="relu", lr=0.01, train_subset=8 * 64, epochs=6, log_every=2,
+                 cuda_graphs=True)
+    configs = [base.replace(lr=0.001 * (i + 1)) for i in range(16)]
+    dirs = [tmp_path / f"trial{i}" for i in range(16)]
+    assert not writer().sync  # the background writer, as on any accelerator
+    results = train_group(configs, data_root=data_root, checkpoint_dirs=dirs, engine="wide")
+    assert [r.status for r in results] == [FINISHED] * 16, [r.reason for r in results]
+    assert "capture failed" not in capsys.readouterr().err
+    assert all((d / "last.pt").is_file() for d in dirs)

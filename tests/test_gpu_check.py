@@ -60,3 +60,14 @@ def test_gpu_check_names_a_part_it_does_not_know(workdir):
     out = cli("gpu-check", "--dry-run", "--out", "gpu", "--parts", "tests,profiles", cwd=workdir)
     assert out.returncode == 2 and "--parts: unknown part 'profiles'" in out.stderr
     assert not (workdir / "gpu").exists()
+
+
+def test_a_variant_of_a_required_study_waits_for_the_budget_like_any_other(tmp_path):
+    """On the H200, `lr:amp=bf16` started with the budget spent (lr is required: it runs
+    whatever is left) and ran into the command's own time limit, so the check never wrote
+    its summary. A variant is skipped like any study the budget cannot hold."""
+    from cnnbench.tools.gpu_studies import run_study
+
+    step = run_study("lr:amp=bf16", tmp_path, {}, dry_run=False, left=lambda: 0.0)
+    assert step.status == "skipped" and step.detail == "skipped: 0 s of the budget left"
+    assert list(tmp_path.iterdir()) == []

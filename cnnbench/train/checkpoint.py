@@ -26,6 +26,7 @@ from torch import Tensor
 
 from cnnbench.config.trial import TrialConfig
 from cnnbench.train.engine import Engine
+from cnnbench.train.graphs import CAPTURE_LOCK
 from cnnbench.train.result import TrialResult
 from cnnbench.train.schedule import LRSchedule
 from cnnbench.util import fileio
@@ -171,12 +172,16 @@ def tensors(value: Any) -> list[Tensor]:
 def on_host(snap: Snapshot) -> dict[str, Any]:
     """The payload with every tensor on the CPU (the background writer's thread). On CUDA
     the copies wait for the snapshot's own event only, on a stream of their own, so that
-    they never wait behind the training queued after it."""
+    they never wait behind the training queued after it; and never while a training step
+    is being captured as a CUDA graph (graphs.CAPTURE_LOCK): a copy off the device beside
+    a capture broke both on an H200 ("operation not permitted when stream is capturing"
+    here, the capture invalidated there), the next epoch's capture beginning as the last
+    epoch's checkpoints were copied."""
     if snap.ready is None:
         return snap.payload
-    snap.ready.synchronize()
     device = next(t.device for t in tensors(snap.payload) if t.is_cuda)
-    with torch.cuda.stream(copy_stream(device)):
+    with CAPTURE_LOCK, torch.cuda.stream(copy_stream(device)):
+        snap.ready.synchronize()
         return to_cpu(snap.payload)
 
 

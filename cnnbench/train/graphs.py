@@ -29,7 +29,8 @@ from torch import Tensor
 WARM_STEPS = 3
 # one capture at a time in this process: groups side by side (side_by_side.py) capture in
 # their own threads, each on its own stream, and `torch.cuda.graph` frees the allocator's
-# cache and synchronises the device as it begins
+# cache and synchronises the device as it begins; the background writer's copies of
+# checkpoints off the device (checkpoint.on_host) take it too, never beside a capture
 CAPTURE_LOCK = threading.Lock()
 
 
