@@ -44,6 +44,7 @@ def test_the_gpu_check_dry_run_runs_every_step_on_the_cpu(workdir):
     # each study against the committed CPU results (cnnbench compare)
     for study in ("lr", "activation", "models"):
         assert (gpu / f"compare-{study}-cpu-dry-run" / "compare.md").is_file(), study
+        assert "where the time went" in (gpu / f"study-{study}.log").read_text()  # --timings' table
         assert "final test accuracy" in steps[f"study {study}"]["extra"]["compare"]["summary"]
     text = (gpu / "summary.md").read_text()
     assert "| study lr | ok |" in text and "## Bench" in text and "## Engine sweep" in text

@@ -60,7 +60,7 @@ def run_study(entry: str, out: Path, env: dict[str, str], *, dry_run: bool, left
     extra = [a for kv in pairs for a in ("--set", kv)] + (list(TINY) if dry_run else [])
     results = out / folder
     cmd = [sys.executable, "-m", "cnnbench", "study", str(studies_dir() / f"{name}.yaml"),
-           "--results-dir", str(results), "--set", "progress=false", *extra]
+           "--results-dir", str(results), "--set", "progress=false", "--timings", *extra]  # where the time went
     step = run_subprocess(title, cmd, out / f"study-{name}{folder.removeprefix('results')}.log", env=env,
                           cwd=out, timeout=max(600.0 if dry_run else 60.0, left()))
     step.extra.update(study=name, variant=variant, results=str(results / name))
