@@ -33,9 +33,10 @@ def test_the_gpu_check_dry_run_runs_every_step_on_the_cpu(workdir):
     conv = pd.read_csv(gpu / "conv2.csv")
     assert len(conv) == 8 and set(conv["variant"]) == {"grouped", "grouped-nhwc", "grouped-tf32", "bmm"}
     assert (conv["eager_us"] > 0).all() and conv["captured_us"].isna().all() and (conv["kernels"] > 0).all()
-    # the engine sweep: 4 variants at K = 1 and 6 (6 trials on 2 seeds: one batch per stream)
+    # the engine sweep: 5 variants at K = 1 and 6 (6 trials on 2 seeds: one batch per stream)
     engines = pd.read_csv(gpu / "engines.csv")
-    assert len(engines) == 8 and engines["note"].isna().all(), engines
+    assert len(engines) == 10 and engines["note"].isna().all(), engines
+    assert set(engines["variant"]) == {"vmap", "wide", "wide+dedupe", "wide+bmm", "wide+bmm+dedupe"}
     assert (engines["model_images_per_s"] > 0).all() and (engines["kernels_per_step"] > 0).all()
     assert engines[engines["k"] == 6]["streams"].eq(2).all()
     speeds = json.loads((gpu / "state" / "engine-speeds.json").read_text())["entries"]

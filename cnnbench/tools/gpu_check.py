@@ -12,9 +12,10 @@ minute at most: a study or the sweep running then is stopped at its own limit):
             tests), at most 40% of the budget (240 s)
   conv      the conv2 micro-benchmark: cuDNN grouped, NHWC, TF32 and the bmm op, eager and
             captured, K = 16, 64, 128: microseconds and kernels per call
-  engines   the engine sweep: vmap, wide, wide + bmm conv2, + stream dedupe, K = 1, 15, 16,
-            64, 128: model-images/s and kernels per step; the measured speeds go into the
-            check's state folder, so the studies below train on the faster engine
+  engines   the engine sweep: vmap, wide, wide with stream dedupe, with the bmm conv2, with
+            both; K = 1, 15, 16, 64, 128: model-images/s and kernels per step; the measured
+            speeds go into the check's state folder, so the studies below train on the
+            faster engine
   bench     `cnnbench bench --options`, the test pass per test batch size, a profile
   kbench    the bench's K sweep alone (naive, single, fused K)
   studies   `make studies` timed (the six document studies: LeNet-5's lr, batch and

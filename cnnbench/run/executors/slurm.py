@@ -261,17 +261,20 @@ class SlurmTasks:
         return (words[0].upper() if words else "UNKNOWN"), ("" if node.startswith("None") else node)
 
     def signal(self, job: Any, signum: int) -> None:
-        """A stop request to a task: `scancel --signal` to a running one, a queued one cancelled;
-        the local executor's process passes only SIGTERM on to its task."""
+        """A stop request to a task: a queued one cancelled, then `scancel --signal` to a
+        running one, each in Slurm's own judgement of the task's state (`--state`): sacct's
+        may say PENDING seconds after the task started (slurmdbd learns late), and a
+        training task cancelled outright instead of asked ends CANCELLED, not with its
+        result. Cancelling the queued first leaves no gap: a task that starts between the
+        two commands gets the signal. The local executor's process passes only SIGTERM on
+        to its task."""
         if self.settings.cluster == "local":
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(job.job_id), signal.SIGTERM)
             return
-        if self.state(job)[0] == "RUNNING":
-            name = signal.Signals(signum).name.removeprefix("SIG")
-            subprocess.run(["scancel", f"--signal={name}", str(job.job_id)], capture_output=True, timeout=COMMAND_S)
-        else:
-            job.cancel(check=False)
+        name = signal.Signals(signum).name.removeprefix("SIG")
+        for how in (["--state=PENDING"], ["--state=RUNNING", f"--signal={name}"]):
+            subprocess.run(["scancel", *how, str(job.job_id)], capture_output=True, timeout=COMMAND_S)
 
     def close(self) -> None:
         """Every task not seen to end is cancelled (Slurm sends it SIGTERM, a stop request)."""

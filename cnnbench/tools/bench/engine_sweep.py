@@ -5,8 +5,9 @@ K = 15 is the lr study's 3 seeds and K = 128 reads 26 streams) trained through t
 by each fused variant:
   vmap             fused.py: K stacked models, vmapped;
   wide             wide.py with cuDNN's grouped convolutions, one batch per trial;
-  wide+bmm         the same with grouped_conv.py's batched matrix products;
-  wide+bmm+dedupe  and one batch per data stream, conv1 once per stream (streams.py).
+  wide+dedupe      wide with one batch per data stream, conv1 once per stream (streams.py);
+  wide+bmm         wide with grouped_conv.py's batched matrix products;
+  wide+bmm+dedupe  both.
 Per K and variant: model-images/s (the loop's training time over one epoch of `steps`
 batches after an untimed warm-up, whole steps as CUDA graphs where the loop can) and the
 kernels one training step launches (torch.profiler over eager steps; on the CPU aten ops).
@@ -41,6 +42,7 @@ from cnnbench.util import fileio
 # variant -> (fused engine, environment it trains under)
 VARIANTS = {"vmap": ("vmap", {}),
             "wide": ("wide", {CONV_PATH_ENV: "grouped", DEDUPE_ENV: "0"}),
+            "wide+dedupe": ("wide", {CONV_PATH_ENV: "grouped", DEDUPE_ENV: "1"}),
             "wide+bmm": ("wide", {CONV_PATH_ENV: "bmm", DEDUPE_ENV: "0"}),
             "wide+bmm+dedupe": ("wide", {CONV_PATH_ENV: "bmm", DEDUPE_ENV: "1"})}
 KS = (1, 15, 16, 64, 128)
