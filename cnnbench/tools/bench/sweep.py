@@ -15,7 +15,7 @@ import torch
 
 from cnnbench.config.spec import SearchDim, StudySpec, SweepSettings
 from cnnbench.config.trial import TrialConfig
-from cnnbench.data.tensors import data_dir, load_arrays
+from cnnbench.data.tensors import data_dir, dataset_info, load_arrays
 from cnnbench.run.sweep import default_fuse_k, open_sweep
 from cnnbench.run.workers import work
 from cnnbench.track.schema import ATTR_FUSED_WITH, ATTR_TRAIN_SECONDS
@@ -71,7 +71,7 @@ def time_sweep(*, data_root=None, device: str = "auto", n_trials: int = 32, epoc
     spec = sweep_bench_spec(device=str(dev), n_trials=n_trials, epochs=epochs, train_subset=train_subset,
                             val_size=val_size)
     base = spec.base_config()
-    n_train = base.train_subset or (60_000 - val_size)
+    n_train = base.train_subset or (dataset_info("mnist").n_train - val_size)
     say(f"sweep bench on {dev} ({device_name(dev)}), torch {torch.__version__}, {torch.get_num_threads()} threads: "
         f"{n_trials} trials of LeNet-5 x {epochs} epochs x {n_train:,} training images ({val_size:,} validation), "
         f"TPE (sampler seed {sampler_seed}), no pruning; one at a time, then K={k} fused")
@@ -150,6 +150,6 @@ def _sweep_report(s: dict[str, Any]) -> str:
               "only because the sampler sees the trials in another order: K trials are asked before any of "
               "them is told (TPE's constant liar), so the fused sweep's later trials are chosen knowing less.",
               "", f"`cnnbench bench --sweep --sweep-trials {s['n_trials']} --sweep-epochs {s['epochs']}"
-              + (f" --sweep-train-subset {s['n_train']}" if s['n_train'] != 60_000 - s['val_size'] else "")
+              + (f" --sweep-train-subset {s['n_train']}" if s['n_train'] != dataset_info('mnist').n_train - s['val_size'] else "")
               + f" --fuse-k {s['fuse_k']} --device {s['device']}`"]
     return "\n".join(lines)

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from cnnbench.config.trial import TrialConfig
-from cnnbench.data.tensors import data_dir, load_arrays
+from cnnbench.data.tensors import data_dir, dataset_info, load_arrays
 from cnnbench.run.layout import execution
 from cnnbench.tools.bench.bound import flops_per_image, fp32_bound
 from cnnbench.tools.bench.common import (
@@ -152,7 +152,8 @@ def _report(s: dict[str, Any]) -> str:
     lines.append(f"fp32 peak: the share of the FP32 matrix-multiply bound, {s['fp32_peak_tflops'] * 1e3:,.0f} GFLOP/s "
                  f"({s['peak_source']})")
     lines.append("")
-    lines.append(f"learning-rate study (5 trials x 10 epochs x 60,000 images), projected training time "
+    lines.append(f"learning-rate study (5 trials x 10 epochs x {dataset_info('mnist').n_train:,} images), "
+                 f"projected training time "
                  f"({s['flops_per_training_image'] / 1e6:.2f} MFLOP per training image):")
     naive = s["projection_seconds"]["naive, sequential"]
     for name, sec in s["projection_seconds"].items():
