@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cnnbench.util import exiting  # noqa: F401 (first: its atexit handler must run after every other)
+
 __version__ = "0.2.0"
 
 API = ("evaluate", "load_runs", "load_spec", "register_model", "run_study", "run_sweep", "run_trial", "run_worker",

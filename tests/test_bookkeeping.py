@@ -285,3 +285,116 @@ def test_a_study_imports_neither_torchvision_nor_the_tools_and_reads_mnist_witho
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[0] == "[] True (60000, 1, 28, 28) torch.uint8 torch.int64"
+
+
+# ----------------------------------------------------------------------------------------
+# the end of a command (util/exiting.py) and the writes per epoch
+
+
+END = """
+import atexit, os, sys
+import cnnbench  # its handler registered first: it runs after every other
+from cnnbench.util import exiting
+from cnnbench.track import stores
+fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+class Torn:  # freed by the interpreter's teardown, and only there
+    def __del__(self, write=os.write, fd=fd):
+        write(fd, b"teardown ")
+
+kept = Torn()
+atexit.register(lambda: os.write(fd, b"handler "))
+exiting.before_exit(lambda: os.write(fd, b"closer "))
+client = stores.mlflow_client("sqlite:///" + sys.argv[3])
+client.create_experiment("kept")
+sys.stdout.write("unflushed")  # no newline: still in the buffer
+{end}
+"""
+
+
+@pytest.mark.parametrize("end", ["exiting.exit(3)", "sys.exit(3)", "os._exit(3)"])
+def test_a_command_ends_without_the_teardown_after_every_exit_handler_and_its_store_whole(tmp_path, end):
+    """`exiting.exit` skips the interpreter's teardown (seconds with torch and MLflow loaded)
+    yet runs every atexit handler, the closers, flushes the output and keeps the status; the
+    store's write-ahead log is folded into its file, so that the file alone holds every
+    commit, as after a normal exit (and not after a bare os._exit)."""
+    log, db = tmp_path / "log", tmp_path / "mlflow.db"
+    out = subprocess.run([sys.executable, "-c", END.format(end=end), "-", str(log), str(db)], capture_output=True,
+                         text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 3, out.stderr[-2000:]
+    events = log.read_text().split() if log.exists() else []
+    expected = {"exiting.exit(3)": ["handler", "closer"], "sys.exit(3)": ["handler", "teardown"], "os._exit(3)": []}
+    assert events == expected[end]
+    if end != "os._exit(3)":
+        assert out.stdout == "unflushed"
+    assert (tmp_path / "mlflow.db-wal").exists() == (end == "os._exit(3)")
+    if end != "os._exit(3)":
+        alone = tmp_path / "alone"
+        alone.mkdir()
+        (alone / "mlflow.db").write_bytes(db.read_bytes())  # the file without its log
+        assert MlflowClient(f"sqlite:///{alone / 'mlflow.db'}").get_experiment_by_name("kept") is not None
+
+
+def test_a_library_user_s_exit_is_python_s_own(tmp_path):
+    """Importing cnnbench arms nothing: a program that imports it exits as it always does."""
+    code = textwrap.dedent("""
+        import os, sys, cnnbench.api
+        fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+        class Torn:
+            def __del__(self, write=os.write, fd=fd):
+                write(fd, b"teardown")
+        kept = Torn()
+        sys.exit(5)
+    """)
+    log = tmp_path / "log"
+    out = subprocess.run([sys.executable, "-c", code, str(log)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 5 and log.read_text() == "teardown", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("every", [0.0, 3600.0])
+def test_a_trial_s_epochs_reach_mlflow_at_most_once_a_second_and_all_by_its_end(workdir, data_root, monkeypatch,
+                                                                                 every):
+    """The first epoch's metrics are written at once (a watcher sees that the trial trains),
+    the next ones at most every METRICS_EVERY_S, and the run's end writes what is left: the
+    finished run holds every epoch either way."""
+    from cnnbench import api
+    from cnnbench.track import jobs, writer
+    from conftest import quick
+
+    writes: list[int] = []
+    real = jobs.log_run
+
+    def log_run(uri, run_id, params, metrics):
+        writes.append(len({m.step for m in metrics if m.key == "test/acc"}))
+        return real(uri, run_id, params, metrics)
+
+    monkeypatch.setenv(background.SYNC_ENV, "1")  # the writes in this thread, where the spy sees them
+    monkeypatch.setattr(jobs, "log_run", log_run)
+    monkeypatch.setattr(writer, "METRICS_EVERY_S", every)
+    result = api.run_trial(quick(epochs=4), data_root=data_root, experiment="epochs")
+    assert writes == ([1, 1, 1, 1] if every == 0.0 else [1])  # the rest went with the run's end
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("epochs").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "test/acc")] == [1, 2, 3, 4]
+    assert len(result.history) == 4
+
+
+def test_deterministic_kernels_follow_each_trial_s_setting(monkeypatch):
+    """configure_backends calls torch's switch only when it changes (the call imports torch's
+    compiler, about a second of a start): each trial still gets the setting it asks for."""
+    import torch
+
+    from cnnbench.config.trial import TrialConfig
+    from cnnbench.train.device import configure_backends
+
+    calls: list[bool] = []
+    real = torch.use_deterministic_algorithms
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **kw: (calls.append(mode), real(mode, **kw)))
+    try:
+        for wanted in (False, True, True, False, False):
+            configure_backends(TrialConfig(deterministic=wanted), torch.device("cpu"))
+            assert torch.are_deterministic_algorithms_enabled() == wanted
+        assert calls == [True, False]
+    finally:
+        real(False)

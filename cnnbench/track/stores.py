@@ -29,6 +29,7 @@ import random
 import sqlite3
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -36,7 +37,7 @@ import optuna
 import sqlalchemy
 from mlflow import MlflowClient
 
-from cnnbench.util import timings
+from cnnbench.util import exiting, timings
 from cnnbench.util.extras import require
 from cnnbench.util.text import masked
 
@@ -48,6 +49,7 @@ SCHEMA = "schema"  # the StoreLock that serializes the creation of a store's tab
 _ready: set[str] = set()  # stores whose schema this process has seen complete
 _ready_lock = threading.Lock()
 _listening: list[bool] = []  # whether this process's SQLAlchemy engines have cnnbench's listeners
+_engines: "weakref.WeakSet[Any]" = weakref.WeakSet()  # every engine a connection was opened on
 
 
 def backend(url: str) -> str:
@@ -105,6 +107,20 @@ def counted(connection: Any) -> None:
     timings.count("database commits")
 
 
+def remembered(connection: Any) -> None:
+    """Note the engine of a connection this process opened (close_idle closes its pool)."""
+    _engines.add(connection.engine)
+
+
+def close_idle() -> None:
+    """Close the idle pooled connections of every engine this process used (a connection in
+    use elsewhere is left alone): at a quick exit (util/exiting.py), so that SQLite folds
+    its write-ahead log into the file when its last connection closes, as it does when
+    Python's teardown frees them."""
+    for engine in list(_engines):
+        engine.dispose(close=True)
+
+
 def listen() -> None:
     """cnnbench's listeners on every SQLAlchemy engine of this process (once)."""
     with _ready_lock:
@@ -112,6 +128,8 @@ def listen() -> None:
             return
         sqlalchemy.event.listen(sqlalchemy.engine.Engine, "connect", sqlite_pragmas)
         sqlalchemy.event.listen(sqlalchemy.engine.Engine, "commit", counted)
+        sqlalchemy.event.listen(sqlalchemy.engine.Engine, "engine_connect", remembered)
+        exiting.before_exit(close_idle)
         _listening.append(True)
 
 

@@ -70,6 +70,7 @@ from cnnbench.util.background import writer
 from cnnbench.util.text import fmt, masked  # noqa: F401  (re-exported here)
 
 DONE = (FINISHED, DIVERGED)  # outcomes that a resumed study does not train again
+METRICS_EVERY_S = 1.0  # a trial's per-epoch metrics go to MLflow at most this often (MlflowRecorder.epoch)
 
 
 def tracking_uri(explicit: str | None = None) -> str:
@@ -287,6 +288,7 @@ class MlflowRecorder(Recorder):
         self.uri = stores.absolute(tracker.uri)  # what the writer process opens, whatever its folder
         self.run_id: str | None = None
         self.pending: list[Metric] = []
+        self.flushed: float | None = None  # when the metrics were last handed over (monotonic)
 
     def start(self, config: TrialConfig, info: dict[str, Any], resumed: TrialResult | None) -> None:
         c = config
@@ -327,14 +329,20 @@ class MlflowRecorder(Recorder):
         self.pending.extend(Metric(k, float(v), ts, step) for k, v in record.items() if k != EPOCH)
 
     def epoch(self, record: dict[str, float]) -> str | None:
+        """The epoch's metrics: handed over at once for the run's first epoch (a person or a
+        process watching sees that it trains), then at most once a second (`METRICS_EVERY_S`;
+        each write is two commits, milliseconds per epoch of MLflow's ORM, where a GPU trains
+        an epoch of a small network in tens); its end hands over what is left."""
         self._epoch_metrics(record)
-        self.flush()
+        if self.flushed is None or time.monotonic() - self.flushed >= METRICS_EVERY_S:
+            self.flush()
         return None
 
     def flush(self) -> None:
         """The metrics gathered so far, handed to the background writer."""
         if self.run_id is not None and self.pending:
             self.hand_over({}, "mlflow metrics")
+            self.flushed = time.monotonic()
 
     def finish(self, result: TrialResult) -> None:
         """The run's end, handed to the background writer after everything else of it, and

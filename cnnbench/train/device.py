@@ -58,7 +58,10 @@ def configure_backends(config: TrialConfig, device: torch.device) -> None:
     later, which is not the fp32 a study reports."""
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(config.deterministic)
+    if torch.are_deterministic_algorithms_enabled() != config.deterministic \
+            or torch.is_deterministic_algorithms_warn_only_enabled():
+        # only when it changes: the call imports torch's compiler (about 1 s of a process's start)
+        torch.use_deterministic_algorithms(config.deterministic)
     torch.backends.cudnn.deterministic = config.deterministic
     torch.backends.cudnn.benchmark = device.type == "cuda" and config.cudnn_benchmark and not config.deterministic
     set_tf32(config.tf32)

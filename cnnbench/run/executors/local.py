@@ -14,7 +14,6 @@ import multiprocessing
 import os
 import queue as queues
 import signal
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,7 @@ from cnnbench.run.networks import worker_imports
 from cnnbench.run.session import Kind, Session
 from cnnbench.run.storage import process_id
 from cnnbench.run.workers import Ended, run_worker
-from cnnbench.util import interrupt, timings
+from cnnbench.util import exiting, interrupt, timings
 
 
 class LocalPlan:
@@ -115,15 +114,11 @@ def worker_main(spec: StudySpec, kind: Kind, open_args: dict[str, Any], label: s
         faults.put(ended.message)
         faults.close()
         faults.join_thread()
-    if ended.status:
-        sys.exit(ended.status)
-    # Done, every outcome recorded (run_worker's work() drained the background writer): exit
-    # without the interpreter's teardown of torch, MLflow and SQLAlchemy, which took 2-3 s of
-    # a study's wall time here, once the progress lines (and the timings, when on) are sent.
-    if timings.enabled():
+    if not ended.status and timings.enabled():
         events.put(("timings", label, timings.snapshot()))
     events.close()
     events.join_thread()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # Done, every outcome recorded (run_worker's work() drained the background writer): exit
+    # without the interpreter's teardown of torch, MLflow and SQLAlchemy, which took 2-3 s of
+    # a study's wall time here, once the progress lines (and the timings, when on) are sent.
+    exiting.exit(ended.status)
