@@ -113,7 +113,15 @@ def test_workers_killed_while_the_main_process_lives_are_replaced(workdir, sig):
         pids = {int(r.data.tags["cnnbench.pid"]) for r in running_trials(workdir, "owned")}
         return pids if len(pids) >= 2 else set()
 
-    pids = wait_for(workers_training, what="both workers training")
+    try:
+        pids = wait_for(workers_training, timeout=180, what="both workers training")
+    except AssertionError:  # say what the study did instead (a study of 3 short trials is long over)
+        proc.kill()
+        out = finish(proc)
+        seen = [(r.data.tags.get("mlflow.runName"), r.info.status, r.data.tags.get("cnnbench.pid"))
+                for r in trials_of(workdir, "owned")]
+        raise AssertionError(f"never both workers training; trial runs {seen}; exit {out.returncode}; "
+                             f"stderr {out.stderr[-3000:]}") from None
     assert os.getpid() not in pids and proc.pid not in pids
     storage = f"sqlite:///{workdir / '.cnnbench' / 'optuna' / 'owned.db'}"
 

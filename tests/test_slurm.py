@@ -44,6 +44,9 @@ needs_slurm = pytest.mark.skipif(not SLURM, reason="no Slurm here: source .ci/sl
 LR = str(REPO / "studies" / "lr.yaml")
 
 
+ENDED = {"COMPLETED", "FAILED", "CANCELLED"}  # a task's states once it is over
+
+
 def sacct(job: str) -> dict[str, str]:
     """Task id -> Slurm state (the first word: CANCELLED by 0 -> CANCELLED)."""
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", job], capture_output=True,
@@ -208,7 +211,9 @@ def test_no_wait_submits_the_tasks_and_the_last_one_writes_the_results(tmp_path,
         [MlflowClient(tracking).get_experiment_by_name("nowait").experiment_id]) if r.data.tags.get(TAG_KIND) == "study"]
     assert parent.info.status == "RUNNING"  # left going: the task that ends the study closes it
     deadline = time.monotonic() + 900
-    while time.monotonic() < deadline and set(sacct(job).values()) - {"COMPLETED", "FAILED", "CANCELLED"}:
+    # until both tasks have ended: sacct knows a job only once slurmdbd has heard of it, which
+    # can be after the command returned (it returns as soon as sbatch has answered)
+    while time.monotonic() < deadline and (len(sacct(job)) < 2 or set(sacct(job).values()) - ENDED):
         time.sleep(2)
     assert set(sacct(job).values()) == {"COMPLETED"}, sacct(job)
     check_whole(storage, tracking, "nowait", 2)
