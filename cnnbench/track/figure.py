@@ -1,6 +1,7 @@
 """A trial's own figure, logged with its run: the training loss against samples seen and
-the accuracy per epoch (`curves.png`), drawn once per trial (so in tens of milliseconds). Drawn on a bare matplotlib Figure: no pyplot, so
-no backend is chosen or switched (a notebook keeps its inline figures)."""
+the accuracy per epoch (`curves.png`), in tens of milliseconds (it is drawn once per
+trial). Drawn on a bare matplotlib Figure: no pyplot, so no backend is chosen or switched
+(a notebook keeps its inline figures)."""
 
 from __future__ import annotations
 
