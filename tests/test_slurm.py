@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 from cluster_checks import Command, check_whole, study_trials, trial_in_training
 from conftest import REPO, TINY_STUDY, cli, tree
 from cnnbench.run.executors.event_files import EventFile, EventFiles
-from cnnbench.run.executors.slurm import LOST, Submitted, sbatch_parameters, verdict
+from cnnbench.run.executors.slurm import ENDED, LOST, Submitted, sbatch_parameters, verdict
 from cnnbench.run.workers import EXIT_LOST
 from cnnbench.errors import ConfigError
 from cnnbench.track.schema import (ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_WORKER_DEATHS, ATTR_WORKER_PID,
@@ -42,9 +42,6 @@ from cnnbench.track.schema import (ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_WORKER_DEA
 SLURM = bool(os.environ.get("CNNBENCH_TEST_SLURM") and os.environ.get("SLURM_CONF") and shutil.which("sbatch"))
 needs_slurm = pytest.mark.skipif(not SLURM, reason="no Slurm here: source .ci/slurm as root to start one (CI does)")
 LR = str(REPO / "studies" / "lr.yaml")
-
-
-ENDED = {"COMPLETED", "FAILED", "CANCELLED"}  # a task's states once it is over
 
 
 def sacct(job: str) -> dict[str, str]:
@@ -213,9 +210,11 @@ def test_no_wait_submits_the_tasks_and_the_last_one_writes_the_results(tmp_path,
     deadline = time.monotonic() + 900
     # until both tasks have ended: sacct knows a job only once slurmdbd has heard of it, which
     # can be after the command returned (it returns as soon as sbatch has answered)
-    while time.monotonic() < deadline and (len(sacct(job)) < 2 or set(sacct(job).values()) - ENDED):
+    states = sacct(job)
+    while time.monotonic() < deadline and (len(states) < 2 or set(states.values()) - ENDED):
         time.sleep(2)
-    assert set(sacct(job).values()) == {"COMPLETED"}, sacct(job)
+        states = sacct(job)
+    assert set(states.values()) == {"COMPLETED"}, states
     check_whole(storage, tracking, "nowait", 2)
     assert {p.name for p in (tmp_path / "results" / "nowait").iterdir()} >= {"stats.csv", "summary.csv", "table.md"}
     print(f"--no-wait study: {time.monotonic() - t0:.0f} s")

@@ -12,8 +12,8 @@ connections are closed, so that SQLite folds its write-ahead log into the file a
 exit does), flushes stdout and stderr and ends the process with `os._exit(status)`.
 
 Only a command's own processes take this way (`cli.entry`, and a local worker once its
-work is done): a program or notebook that imports cnnbench exits as it always does. A thread that is not a daemon is joined before
-atexit runs, as in any exit.
+work is done): a program or notebook that imports cnnbench exits as it always does. A
+thread that is not a daemon is joined before atexit runs, as in any exit.
 """
 
 from __future__ import annotations
