@@ -74,7 +74,10 @@ def study_trials(storage: str) -> list:
 
 def trial_in_training(storage: str, tracking: str, epochs: int, *, alive, timeout: float = 900):
     """A RUNNING trial whose run has recorded at least one epoch of `epochs` and not all of
-    them, waiting for one while `alive()` holds."""
+    them, waiting for one while `alive()` holds. What MLflow holds lags the training: a
+    trial's first epoch is written at once, the next ones at most once a second
+    (track/writer.py), so a trial seen at "1 of n" may be epochs further on; a test that
+    must act mid-trial gives its trials seconds of training after the first epoch."""
     client = MlflowClient(tracking)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

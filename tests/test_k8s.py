@@ -95,7 +95,7 @@ def test_the_job_is_indexed_never_restarts_in_place_and_runs_cnnbench_worker():
 def test_the_jobs_contract_with_local_processes(tmp_path, data_root):
     """N pods as N `cnnbench worker` processes (the manifest's command, a tiny study), one
     SIGKILLed mid-trial and started again under its index."""
-    n, epochs = 3, 3
+    n, epochs = 3, 6  # seconds of training after the first epoch seen (cluster_checks.trial_in_training)
     spec = tmp_path / "k8s.yaml"
     spec.write_text("name: k8s\nscientific: {lr: [0.01, 0.02, 0.05]}\nseeds: [0, 1]\n"
                     f"fixed: {{epochs: {epochs}, train_subset: 2000, test_subset: 300, log_every: 10, progress: false}}\n")

@@ -147,7 +147,11 @@ def test_an_array_study_goes_on_after_a_task_is_cancelled_mid_trial(postgres, tm
     from cnnbench.tools.ui import mlflow_server
 
     storage = postgres[0]
-    epochs = 5  # a group trains an epoch in about a second: a window to cancel a task in
+    # a group trains an epoch in under a second, and a watcher sees a trial's first epoch at
+    # once, then its metrics at most once a second (track/writer.py): 15 epochs leave seconds
+    # of training after the one seen, for the cancel to land mid-trial. With 5 a clean-clone
+    # CI saw "1 of 5" while the group was at its last epoch: the cancel came as it ended
+    epochs = 15
     sets = ["--set", f"epochs={epochs}", "--set", "train_subset=2000", "--set", "test_subset=300",
             "--set", "log_every=10", "--set", "progress=false"]
     with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts", log=tmp_path / "server.log",
@@ -268,14 +272,14 @@ def test_the_local_executor_path_replaces_a_killed_task(workdir, data_root):
     storage, tracking = f"sqlite:///{workdir}/optuna.db", f"sqlite:///{workdir}/mlflow.db"
     spec = workdir / "local.yaml"
     spec.write_text("name: local-slurm\nscientific: {lr: [0.02, 0.05]}\nseeds: [0, 1]\n"
-                    "fixed: {epochs: 12, train_subset: 1000, test_subset: 300, log_every: 10, progress: false}\n")
+                    "fixed: {epochs: 20, train_subset: 1000, test_subset: 300, log_every: 10, progress: false}\n")
     killed: dict = {}
 
     def kill_one() -> None:
         try:  # the stores are touched once the tasks start (the run's folder made), not while created
             while not (workdir / "state" / "slurm").exists() and not killed.get("over"):
                 time.sleep(0.2)
-            victim = trial_in_training(storage, tracking, 12, alive=lambda: not killed.get("over"))
+            victim = trial_in_training(storage, tracking, 20, alive=lambda: not killed.get("over"))
             os.kill(victim.user_attrs[ATTR_WORKER_PID], signal.SIGKILL)
             killed["trial"] = victim
         except BaseException as err:
