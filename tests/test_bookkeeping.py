@@ -7,6 +7,7 @@ a study uses (MNIST read from its idx files)."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import sqlite3
@@ -399,3 +400,66 @@ def test_deterministic_kernels_follow_each_trial_s_setting(monkeypatch):
         assert calls == [True, False]
     finally:
         real(False)
+
+
+def test_a_trial_s_figure_does_not_depend_on_the_figures_drawn_before_it(tmp_path):
+    """A process draws every trial's curves.png on one figure (track/figure.py): a trial
+    drawn after others (with longer curves, more epochs, a validation split, nothing at
+    all) is pixel for pixel the one drawn on a figure built for it alone."""
+    import numpy as np
+    from PIL import Image
+
+    from cnnbench.config.trial import TrialConfig
+    from cnnbench.track.figure import TrialFigure
+    from cnnbench.train.result import TrialResult
+
+    def trial(lr: float, points: int, epochs: int, val: bool = False) -> TrialResult:
+        r = TrialResult(config=TrialConfig(lr=lr))
+        r.curve = [(640 * i, 2.3 * 0.97 ** i) for i in range(points)]
+        r.history = [{"epoch": e + 1, "test/acc": 90 + e, **({"val/acc": 91 + e} if val else {})}
+                     for e in range(epochs)]
+        return r
+
+    def pixels(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    trials = {"short": trial(0.01, 12, 2), "long": trial(0.1, 900, 30, val=True), "empty": trial(0.05, 0, 0),
+              "loss only": trial(0.02, 5, 0)}
+    alone = {name: TrialFigure().draw(r, tmp_path / f"alone-{i}.png") for i, (name, r) in enumerate(trials.items())}
+    shared = TrialFigure()
+    for rounds in range(2):
+        for i, (name, r) in enumerate(reversed(list(trials.items()))):  # after each other kind
+            drawn = shared.draw(r, tmp_path / f"shared-{rounds}-{i}.png")
+            assert np.array_equal(pixels(drawn), pixels(alone[name])), name
+    assert len({pixels(p).tobytes() for p in alone.values()}) == len(trials)  # four different images
+
+
+def test_a_result_is_read_where_it_lies_and_downloaded_where_it_does_not(tmp_path, monkeypatch):
+    """A study reads its runs' results back (run/study.py): from the artifact folder itself
+    when the run's artifacts are a folder here, through MLflow's download otherwise (an
+    artifact store elsewhere; a folder this machine does not have). Both give the result
+    the run recorded."""
+    from mlflow.entities import Run, RunInfo
+
+    from cnnbench.config.trial import TrialConfig
+    from cnnbench.track import jobs
+    from cnnbench.track.writer import Tracker
+    from cnnbench.train.result import TrialResult
+
+    tracker = Tracker("readback", f"sqlite:///{tmp_path}/mlflow.db")
+    result = TrialResult(TrialConfig(lr=0.03), status="finished", history=[{"epoch": 1, "test/acc": 91.5}],
+                         curve=[(64, 2.1)], train_seconds=1.5, images=64)
+    run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
+    (tmp_path / "result.json").write_text(json.dumps(jobs.result_to_json(result)))
+    tracker.client.log_artifact(run_id, str(tmp_path / "result.json"))
+    run = tracker.client.get_run(run_id)
+    downloads = []
+    real = type(tracker.client).download_artifacts
+    monkeypatch.setattr(type(tracker.client), "download_artifacts",
+                        lambda self, *a, **k: downloads.append(a) or real(self, *a, **k))
+    assert tracker.load_result(run) == result and downloads == []  # read in its folder
+    i = run.info
+    moved = RunInfo(i.run_id, i.experiment_id, i.user_id, i.status, i.start_time, i.end_time, i.lifecycle_stage,
+                    artifact_uri=str(tmp_path / "not-here"), run_name=i.run_name)
+    elsewhere = Run(moved, run.data)
+    assert tracker.load_result(elsewhere) == result and len(downloads) == 1  # not here: MLflow fetched it

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from cnnbench.config.trial import TrialConfig
 from cnnbench.track import stores
-from cnnbench.track.figure import save_trial_figure
+from cnnbench.track.figure import save_trial_figure, warm_trial_figure
 from cnnbench.track.schema import (
     ATTR_REASON,
     METRIC_BEST_ACC,
@@ -71,7 +71,9 @@ def study(url: str, name: str) -> Any:
 
 
 def warm() -> None:
-    """The writer process's first job: importing this module is its start-up."""
+    """The writer process's first job: importing this module is its start-up, and the
+    trials' figure is built and its fonts loaded before the first trial ends."""
+    warm_trial_figure()
 
 
 # ----------------------------------------------------------------------------------------
@@ -85,9 +87,14 @@ def log_params(mlflow: Any, run_id: str, params: dict[str, Any]) -> None:
         mlflow.log_batch(run_id, params=items[i:i + 100], synchronous=True)
 
 
-def log_metrics(mlflow: Any, run_id: str, metrics: list[Metric]) -> None:
-    for i in range(0, len(metrics), 1000):
-        mlflow.log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
+def log_metrics(mlflow: Any, run_id: str, metrics: list[Metric], tags: list[RunTag] | None = None) -> None:
+    """`metrics` on the run, 1000 to a batch (MLflow's limit), `tags` (at most 100) with the last."""
+    if not metrics and not tags:
+        return
+    for i in range(0, max(len(metrics), 1), 1000):
+        last = i + 1000 >= len(metrics)
+        mlflow.log_batch(run_id, metrics=metrics[i:i + 1000], tags=(tags or []) if last else [],
+                         synchronous=True)
 
 
 def log_run(uri: str, run_id: str, params: dict[str, Any], metrics: list[Metric]) -> None:
@@ -105,8 +112,7 @@ def end_run(uri: str, run_id: str, result: TrialResult, metrics: list[Metric]) -
     mlflow = client(uri)
     status = MLFLOW_STATUS.get(result.status, "FAILED")
     try:
-        log_metrics(mlflow, run_id, metrics)
-        summarize(mlflow, run_id, result)
+        log_metrics(mlflow, run_id, *summarized(result, metrics))  # one batch where they fit
         artifacts(mlflow, run_id, result)
     except BaseException:
         status = "KILLED" if status == "FINISHED" else status
@@ -115,7 +121,8 @@ def end_run(uri: str, run_id: str, result: TrialResult, metrics: list[Metric]) -
         mlflow.set_terminated(run_id, status=status)
 
 
-def summarize(mlflow: Any, run_id: str, result: TrialResult) -> None:
+def summarized(result: TrialResult, metrics: list[Metric]) -> tuple[list[Metric], list[RunTag]]:
+    """`metrics` (the epochs not written yet) and the run's summary: its metrics and tags."""
     best, best_epoch = result.best(VAL_ACC if any(VAL_ACC in r for r in result.history) else TEST_ACC)
     summary = {METRIC_TRAIN_SECONDS: result.train_seconds, METRIC_WALL_SECONDS: result.wall_seconds,
                METRIC_IMAGES_PER_SECOND: result.images_per_second}
@@ -123,13 +130,12 @@ def summarize(mlflow: Any, run_id: str, result: TrialResult) -> None:
         summary.update({METRIC_FINAL_TEST_ACC: result.metric(TEST_ACC), METRIC_BEST_ACC: best,
                         METRIC_BEST_EPOCH: float(best_epoch or 0)})
     ts = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), ts, 0) for k, v in summary.items() if v == v]
     tags = [RunTag(TAG_STATUS, result.status)]
     if result.reason:
         tags.append(RunTag(TAG_REASON, result.reason[:5000]))
     if result.status == DIVERGED:
         tags.append(RunTag(TAG_DIVERGED, "true"))
-    mlflow.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
+    return [*metrics, *(Metric(k, float(v), ts, 0) for k, v in summary.items() if v == v)], tags
 
 
 def artifacts(mlflow: Any, run_id: str, result: TrialResult) -> None:
