@@ -51,6 +51,7 @@ from cnnbench.train.loop import evaluate_checkpoint
 from cnnbench.train.loop import run_trial as train_one
 from cnnbench.train.result import Recorder, TrialResult
 from cnnbench.util import timings
+from cnnbench.util.background import writer
 from cnnbench.util.paths import state_dir
 
 # What the training commands (run, study, sweep, worker) do not use is imported by the
@@ -132,6 +133,7 @@ def run_trial(config: TrialConfig | None = None, *, data_root: str | os.PathLike
     ckpt = state_dir(state) / "checkpoints" / "run" / config.key()
     if not resume:
         shutil.rmtree(ckpt, ignore_errors=True)
+    writer().choose(resolve_device(config.device).type == "cpu")  # in this thread on the CPU, as a study's worker
     result = train_one(config, data_root=data_root, recorder=recorder, checkpoint_dir=ckpt)  # returns all written
     result.run_id = getattr(recorder, "run_id", None) or ""
     return result

@@ -463,3 +463,19 @@ def test_a_result_is_read_where_it_lies_and_downloaded_where_it_does_not(tmp_pat
                     artifact_uri=str(tmp_path / "not-here"), run_name=i.run_name)
     elsewhere = Run(moved, run.data)
     assert tracker.load_result(elsewhere) == result and len(downloads) == 1  # not here: MLflow fetched it
+
+
+def test_a_lone_trial_on_the_cpu_writes_in_its_own_thread(tmp_path, monkeypatch, data_root):
+    """`cnnbench.run_trial` chooses where its bookkeeping is written as a study's worker
+    does (util/background.py): on the CPU in the training thread, with no writer process."""
+    import cnnbench
+
+    monkeypatch.delenv(background.SYNC_ENV, raising=False)
+    monkeypatch.setattr(background, "_writer", background.Writer())  # this process's, as a fresh one
+    assert not background.writer().sync  # the default before a choice: the background
+    result = cnnbench.run_trial(lr=0.05, epochs=1, train_subset=64, test_subset=64, progress=False,
+                                data_root=data_root, tracking=f"sqlite:///{tmp_path}/mlflow.db", state=tmp_path)
+    assert result.status == "finished"
+    assert background.writer().sync and background.writer().remote.proc is None
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id)
+    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
