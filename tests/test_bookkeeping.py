@@ -479,3 +479,4 @@ def test_a_lone_trial_on_the_cpu_writes_in_its_own_thread(tmp_path, monkeypatch,
     assert background.writer().sync and background.writer().remote.proc is None
     run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id)
     assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+

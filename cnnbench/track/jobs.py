@@ -88,13 +88,15 @@ def log_params(mlflow: Any, run_id: str, params: dict[str, Any]) -> None:
 
 
 def log_metrics(mlflow: Any, run_id: str, metrics: list[Metric], tags: list[RunTag] | None = None) -> None:
-    """`metrics` on the run, 1000 to a batch (MLflow's limit), `tags` (at most 100) with the last."""
+    """`metrics` on the run and `tags` (at most 100) with the last of them, in batches of
+    at most 1000 entries of both together (MLflow's limit)."""
+    tags = tags or []
     if not metrics and not tags:
         return
-    for i in range(0, max(len(metrics), 1), 1000):
-        last = i + 1000 >= len(metrics)
-        mlflow.log_batch(run_id, metrics=metrics[i:i + 1000], tags=(tags or []) if last else [],
-                         synchronous=True)
+    size = 1000 - len(tags)
+    for i in range(0, max(len(metrics), 1), size):
+        last = i + size >= len(metrics)
+        mlflow.log_batch(run_id, metrics=metrics[i:i + size], tags=tags if last else [], synchronous=True)
 
 
 def log_run(uri: str, run_id: str, params: dict[str, Any], metrics: list[Metric]) -> None:
