@@ -271,15 +271,17 @@ def test_the_local_executor_path_replaces_a_killed_task(workdir, data_root):
 
     storage, tracking = f"sqlite:///{workdir}/optuna.db", f"sqlite:///{workdir}/mlflow.db"
     spec = workdir / "local.yaml"
+    epochs = 20  # seconds of training after the first epoch seen (cluster_checks.trial_in_training)
     spec.write_text("name: local-slurm\nscientific: {lr: [0.02, 0.05]}\nseeds: [0, 1]\n"
-                    "fixed: {epochs: 20, train_subset: 1000, test_subset: 300, log_every: 10, progress: false}\n")
+                    f"fixed: {{epochs: {epochs}, train_subset: 1000, test_subset: 300, log_every: 10, "
+                    "progress: false}\n")
     killed: dict = {}
 
     def kill_one() -> None:
         try:  # the stores are touched once the tasks start (the run's folder made), not while created
             while not (workdir / "state" / "slurm").exists() and not killed.get("over"):
                 time.sleep(0.2)
-            victim = trial_in_training(storage, tracking, 20, alive=lambda: not killed.get("over"))
+            victim = trial_in_training(storage, tracking, epochs, alive=lambda: not killed.get("over"))
             os.kill(victim.user_attrs[ATTR_WORKER_PID], signal.SIGKILL)
             killed["trial"] = victim
         except BaseException as err:

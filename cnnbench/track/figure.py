@@ -24,6 +24,9 @@ from cnnbench.train.result import TrialResult
 from cnnbench.util.text import fmt
 
 TITLE_KEYS = ("model", "lr", "batch_size", "activation", "seed")
+# how every figure is saved: PNG's fastest compression (the file is 10 % larger); warm-up
+# draws at the same size, so that the fonts it loads are those of the trials' figures
+SAVE = {"format": "png", "dpi": 90, "pil_kwargs": {"compress_level": 1}}
 
 
 class TrialFigure:
@@ -48,20 +51,22 @@ class TrialFigure:
         fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.84, wspace=0.22)
         return fig, loss, acc, title
 
+    def canvas(self) -> tuple[Figure, Any, Any, Any]:
+        """The figure and its parts, built on first use (under the lock)."""
+        if self.parts is None:
+            self.parts = self.build()
+        return self.parts
+
     def warm(self) -> None:
         """Build the figure and draw it once, unsaved: the fonts loaded (a first figure
         takes twice as long), for a writer process to do before the first trial ends."""
         with self.lock:
-            if self.parts is None:
-                self.parts = self.build()
-            self.parts[0].savefig(io.BytesIO(), format="png", dpi=90, pil_kwargs={"compress_level": 1})
+            self.canvas()[0].savefig(io.BytesIO(), **SAVE)
 
     def draw(self, result: TrialResult, path: Path) -> Path:
         """The loss curve and accuracy of one trial, saved as a PNG at `path`."""
         with self.lock:
-            if self.parts is None:
-                self.parts = self.build()
-            fig, loss, acc, title = self.parts
+            fig, loss, acc, title = self.canvas()
             for ax in (loss, acc):  # what the last trial left: its lines, legend, colours
                 for line in list(ax.lines):
                     line.remove()
@@ -85,8 +90,7 @@ class TrialFigure:
             if acc.lines:
                 acc.legend()
             title.set_text(" ".join(f"{k}={fmt(v)}" for k, v in result.config.to_dict().items() if k in TITLE_KEYS))
-            # PNG's fastest compression (the file is 10 % larger)
-            fig.savefig(path, format="png", dpi=90, pil_kwargs={"compress_level": 1})
+            fig.savefig(path, **SAVE)
         return path
 
 
