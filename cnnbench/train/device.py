@@ -18,6 +18,7 @@ from cnnbench.data.tensors import DatasetInfo, dataset_info, train_test
 from cnnbench.errors import ConfigError, DeviceError
 from cnnbench.models import get_model, model_identity
 from cnnbench.models.user import check_model
+from cnnbench.util import host_memory
 
 # the CPU's channels-last default for `channels_last: null` (1 or 0; unset: 1)
 CHANNELS_LAST_ENV = "CNNBENCH_CHANNELS_LAST"
@@ -88,7 +89,9 @@ RNG_LOCK = threading.RLock()
 def check_inputs(configs: Sequence[TrialConfig], data_root: str | os.PathLike | None) -> None:
     """What trials need, checked before anything is written: their devices, their data
     (read, split, and small enough for each device), and each of the user's networks
-    built for the data and run on a batch (models.user.check_model). One-line errors."""
+    built for the data and run on a batch (models.user.check_model), and the setting of
+    the C library's allocator (util/host_memory.py). One-line errors."""
+    host_memory.wanted()
     devices = [resolve_device(d) for d in sorted({c.device for c in configs})]
     for dataset, fraction in sorted({(c.dataset, c.test_fraction) for c in configs}):
         arrays = train_test(dataset, data_root, fraction)
@@ -127,6 +130,44 @@ def use_channels_last(config: TrialConfig, device: torch.device, info: DatasetIn
     if value == "0":
         return False
     return model_identity(config.model) is None or takes_channels_last(config, info or dataset_info(config.dataset))
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """`model` in channels-last memory format, as the engines hold it on the CPU, with the
+    gradient that comes back through each `nn.Flatten` of a channels-last input made
+    channels-last too. A flatten's backward hands on its gradient in plain (NCHW) order,
+    and the pooling and activation backward below it then mix the two layouts, which
+    oneDNN and ATen do on a slow path: LeNet-5's second max-pool backward took 0.77 ms
+    with an NCHW gradient and 0.17 ms with a channels-last one, plus 0.06 ms for the copy
+    (K = 8, batch 64, one thread). The values are the same, and so are the trials'
+    numbers, bit for bit (tests/test_engines.py)."""
+    model = model.to(memory_format=torch.channels_last)
+    for m in model.modules():
+        if isinstance(m, nn.Flatten):
+            m.register_forward_pre_hook(gradient_channels_last)
+    return model
+
+
+def gradient_channels_last(module: nn.Module, args: tuple) -> tuple | None:
+    """A forward pre-hook: a 4-d channels-last input that needs a gradient goes on through
+    `GradientChannelsLast` (the same tensor; its gradient made channels-last)."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and x.requires_grad \
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return (GradientChannelsLast.apply(x), *args[1:])
+    return None
+
+
+class GradientChannelsLast(torch.autograd.Function):
+    """The identity, whose backward returns its gradient in channels-last memory format."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
 
 
 _channels_last: dict[tuple, bool] = {}

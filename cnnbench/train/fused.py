@@ -46,6 +46,7 @@ from cnnbench.train.measured import measured_engine
 from cnnbench.train.per_trial import PerTrialOptimizer
 from cnnbench.train.wide import WideEngine, widen_reason
 from cnnbench.util import interrupt
+from cnnbench.util.host_memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 ENGINES = ("wide", "vmap")
@@ -221,6 +222,8 @@ class FusedEngine:
         self.k = len(configs)
         c0 = configs[0]
         self.config, self.device = c0, device
+        if device.type == "cpu":
+            keep_freed_memory()  # a step's freed tensors kept for the next (util/host_memory.py)
         models = [build_model(c, info) for c in configs]  # each seeded as when it trains alone
         self.base = copy.deepcopy(models[0]).to("meta")
         params, buffers = stack_module_state(models)

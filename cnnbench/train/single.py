@@ -15,7 +15,8 @@ from torch import Tensor
 
 from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import DatasetInfo
-from cnnbench.train.device import autocast, build_model, use_channels_last
+from cnnbench.train.device import autocast, build_model, to_channels_last, use_channels_last
+from cnnbench.util.host_memory import keep_freed_memory
 
 
 class SingleEngine:
@@ -29,9 +30,11 @@ class SingleEngine:
         (self.config,) = configs
         c = self.config
         self.device = device
+        if device.type == "cpu":
+            keep_freed_memory()  # a step's freed tensors kept for the next (util/host_memory.py)
         self.model = build_model(c, info).to(device)
         if use_channels_last(c, device, info):
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = to_channels_last(self.model)
         self.names = [n for n, _ in self.model.named_parameters()]
         params = [p for _, p in self.model.named_parameters()]
         # one fused kernel per step on CUDA; foreach (a few kernels for all tensors) elsewhere

@@ -42,9 +42,10 @@ from cnnbench.models import alexnet, inception, lenet, resnet
 from cnnbench.models.layers import ACTIVATIONS, BATCH_NORMS, Concat
 from cnnbench.models.tv import ResizeInput
 from cnnbench.train.conv_path import PATHS, conv_mode, conv_path
-from cnnbench.train.device import autocast, build_model, use_channels_last
+from cnnbench.train.device import autocast, build_model, to_channels_last, use_channels_last
 from cnnbench.train.per_trial import PerTrialOptimizer
 from cnnbench.train.streams import Streams, dedupe_wanted, stream_conv2d, stream_order
+from cnnbench.util.host_memory import keep_freed_memory
 
 # model-images forwarded at once by a test pass on the CPU (WideEngine.eval_images)
 CPU_EVAL_IMAGES = 768
@@ -269,13 +270,15 @@ class WideEngine:
         self.k = len(self.configs)
         c0 = self.configs[0]
         self.config, self.device, self.in_channels = c0, device, info.channels
+        if device.type == "cpu":
+            keep_freed_memory()  # a step's freed tensors kept for the next (util/host_memory.py)
         conv_mode(device.type)  # a bad CNNBENCH_CONV_PATH stops the group here, before it trains
         models = [build_model(c, info) for c in self.configs]  # each seeded as when it trains alone
         shapes = {n: t.shape for n, t in models[0].state_dict().items()}
         self.model = widen(models, in_channels=info.channels, trusted=trusted).to(device)  # trusted: probe.py
         self.channels_last = use_channels_last(c0, device, info)
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = to_channels_last(self.model)
         self.names = [n for n, _ in self.model.named_parameters()]
         self.params = [p for _, p in self.model.named_parameters()]
         self.buffers = dict(self.model.named_buffers())
