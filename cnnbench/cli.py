@@ -307,7 +307,8 @@ BENCH = ("bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time
                  "state folder per CPU, torch and core count; CPU studies use it. Cached: printed, not measured. "
                  "Measured: results/bench/calibration-<cpu kind>.md"),
             flag("--recalibrate", "--calibrate, measured again even where cached"),
-            flag("--profile", "instead: where a wide K=3 LeNet-5 step's time goes on one CPU thread, by op "
+            flag("--profile", "instead: where a wide LeNet-5 step's time goes on one CPU thread (K = 3 and 8), "
+                 "by op, and its page faults with and without the freed memory kept "
                  "(results/bench/profile-cpu-<cpu kind>.md)"),
             STATE, opt("--results-dir", "results", "writes RESULTS_DIR/bench/", metavar="DIR")])
 SUMMARY = ("summary", cmd_tool, "per-layer shapes, parameters, MACs and memory of a model", "Per layer: output "

@@ -59,15 +59,18 @@ def decide(device: str, fuse: bool | None, workers: int | None, max_fuse: int, l
                      min(max_fuse, layout.max_k) if layout is not None else max_fuse, share_out, on_cpu, layout)
 
 
-def cpu_layout(device: str, state: str | os.PathLike | None, *, fast: bool = False) -> Layout | None:
-    """This machine's calibrated layout for a study on `device` (the `fast` one with
-    `fast`, where the calibration has one): None off the CPU or where none is cached."""
+def cpu_layout(device: str, state: str | os.PathLike | None, *, fast: bool = False,
+               trials: int = 0) -> Layout | None:
+    """This machine's calibrated layout for a study of `trials` trials on `device` (the
+    `fast` one with `fast`, where the calibration has one; its workers and threads those
+    measured fastest for that many trials, Calibration.for_trials): None off the CPU or
+    where none is cached."""
     if resolve_device(device).type != "cpu":
         return None
     cal = calibration.load(state)
     if cal is None:
         return None
-    return (cal.fast or cal.layout) if fast else cal.layout
+    return cal.for_trials((cal.fast or cal.layout) if fast else cal.layout, trials)
 
 
 def kept_layout(session: Any, layout: Layout | None) -> Layout | None:

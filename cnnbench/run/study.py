@@ -92,7 +92,7 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
     device = p.runs[0].device
     workers = notebook_workers(f"study {spec.name}", networks(spec, p.runs), workers)
     runner = prepare(executor, share_cores=share_cores)
-    layout = cpu_layout(device, state, fast=fast) if isinstance(runner, LocalPlan) else None
+    layout = cpu_layout(device, state, fast=fast, trials=len(p.runs)) if isinstance(runner, LocalPlan) else None
     ex = decide(device, fuse, workers, max_fuse, layout)
     session = open_session(spec, GRID, plan=p, storage=storage, tracking=tracking, state=state,
                            results_root=results_root, data_root=data_root, command=command,

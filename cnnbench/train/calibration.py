@@ -19,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,7 +34,10 @@ from cnnbench.train.device import CHANNELS_LAST_ENV, usable_cores
 from cnnbench.util import fileio
 from cnnbench.util.paths import state_dir
 
-VERSION = 1  # of the file's format: a file of another version is measured again
+# of the file's format and what it measured: a file of another version is measured again
+# (2: measured with the allocator keeping freed memory, util/host_memory.py, which moved one
+# worker of two threads from 0.74x two single-thread workers to 1.07x on a 2-core EPYC)
+VERSION = 2
 ENGINES = ("wide", "vmap", "single")
 # flags of x86 matrix units that run bf16 products natively (Intel AMX; AVX-512's bf16
 # dot products on Intel Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later)
@@ -71,6 +75,9 @@ class Calibration:
     seconds: float = 0.0  # how long the measurement took
     load: tuple[float, float] = (0.0, 0.0)  # the machine's load average before and after
     version: int = VERSION
+    # the worker layouts measured, each training its share of `trials` at once:
+    # {"workers", "threads", "trials", "model_images_per_s"} (for_trials sizes a study by them)
+    processes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -88,7 +95,38 @@ class Calibration:
         layout, fast = as_layout(raw["layout"]), raw.get("fast")
         return cls(machine=dict(raw["machine"]), layout=layout, fast=as_layout(fast) if fast else None,
                    figures=list(raw.get("figures", [])), bf16=str(raw.get("bf16", "")),
-                   seconds=float(raw.get("seconds", 0.0)), load=tuple(raw.get("load", (0.0, 0.0))))
+                   seconds=float(raw.get("seconds", 0.0)), load=tuple(raw.get("load", (0.0, 0.0))),
+                   processes=[{"workers": int(p["workers"]), "threads": int(p["threads"]), "trials": int(p["trials"]),
+                               "model_images_per_s": float(p["model_images_per_s"])}
+                              for p in raw.get("processes", [])])
+
+    def for_trials(self, layout: Layout, trials: int) -> Layout:
+        """`layout` (this calibration's, or its fast one) with the worker processes and
+        threads that the measured layouts predict fastest for a study of `trials` trials:
+        each measured rate, divided by how evenly its workers shared the measured trials
+        and multiplied by how evenly they share these (`balance`). Measured on a 2-core
+        EPYC with 5 trials: 2 workers x 1 thread 47,239 model-images/s, 1 x 2 50,738; for 15
+        trials that predicts 53,100 against 50,700, and the 3-seed lr study took 208.5 s with
+        2 x 1 and 243.2 s with 1 x 2. `layout` itself where fewer than two were measured."""
+        if len(self.processes) < 2 or trials < 1:
+            return layout
+
+        def predicted(p: dict[str, Any]) -> float:
+            return p["model_images_per_s"] * balance(trials, p["workers"], layout.max_k) / \
+                balance(p["trials"], p["workers"], layout.max_k)
+
+        best = max(self.processes, key=predicted)
+        return replace(layout, workers=best["workers"], threads=best["threads"])
+
+
+def balance(trials: int, workers: int, max_k: int) -> float:
+    """How evenly `workers` workers share `trials` trials in groups of at most `max_k`
+    (run.layout.cpu_groups: groups of ceil(trials / workers), each worker claiming the next
+    group): the trials over the workers times the most trials one worker trains; 1 even."""
+    k = max(1, min(max_k, math.ceil(trials / workers)))
+    groups = math.ceil(trials / k)
+    most = min(trials, math.ceil(groups / workers) * k)
+    return trials / (workers * most)
 
 
 def as_layout(raw: dict[str, Any]) -> Layout:

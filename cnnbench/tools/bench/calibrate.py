@@ -234,11 +234,13 @@ def measure(root: Path, sizes: Sizes = Sizes(), say: Callable[[str], None] = pri
         max_k = max(sorted(k_rates), key=k_rates.get)
     layouts = list(sizes.layouts or worker_layouts(cores))
     workers, threads = layouts[0]
+    processes = []
     if len(layouts) > 1:
         p_rates = process_rates(best, layouts, root, sizes, max_k)
         for (w, t), r in p_rates.items():
             ks = group_sizes(sizes.trials, w, max_k if best.engine != "single" else 1)
             note("processes", f"{w} x {t} thread(s), groups {'+'.join(map(str, ks))}", r, "wall")
+            processes.append({"workers": w, "threads": t, "trials": sizes.trials, "model_images_per_s": round(r, 1)})
         workers, threads = max(p_rates, key=p_rates.get)
     layout = Layout(workers, threads, best.engine, max_k, best.channels_last, best.conv_path)
     fast, bf16 = bf16_stage(m, best, root, sizes, layout, note)
@@ -246,7 +248,8 @@ def measure(root: Path, sizes: Sizes = Sizes(), say: Callable[[str], None] = pri
     say(f"chosen: {layout.describe()}" + (f"; with --fast (bf16): {fast.describe()}" if fast else "")
         + f"\n{bf16}\nmeasured in {time.perf_counter() - t0:.0f} s, load average {load0:.1f} -> {load1:.1f}")
     return Calibration(machine=m, layout=layout, fast=fast, figures=figures, bf16=bf16,
-                       seconds=round(time.perf_counter() - t0, 1), load=(round(load0, 2), round(load1, 2)))
+                       seconds=round(time.perf_counter() - t0, 1), load=(round(load0, 2), round(load1, 2)),
+                       processes=processes)
 
 
 def bf16_stage(m: dict[str, Any], best: Candidate, root: Path, sizes: Sizes, layout: Layout,
@@ -302,8 +305,17 @@ def markdown(cal: Calibration, command: str = "") -> str:
             f"flags {', '.join(flags) or 'none of avx2/avx512/amx'}; measured in {cal.seconds:.0f} s at load "
             f"average {cal.load[0]:.1f} -> {cal.load[1]:.1f} (key `{cal.key}`).\n\n"
             f"- chosen (fp32, what `cnnbench study` uses here): **{cal.layout.describe()}**\n"
+            + (f"- workers per study, from the process stage rescaled to the study's trials (Calibration.for_trials): "
+               + "; ".join(f"{n} trials {by_trials(cal, n)}" for n in (5, 15, 30)) + "\n" if cal.processes else "")
+            +
             f"- `--fast` (bf16): {cal.fast.describe() if cal.fast else 'not offered'}\n- {cal.bf16}\n\n"
             "Model-images/s of a short LeNet-5 training slice (batch 64), median of interleaved rounds; `cpu`: per "
             "second of this process's CPU time on one thread (other processes on the machine do not count), "
             "`wall`: per second of wall time, the slowest worker ending a round.\n\n"
             f"| stage | layout | model-images/s | clock |\n|---|---|---:|---|\n{rows}\n")
+
+
+def by_trials(cal: Calibration, trials: int) -> str:
+    """`W x T thread(s)`: the workers and threads a study of `trials` trials gets."""
+    layout = cal.for_trials(cal.layout, trials)
+    return f"{layout.workers} x {layout.threads} thread(s)"

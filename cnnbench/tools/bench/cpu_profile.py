@@ -1,5 +1,6 @@
-"""`cnnbench bench --profile`: where a wide K = 3 LeNet-5 training step's time goes on one
-CPU thread (the wide group a worker of the one-seed lr study trains on 2 cores).
+"""`cnnbench bench --profile`: where a wide LeNet-5 training step's time goes on one CPU
+thread, K = 3 (the group a worker of the one-seed lr study trained on 2 cores) and K = 8
+(the 3-seed study's), and what the C library's allocator costs it (util/host_memory.py).
 
 Two views of the same kind of steps: torch.profiler's wall time per op (what a profile
 usually shows), and this process's CPU time per aten op (`OpClock`: a TorchDispatchMode
@@ -12,8 +13,11 @@ the most; CPU time does not. Writes profile-cpu-<cpu kind>.md.
 from __future__ import annotations
 
 import collections
+import multiprocessing
 import os
+import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cnnbench.data.tensors import data_dir
 from cnnbench.tools.bench.calibrate import Candidate, Slice
 from cnnbench.train import calibration
-from cnnbench.util import fileio
+from cnnbench.util import fileio, host_memory
 
 
 class OpClock(TorchDispatchMode):
@@ -51,35 +55,64 @@ def op_rows(counts: dict[str, float], calls: dict[str, int], steps: int, top: in
     return [(op, 1e3 * s / steps, s / total, calls[op] // steps) for op, s in counts.most_common(top)]
 
 
-def profile_wide_step(*, data_root: Any = None, out_dir: Path | None = None, k: int = 3, steps: int = 60,
-                      top: int = 14, command: str = "", say: Callable[[str], None] = print) -> Path | None:
-    """Both views of `steps` wide K=`k` steps on one thread (channels-last, conv grouped);
-    the CPU time per step without any profiler first. Printed, and written to `out_dir`."""
-    threads = torch.get_num_threads()
+def step_cost(k: int, steps: int, root: str, keep: str) -> tuple[float, float]:
+    """(ms of CPU time, minor page faults) per wide K=`k` step on one thread, in a process
+    whose CNNBENCH_KEEP_FREED_MEMORY is `keep` (a fresh one: the setting is once a process)."""
+    os.environ[host_memory.KEEP_ENV] = keep
     torch.set_num_threads(1)
-    try:
-        s = Slice(Candidate("wide", k, True), data_dir(data_root))
-        s.run(10)
-        plain = 1e3 * s.run(steps) / steps
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            s.run(steps, time.perf_counter)
-        wall = collections.Counter({e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()})
-        wall_calls = {e.key: e.count for e in prof.key_averages()}
-        with OpClock() as clock:
-            s.run(steps)
-    finally:
-        torch.set_num_threads(threads)
+    s = Slice(Candidate("wide", k, True), Path(root))
+    s.run(10)
+    faults0, cpu0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+    s.run(steps)
+    faults1, cpu1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+    return 1e3 * (cpu1 - cpu0) / steps, (faults1 - faults0) / steps
+
+
+def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def profile_wide_step(*, data_root: Any = None, out_dir: Path | None = None, ks: tuple[int, ...] = (3, 8),
+                      steps: int = 60, top: int = 14, command: str = "",
+                      say: Callable[[str], None] = print) -> Path | None:
+    """Per K of `ks`: the CPU time and page faults per wide K-trial step on one thread
+    (channels-last, conv grouped) in fresh processes, with the freed memory kept (what
+    training does, util/host_memory.py) and with glibc's defaults; then both views of its
+    ops. Printed, and written to `out_dir`."""
+    root = data_dir(data_root)
     m = calibration.machine()
-    head = (f"# Where a wide K={k} LeNet-5 step goes on one CPU thread: {m['cpu']}\n\n"
-            f"`{command or 'cnnbench bench --profile'}`: torch {m['torch']}, batch 64, channels-last, conv path "
-            f"grouped, {steps} steps per view, load average {os.getloadavg()[0]:.1f}; {plain:.2f} ms of CPU time "
-            f"per step without a profiler.\n")
-    parts = [head]
-    for title, counts, calls in (("this process's CPU time per aten op (OpClock)", clock.seconds, clock.calls),
-                                 ("torch.profiler, self time per op (wall clock)", wall, wall_calls)):
-        rows = op_rows(counts, calls, steps, top)
-        parts.append(f"\n## {title}\n\n| op [input shapes] | ms per step | share | calls per step |\n|---|---:|---:|---:|\n"
-                     + "\n".join(f"| `{op}` | {ms:.3f} | {share:.1%} | {n} |" for op, ms, share, n in rows) + "\n")
+    parts = [f"# Where a wide LeNet-5 step goes on one CPU thread: {m['cpu']}\n\n"
+             f"`{command or 'cnnbench bench --profile'}`: torch {m['torch']}, batch 64, channels-last, conv path "
+             f"grouped, {steps} steps per view, load average {os.getloadavg()[0]:.1f}. Per K, the CPU time and minor "
+             f"page faults per step in a fresh process, with the freed memory kept (what training does) and with "
+             f"glibc's defaults (`{host_memory.KEEP_ENV}=0`); then where the time goes, with it kept.\n"]
+    threads = torch.get_num_threads()
+    for k in ks:
+        kept = in_fresh_process(step_cost, k, steps, str(root), "1")
+        left = in_fresh_process(step_cost, k, steps, str(root), "0")
+        host_memory.keep_freed_memory()
+        torch.set_num_threads(1)
+        try:
+            s = Slice(Candidate("wide", k, True), root)
+            s.run(10)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                s.run(steps, time.perf_counter)
+            wall = collections.Counter({e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()})
+            wall_calls = {e.key: e.count for e in prof.key_averages()}
+            with OpClock() as clock:
+                s.run(steps)
+        finally:
+            torch.set_num_threads(threads)
+        parts.append(f"\n## K = {k}\n\n| allocator | ms of CPU time per step | page faults per step |\n|---|---:|---:|\n"
+                     f"| freed memory kept | {kept[0]:.2f} | {kept[1]:,.0f} |\n"
+                     f"| glibc's defaults | {left[0]:.2f} | {left[1]:,.0f} |\n")
+        for title, counts, calls in (("this process's CPU time per aten op (OpClock)", clock.seconds, clock.calls),
+                                     ("torch.profiler, self time per op (wall clock)", wall, wall_calls)):
+            rows = op_rows(counts, calls, steps, top)
+            parts.append(f"\n### {title}\n\n| op [input shapes] | ms per step | share | calls per step |\n"
+                         "|---|---:|---:|---:|\n"
+                         + "\n".join(f"| `{op}` | {ms:.3f} | {share:.1%} | {n} |" for op, ms, share, n in rows) + "\n")
     text = "".join(parts)
     say(text)
     if out_dir is None:
