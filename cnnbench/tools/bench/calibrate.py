@@ -300,14 +300,13 @@ def markdown(cal: Calibration, command: str = "") -> str:
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in m.get("flags", [])]
     rows = "\n".join(f"| {f['stage']} | {f['what']} | {f['model_images_per_s']:,.0f} | {f['clock']} |"
                      for f in cal.figures)
+    per_study = ("- workers per study, from the process stage rescaled to the study's trials (Calibration.for_trials): "
+                 + "; ".join(f"{n} trials {by_trials(cal, n)}" for n in (5, 15, 30)) + "\n" if cal.processes else "")
     return (f"# CPU calibration: {m['cpu']} ({calibration.cpu_kind(m)})\n\n"
             f"`{command or 'cnnbench bench --calibrate'}`: {m['cores']} usable core(s), torch {m['torch']}, "
             f"flags {', '.join(flags) or 'none of avx2/avx512/amx'}; measured in {cal.seconds:.0f} s at load "
             f"average {cal.load[0]:.1f} -> {cal.load[1]:.1f} (key `{cal.key}`).\n\n"
-            f"- chosen (fp32, what `cnnbench study` uses here): **{cal.layout.describe()}**\n"
-            + (f"- workers per study, from the process stage rescaled to the study's trials (Calibration.for_trials): "
-               + "; ".join(f"{n} trials {by_trials(cal, n)}" for n in (5, 15, 30)) + "\n" if cal.processes else "")
-            +
+            f"- chosen (fp32, what `cnnbench study` uses here): **{cal.layout.describe()}**\n{per_study}"
             f"- `--fast` (bf16): {cal.fast.describe() if cal.fast else 'not offered'}\n- {cal.bf16}\n\n"
             "Model-images/s of a short LeNet-5 training slice (batch 64), median of interleaved rounds; `cpu`: per "
             "second of this process's CPU time on one thread (other processes on the machine do not count), "
