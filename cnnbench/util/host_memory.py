@@ -66,3 +66,10 @@ def keep_freed_memory() -> bool:
             _done.append(libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
                          and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
         return _done[0]
+
+
+def kept() -> bool:
+    """Whether this process keeps its freed memory: keep_freed_memory() has run here and set
+    the thresholds (it does not run it)."""
+    with _lock:
+        return bool(_done and _done[0])
