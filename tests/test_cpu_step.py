@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from cnnbench.errors import ConfigError
 from cnnbench.models import get_model
 from cnnbench.train.device import to_channels_last
 from cnnbench.util import host_memory
@@ -111,7 +112,7 @@ def test_the_allocator_setting_is_read_once_and_checked():
     assert host_memory.keep_freed_memory() == first == (host_memory.glibc() is not None and host_memory.wanted())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(host_memory.KEEP_ENV, "yes")
-        with pytest.raises(Exception, match=host_memory.KEEP_ENV):
+        with pytest.raises(ConfigError, match=host_memory.KEEP_ENV):
             host_memory.wanted()
 
 
