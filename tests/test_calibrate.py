@@ -122,26 +122,33 @@ def test_decide_follows_the_layout():
     assert group_sizes(5, 2, 16) == [3, 2] and group_sizes(5, 1, 3) == [3] and group_sizes(2, 2, 1) == [1, 1]
 
 
-# the process stage as measured on the 2-core AMD EPYC, 5 trials (results/bench/calibration-*.md)
+# the process stage as two calibrations measured it on the 2-core AMD EPYC (5 trials from one,
+# 15 from the other: results/bench/calibration-*.md and docs/speed.md)
 MEASURED = [{"workers": 2, "threads": 1, "trials": 5, "model_images_per_s": 47239.3},
-            {"workers": 1, "threads": 2, "trials": 5, "model_images_per_s": 50737.5}]
+            {"workers": 1, "threads": 2, "trials": 5, "model_images_per_s": 50737.5},
+            {"workers": 2, "threads": 1, "trials": 15, "model_images_per_s": 64354.9},
+            {"workers": 1, "threads": 2, "trials": 15, "model_images_per_s": 51051.3}]
 
 
 def test_a_study_s_workers_follow_the_layouts_measured_for_its_trial_count(tmp_path):
-    """Calibration.for_trials: the measured worker layouts, rescaled from the 5 trials they
-    shared to the study's; the rest of the layout as calibrated. Measured (docs/speed.md):
-    the 5-trial lr study ran fastest as 1 worker x 2 threads, the 15-trial one as 2 x 1
-    (208.5 s against 243.2 s)."""
+    """Calibration.for_trials: the worker layouts measured for the trial count nearest the
+    study's, each rate rescaled by how evenly its workers share the study's trials; the
+    rest of the layout as calibrated. Measured (docs/speed.md): the 15-trial lr study took
+    205.0 s with 2 x 1 and 243.2 s with 1 x 2, and the 5 trials' rates alone, rescaled,
+    chose 1 x 2 for it."""
     from cnnbench.train.calibration import balance
 
     assert balance(5, 2, 8) == 5 / 6 and balance(15, 2, 8) == 15 / 16 and balance(15, 1, 8) == 1.0
-    assert balance(1, 2, 8) == 0.5 and balance(32, 2, 8) == 1.0 and balance(40, 2, 8) == 40 / 48 and balance(6, 4, 1) == 0.75
+    assert balance(1, 2, 8) == 0.5 and balance(32, 2, 8) == 1.0 and balance(40, 2, 8) == 40 / 48
+    assert balance(6, 4, 1) == 0.75
     layout = replace(ODD, workers=1, threads=2, max_k=8)
     cal = Calibration(machine=calibration.machine(), layout=layout, processes=MEASURED)
-    chosen = {n: cal.for_trials(layout, n) for n in (1, 2, 5, 15, 30)}
+    chosen = {n: cal.for_trials(layout, n) for n in (1, 2, 5, 8, 15, 30)}
     assert {n: (c.workers, c.threads) for n, c in chosen.items()} == {
-        1: (1, 2), 2: (2, 1), 5: (1, 2), 15: (2, 1), 30: (2, 1)}
+        1: (1, 2), 2: (2, 1), 5: (1, 2), 8: (2, 1), 15: (2, 1), 30: (2, 1)}
     assert all(replace(c, workers=1, threads=2) == layout for c in chosen.values())  # only the workers change
+    five_only = Calibration(machine=calibration.machine(), layout=layout, processes=MEASURED[:2])
+    assert (five_only.for_trials(layout, 15).workers, five_only.for_trials(layout, 5).workers) == (2, 1)
     # what the cache keeps is what a study reads back; a calibration with no process stage keeps its layout
     calibration.save(cal, tmp_path)
     assert calibration.load(tmp_path).processes == MEASURED

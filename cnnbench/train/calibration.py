@@ -102,20 +102,26 @@ class Calibration:
 
     def for_trials(self, layout: Layout, trials: int) -> Layout:
         """`layout` (this calibration's, or its fast one) with the worker processes and
-        threads that the measured layouts predict fastest for a study of `trials` trials:
-        each measured rate, divided by how evenly its workers shared the measured trials
-        and multiplied by how evenly they share these (`balance`). Measured on a 2-core
-        EPYC with 5 trials: 2 workers x 1 thread 47,239 model-images/s, 1 x 2 50,738; for 15
-        trials that predicts 53,100 against 50,700, and the 3-seed lr study took 208.5 s with
-        2 x 1 and 243.2 s with 1 x 2. `layout` itself where fewer than two were measured."""
-        if len(self.processes) < 2 or trials < 1:
+        threads measured fastest for the trial count nearest `trials` (the process stage
+        measures 5 and 15), each rate rescaled from how evenly its workers shared those
+        trials to how evenly they share these (`balance`). Measured on a 2-core EPYC: with 5
+        trials one worker of 2 threads was 0.98x to 1.18x two of one thread (three
+        calibrations), with 15 two of one thread 1.26x one of two (64,355 against 51,051),
+        and the 3-seed lr study (15 trials) took 205.0 s with 2 x 1, 243.2 s with 1 x 2: the
+        5 trials' rates, rescaled alone, had chosen 1 x 2 for it. `layout` itself where
+        fewer than two layouts were measured for the nearest trial count."""
+        if trials < 1:
+            return layout
+        nearest = min({p["trials"] for p in self.processes}, key=lambda n: (abs(math.log(n / trials)), n), default=0)
+        measured = [p for p in self.processes if p["trials"] == nearest]
+        if len(measured) < 2:
             return layout
 
         def predicted(p: dict[str, Any]) -> float:
             return p["model_images_per_s"] * balance(trials, p["workers"], layout.max_k) / \
                 balance(p["trials"], p["workers"], layout.max_k)
 
-        best = max(self.processes, key=predicted)
+        best = max(measured, key=predicted)
         return replace(layout, workers=best["workers"], threads=best["threads"])
 
 

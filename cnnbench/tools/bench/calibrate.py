@@ -55,6 +55,7 @@ class Sizes:
     warm: int = 4  # untimed steps of each candidate first
     ks: tuple[int, ...] = (2, 4, 8, 16)  # group sizes tried for the best fused engine
     trials: int = 5  # the study the layouts are sized for: the one-seed lr study
+    more_trials: int | None = 15  # the process stage measured again for this many (the 3-seed study)
     layouts: tuple[tuple[int, int], ...] | None = None  # (workers, threads) tried; None: from the cores
 
 
@@ -173,8 +174,8 @@ def group_sizes(trials: int, workers: int, max_k: int) -> list[int]:
 
 def process_rates(cand: Candidate, layouts: list[tuple[int, int]], root: Path, sizes: Sizes,
                   max_k: int) -> dict[tuple[int, int], float]:
-    """Model-images/s (wall) of each (workers, threads): every worker training its share of
-    `sizes.trials` at once; the slowest worker ends a round. Interleaved rounds."""
+    """Model-images/s (wall) of each (workers, threads): every worker training its first
+    group of `sizes.trials` at once; the slowest worker ends a round. Interleaved rounds."""
     ctx = multiprocessing.get_context("spawn")
     pools, samples = {}, {lay: [] for lay in layouts}
     try:
@@ -236,12 +237,14 @@ def measure(root: Path, sizes: Sizes = Sizes(), say: Callable[[str], None] = pri
     workers, threads = layouts[0]
     processes = []
     if len(layouts) > 1:
-        p_rates = process_rates(best, layouts, root, sizes, max_k)
-        for (w, t), r in p_rates.items():
-            ks = group_sizes(sizes.trials, w, max_k if best.engine != "single" else 1)
-            note("processes", f"{w} x {t} thread(s), groups {'+'.join(map(str, ks))}", r, "wall")
-            processes.append({"workers": w, "threads": t, "trials": sizes.trials, "model_images_per_s": round(r, 1)})
-        workers, threads = max(p_rates, key=p_rates.get)
+        for trials in (sizes.trials, *([sizes.more_trials] if sizes.more_trials else [])):
+            p_rates = process_rates(best, layouts, root, replace(sizes, trials=trials), max_k)
+            for (w, t), r in p_rates.items():
+                ks = group_sizes(trials, w, max_k if best.engine != "single" else 1)
+                note("processes", f"{w} x {t} thread(s), groups {'+'.join(map(str, ks))}", r, "wall")
+                processes.append({"workers": w, "threads": t, "trials": trials, "model_images_per_s": round(r, 1)})
+            if trials == sizes.trials:
+                workers, threads = max(p_rates, key=p_rates.get)
     layout = Layout(workers, threads, best.engine, max_k, best.channels_last, best.conv_path)
     fast, bf16 = bf16_stage(m, best, root, sizes, layout, note)
     load1 = os.getloadavg()[0]
