@@ -91,7 +91,6 @@ def profile_wide_step(*, data_root: Any = None, out_dir: Path | None = None, ks:
     for k in ks:
         kept = in_fresh_process(step_cost, k, steps, str(root), "1")
         left = in_fresh_process(step_cost, k, steps, str(root), "0")
-        host_memory.keep_freed_memory()
         torch.set_num_threads(1)
         try:
             s = Slice(Candidate("wide", k, True), root)
