@@ -183,14 +183,15 @@ def test_engine_choice_and_fallbacks():
 
 
 def test_the_cpu_shares_a_study_out_over_its_workers_in_wide_groups():
-    from cnnbench.run.layout import cpu_groups, execution
+    from cnnbench.run.layout import execution
+    from cnnbench.train.calibration import group_size
 
-    assert cpu_groups(5, 2, 16) == 3 and cpu_groups(15, 2, 16) == 8 and cpu_groups(1, 2, 16) == 1
-    assert cpu_groups(40, 2, 16) == 16
+    assert group_size(5, 2, 16) == 3 and group_size(15, 2, 16) == 8 and group_size(1, 2, 16) == 1
+    assert group_size(40, 2, 16) == 16
     fuse, workers, threads = execution("cpu", None, None)
     assert fuse and workers >= 1 and threads >= 1
     lrs = [quick(lr=lr) for lr in (0.001, 0.005, 0.01, 0.05, 0.1)]
-    assert fuse_groups(lrs, max_k=cpu_groups(5, 2, 16), wide_only=True) == [[0, 1, 2], [3, 4]]
+    assert fuse_groups(lrs, max_k=group_size(5, 2, 16), wide_only=True) == [[0, 1, 2], [3, 4]]
 
 
 class StopAfter(Recorder):

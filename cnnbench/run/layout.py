@@ -11,7 +11,6 @@ together; `kept_layout` keeps a resumed study on the layout it started with, and
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict
 from typing import Any, NamedTuple
@@ -110,7 +109,7 @@ def execution(device: str, fuse: bool | None, workers: int | None,
     beats one trial per worker (see docs/speed.md), where vmap-fused trials
     are slower than one at a time; on an accelerator fusing is the point. So by default:
     on the CPU one worker per core, one thread each, each training a wide group of the
-    trials whose model widens (`cpu_groups`), every trial on its threads from start to end,
+    trials whose model widens (calibration.group_size), every trial on its threads from start to end,
     so a study's numbers are the same bits however its workers' timing falls (with
     `share_cores`, a worker that runs out of work gives its core to those still training:
     run/cores.py); elsewhere fused groups in one process. A calibrated `layout` (CPU)
@@ -122,9 +121,3 @@ def execution(device: str, fuse: bool | None, workers: int | None,
         return fuse, layout.workers, layout.threads
     workers = (cores if on_cpu else 1) if workers is None else workers
     return fuse, workers, max(1, cores // workers) if on_cpu else None
-
-
-def cpu_groups(n_trials: int, workers: int, max_fuse: int) -> int:
-    """The largest wide group on the CPU: the trials shared out evenly over the workers
-    (5 trials on 2 workers: groups of 3 and 2), so that every worker has a group."""
-    return max(1, min(max_fuse, math.ceil(n_trials / max(1, workers))))

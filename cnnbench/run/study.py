@@ -44,9 +44,9 @@ from cnnbench.run.executors.slurm import Submitted
 from cnnbench.run.pool import supervise
 from cnnbench.run.trials import say_engine
 from cnnbench.run.workers import work
-from cnnbench.run.layout import Execution, cpu_groups, cpu_layout, decide, kept_layout, layout_tags
+from cnnbench.run.layout import Execution, cpu_layout, decide, kept_layout, layout_tags
 from cnnbench.track.schema import ATTR_KEY, ATTR_MLFLOW_RUN_ID, ATTR_REASON, TAG_FUSE, TAG_THREADS, TAG_WORKERS
-from cnnbench.train.calibration import applied
+from cnnbench.train.calibration import applied, group_size
 from cnnbench.errors import StorageError, Unfinished
 from cnnbench.train.result import DIVERGED, FAILED, FINISHED, TrialResult
 from cnnbench.util import interrupt
@@ -148,7 +148,7 @@ def share_out(session: Session, ex: Execution) -> int:
     session.engine = session.open_args["engine"] = ex.engine
     session.fuse_k = session.open_args["fuse_k"] = ex.max_fuse if ex.fuse else 1  # a kept layout's K
     if ex.share_out:  # one group per worker
-        session.fuse_k = session.open_args["fuse_k"] = cpu_groups(pending, ex.workers, ex.max_fuse)
+        session.fuse_k = session.open_args["fuse_k"] = group_size(pending, ex.workers, ex.max_fuse)
     session.threads = ex.threads
     tags = {TAG_FUSE: str(ex.fuse), TAG_WORKERS: str(ex.workers), TAG_THREADS: str(ex.threads or "")}
     if ex.on_cpu:

@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import re
+import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,8 +37,9 @@ from cnnbench.util.paths import state_dir
 
 # of the file's format and what it measured: a file of another version is measured again
 # (2: measured with the allocator keeping freed memory, util/host_memory.py, which moved one
-# worker of two threads from 0.74x two single-thread workers to 1.07x on a 2-core EPYC)
-VERSION = 2
+# worker of two threads from 0.74x two single-thread workers to 1.07x on a 2-core EPYC;
+# 3: the process stage's rounds kept, longer and more of them, fastest_processes)
+VERSION = 3
 ENGINES = ("wide", "vmap", "single")
 # flags of x86 matrix units that run bf16 products natively (Intel AMX; AVX-512's bf16
 # dot products on Intel Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later)
@@ -76,7 +78,8 @@ class Calibration:
     load: tuple[float, float] = (0.0, 0.0)  # the machine's load average before and after
     version: int = VERSION
     # the worker layouts measured, each training its share of `trials` at once:
-    # {"workers", "threads", "trials", "model_images_per_s"} (for_trials sizes a study by them)
+    # {"workers", "threads", "trials", "model_images_per_s" (the median), "rounds" (each
+    # interleaved round's rate)}: fastest_processes sizes a study by them
     processes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -97,39 +100,77 @@ class Calibration:
                    figures=list(raw.get("figures", [])), bf16=str(raw.get("bf16", "")),
                    seconds=float(raw.get("seconds", 0.0)), load=tuple(raw.get("load", (0.0, 0.0))),
                    processes=[{"workers": int(p["workers"]), "threads": int(p["threads"]), "trials": int(p["trials"]),
-                               "model_images_per_s": float(p["model_images_per_s"])}
+                               "model_images_per_s": float(p["model_images_per_s"]),
+                               "rounds": [float(r) for r in p.get("rounds", [])]}
                               for p in raw.get("processes", [])])
 
     def for_trials(self, layout: Layout, trials: int) -> Layout:
         """`layout` (this calibration's, or its fast one) with the worker processes and
-        threads measured fastest for the trial count nearest `trials` (the process stage
-        measures 5 and 15), each rate rescaled from how evenly its workers shared those
-        trials to how evenly they share these (`balance`). Measured on a 2-core EPYC: with 5
-        trials one worker of 2 threads was 0.98x to 1.18x two of one thread (three
-        calibrations), with 15 two of one thread 1.26x one of two (64,355 against 51,051),
-        and the 3-seed lr study (15 trials) took 205.0 s with 2 x 1, 243.2 s with 1 x 2: the
-        5 trials' rates, rescaled alone, had chosen 1 x 2 for it. `layout` itself where
-        fewer than two layouts were measured for the nearest trial count."""
-        if trials < 1:
-            return layout
-        nearest = min({p["trials"] for p in self.processes}, key=lambda n: (abs(math.log(n / trials)), n), default=0)
-        measured = [p for p in self.processes if p["trials"] == nearest]
-        if len(measured) < 2:
-            return layout
+        threads `fastest_processes` picks for a study of `trials` trials from the process
+        stage; `layout` itself where fewer than two layouts were measured."""
+        best = fastest_processes(self.processes, trials, layout.max_k)
+        return layout if best is None else replace(layout, workers=best["workers"], threads=best["threads"])
 
-        def predicted(p: dict[str, Any]) -> float:
-            return p["model_images_per_s"] * balance(trials, p["workers"], layout.max_k) / \
-                balance(p["trials"], p["workers"], layout.max_k)
 
-        best = max(measured, key=predicted)
-        return replace(layout, workers=best["workers"], threads=best["threads"])
+def fastest_processes(rows: list[dict[str, Any]], trials: int, max_k: int) -> dict[str, Any] | None:
+    """The worker layout (a row of `Calibration.processes`) a study of `trials` trials in
+    groups of at most `max_k` gets: of the rows measured for the trial count nearest
+    `trials` (the process stage measures 5 and 15), each round's rate rescaled from how
+    evenly its workers shared those trials to how evenly they share these (`balance`).
+
+    One thread per worker (the most workers: the layout of an uncalibrated study, whose
+    numbers it keeps) unless another layout is faster by its median AND in more than two
+    thirds of the interleaved rounds, each round compared with the same round of the one-
+    thread layout (measured moments apart, so under the same load). Why: on a 2-core EPYC
+    two calibrations measured the 15-trial shape as 64,355 (2 x 1) against 51,051 (1 x 2)
+    and 52,335 against 54,461, medians of 3 rounds, while the 3-seed lr study (15 trials)
+    took 205.0 s with 2 x 1 and 243.2 s with 1 x 2: a median alone let the machine's noise
+    pick the slower layout. None where fewer than two layouts were measured for that count."""
+    if trials < 1:
+        return None
+    nearest = min({p["trials"] for p in rows}, key=lambda n: (abs(math.log(n / trials)), n), default=0)
+    measured = [p for p in rows if p["trials"] == nearest]
+    if len(measured) < 2:
+        return None
+
+    def predicted(p: dict[str, Any]) -> list[float]:
+        scale = balance(trials, p["workers"], max_k) / balance(p["trials"], p["workers"], max_k)
+        return [r * scale for r in (p.get("rounds") or [p["model_images_per_s"]])]
+
+    rates = {i: predicted(p) for i, p in enumerate(measured)}
+    default = max(range(len(measured)), key=lambda i: (measured[i]["threads"] == 1, measured[i]["workers"]))
+    best = max(rates, key=lambda i: statistics.median(rates[i]))
+    if best != default:
+        pairs = list(zip(rates[best], rates[default]))
+        wins = sum(b > d for b, d in pairs)
+        if statistics.median(rates[best]) <= statistics.median(rates[default]) or wins * 3 <= len(pairs) * 2:
+            best = default
+    return measured[best]
+
+
+def group_size(trials: int, workers: int, max_k: int) -> int:
+    """The largest group a worker trains when `workers` workers share `trials` trials in
+    groups of at most `max_k`: the trials shared out evenly, so that every worker has a
+    group (5 trials on 2 workers: groups of 3 and 2)."""
+    return max(1, min(max_k, math.ceil(trials / max(1, workers))))
+
+
+def first_groups(trials: int, workers: int, max_k: int) -> list[int]:
+    """The groups `workers` workers train at once when `trials` trials are shared out
+    (`group_size`; 5 on 2 workers: [3, 2])."""
+    k = group_size(trials, workers, max_k)
+    sizes, left = [], trials
+    for _ in range(workers):
+        sizes.append(max(1, min(k, left)))
+        left -= sizes[-1]
+    return sizes
 
 
 def balance(trials: int, workers: int, max_k: int) -> float:
-    """How evenly `workers` workers share `trials` trials in groups of at most `max_k`
-    (run.layout.cpu_groups: groups of ceil(trials / workers), each worker claiming the next
-    group): the trials over the workers times the most trials one worker trains; 1 even."""
-    k = max(1, min(max_k, math.ceil(trials / workers)))
+    """How evenly `workers` workers share `trials` trials in groups of `group_size`, each
+    worker claiming the next group: the trials over the workers times the most trials one
+    worker trains; 1 even."""
+    k = group_size(trials, workers, max_k)
     groups = math.ceil(trials / k)
     most = min(trials, math.ceil(groups / workers) * k)
     return trials / (workers * most)

@@ -13,7 +13,10 @@ machine's drifting load hits them alike:
  2. group size: the best fused engine at K = `ks`: the largest group a worker takes
     (`max_k`) is the K of the most model-images per CPU second.
  3. processes: worker processes x threads (w x cores/w), each worker training its share
-    of `trials` at once as the study would, in wall time (the slowest worker ends it).
+    of `trials` (and of `more_trials`) at once as the study would, in wall time (the
+    slowest worker ends it), in longer rounds and more of them, every round kept: one
+    thread per worker stays unless another layout wins most rounds
+    (calibration.fastest_processes).
  4. bf16, where the CPU has matrix units (AMX, AVX-512-BF16): the chosen layout and one
     trial at a time, each in bf16 against fp32; the faster in bf16 is the `fast` layout
     (`cnnbench study --fast`).
@@ -52,6 +55,8 @@ class Sizes:
     loaded 2-core machine; tests give tiny ones)."""
     steps: int = 24  # timed training steps per measurement
     repeats: int = 3  # interleaved rounds; the median is kept
+    process_steps: int = 48  # the process stage's: longer rounds, and more of them, each one kept
+    process_repeats: int = 5  # (calibration.fastest_processes compares the layouts round by round)
     warm: int = 4  # untimed steps of each candidate first
     ks: tuple[int, ...] = (2, 4, 8, 16)  # group sizes tried for the best fused engine
     trials: int = 5  # the study the layouts are sized for: the one-seed lr study
@@ -162,38 +167,34 @@ def _worker_round(steps: int) -> tuple[int, float]:
     return s.images(steps), s.run(steps, time.perf_counter)
 
 
-def group_sizes(trials: int, workers: int, max_k: int) -> list[int]:
-    """The groups `workers` workers train at once when `trials` are shared out (run.layout.cpu_groups)."""
-    k = max(1, min(max_k, math.ceil(trials / workers)))
-    sizes, left = [], trials
-    for _ in range(workers):
-        sizes.append(max(1, min(k, left)))
-        left -= sizes[-1]
-    return sizes
-
-
 def process_rates(cand: Candidate, layouts: list[tuple[int, int]], root: Path, sizes: Sizes,
-                  max_k: int) -> dict[tuple[int, int], float]:
-    """Model-images/s (wall) of each (workers, threads): every worker training its first
-    group of `sizes.trials` at once; the slowest worker ends a round. Interleaved rounds."""
+                  max_k: int) -> dict[tuple[int, int], list[float]]:
+    """Model-images/s (wall) of each (workers, threads), round by round: every worker
+    training its first group of `sizes.trials` at once (calibration.first_groups), the
+    slowest worker ending a round; `sizes.process_repeats` interleaved rounds of
+    `sizes.process_steps` steps, after one untimed round of each layout: the first round
+    of two workers training together measured 20,136 to 32,823 model-images/s where the
+    rounds after it measured 35,193 to 55,085 (four calibrations on a 2-core EPYC; each
+    worker's own warm-up steps, trained before the others had started, did not settle it)."""
     ctx = multiprocessing.get_context("spawn")
     pools, samples = {}, {lay: [] for lay in layouts}
     try:
         for w, t in layouts:
             barrier = ctx.Barrier(w)
-            ks = group_sizes(sizes.trials, w, max_k if cand.engine != "single" else 1)
+            ks = calibration.first_groups(sizes.trials, w, max_k if cand.engine != "single" else 1)
             pools[(w, t)] = [ctx.Pool(1, _worker_init, (replace(cand, k=k), t, str(root), sizes.warm, barrier))
                              for k in ks]
-        for _ in range(sizes.repeats):
+        for n in range(1 + sizes.process_repeats):  # the first round untimed (see the docstring)
             for lay, workers in pools.items():
-                pending = [p.apply_async(_worker_round, (sizes.steps,)) for p in workers]
+                pending = [p.apply_async(_worker_round, (sizes.process_steps,)) for p in workers]
                 done = [r.get() for r in pending]
-                samples[lay].append(sum(i for i, _ in done) / max(max(s for _, s in done), 1e-9))
+                if n:
+                    samples[lay].append(sum(i for i, _ in done) / max(max(s for _, s in done), 1e-9))
     finally:
         for workers in pools.values():
             for p in workers:
                 p.terminate()
-    return {lay: statistics.median(v) for lay, v in samples.items()}
+    return samples
 
 
 def worker_layouts(cores: int) -> list[tuple[int, int]]:
@@ -238,13 +239,15 @@ def measure(root: Path, sizes: Sizes = Sizes(), say: Callable[[str], None] = pri
     processes = []
     if len(layouts) > 1:
         for trials in (sizes.trials, *([sizes.more_trials] if sizes.more_trials else [])):
-            p_rates = process_rates(best, layouts, root, replace(sizes, trials=trials), max_k)
-            for (w, t), r in p_rates.items():
-                ks = group_sizes(trials, w, max_k if best.engine != "single" else 1)
+            p_rounds = process_rates(best, layouts, root, replace(sizes, trials=trials), max_k)
+            for (w, t), rounds in p_rounds.items():
+                ks = calibration.first_groups(trials, w, max_k if best.engine != "single" else 1)
+                r = statistics.median(rounds)
                 note("processes", f"{w} x {t} thread(s), groups {'+'.join(map(str, ks))}", r, "wall")
-                processes.append({"workers": w, "threads": t, "trials": trials, "model_images_per_s": round(r, 1)})
-            if trials == sizes.trials:
-                workers, threads = max(p_rates, key=p_rates.get)
+                processes.append({"workers": w, "threads": t, "trials": trials, "model_images_per_s": round(r, 1),
+                                  "rounds": [round(x, 1) for x in rounds]})
+        chosen = calibration.fastest_processes(processes, sizes.trials, max_k)
+        workers, threads = chosen["workers"], chosen["threads"]
     layout = Layout(workers, threads, best.engine, max_k, best.channels_last, best.conv_path)
     fast, bf16 = bf16_stage(m, best, root, sizes, layout, note)
     load1 = os.getloadavg()[0]
@@ -303,7 +306,7 @@ def markdown(cal: Calibration, command: str = "") -> str:
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in m.get("flags", [])]
     rows = "\n".join(f"| {f['stage']} | {f['what']} | {f['model_images_per_s']:,.0f} | {f['clock']} |"
                      for f in cal.figures)
-    per_study = ("- workers per study, from the process stage rescaled to the study's trials (Calibration.for_trials): "
+    per_study = ("- workers per study, from the process stage rounds rescaled to the study's trials (calibration.fastest_processes): "
                  + "; ".join(f"{n} trials {by_trials(cal, n)}" for n in (5, 15, 30)) + "\n" if cal.processes else "")
     return (f"# CPU calibration: {m['cpu']} ({calibration.cpu_kind(m)})\n\n"
             f"`{command or 'cnnbench bench --calibrate'}`: {m['cores']} usable core(s), torch {m['torch']}, "
@@ -314,7 +317,19 @@ def markdown(cal: Calibration, command: str = "") -> str:
             "Model-images/s of a short LeNet-5 training slice (batch 64), median of interleaved rounds; `cpu`: per "
             "second of this process's CPU time on one thread (other processes on the machine do not count), "
             "`wall`: per second of wall time, the slowest worker ending a round.\n\n"
-            f"| stage | layout | model-images/s | clock |\n|---|---|---:|---|\n{rows}\n")
+            f"| stage | layout | model-images/s | clock |\n|---|---|---:|---|\n{rows}\n{process_rounds(cal)}")
+
+
+def process_rounds(cal: Calibration) -> str:
+    """The process stage's rounds, as markdown: what `calibration.fastest_processes` compares."""
+    if not cal.processes:
+        return ""
+    rows = "\n".join(f"| {p['trials']} | {p['workers']} x {p['threads']} | "
+                      f"{', '.join(f'{r:,.0f}' for r in p.get('rounds', []))} |" for p in cal.processes)
+    return ("\nThe process stage round by round (model-images/s, wall; one untimed round first). One thread per "
+            "worker stays unless another layout is faster by its median and in more than two thirds of the rounds, "
+            "each compared with the same round of the one-thread layout (`calibration.fastest_processes`).\n\n"
+            f"| trials | workers x threads | rounds |\n|---:|---|---|\n{rows}\n")
 
 
 def by_trials(cal: Calibration, trials: int) -> str:

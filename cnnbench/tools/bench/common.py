@@ -1,12 +1,14 @@
 """What every bench shares: the learning-rate study it projects (`LR_STUDY`), one
 measured row (`Measurement`), the trial every bench times (`bench_config`, `lr_configs`),
-cnnbench's loop timed over one epoch (`cnnbench_loop`) and groups trained in parallel
-worker processes, one group each (`parallel_groups`)."""
+cnnbench's loop timed over one epoch (`cnnbench_loop`), groups trained in parallel
+worker processes, one group each (`parallel_groups`), and a fresh process to time in
+(`fresh_process`)."""
 
 from __future__ import annotations
 
 import math
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,13 @@ class Measurement:
     @property
     def median(self) -> float:
         return statistics.median(self.samples) if self.samples else math.nan
+
+
+def fresh_process() -> ProcessPoolExecutor:
+    """One spawned worker process, as a user's script starts: nothing inherited from this
+    one (its engines may have told the allocator to keep freed memory, a setting made once
+    a process: util/host_memory.py). Use it as a context manager."""
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
 
 def bench_config(model: str, batch_size: int, steps: int, device: torch.device) -> TrialConfig:

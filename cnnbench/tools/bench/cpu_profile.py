@@ -13,11 +13,9 @@ the most; CPU time does not. Writes profile-cpu-<cpu kind>.md.
 from __future__ import annotations
 
 import collections
-import multiprocessing
 import os
 import resource
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cnnbench.data.tensors import data_dir
 from cnnbench.tools.bench.calibrate import Candidate, Slice
+from cnnbench.tools.bench.common import fresh_process
 from cnnbench.train import calibration
 from cnnbench.util import fileio, host_memory
 
@@ -68,11 +67,6 @@ def step_cost(k: int, steps: int, root: str, keep: str) -> tuple[float, float]:
     return 1e3 * (cpu1 - cpu0) / steps, (faults1 - faults0) / steps
 
 
-def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
-
-
 def profile_wide_step(*, data_root: Any = None, out_dir: Path | None = None, ks: tuple[int, ...] = (3, 8),
                       steps: int = 60, top: int = 14, command: str = "",
                       say: Callable[[str], None] = print) -> Path | None:
@@ -89,8 +83,10 @@ def profile_wide_step(*, data_root: Any = None, out_dir: Path | None = None, ks:
              f"glibc's defaults (`{host_memory.KEEP_ENV}=0`); then where the time goes, with it kept.\n"]
     threads = torch.get_num_threads()
     for k in ks:
-        kept = in_fresh_process(step_cost, k, steps, str(root), "1")
-        left = in_fresh_process(step_cost, k, steps, str(root), "0")
+        with fresh_process() as fresh:
+            kept = fresh.submit(step_cost, k, steps, str(root), "1").result()
+        with fresh_process() as fresh:
+            left = fresh.submit(step_cost, k, steps, str(root), "0").result()
         torch.set_num_threads(1)
         try:
             s = Slice(Candidate("wide", k, True), root)

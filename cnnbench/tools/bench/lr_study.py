@@ -4,11 +4,9 @@ naive loop trial after trial; results/bench/lr_study.md."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -18,7 +16,7 @@ from cnnbench.config.trial import TrialConfig
 from cnnbench.data.tensors import data_dir, dataset_info
 from cnnbench.run.study import run_study
 from cnnbench.tools.bench.bound import flops_per_image, fp32_bound
-from cnnbench.tools.bench.common import LR_STUDY
+from cnnbench.tools.bench.common import LR_STUDY, fresh_process
 from cnnbench.tools.bench.naive import naive_trial
 from cnnbench.train import calibration
 from cnnbench.train.device import device_name, resolve_device
@@ -88,7 +86,7 @@ def naive_seconds(configs: list[TrialConfig], root: Path, device: torch.device, 
     """The naive loop's seconds for `configs` one after another, a test pass per epoch
     (naive_trial), in a fresh process as a user's script runs it: not in this one, whose
     engines may have told the allocator to keep freed memory (util/host_memory.py)."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+    with fresh_process() as fresh:
         return sum(fresh.map(naive_trial_seconds, configs, [root] * len(configs), [device] * len(configs),
                              [epochs] * len(configs)))
 
