@@ -306,8 +306,9 @@ def markdown(cal: Calibration, command: str = "") -> str:
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in m.get("flags", [])]
     rows = "\n".join(f"| {f['stage']} | {f['what']} | {f['model_images_per_s']:,.0f} | {f['clock']} |"
                      for f in cal.figures)
-    per_study = ("- workers per study, from the process stage rounds rescaled to the study's trials (calibration.fastest_processes): "
-                 + "; ".join(f"{n} trials {by_trials(cal, n)}" for n in (5, 15, 30)) + "\n" if cal.processes else "")
+    studies = "; ".join(f"{n} trials {by_trials(cal, n)}" for n in (5, 15, 30))
+    per_study = ("- workers per study, from the process stage's rounds rescaled to the study's trials "
+                 f"(calibration.fastest_processes): {studies}\n" if cal.processes else "")
     return (f"# CPU calibration: {m['cpu']} ({calibration.cpu_kind(m)})\n\n"
             f"`{command or 'cnnbench bench --calibrate'}`: {m['cores']} usable core(s), torch {m['torch']}, "
             f"flags {', '.join(flags) or 'none of avx2/avx512/amx'}; measured in {cal.seconds:.0f} s at load "
