@@ -296,3 +296,21 @@ def test_command_reads_the_cache(workdir):
     out = cli("study", str(REPO / "studies" / "lr.yaml"), *TINY_STUDY, "--seeds", "0", "--set", "device=cuda",
               "--fast", cwd=workdir)
     assert out.returncode == 2 and "error:" in out.stderr
+
+
+def test_environment_variables_set_for_a_while(monkeypatch):
+    """util.environ.variables, what the calibrated layout, the calibration's slices, the
+    engine sweep and the notebooks' kernel set for their workers: set within, each put
+    back as it was afterwards (an error inside too), a user's own setting kept where asked."""
+    from cnnbench.util.environ import variables
+
+    monkeypatch.setenv("CNNBENCH_TEST_SET", "user")
+    monkeypatch.delenv("CNNBENCH_TEST_UNSET", raising=False)
+    with variables({"CNNBENCH_TEST_SET": "ours", "CNNBENCH_TEST_UNSET": "ours"}):
+        assert os.environ["CNNBENCH_TEST_SET"] == "ours" and os.environ["CNNBENCH_TEST_UNSET"] == "ours"
+    assert os.environ["CNNBENCH_TEST_SET"] == "user" and "CNNBENCH_TEST_UNSET" not in os.environ
+    with variables({"CNNBENCH_TEST_SET": "ours", "CNNBENCH_TEST_UNSET": "ours"}, keep_set=True):
+        assert os.environ["CNNBENCH_TEST_SET"] == "user" and os.environ["CNNBENCH_TEST_UNSET"] == "ours"
+    with pytest.raises(RuntimeError), variables({"CNNBENCH_TEST_SET": "ours"}):
+        raise RuntimeError("inside")
+    assert os.environ["CNNBENCH_TEST_SET"] == "user" and "CNNBENCH_TEST_UNSET" not in os.environ

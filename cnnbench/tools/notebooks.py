@@ -30,6 +30,7 @@ from cnnbench.track import reader
 from cnnbench.track.writer import check_reachable
 from cnnbench.track.writer import tracking_uri as resolve_uri
 from cnnbench.util import fileio
+from cnnbench.util.environ import variables
 from cnnbench.util.extras import require
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding this cnnbench package
@@ -115,14 +116,8 @@ def _is_sweep(folder: Path) -> bool:
 def _kernel_imports_this_checkout() -> Iterator[None]:
     """The kernel is a fresh process: make it import this cnnbench, not another install."""
     before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), *([before] if before else [])])
-    try:
+    with variables({"PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), *([before] if before else [])])}):
         yield
-    finally:
-        if before is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = before
 
 
 def execute(notebook: Path, parameters: dict[str, Any], *, cwd: Path, timeout: int = CELL_TIMEOUT):

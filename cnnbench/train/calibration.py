@@ -33,6 +33,7 @@ import torch
 from cnnbench.train.conv_path import ENV as CONV_PATH_ENV
 from cnnbench.train.device import CHANNELS_LAST_ENV, usable_cores
 from cnnbench.util import fileio
+from cnnbench.util.environ import variables
 from cnnbench.util.paths import state_dir
 
 # of the file's format and what it measured: a file of another version is measured again
@@ -275,13 +276,5 @@ def applied(layout: Layout | None) -> Iterator[None]:
         yield
         return
     wanted = {CHANNELS_LAST_ENV: "1" if layout.channels_last else "0", CONV_PATH_ENV: layout.conv_path}
-    before = {k: os.environ.get(k) for k in wanted}
-    for k, v in wanted.items():
-        if before[k] is None:
-            os.environ[k] = v
-    try:
+    with variables(wanted, keep_set=True):
         yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)

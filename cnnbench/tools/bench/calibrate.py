@@ -24,7 +24,6 @@ machine's drifting load hits them alike:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import multiprocessing
 import os
@@ -32,7 +31,7 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -45,6 +44,7 @@ from cnnbench.train.calibration import Calibration, Layout
 from cnnbench.train.conv_path import ENV as CONV_PATH_ENV
 from cnnbench.train.loop import load_data
 from cnnbench.util import fileio
+from cnnbench.util.environ import variables
 
 BATCH = 64  # the studies' training batch
 
@@ -80,20 +80,6 @@ class Candidate:
                 f"{' bf16' if self.amp == 'bf16' else ''}")
 
 
-@contextlib.contextmanager
-def conv_path_set(path: str) -> Iterator[None]:
-    """Within: grouped convolutions take `path` (train/conv_path.py reads it per call)."""
-    before = os.environ.get(CONV_PATH_ENV)
-    os.environ[CONV_PATH_ENV] = path
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(CONV_PATH_ENV, None)
-        else:
-            os.environ[CONV_PATH_ENV] = before
-
-
 def slice_config(cand: Candidate) -> TrialConfig:
     """The trial a slice trains (its K trials: the lr study's rates, lr_configs)."""
     return TrialConfig(model="lenet5", batch_size=BATCH, epochs=1, train_subset=32 * BATCH, test_subset=256,
@@ -107,7 +93,7 @@ class Slice:
         base = slice_config(cand)
         self.cand, self.data = cand, data if data is not None else load_data(base, root, torch.device("cpu"))
         configs = lr_configs(base, cand.k)
-        with conv_path_set(cand.conv_path):
+        with variables({CONV_PATH_ENV: cand.conv_path}):
             self.engine = make_engine(configs, self.data, None if cand.engine == "single" else cand.engine)
         self.engine.begin_epoch([[c.lr for c in configs]])
         self.engine.train(True)
@@ -116,7 +102,7 @@ class Slice:
     def run(self, steps: int, clock: Callable[[], float] = time.process_time) -> float:
         """Seconds (of `clock`) for `steps` training steps."""
         n = len(self.data.train) - BATCH
-        with conv_path_set(self.cand.conv_path):
+        with variables({CONV_PATH_ENV: self.cand.conv_path}):
             t0 = clock()
             for _ in range(steps):
                 lo = (self.step * BATCH) % max(n, 1)

@@ -17,11 +17,9 @@ follows on this device (train/measured.py).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
@@ -38,6 +36,7 @@ from cnnbench.train.loop import load_data
 from cnnbench.train.measured import entry, record_speeds
 from cnnbench.train.streams import ENV as DEDUPE_ENV
 from cnnbench.util import fileio
+from cnnbench.util.environ import variables
 
 # variant -> (fused engine, environment it trains under)
 VARIANTS = {"vmap": ("vmap", {}),
@@ -46,21 +45,6 @@ VARIANTS = {"vmap": ("vmap", {}),
             "wide+bmm": ("wide", {CONV_PATH_ENV: "bmm", DEDUPE_ENV: "0"}),
             "wide+bmm+dedupe": ("wide", {CONV_PATH_ENV: "bmm", DEDUPE_ENV: "1"})}
 KS = (1, 15, 16, 64, 128)
-
-
-@contextlib.contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    """`values` set in os.environ meanwhile (the conv path and the stream dedupe are read there)."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def loop_batch(engine: Any, configs: list[TrialConfig], data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +76,7 @@ def measure(variant: str, configs: list[TrialConfig], data, repeats: int) -> dic
     """One variant at one K: model-images/s (median of `repeats`) and kernels per step."""
     engine, env = VARIANTS[variant]
     m, kernels = Measurement(variant, len(configs)), float("nan")
-    with environment(env):
+    with variables(env):  # the conv path and the stream dedupe are read from the environment
         try:
             cnnbench_loop(configs, data, fused=True, engine=engine)  # warm-up: autotuning, the conv path, capture
             for _ in range(repeats):
