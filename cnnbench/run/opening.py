@@ -12,14 +12,14 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.trial import TrialState
 
 from cnnbench.config.spec import StudySpec
 from cnnbench.config.trial import TrialConfig
-from cnnbench.errors import ConfigError
+from cnnbench.errors import ConfigError, StorageError
 from cnnbench.run import storage as optuna_store
 from cnnbench.run.checkpoint_share import CheckpointShare
 from cnnbench.run.claims import lost
@@ -168,6 +168,25 @@ def pause_parent(session: Session, status: str = "KILLED", reason: str = "") -> 
         if not session.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if session.tracker.client.get_run(session.parent).info.status == "RUNNING":
                 session.tracker.end(session.parent, status, reason)
+
+
+@contextlib.contextmanager
+def leading(session: Session) -> Iterator[Session]:
+    """Within: this process leads the opened `session` (a study's or a sweep's). A stop
+    request leaves the parent run KILLED and a fault of the machine (StorageError) FAILED
+    with its reason (pause_parent), each raised on; the session is closed however it ends."""
+    try:
+        yield session
+    except KeyboardInterrupt as err:
+        with interrupt.shielded():
+            pause_parent(session, reason=f"stopped by {err}")
+        raise
+    except StorageError as err:
+        with interrupt.shielded():
+            pause_parent(session, "FAILED", str(err))
+        raise
+    finally:
+        session.close()
 
 
 class ParentLost(ConfigError):

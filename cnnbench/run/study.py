@@ -34,7 +34,7 @@ from cnnbench.data.tensors import train_size
 from cnnbench.report.tables import TrialRow, truncate, write_results
 from cnnbench.run.claims import claim_results, results_written
 from cnnbench.run.grid import GRID
-from cnnbench.run.opening import open_session, pause_parent
+from cnnbench.run.opening import leading, open_session, pause_parent
 from cnnbench.run.phases import Timed
 from cnnbench.run.session import Session, count_states
 from cnnbench.run.executors import detached, prepare
@@ -98,7 +98,8 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
                            results_root=results_root, data_root=data_root, command=command,
                            fuse_k=ex.max_fuse if ex.fuse else 1, wide_only=ex.wide_only, engine=ex.engine,
                            check_stores=runner.check_stores, checkpoint_uri=checkpoint_uri)
-    try:  # from here a stop request leaves the parent run KILLED (open_session covers its own stretch)
+    # from here a stop request leaves the parent run KILLED (open_session covers its own stretch)
+    with leading(session):
         ex = decide(device, fuse, workers, max_fuse, kept_layout(session, layout)) if ex.on_cpu else ex
         if isinstance(runner, LocalPlan):
             runner = prepare(executor, threads=ex.threads, share_cores=share_cores)
@@ -112,16 +113,6 @@ def run_study(spec: StudySpec, *, data_root: Any = None, results_root: str | os.
         if outcome is not None:
             outcome.timings = timer.report(session.tracker, session.parent, f"study {spec.name}")
         return outcome
-    except KeyboardInterrupt as err:
-        with interrupt.shielded():
-            pause_parent(session, reason=f"stopped by {err}")
-        raise
-    except StorageError as err:
-        with interrupt.shielded():
-            pause_parent(session, "FAILED", str(err))
-        raise
-    finally:
-        session.close()
 
 
 def train(session: Session, runner: Any, ex: Execution) -> Any:

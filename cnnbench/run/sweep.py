@@ -27,9 +27,9 @@ from optuna.trial import TrialState
 from cnnbench.config.space import OBJECTIVES, Plan, check_spec, describe, grid_points, spec_hash, suggest, trial_config
 from cnnbench.config.spec import StudySpec
 from cnnbench.config.trial import TrialConfig
-from cnnbench.errors import ConfigError, StorageError
+from cnnbench.errors import ConfigError
 from cnnbench.run.final import finalize
-from cnnbench.run.opening import join, mark_ready, open_session, pause_parent, reopen
+from cnnbench.run.opening import join, leading, mark_ready, open_session, pause_parent, reopen
 from cnnbench.run.phases import Timed
 from cnnbench.run.search import make_pruner, make_sampler, objective_value
 from cnnbench.run.session import Kind, Member, Opened, Outcome, Session, trial_id
@@ -257,7 +257,7 @@ def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, share_co
     session = open_sweep(spec, storage=storage, tracking=tracking, state=state, results_root=results_root,
                          n_trials=n_trials, sampler_seed=sampler_seed, data_root=data_root, command=command,
                          fuse_k=fuse_k, check_stores=runner.check_stores, checkpoint_uri=checkpoint_uri)
-    try:
+    with leading(session):
         say_engine(session, True)
         if detached(runner):  # Slurm's --no-wait: the tasks train, the one that ends the sweep finishes it
             return session, WorkerReport(), runner.submit(session, workers, final=finalize if final else None)
@@ -274,13 +274,3 @@ def run_sweep(spec: StudySpec, *, workers: int = 1, final: bool = True, share_co
         if outcome is not None:
             outcome.timings = timer.report(session.tracker, session.parent, f"sweep {spec.name}")
         return session, report, outcome
-    except KeyboardInterrupt as err:
-        with interrupt.shielded():
-            pause_parent(session, reason=f"stopped by {err}")
-        raise
-    except StorageError as err:
-        with interrupt.shielded():
-            pause_parent(session, "FAILED", str(err))
-        raise
-    finally:
-        session.close()
