@@ -227,7 +227,7 @@ def measure(root: Path, sizes: Sizes = Sizes(), say: Callable[[str], None] = pri
         for trials in (sizes.trials, *([sizes.more_trials] if sizes.more_trials else [])):
             p_rounds = process_rates(best, layouts, root, replace(sizes, trials=trials), max_k)
             for (w, t), rounds in p_rounds.items():
-                ks = calibration.first_groups(trials, w, max_k if best.engine != "single" else 1)
+                ks = calibration.first_groups(trials, w, max_k)  # max_k is 1 where the best engine is single
                 r = statistics.median(rounds)
                 note("processes", f"{w} x {t} thread(s), groups {'+'.join(map(str, ks))}", r, "wall")
                 processes.append({"workers": w, "threads": t, "trials": trials, "model_images_per_s": round(r, 1),
