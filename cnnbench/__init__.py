@@ -2,7 +2,7 @@
 
 `import cnnbench` gives the Python API (`cnnbench.api`): load_spec, run_trial, run_study,
 run_sweep, run_worker, evaluate, load_runs, statistics, summarize, register_model (your
-own network), and the executors' settings Local, Ray, Slurm. They are imported on first use,
+own network), workers_kept (worker processes kept across studies), and the executors' settings Local, Ray, Slurm. They are imported on first use,
 so that `import cnnbench` (and the command's start) stays light. The package's layers
 are drawn in docs/layout.md.
 """
@@ -16,7 +16,7 @@ from cnnbench.util import exiting  # noqa: F401 (first: its atexit handler must 
 __version__ = "0.2.0"
 
 API = ("evaluate", "load_runs", "load_spec", "register_model", "run_study", "run_sweep", "run_trial", "run_worker",
-       "statistics", "summarize", "Local", "Ray", "Slurm")
+       "statistics", "summarize", "workers_kept", "Local", "Ray", "Slurm")
 __all__ = [*API, "__version__"]
 
 

@@ -37,6 +37,7 @@ from cnnbench.run.session import Session
 from cnnbench.run.study import StudyOutcome
 from cnnbench.run.study import run_study as study_runner
 from cnnbench.run.sweep import run_sweep as sweep_runner
+from cnnbench.run.executors.kept import keeping
 from cnnbench.run.executors.settings import Local, Ray, Slurm
 from cnnbench.run.executors.slurm import Submitted
 from cnnbench.run.joining import join_as_worker
@@ -62,7 +63,7 @@ from cnnbench.util.paths import state_dir
 timings.note_start()  # the start-up ends here: the first study or sweep timed shows it
 
 __all__ = ["evaluate", "load_runs", "load_spec", "register_model", "run_study", "run_sweep", "run_trial", "run_worker",
-           "statistics", "summarize", "Local", "Ray", "Slurm", "Submitted",
+           "statistics", "summarize", "workers_kept", "Local", "Ray", "Slurm", "Submitted",
            # the commands' tools
            "bench", "command", "compare", "gpu_check", "history_text", "models", "report", "screenshot",
            "summary_text", "sweep_storage_url"]
@@ -199,6 +200,20 @@ def fast_spec(spec: StudySpec, *, data_root: str | os.PathLike | None = None,
     cal = calibrate_cpu(data_root=data_root, state=state)[0]
     print(f"--fast: bf16 autocast on {', '.join(units)}; {cal.bf16}", flush=True)
     return spec.with_overrides({"amp": "bf16"})
+
+
+def workers_kept() -> Any:
+    """A `with` block whose studies and sweeps, run one after another, keep their local
+    worker processes from one to the next where a worker would start the same way (its
+    threads and GPU, the same environment variables): one start-up of torch, MLflow and
+    the stores for them all, and on a GPU one CUDA context and cuDNN's autotune cache.
+    Every worker ends with the block. `cnnbench study A.yaml B.yaml ...` runs in one.
+
+        with cnnbench.workers_kept():
+            for name in ("lr", "batch"):
+                cnnbench.run_study(name, data_root="../shared/data")
+    """
+    return keeping()
 
 
 def run_sweep(spec: StudySpec | str | os.PathLike, *, workers: int = 1, final: bool = True,

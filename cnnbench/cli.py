@@ -10,6 +10,7 @@ created (spec, setting, data, tracking URI, results folder, a damaged store); 13
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -94,13 +95,15 @@ def cmd_study(args: argparse.Namespace, api: Any) -> int:
              for path in paths]
     executor = executor_of(args, api)
     status = 0
-    for path, spec in zip(paths, specs):
-        outcome = api.run_study(spec, data_root=args.data_dir, results_root=args.results_dir,
-                                tracking=args.tracking_uri, state=args.state_dir, storage=args.storage, fuse=args.fuse,
-                                workers=args.workers, max_fuse=args.max_fuse, command=typed(args, path, paths),
-                                final=not args.no_final, share_cores=args.share_cores, executor=executor,
-                                checkpoint_uri=args.checkpoint_uri, timings=args.timings, fast=args.fast)
-        status = max(status, show_study(outcome, api))
+    with api.workers_kept() if len(paths) > 1 else contextlib.nullcontext():  # one start-up of the workers
+        for path, spec in zip(paths, specs):
+            outcome = api.run_study(spec, data_root=args.data_dir, results_root=args.results_dir,
+                                    tracking=args.tracking_uri, state=args.state_dir, storage=args.storage,
+                                    fuse=args.fuse, workers=args.workers, max_fuse=args.max_fuse,
+                                    command=typed(args, path, paths), final=not args.no_final,
+                                    share_cores=args.share_cores, executor=executor,
+                                    checkpoint_uri=args.checkpoint_uri, timings=args.timings, fast=args.fast)
+            status = max(status, show_study(outcome, api))
     return status
 
 

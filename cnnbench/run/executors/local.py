@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from cnnbench.config.spec import StudySpec
+from cnnbench.run.executors.kept import keeper
 from cnnbench.run.networks import worker_imports
 from cnnbench.run.session import Kind, Session
 from cnnbench.run.storage import process_id
@@ -47,22 +48,34 @@ class LocalProcesses:
 
     def __init__(self, n: int, *, threads: int | None = None, share_cores: bool = False) -> None:
         """`share_cores`: a CPU worker that runs out of work gives its threads to those still
-        training (cores.CoreShare); off, every trial keeps `threads` from start to end."""
-        self.ctx = multiprocessing.get_context("spawn")
-        self.events = self.ctx.Queue()
-        training = self.ctx.Value("i", n)  # workers training: CPU threads go to those still at it
-        self.share = (training, n * threads if threads and share_cores else None)
+        training (cores.CoreShare); off, every trial keeps `threads` from start to end.
+        Inside `kept.keeping()` the workers are the keeper's, kept from one study to the next."""
+        self.keeper = keeper()
+        if self.keeper is not None:
+            self.keeper.workers(n)
+            self.ctx, self.events, training = self.keeper.ctx, self.keeper.events, self.keeper.training
+        else:
+            self.ctx = multiprocessing.get_context("spawn")
+            self.events = self.ctx.Queue()
+            training = self.ctx.Value("i", n)  # workers training: CPU threads go to those still at it
+        self.total = n * threads if threads and share_cores else None
+        self.share = (training, self.total)
         self.threads, self.gpus = threads, torch.cuda.device_count()
 
-    def start(self, session: Session, slot: str, index: int) -> "Process":
+    def start(self, session: Session, slot: str, index: int) -> Any:
         s = session
         open_args = {**s.open_args, "storage": s.url, "checked": True, "role": "supervised",
                      "supervisor": process_id(), "slot": slot}
+        gpu = index % self.gpus if self.gpus else None
+        imports = worker_imports(s.spec, s.configs.values())
+        if self.keeper is not None:
+            job = {"spec": s.spec, "kind": s.kind, "open_args": open_args, "label": slot, "threads": self.threads,
+                   "share": self.total, "imports": imports}
+            return self.keeper.start(job, index, gpu, self.threads)
         faults = self.ctx.Queue()  # its own: the message of a worker that failed is its own
         proc = self.ctx.Process(target=worker_main, name=f"cnnbench-{slot}",
-                                args=(s.spec, s.kind, open_args, slot, self.threads,
-                                      index % self.gpus if self.gpus else None, self.events, self.share, faults,
-                                      worker_imports(s.spec, s.configs.values())))
+                                args=(s.spec, s.kind, open_args, slot, self.threads, gpu, self.events, self.share,
+                                      faults, imports))
         proc.start()
         return Process(proc, faults)
 
