@@ -2,9 +2,10 @@
 
 `import cnnbench` gives the Python API (`cnnbench.api`): load_spec, run_trial, run_study,
 run_sweep, run_worker, evaluate, load_runs, statistics, summarize, register_model (your
-own network), workers_kept (worker processes kept across studies), and the executors' settings Local, Ray, Slurm. They are imported on first use,
-so that `import cnnbench` (and the command's start) stays light. The package's layers
-are drawn in docs/layout.md.
+own network), workers_kept (worker processes kept from one study to the next), and the
+executors' settings Local, Ray, Slurm. They are imported on first use, so that `import
+cnnbench` (and the command's start) stays light. The package's layers are drawn in
+docs/layout.md.
 """
 
 from __future__ import annotations

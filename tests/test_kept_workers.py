@@ -17,6 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from cnnbench.track.schema import ATTR_WORKER_PID, ATTR_WORKER_SLOT
@@ -177,3 +178,24 @@ def test_a_stop_request_in_a_later_study_ends_every_kept_worker_and_the_command_
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 run(s) trained, 2 already finished" in again.stdout  # study one, done before the stop
     assert len(finals(workdir, "two")) == 2
+
+
+def test_a_sweep_after_a_study_is_handed_the_study_s_workers(workdir, capsys):
+    import cnnbench
+
+    (one,) = specs(workdir, "one")
+    sweep = workdir / "search.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "search", "search": {"lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True}},
+        "fixed": {"train_subset": 600, "val_size": 200, "test_subset": 200, "epochs": 1, "progress": False},
+        "sweep": {"sampler": "random", "pruner": "none", "n_trials": 2, "final_seeds": [0]}}))
+    with cnnbench.workers_kept():
+        spec = cnnbench.load_spec(one, overrides={"epochs": 1, "train_subset": 600, "test_subset": 200,
+                                                  "progress": False})
+        assert not cnnbench.run_study(spec, workers=2).failed
+        study = started(capsys.readouterr().err)
+        _, report, outcome = cnnbench.run_sweep(sweep, workers=2)
+        searched = started(capsys.readouterr().err)
+    assert sorted(study) == ["w0", "w1"] and searched == study, (study, searched)
+    assert report.stopped == "" and outcome is not None and outcome.best.params and len(outcome.finals) == 1
+    assert gone(study.values())

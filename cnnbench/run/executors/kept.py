@@ -35,6 +35,9 @@ from cnnbench.run.workers import Ended, run_worker
 from cnnbench.util import exiting, interrupt, timings
 
 STOP = interrupt.SIGNALS
+# set by a library in its own process, whichever process imports it (torch's compiler, which
+# a study's preflight may import here): a worker sets the same for itself
+ITS_OWN = frozenset({"TORCHINDUCTOR_CACHE_DIR"})
 RETIRE_S = 10.0  # seconds a kept worker let go may take to end before it is killed
 MESSAGE_S = 2.0  # seconds to wait for the end a worker sent, once its process is seen gone
 
@@ -99,7 +102,7 @@ class Keeper:
     def start(self, job: dict[str, Any], index: int, gpu: int | None, threads: int | None) -> "KeptHandle":
         """`job` (run_worker's arguments) in slot `index`: its kept worker where that one
         would start the same way, else a fresh one."""
-        key = (threads, gpu, tuple(sorted(os.environ.items())))
+        key = (threads, gpu, tuple(sorted((k, v) for k, v in os.environ.items() if k not in ITS_OWN)))
         with self.lock:
             kept = self.by_slot.get(index)
             reused = kept is not None and kept.idle(key)
