@@ -88,8 +88,8 @@ def cmd_run(args: argparse.Namespace, api: Any) -> int:
 
 
 def cmd_study(args: argparse.Namespace, api: Any) -> int:
-    """One study, or several one after another in this process (one start-up for all);
-    every spec is checked before the first trains. Exit status: the worst of them."""
+    """One study, or several one after another in this process (one start-up for all, the
+    workers kept); every spec is checked before the first trains. Exit status: the worst of them."""
     paths = [args.spec, *args.more_specs]
     specs = [api.load_spec(path, overrides=parse_overrides(args.sets), seeds=args.seeds, model_path=args.model_path)
              for path in paths]
@@ -235,9 +235,11 @@ STUDY = ("study", cmd_study, "run study specs (studies/*.yaml)", "Train every tr
         "finished in the tracking store are read back) and write results/<study>/. The same command resumes it; "
         "processes here (--workers) or elsewhere (the same --storage) share its trials, each trained once, "
         "under one MLflow parent run. Several specs run one after another in this process, each its own parent "
-        "run and results (every spec is checked first).", [
+        "run and results (every spec is checked first), the worker processes kept from one to the next where "
+        "they would start the same way.", [
             ("spec", dict(help="the study's YAML file, e.g. studies/lr.yaml")),
-            ("more_specs", dict(nargs="*", metavar="SPEC", help="more studies, run after it in this process")),
+            ("more_specs", dict(nargs="*", metavar="SPEC", help="more studies, run after it in this process and its "
+                                                                  "workers")),
             SETS, DATA, MODEL_PATH,
             opt("--seeds", None, "seeds to repeat over, replacing the spec's", metavar="S[,S...]"),
             opt("--results-dir", "results", "where results/<study>/ goes", metavar="DIR"), TRACKING, STATE, STORAGE,

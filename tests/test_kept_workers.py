@@ -21,6 +21,7 @@ import yaml
 from mlflow import MlflowClient
 
 from cnnbench.track.schema import ATTR_WORKER_PID, ATTR_WORKER_SLOT
+from cnnbench.util.processes import alive
 from conftest import TINY_STUDY, cli
 
 pytestmark = pytest.mark.slow
@@ -54,15 +55,6 @@ def finals(folder: Path, name: str) -> dict[str, float]:
     runs = [r for r in client.search_runs([exp.experiment_id])
             if r.data.tags.get("cnnbench.kind") == "trial" and r.info.status == "FINISHED"]
     return {r.data.params["lr"]: r.data.metrics["test/acc"] for r in runs}
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone but for its parent's wait
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def gone(pids, timeout: float = 30.0) -> bool:

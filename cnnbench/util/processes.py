@@ -1,10 +1,14 @@
 """Which processes of this machine are alive: the one home of the liveness checks that
-recovery (run/claims.py), orphaned MLflow runs (track/writer.py) and the results lock use."""
+recovery (run/claims.py), orphaned MLflow runs (track/writer.py) and the results lock use,
+and of a worker process's tie to its parent's life (`die_with_parent`)."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -37,3 +41,10 @@ def alive(pid: int) -> bool:
     except (OSError, IndexError):
         return True
     return state not in ("Z", "X")
+
+
+def die_with_parent() -> None:
+    """This process is killed when its parent dies (Linux's PR_SET_PDEATHSIG; elsewhere
+    nothing): a worker never outlives the study that started it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)

@@ -22,7 +22,6 @@ that a study's board has shown all of a worker's lines once the study sees it en
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import os
 import queue as queues
@@ -32,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from cnnbench.run.workers import Ended, run_worker
-from cnnbench.util import exiting, interrupt, timings
+from cnnbench.util import exiting, interrupt, processes, timings
 
 STOP = interrupt.SIGNALS
 # set by a library in its own process, whichever process imports it (torch's compiler, which
@@ -189,8 +188,7 @@ def keeper() -> Keeper | None:
 def kept_main(jobs: Any, sent: Any, training: Any, gpu: int | None) -> None:
     """A kept worker process: `run_worker` for every job it is handed until it is let go
     (None), or until one ends other than well; its status is the last one's."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
+    processes.die_with_parent()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     timings.add("workers/interpreter and imports", timings.process_seconds() or 0.0)

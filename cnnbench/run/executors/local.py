@@ -9,11 +9,9 @@ progress comes through one queue that the pool's board reads.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import os
 import queue as queues
-import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +23,7 @@ from cnnbench.run.networks import worker_imports
 from cnnbench.run.session import Kind, Session
 from cnnbench.run.storage import process_id
 from cnnbench.run.workers import Ended, run_worker
-from cnnbench.util import exiting, interrupt, timings
+from cnnbench.util import exiting, interrupt, processes, timings
 
 
 class LocalPlan:
@@ -114,10 +112,7 @@ def worker_main(spec: StudySpec, kind: Kind, open_args: dict[str, Any], label: s
                 imports: tuple[str, ...] = ()) -> None:
     """A worker process: `workers.run_worker`, its message (bad input, a fault of the
     machine) to `faults`, then exit with its status."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
-    except (OSError, AttributeError):
-        pass
+    processes.die_with_parent()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     timings.add("workers/interpreter and imports", timings.process_seconds() or 0.0)
