@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from cnnbench.run.session import Kind, Session
 from cnnbench.run.trials import train_claimed
 from cnnbench.track import jobs
 from cnnbench.train.device import resolve_device
-from cnnbench.util import interrupt, timings
+from cnnbench.util import interrupt, processes, timings
 from cnnbench.util.background import writer
 from cnnbench.util.faults import storage_fault
 
@@ -126,6 +127,16 @@ class Ended:
     fault of the machine or bad input, its one-line message."""
     status: int
     message: str = ""
+
+
+def process_start(gpu: int | None) -> None:
+    """The start of a worker process of this machine (executors/local.py, kept.py): it dies
+    with its parent, sees only its GPU (`gpu`, None: as it is), and its interpreter's start
+    is timed."""
+    processes.die_with_parent()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    timings.add("workers/interpreter and imports", timings.process_seconds() or 0.0)
 
 
 def run_worker(spec: StudySpec, kind: Kind, open_args: dict[str, Any], *, label: str, events: Any = None,

@@ -30,8 +30,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from cnnbench.run.workers import Ended, run_worker
-from cnnbench.util import exiting, interrupt, processes, timings
+from cnnbench.run.workers import Ended, process_start, run_worker
+from cnnbench.util import exiting, interrupt, timings
 
 STOP = interrupt.SIGNALS
 # set by a library in its own process, whichever process imports it (torch's compiler, which
@@ -98,10 +98,10 @@ class Keeper:
             for index in [i for i in self.by_slot if i >= n]:
                 self.by_slot.pop(index).retire()
 
-    def start(self, job: dict[str, Any], index: int, gpu: int | None, threads: int | None) -> "KeptHandle":
+    def start(self, job: dict[str, Any], index: int, gpu: int | None) -> "KeptHandle":
         """`job` (run_worker's arguments) in slot `index`: its kept worker where that one
         would start the same way, else a fresh one."""
-        key = (threads, gpu, tuple(sorted((k, v) for k, v in os.environ.items() if k not in ITS_OWN)))
+        key = (job["threads"], gpu, tuple(sorted((k, v) for k, v in os.environ.items() if k not in ITS_OWN)))
         with self.lock:
             kept = self.by_slot.get(index)
             reused = kept is not None and kept.idle(key)
@@ -188,10 +188,7 @@ def keeper() -> Keeper | None:
 def kept_main(jobs: Any, sent: Any, training: Any, gpu: int | None) -> None:
     """A kept worker process: `run_worker` for every job it is handed until it is let go
     (None), or until one ends other than well; its status is the last one's."""
-    processes.die_with_parent()
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    timings.add("workers/interpreter and imports", timings.process_seconds() or 0.0)
+    process_start(gpu)
     status = 0
     while True:
         signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP))  # between studies: held until the next one's start

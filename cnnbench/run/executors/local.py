@@ -22,8 +22,8 @@ from cnnbench.run.executors.kept import keeper
 from cnnbench.run.networks import worker_imports
 from cnnbench.run.session import Kind, Session
 from cnnbench.run.storage import process_id
-from cnnbench.run.workers import Ended, run_worker
-from cnnbench.util import exiting, interrupt, processes, timings
+from cnnbench.run.workers import Ended, process_start, run_worker
+from cnnbench.util import exiting, interrupt, timings
 
 
 class LocalPlan:
@@ -69,7 +69,7 @@ class LocalProcesses:
         if self.keeper is not None:
             job = {"spec": s.spec, "kind": s.kind, "open_args": open_args, "label": slot, "threads": self.threads,
                    "share": self.total, "imports": imports}
-            return self.keeper.start(job, index, gpu, self.threads)
+            return self.keeper.start(job, index, gpu)
         faults = self.ctx.Queue()  # its own: the message of a worker that failed is its own
         proc = self.ctx.Process(target=worker_main, name=f"cnnbench-{slot}",
                                 args=(s.spec, s.kind, open_args, slot, self.threads, gpu, self.events, self.share,
@@ -112,10 +112,7 @@ def worker_main(spec: StudySpec, kind: Kind, open_args: dict[str, Any], label: s
                 imports: tuple[str, ...] = ()) -> None:
     """A worker process: `workers.run_worker`, its message (bad input, a fault of the
     machine) to `faults`, then exit with its status."""
-    processes.die_with_parent()
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    timings.add("workers/interpreter and imports", timings.process_seconds() or 0.0)
+    process_start(gpu)
     ended = run_worker(spec, kind, open_args, label=label, events=events, threads=threads, share=share,
                        imports=imports)
     if ended.message and faults is not None:
