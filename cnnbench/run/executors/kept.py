@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from cnnbench.run.workers import Ended, process_start, run_worker
-from cnnbench.util import exiting, interrupt, timings
+from cnnbench.util import exiting, interrupt, processes, timings
 
 STOP = interrupt.SIGNALS
 # set by a library in its own process, whichever process imports it (torch's compiler, which
@@ -52,7 +52,9 @@ class Kept:
     busy: bool = False
 
     def idle(self, key: tuple) -> bool:
-        return self.proc.is_alive() and not self.busy and self.key == key
+        # a killed process shows as a zombie (processes.alive) before its threads have all
+        # ended and multiprocessing sees it gone: neither is handed a study
+        return self.proc.is_alive() and processes.alive(self.proc.pid) and not self.busy and self.key == key
 
     def retire(self) -> None:
         with contextlib.suppress(Exception):
