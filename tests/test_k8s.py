@@ -27,7 +27,7 @@ import yaml
 
 from cluster_checks import Command, check_whole, trial_in_training
 from conftest import REPO
-from cnnbench.track.schema import ATTR_KEY, ATTR_WORKER_PID, CLAIM_DONE, STUDY_FINAL_CLAIM
+from cnnbench.track.schema import ATTR_KEY, ATTR_WORKER_PID, CLAIM_DONE, STUDY_FINAL_CLAIM, TAG_KIND
 
 K8S = REPO / "deploy" / "k8s"
 VERSION = "1.37.0"  # the newest Kubernetes whose schemas kubernetes-validate 1.37 ships
@@ -161,3 +161,54 @@ def test_a_pod_started_after_the_end_finds_nothing_to_do(tmp_path, data_root, mo
     assert (tmp_path / "results" / "late" / "summary.csv").stat().st_mtime_ns == written
     (summary,) = optuna.get_all_study_summaries(storage)
     assert len(optuna.load_study(study_name=summary.study_name, storage=storage).trials) == 1
+
+
+def blocked_on_a_lock(pid: int) -> bool:
+    """Whether process `pid` waits for a file lock (/proc/locks lists a waiter as `->`)."""
+    return any(line.split()[1] == "->" and line.split()[5] == str(pid)
+               for line in Path("/proc/locks").read_text().splitlines() if len(line.split()) > 5)
+
+
+@pytest.mark.slow
+def test_a_pod_started_while_the_results_are_written_leaves_the_parent_run_ended(tmp_path, data_root, monkeypatch):
+    """The race CI once met: a pod restarted late joins just after the worker that ends the
+    study has closed the parent run, but before it has recorded the results as written. The
+    late pod must not reopen the parent run (nothing would end it again). Here the late pod
+    starts at that very moment (inside the parent run's end), and the end goes on only once
+    the pod has either reopened the run (the bug) or is waiting for the study's lock."""
+    from cnnbench.cli import main
+    from cnnbench.track.writer import Tracker
+
+    spec = tmp_path / "race.yaml"
+    spec.write_text("name: race\nscientific: {lr: [0.05]}\nseeds: [0]\n"
+                    "fixed: {epochs: 1, train_subset: 640, test_subset: 300, log_every: 10, progress: false}\n")
+    storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["worker", str(spec), "--storage", storage, "--tracking-uri", tracking, "--final", "--results-dir",
+            str(tmp_path / "results"), "--data-dir", str(data_root)]
+    late: list[Command] = []
+    seen: list[str] = []
+    end = Tracker.end
+
+    def ending(self: Tracker, run_id: str, status: str = "FINISHED", reason: str = "") -> None:
+        end(self, run_id, status, reason)
+        if late or self.client.get_run(run_id).data.tags.get(TAG_KIND) != "study":
+            return
+        late.append(Command(args, cwd=tmp_path, env={"CNNBENCH_HOME": str(tmp_path / "pod-late")}))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                seen.append("reopened")
+                return
+            if blocked_on_a_lock(late[0].proc.pid):
+                seen.append("waiting")
+                return
+            assert late[0].proc.poll() is None, late[0].text[-3000:]
+            time.sleep(0.05)
+        raise AssertionError(f"the late pod neither waited nor reopened the run:\n{late[0].text[-3000:]}")
+
+    monkeypatch.setattr(Tracker, "end", ending)
+    monkeypatch.setenv("CNNBENCH_HOME", str(tmp_path / "pod-0"))
+    assert main(args) == 0
+    assert late and late[0].finish(timeout=300) == 0, late[0].text[-3000:]
+    assert seen == ["waiting"], late[0].text[-3000:]
+    check_whole(storage, tracking, "race", 1)  # one parent run, FINISHED

@@ -107,8 +107,9 @@ def finalize(session: Session) -> SweepOutcome | None:
         files = sweep_report.write(session, best, finals)
     with timings.phase("results/to MLflow"):
         session.tracker.log_artifacts(session.parent, files, "results")
-        _close_parent(session, best, finals, counts)
-    results_written(session, _fingerprint(session))
+        with session.lock():  # a worker joining now finds the sweep going on or ended, never reopens it
+            _close_parent(session, best, finals, counts)
+            results_written(session, _fingerprint(session))
     return SweepOutcome(session, best, finals, files)
 
 

@@ -266,5 +266,6 @@ def write(session: Session, outcome: StudyOutcome, fingerprint: str) -> None:
             if fault is None:
                 raise
             raise StorageError(f"results of {spec.name} not written: {fault}") from err
-        tracker.end(session.parent, "FINISHED" if not outcome.failed else "FAILED")
-        results_written(session, fingerprint)
+        with session.lock():  # a worker joining now finds the execution going on or ended, never reopens it
+            tracker.end(session.parent, "FINISHED" if not outcome.failed else "FAILED")
+            results_written(session, fingerprint)
