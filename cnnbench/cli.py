@@ -248,9 +248,10 @@ STUDY = ("study", cmd_study, "run study specs (studies/*.yaml)", "Train every tr
             opt("--max-fuse", 16, "largest fused group", int, metavar="K"),
             opt("--workers", None, WORKERS + " (default: one per core on the CPU, 1 on CUDA/MPS)", int, metavar="N"),
             SHARE, TIMINGS, *EXECUTOR,
-            flag("--fast", "the CPU's fast profile: bf16 autocast (amp=bf16) in this machine's calibrated layout, "
-                 "on CPUs with bf16 matrix units (AMX, AVX-512-BF16; calibrated first where not yet); other trials "
-                 "than fp32's, their results in RESULTS_DIR/fast/STUDY/, so the fp32 results stay"),
+            flag("--fast", "the CPU's fast profile: bf16 autocast (amp=bf16) in this machine's calibrated layout "
+                 "(its grouped convolutions kept in fp32 where the calibration measured that faster), on CPUs with "
+                 "bf16 matrix units (AMX, AVX-512-BF16; calibrated first where not yet); other trials than fp32's, "
+                 "their results in RESULTS_DIR/fast/STUDY/, so the fp32 results stay"),
             flag("--no-final", "only train; the process that ends the study writes the results")], True)
 SWEEP = ("sweep", cmd_sweep, "run an Optuna sweep over a spec's search space", "Find the best settings over a "
         "spec's search block with Optuna, each trial scored on a validation split (never the test set) and maybe "

@@ -64,6 +64,13 @@ def test_measured_once_then_cached(tmp_path, data_root):
         and any("channels-first" in w for w in whats)
     assert any(cal.layout.describe() in line for line in lines if line.startswith("chosen:"))
     assert ("bf16" in stages) == bool(calibration.matrix_units(cal.machine)) and cal.bf16
+    if "bf16" in stages:  # bf16 against fp32, and a wide layout's grouped convolutions kept in fp32
+        whats = {f["what"] for f in cal.figures if f["stage"] == "bf16"}
+        assert any(w.endswith("bf16, 1 thread") for w in whats) and cal.fast is not None
+        mixed = cal.layout.engine == "wide" and cal.layout.conv_path == "grouped"
+        assert any("conv grouped-fp32 bf16" in w for w in whats) == mixed
+        assert ("wide with grouped convolutions in fp32" in cal.bf16) == mixed
+        assert cal.fast.conv_path in (cal.layout.conv_path, "grouped-fp32")
     before = path.read_text()
     again, md_again = calibrate(data_root=data_root, state=tmp_path, sizes=TINY, out_dir=tmp_path / "out",
                                 say=lines.append)
@@ -266,7 +273,9 @@ def test_a_resumed_study_keeps_its_layout(tmp_path, data_root, capsys):
 
 
 @pytest.mark.slow
-def test_fast_profile(tmp_path, data_root):
+@pytest.mark.parametrize("fast_layout", [replace(ODD, engine="single", max_k=1),
+                                         replace(ODD, conv_path="grouped-fp32")], ids=["single", "grouped-fp32"])
+def test_fast_profile(tmp_path, data_root, fast_layout):
     from cnnbench import api
 
     spec = tiny_spec()
@@ -274,7 +283,7 @@ def test_fast_profile(tmp_path, data_root):
         with pytest.raises(ConfigError, match="--fast: this CPU has no bf16 matrix units"):
             api.fast_spec(spec, data_root=data_root, state=tmp_path)
         return
-    cal = Calibration(machine=calibration.machine(), layout=ODD, fast=replace(ODD, engine="single", max_k=1))
+    cal = Calibration(machine=calibration.machine(), layout=ODD, fast=fast_layout)
     calibration.save(cal, tmp_path)
     fast = api.fast_spec(spec, data_root=data_root, state=tmp_path)
     assert fast.name == spec.name and fast.base_config().amp == "bf16" and spec.base_config().amp == "none"
@@ -284,7 +293,8 @@ def test_fast_profile(tmp_path, data_root):
     assert all(row.result.config.amp == "bf16" for row in outcome.rows)
     parent, trials, _ = trial_numbers(tmp_path)
     assert parent.data.tags[TAG_CPU_LAYOUT] == cal.fast.describe()  # the calibration's fast layout
-    assert [t.data.tags[TAG_FUSED_WITH] for t in trials] == ["1", "1"]  # its engine: one trial at a time
+    fused = "1" if fast_layout.engine == "single" else "2"  # its engine: one trial at a time, or wide
+    assert [t.data.tags[TAG_FUSED_WITH] for t in trials] == [fused, fused]
 
 
 def test_command_reads_the_cache(workdir):

@@ -217,8 +217,34 @@ def test_the_override_forces_the_bmm_path_but_not_for_a_dense_convolution(no_cho
     wide(torch.randn(8, 6, 14, 14))  # the shared batch: one dense convolution with K*O outputs
     assert bmm_calls.calls == 1 and no_choices == {}
     monkeypatch.setenv(ENV, "fast")
-    with pytest.raises(ConfigError, match=f"{ENV}='fast': expected one of grouped, bmm, auto"):
+    with pytest.raises(ConfigError, match=f"{ENV}='fast': expected one of grouped, bmm, grouped-fp32, auto"):
         wide(x)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_the_fp32_path_keeps_grouped_convolutions_in_fp32_under_bf16_autocast(no_choices, monkeypatch, bmm_calls,
+                                                                             channels_last):
+    """`grouped-fp32`: a grouped convolution under bf16 autocast is F.conv2d in fp32, bit
+    for bit (output and gradients, which reach the fp32 weights); without autocast it is
+    the grouped path itself; a dense one (the shared batch) still takes autocast's bf16."""
+    wide = lenet_conv2(3)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(8, 18, 14, 14).contiguous(memory_format=layout)
+    monkeypatch.setenv(ENV, "grouped")
+    plain = torch.autograd.grad(wide(x).sum(), [wide.weight, wide.bias])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = wide(x)
+    assert mixed.dtype == torch.bfloat16  # what the fp32 path changes
+    monkeypatch.setenv(ENV, "grouped-fp32")
+    assert torch.equal(wide(x), F.conv2d(x, wide.weight, wide.bias, groups=3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = wide(x)
+        grads = torch.autograd.grad(out.sum(), [wide.weight, wide.bias])
+        dense = wide(torch.randn(8, 6, 14, 14))
+    assert out.dtype == torch.float32 and torch.equal(out, F.conv2d(x, wide.weight, wide.bias, groups=3))
+    assert all(g.dtype == torch.float32 and torch.equal(g, p) for g, p in zip(grads, plain))
+    assert dense.dtype == torch.bfloat16
+    assert bmm_calls.calls == 0 and no_choices == {}
 
 
 def test_auto_measures_once_per_shape_and_leaves_the_random_streams_alone(no_choices, monkeypatch):

@@ -139,6 +139,17 @@ def test_the_jobs_contract_with_local_processes(tmp_path, data_root):
     print(f"k8s contract: {n} workers, one killed and restarted, {time.monotonic() - t0:.0f} s")
 
 
+def one_trial_pod(tmp_path: Path, name: str, data_root: Path) -> tuple[str, str, list[str]]:
+    """A one-trial study `name` on fresh SQLite stores in `tmp_path`: (storage, tracking, the
+    pod's `cnnbench worker ... --final` arguments)."""
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(f"name: {name}\nscientific: {{lr: [0.05]}}\nseeds: [0]\n"
+                    "fixed: {epochs: 1, train_subset: 640, test_subset: 300, log_every: 10, progress: false}\n")
+    storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+    return storage, tracking, ["worker", str(spec), "--storage", storage, "--tracking-uri", tracking, "--final",
+                               "--results-dir", str(tmp_path / "results"), "--data-dir", str(data_root)]
+
+
 @pytest.mark.slow
 def test_a_pod_started_after_the_end_finds_nothing_to_do(tmp_path, data_root, monkeypatch):
     """A worker started once the study has ended (a pod the Job controller restarted late)
@@ -146,12 +157,7 @@ def test_a_pod_started_after_the_end_finds_nothing_to_do(tmp_path, data_root, mo
     from cnnbench.cli import main
     import optuna
 
-    spec = tmp_path / "late.yaml"
-    spec.write_text("name: late\nscientific: {lr: [0.05]}\nseeds: [0]\n"
-                    "fixed: {epochs: 1, train_subset: 640, test_subset: 300, log_every: 10, progress: false}\n")
-    storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["worker", str(spec), "--storage", storage, "--tracking-uri", tracking, "--final", "--results-dir",
-            str(tmp_path / "results"), "--data-dir", str(data_root)]
+    storage, tracking, args = one_trial_pod(tmp_path, "late", data_root)
     monkeypatch.setenv("CNNBENCH_HOME", str(tmp_path / "pod-0"))
     assert main(args) == 0
     written = (tmp_path / "results" / "late" / "summary.csv").stat().st_mtime_ns
@@ -179,12 +185,7 @@ def test_a_pod_started_while_the_results_are_written_leaves_the_parent_run_ended
     from cnnbench.cli import main
     from cnnbench.track.writer import Tracker
 
-    spec = tmp_path / "race.yaml"
-    spec.write_text("name: race\nscientific: {lr: [0.05]}\nseeds: [0]\n"
-                    "fixed: {epochs: 1, train_subset: 640, test_subset: 300, log_every: 10, progress: false}\n")
-    storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["worker", str(spec), "--storage", storage, "--tracking-uri", tracking, "--final", "--results-dir",
-            str(tmp_path / "results"), "--data-dir", str(data_root)]
+    storage, tracking, args = one_trial_pod(tmp_path, "race", data_root)
     late: list[Command] = []
     seen: list[str] = []
     end = Tracker.end

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import torch
 
-from cnnbench.train.conv_path import ENV as CONV_PATH_ENV
+from cnnbench.train.conv_path import ENV as CONV_PATH_ENV, PATHS as CONV_PATHS
 from cnnbench.train.device import CHANNELS_LAST_ENV, usable_cores
 from cnnbench.util import fileio
 from cnnbench.util.environ import variables
@@ -39,8 +39,9 @@ from cnnbench.util.paths import state_dir
 # of the file's format and what it measured: a file of another version is measured again
 # (2: measured with the allocator keeping freed memory, util/host_memory.py, which moved one
 # worker of two threads from 0.74x two single-thread workers to 1.07x on a 2-core EPYC;
-# 3: the process stage's rounds kept, longer and more of them, fastest_processes)
-VERSION = 3
+# 3: the process stage's rounds kept, longer and more of them, fastest_processes;
+# 4: the bf16 stage also measures the grouped convolutions in fp32, conv path "grouped-fp32")
+VERSION = 4
 ENGINES = ("wide", "vmap", "single")
 # flags of x86 matrix units that run bf16 products natively (Intel AMX; AVX-512's bf16
 # dot products on Intel Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later)
@@ -51,7 +52,8 @@ BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16")
 class Layout:
     """How a study uses the CPU: `workers` processes of `threads` threads, each training
     groups of at most `max_k` trials with `engine` ("single": one trial at a time),
-    channels-last or not, grouped convolutions through `conv_path` ("grouped" or "bmm")."""
+    channels-last or not, grouped convolutions through `conv_path` ("grouped", "bmm", or, in
+    a bf16 layout, "grouped-fp32": train/conv_path.py)."""
     workers: int
     threads: int
     engine: str
@@ -181,7 +183,7 @@ def as_layout(raw: dict[str, Any]) -> Layout:
     """A Layout from its JSON, checked (ValueError where a field is off)."""
     layout = Layout(workers=int(raw["workers"]), threads=int(raw["threads"]), engine=str(raw["engine"]),
                     max_k=int(raw["max_k"]), channels_last=bool(raw["channels_last"]), conv_path=str(raw["conv_path"]))
-    if layout.engine not in ENGINES or layout.conv_path not in ("grouped", "bmm") or \
+    if layout.engine not in ENGINES or layout.conv_path not in CONV_PATHS or \
             min(layout.workers, layout.threads, layout.max_k) < 1:
         raise ValueError(f"not a layout: {raw}")
     return layout

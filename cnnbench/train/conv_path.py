@@ -5,9 +5,15 @@ Two paths compute `F.conv2d(x, w, b, groups=G)`:
   H100, cuDNN runs a narrow-group convolution as one small kernel per group per pass.
 - "bmm": `grouped_conv.grouped_conv2d`, im2col and batched matrix products, a number of
   kernels that does not grow with G.
+A third, "grouped-fp32", is F.conv2d computed in fp32 even under bf16 autocast (the
+same bits as "grouped" without autocast): on a 2-core AMD EPYC with AVX-512-BF16, oneDNN's
+bf16 kernel for LeNet-5's conv2 at 6 channels per trial took longer than its fp32 one
+(5.5 against 4.6 ms of a wide K = 8 step's 15 on one thread: `cnnbench bench --profile`'s
+OpClock), while the linear layers and the first convolution gain from bf16; the
+calibration's bf16 stage measures it (`cnnbench study --fast`'s layout).
 `conv_path` decides per call, from `CNNBENCH_CONV_PATH`:
-- `grouped` or `bmm`: that path for every grouped convolution it can compute;
-- `auto`: the faster of the two for this (device type, shape signature), measured once per
+- `grouped`, `bmm` or `grouped-fp32`: that path for every grouped convolution it can compute;
+- `auto`: the faster of "grouped" and "bmm" for this (device type, shape signature), measured once per
   process by `choose_conv_path` (forward + backward of both, a few times) and cached;
 - unset: `auto`, except on the CPU, where `grouped`: LeNet-5's conv2 at K = 3, 8, 16
   (batch 64, one thread, NCHW and channels-last, three runs of `bench_conv` on two shared
@@ -35,8 +41,20 @@ from cnnbench.train.device import sync
 from cnnbench.train.grouped_conv import bmm_reason, grouped_conv2d, is_channels_last, pair
 
 ENV = "CNNBENCH_CONV_PATH"
-PATHS = {"grouped": F.conv2d, "bmm": grouped_conv2d}
-MODES = ("grouped", "bmm", "auto")
+
+
+def grouped_conv2d_fp32(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
+                        dilation: Any = 1, groups: int = 1) -> Tensor:
+    """F.conv2d in fp32 whatever autocast says (the output too); without autocast, and
+    on fp32 operands, F.conv2d itself."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(), stride, padding,
+                        dilation, groups)
+
+
+PATHS = {"grouped": F.conv2d, "bmm": grouped_conv2d, "grouped-fp32": grouped_conv2d_fp32}
+TIMED = ("grouped", "bmm")  # the paths `auto` and bench_conv time: two algorithms ("grouped-fp32" is a precision)
+MODES = ("grouped", "bmm", "grouped-fp32", "auto")
 CHOICES: dict[tuple, str] = {}  # the measured winner per shape signature, for this process
 REPEATS = 5  # timed forward + backward calls per path in a measurement, after WARMUP
 WARMUP = 2  # untimed calls first: cuDNN's autotuning, lazy allocations
@@ -64,10 +82,14 @@ def signature(device: torch.device, x_shape: Sequence[int], w_shape: Sequence[in
 
 def conv_path(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any, dilation: Any,
               groups: int) -> str:
-    """"grouped" or "bmm" for this convolution (see the module's docstring)."""
-    if groups == 1 or bmm_reason(x, weight, padding, groups):
+    """"grouped", "bmm" or "grouped-fp32" for this convolution (see the module's docstring)."""
+    if groups == 1:
         return "grouped"
     mode = conv_mode(x.device.type)
+    if mode == "grouped-fp32":
+        return mode
+    if bmm_reason(x, weight, padding, groups):
+        return "grouped"
     if mode != "auto":
         return mode
     if torch.are_deterministic_algorithms_enabled():
@@ -118,8 +140,8 @@ def time_paths(x_shape: Sequence[int], w_shape: Sequence[int], *, device: torch.
     """Microseconds per forward + backward call of each path, the best of `repeats` calls."""
     x, w, b = operands(x_shape, w_shape, device=device, bias=bias, dtype=dtype, channels_last=channels_last)
     with torch.enable_grad():  # also when the first call comes from a no_grad test pass
-        return {name: best_time(fb_step(conv, x, w, b, stride, padding, dilation, groups), device, repeats)
-                for name, conv in PATHS.items()}
+        return {name: best_time(fb_step(PATHS[name], x, w, b, stride, padding, dilation, groups), device, repeats)
+                for name in TIMED}
 
 
 def best_time(step: Any, device: torch.device, repeats: int = REPEATS, warmup: int = WARMUP) -> float:
@@ -181,7 +203,7 @@ def bench_conv(device: torch.device | str, ks: Sequence[int] = (16, 64, 128), *,
                            **geometry)
         x, w, b = operands(x_shape, w_shape, device=device, bias=True, dtype=torch.float32,
                            channels_last=channels_last)
-        for name, fn in PATHS.items():
-            step = fb_step(fn, x, w, b, geometry["stride"], geometry["padding"], 1, k)
+        for name in TIMED:
+            step = fb_step(PATHS[name], x, w, b, geometry["stride"], geometry["padding"], 1, k)
             rows.append({"k": k, "path": name, "us": times[name], "kernels": kernels_per_call(step, device)})
     return rows

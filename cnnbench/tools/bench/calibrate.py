@@ -18,8 +18,10 @@ machine's drifting load hits them alike:
     thread per worker stays unless another layout wins most rounds
     (calibration.fastest_processes).
  4. bf16, where the CPU has matrix units (AMX, AVX-512-BF16): the chosen layout and one
-    trial at a time, each in bf16 against fp32; the faster in bf16 is the `fast` layout
-    (`cnnbench study --fast`).
+    trial at a time, each in bf16 against fp32, and a wide layout's grouped convolutions
+    kept in fp32 with the rest in bf16 (conv path "grouped-fp32": oneDNN's bf16 kernel
+    for them can be the slower); the fastest in bf16 is the `fast` layout (`cnnbench
+    study --fast`).
 """
 
 from __future__ import annotations
@@ -246,22 +248,24 @@ def measure(root: Path, sizes: Sizes = Sizes(), say: Callable[[str], None] = pri
 
 def bf16_stage(m: dict[str, Any], best: Candidate, root: Path, sizes: Sizes, layout: Layout,
                note: Callable[[str, str, float, str], None]) -> tuple[Layout | None, str]:
-    """Stage 4: bf16 against fp32 at the chosen engine and one trial at a time, where the
-    CPU has matrix units; (the fast layout, a sentence on what was measured)."""
+    """Stage 4: bf16 against fp32 at the chosen engine (a wide one also with its grouped
+    convolutions in fp32) and one trial at a time, where the CPU has matrix units; (the
+    fast layout, a sentence on what was measured)."""
     units = calibration.matrix_units(m)
     if not units:
         return None, "bf16: not measured (no bf16 matrix units: AMX, AVX-512-BF16); fp32 only"
-    pairs = {best.engine: best}
-    if best.engine != "single":
-        pairs["single"] = Candidate("single", 1, best.channels_last)
-    cands = [c for p in pairs.values() for c in (p, replace(p, amp="bf16"))]
-    rates = kernel_rates(cands, root, sizes)
+    fp32 = [best] + ([Candidate("single", 1, best.channels_last)] if best.engine != "single" else [])
+    bf16 = {c.engine: (c, replace(c, amp="bf16")) for c in fp32}  # name: (the fp32 candidate, its bf16 way)
+    if best.engine == "wide" and best.conv_path == "grouped":  # its grouped convolutions in fp32, the rest bf16
+        bf16["wide with grouped convolutions in fp32"] = (best, replace(best, amp="bf16", conv_path="grouped-fp32"))
+    rates = kernel_rates(list(dict.fromkeys([*fp32, *(c for _, c in bf16.values())])), root, sizes)
     for c, r in rates.items():
         note("bf16", c.label + ", 1 thread", r, "cpu")
-    ratios = {e: rates[replace(c, amp="bf16")] / rates[c] for e, c in pairs.items()}
-    engine = max(pairs, key=lambda e: rates[replace(pairs[e], amp="bf16")])
-    fast = replace(layout, engine=engine, max_k=layout.max_k if engine != "single" else 1)
-    text = ", ".join(f"{e} {ratios[e]:.2f}x" for e in pairs)
+    ratios = {name: rates[c] / rates[base] for name, (base, c) in bf16.items()}
+    chosen = max((c for _, c in bf16.values()), key=rates.get)
+    fast = layout if chosen.engine == "single" else replace(layout, conv_path=chosen.conv_path)
+    fast = replace(fast, engine=chosen.engine, max_k=layout.max_k if chosen.engine != "single" else 1)
+    text = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items())
     return fast, f"bf16 ({', '.join(units)}): bf16 / fp32 model-images per CPU second: {text}"
 
 
