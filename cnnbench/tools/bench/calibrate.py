@@ -258,13 +258,14 @@ def bf16_stage(m: dict[str, Any], best: Candidate, root: Path, sizes: Sizes, lay
     bf16 = {c.engine: (c, replace(c, amp="bf16")) for c in fp32}  # name: (the fp32 candidate, its bf16 way)
     if best.engine == "wide" and best.conv_path == "grouped":  # its grouped convolutions in fp32, the rest bf16
         bf16["wide with grouped convolutions in fp32"] = (best, replace(best, amp="bf16", conv_path="grouped-fp32"))
-    rates = kernel_rates(list(dict.fromkeys([*fp32, *(c for _, c in bf16.values())])), root, sizes)
+    rates = kernel_rates([*fp32, *(c for _, c in bf16.values())], root, sizes)
     for c, r in rates.items():
         note("bf16", c.label + ", 1 thread", r, "cpu")
     ratios = {name: rates[c] / rates[base] for name, (base, c) in bf16.items()}
     chosen = max((c for _, c in bf16.values()), key=rates.get)
-    fast = layout if chosen.engine == "single" else replace(layout, conv_path=chosen.conv_path)
-    fast = replace(fast, engine=chosen.engine, max_k=layout.max_k if chosen.engine != "single" else 1)
+    fused = chosen.engine != "single"  # one trial at a time: K = 1, the layout's conv path kept
+    fast = replace(layout, engine=chosen.engine, max_k=layout.max_k if fused else 1,
+                   conv_path=chosen.conv_path if fused else layout.conv_path)
     text = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items())
     return fast, f"bf16 ({', '.join(units)}): bf16 / fp32 model-images per CPU second: {text}"
 
