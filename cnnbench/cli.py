@@ -314,8 +314,8 @@ BENCH = ("bench", cmd_tool, "time cnnbench's loop against the naive loop", "Time
                  "Measured: results/bench/calibration-<cpu kind>.md"),
             flag("--recalibrate", "--calibrate, measured again even where cached"),
             flag("--profile", "instead: where a wide LeNet-5 step's time goes on one CPU thread (K = 3 and 8), "
-                 "by op, and its page faults with and without the freed memory kept "
-                 "(results/bench/profile-cpu-<cpu kind>.md)"),
+                 "by op, and its page faults with and without the freed memory kept; then the 3-seed study's first "
+                 "8 trials as one group and seed by seed (results/bench/profile-cpu-<cpu kind>.md)"),
             STATE, opt("--results-dir", "results", "writes RESULTS_DIR/bench/", metavar="DIR")])
 SUMMARY = ("summary", cmd_tool, "per-layer shapes, parameters, MACs and memory of a model", "Per layer: output "
         "shape, parameters, multiply-accumulates (MACs = FLOPs / 2) and activation memory of one image, then "

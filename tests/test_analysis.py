@@ -250,3 +250,17 @@ def test_report_bad_input_exits_2(workdir, capsys, args, message):
     err = stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0], stderr
     assert json.dumps(sorted(p.name for p in (workdir / "results").iterdir())) == "[]"
+
+
+@pytest.mark.slow
+def test_a_study_queues_its_trials_seed_by_seed(lab):
+    """A grid study's queue holds its trials seed by seed (lr by lr within a seed), so that
+    the group a CPU worker claims holds as few seeds as it can, and the CPU trains a group
+    seed by seed (fused.fuse_groups): no trial here was fused with another seed's."""
+    from cnnbench.track import reader
+
+    runs = reader.trial_runs("lr")
+    seeds = runs["params.seed"].astype(int)
+    numbers = runs["tags.optuna.trial_number"].astype(int)
+    assert len(runs) == 10 and numbers[seeds == 0].max() < numbers[seeds == 1].min()
+    assert (runs["tags.fused_with"].astype(int) <= 5).all()

@@ -19,7 +19,7 @@ from cnnbench.train.conv_path import ENV as CONV_PATH_ENV
 from cnnbench.train.loop import train_group
 from cnnbench.train.result import FINISHED, Recorder
 from cnnbench.train.streams import ENV as DEDUPE_ENV
-from cnnbench.train.streams import Streams, stream_order
+from cnnbench.train.streams import Streams, stream_blocks, stream_order
 from cnnbench.train.wide import WideEngine
 
 from conftest import quick
@@ -159,3 +159,20 @@ def test_the_default_takes_one_batch_per_stream_where_it_measured_faster(monkeyp
     monkeypatch.setenv(DEDUPE_ENV, "sometimes")
     with pytest.raises(ConfigError, match=DEDUPE_ENV):
         engine("lenet5", [4, 4, 5, 5])
+
+
+@pytest.mark.parametrize("seeds", [[0, 1, 2, 0, 1, 2, 0, 1], [0, 0, 0, 0, 0, 1, 1, 1], [2, 0, 1], [5, 5, 5],
+                                   [1, 0, 1, 2, 1, 1, 0], [4]])
+def test_the_cpu_trains_a_group_of_several_seeds_seed_by_seed(seeds):
+    """Every trial in one group; a seed's trials together and in order, in a group of their
+    own, but for the seeds with one trial each: those share one group, in seed order (a
+    batch per trial is then a batch per stream)."""
+    blocks = stream_blocks(seeds)
+    assert sorted(i for b in blocks for i in b) == list(range(len(seeds)))
+    for block in blocks:
+        mine = [seeds[i] for i in block]
+        if len(set(mine)) > 1:
+            assert all(seeds.count(s) == 1 for s in mine) and mine == sorted(mine)
+        assert block == sorted(block) or len(set(mine)) > 1
+    assert len(blocks) == len({s for s in seeds if seeds.count(s) > 1}) + any(seeds.count(s) == 1 for s in seeds)
+    assert stream_blocks([0, 1, 2, 0, 1, 2, 0, 1]) == [[0, 3, 6], [1, 4, 7], [2, 5]]

@@ -194,6 +194,20 @@ def test_the_cpu_shares_a_study_out_over_its_workers_in_wide_groups():
     assert fuse_groups(lrs, max_k=group_size(5, 2, 16), wide_only=True) == [[0, 1, 2], [3, 4]]
 
 
+def test_the_cpu_groups_trials_of_several_seeds_seed_by_seed():
+    """The 3-seed lr study's 15 trials, 8 at most a group: on the CPU each group cut seed by
+    seed (streams.stream_blocks), the study's queue order (seed by seed) or not; on a GPU
+    (one batch per stream in any order) runs of 8 as before."""
+    lrs = (0.001, 0.005, 0.01, 0.05, 0.1)
+    queued = [quick(lr=lr, seed=seed, device="cpu") for seed in (0, 1, 2) for lr in lrs]
+    assert fuse_groups(queued, max_k=8, wide_only=True) == [[0, 1, 2, 3, 4], [5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    by_lr = [quick(lr=lr, seed=seed, device="cpu") for lr in lrs for seed in (0, 1, 2)]
+    assert fuse_groups(by_lr, max_k=8, wide_only=True) == [[0, 3, 6], [1, 4, 7], [2, 5],
+                                                           [9, 12], [10, 13], [8, 11, 14]]
+    cuda = [c.replace(device="cuda") for c in queued]
+    assert fuse_groups(cuda, max_k=8) == [list(range(8)), list(range(8, 15))]
+
+
 class StopAfter(Recorder):
     def epoch(self, record):
         if record["epoch"] == 2:

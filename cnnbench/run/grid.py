@@ -93,7 +93,9 @@ class GridStudy(Kind):
         study = optuna.create_study(storage=store, study_name=study_name(spec, plan, uri), direction="maximize",
                                     sampler=optuna.samplers.RandomSampler(seed=0),
                                     pruner=optuna.pruners.NopPruner(), load_if_exists=True)
-        runs = sorted(plan.runs, key=lambda c: repr(group_key(c)))  # trials that fuse, side by side
+        # trials that fuse side by side, seed by seed: on the CPU a group trains a seed's
+        # trials together (streams.stream_blocks), and a worker claims the next in the queue
+        runs = sorted(plan.runs, key=lambda c: (repr(group_key(c)), c.seed))
         by_key = {c.key(): c for c in runs}
         return Opened(study, len(by_key), len(by_key), by_key, fuse_k or 1)
 

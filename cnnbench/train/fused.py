@@ -44,6 +44,7 @@ from cnnbench.train import probe
 from cnnbench.train.device import autocast, build_model, device_name, resolve_device
 from cnnbench.train.measured import measured_engine
 from cnnbench.train.per_trial import PerTrialOptimizer
+from cnnbench.train.streams import stream_blocks
 from cnnbench.train.wide import WideEngine, widen_reason
 from cnnbench.util import interrupt
 from cnnbench.util.host_memory import keep_freed_memory
@@ -194,7 +195,9 @@ def fused_engine(configs: Sequence[TrialConfig], device: torch.device, info: Dat
 def fuse_groups(configs: Sequence[TrialConfig], *, max_k: int = 16, enabled: bool = True,
                 wide_only: bool = False, root: Any = None) -> list[list[int]]:
     """Indices of `configs`, grouped into runs of at most `max_k` fusable trials (order kept).
-    `wide_only`: fuse only models that widen (the CPU, where vmap is slower than alone)."""
+    `wide_only`: fuse only models that widen (the CPU, where vmap is slower than alone).
+    On the CPU a run whose trials read more than one stream (seeds) is then trained seed
+    by seed (`streams.stream_blocks`: a group per seed, the seeds with one trial together)."""
     groups: dict[tuple, list[int]] = {}
     out: list[list[int]] = []
     for i, c in enumerate(configs):
@@ -208,7 +211,14 @@ def fuse_groups(configs: Sequence[TrialConfig], *, max_k: int = 16, enabled: boo
             groups[key] = []
             out.append(groups[key])
         groups[key].append(i)
-    return out
+    return [[idx[j] for j in block] for idx in out
+            for block in (stream_blocks([configs[i].seed for i in idx]) if len(idx) > 1 and on_cpu(configs[idx[0]])
+                          else [range(len(idx))])]
+
+
+def on_cpu(config: TrialConfig) -> bool:
+    """Does `config` train on the CPU (its device "cpu", or "auto" on a machine without a GPU)?"""
+    return config.device == "cpu" or (config.device == "auto" and resolve_device("auto").type == "cpu")
 
 
 class FusedEngine:

@@ -24,7 +24,8 @@ unset, on except on the CPU where the trials are not stream-major with equal str
 the output's gather costs more than the convolutions it saves (LeNet-5, 9 trials on 3
 seeds, batch 64, one thread, channels-last, median of 35 steps on the shared 2-core CPU:
 trials in seed order 0,1,2,0,1,2,..: 220 to 252 ms per step against 156 to 175 without;
-seed-major 0,0,0,1,1,1,..: 169 against 183).
+seed-major 0,0,0,1,1,1,..: 169 against 183). On the CPU a group on several seeds is
+trained seed by seed anyway (`stream_blocks`, fused.fuse_groups): one batch a group.
 """
 
 from __future__ import annotations
@@ -120,6 +121,26 @@ def stream_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, streams: Strea
     w, b = streams.slotted(weight), streams.slotted(bias)
     conv = choose(x, w, b, *geometry, streams.s)
     return streams.trial_major(conv(x, w, b, *geometry, streams.s))  # N x K*O x H' x W'
+
+
+def stream_blocks(seeds: Sequence[int]) -> list[list[int]]:
+    """Positions of the trials of one wide group (their seeds `seeds`) in the groups the CPU
+    trains them in (fused.fuse_groups): one group per seed that has two trials or more (in
+    order), and the seeds with one trial each together, one trial on each stream
+    (stream-major, `Streams.identity`). A group whose trials share one batch convolves it
+    densely; one whose trials read several streams convolves its first layer as one group
+    per trial, or per stream (the dedupe, `dedupe_wanted`) and that costs more than the
+    larger group gains: LeNet-5, one thread, batch 64, channels-last, through the loop, on a
+    2-core AMD EPYC, ms per trial and step: seeds 0,1,2,0,1,2,0,1 as one group 2.46; one
+    seed 2.05 (5 trials), 2.17 (3), 2.30 (2), 3.58 alone; seeds 0,1 as one group 2.46.
+
+    Seeds 0,0,0,0,0,1,1,1 -> [0..4], [5, 6, 7]; 0,1,2,0,1,2,0,1 -> [0, 3, 6], [1, 4, 7],
+    [2, 5]; 3,1,2 -> [1, 2, 0]; one seed: one group, in order."""
+    by_seed: dict[int, list[int]] = {}
+    for i, seed in enumerate(seeds):
+        by_seed.setdefault(seed, []).append(i)
+    ones = [at[0] for _, at in sorted(by_seed.items()) if len(at) == 1]
+    return [at for _, at in sorted(by_seed.items()) if len(at) > 1] + ([ones] if ones else [])
 
 
 def count_streams(configs: Sequence[Any]) -> int:

@@ -7,7 +7,9 @@ usually shows), and this process's CPU time per aten op (`OpClock`: a TorchDispa
 that times every op it dispatches, backward's included, with time.process_time). On a
 machine that other processes load, wall time charges an op for the time the process
 waited for a core, and long memory-bound ops (a max-pool's backward, its `fill_`) wait
-the most; CPU time does not. Writes profile-cpu-<cpu kind>.md.
+the most; CPU time does not. Then a group of trials on several seeds (the 3-seed study's
+first 8 trials) trained as one group and as the blocks the CPU cuts it into
+(`streams.stream_blocks`). Writes profile-cpu-<cpu kind>.md.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cnnbench.data.tensors import data_dir
-from cnnbench.tools.bench.calibrate import Candidate, Slice
-from cnnbench.tools.bench.common import fresh_process
+from cnnbench.tools.bench.calibrate import Candidate, Slice, slice_config
+from cnnbench.tools.bench.common import LR_STUDY, fresh_process
 from cnnbench.train import calibration
+from cnnbench.train.conv_path import ENV as CONV_PATH_ENV
+from cnnbench.train.loop import load_data, train_group
+from cnnbench.train.streams import stream_blocks
 from cnnbench.util import fileio, host_memory
+from cnnbench.util.environ import variables
 
 
 class OpClock(TorchDispatchMode):
@@ -65,6 +71,37 @@ def step_cost(k: int, steps: int, root: str, keep: str) -> tuple[float, float]:
     s.run(steps)
     faults1, cpu1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
     return 1e3 * (cpu1 - cpu0) / steps, (faults1 - faults0) / steps
+
+
+def stream_group_cost(root: Path, *, steps: int = 60, repeats: int = 3) -> dict[str, float]:
+    """ms of CPU time per training step (one thread, channels-last, conv grouped, through
+    the loop, each trial its seed's batches; the engines' builds included) of the 3-seed lr
+    study's first 8 trials: in the queue's order before (lr by lr: seeds 0,1,2,0,1,2,0,1)
+    and now (seed by seed: 0,0,0,0,0,1,1,1) as one wide group, and the latter as the CPU
+    trains them (`stream_blocks`, one after the other); medians of `repeats` interleaved
+    rounds, after one untimed round."""
+    base = slice_config(Candidate("wide", 8, True)).replace(train_subset=steps * 64)
+    by_lr = [base.replace(lr=LR_STUDY[i // 3], seed=i % 3) for i in range(8)]
+    by_seed = [base.replace(lr=LR_STUDY[i % 5], seed=i // 5) for i in range(8)]
+    ways = {"seeds 0,1,2,0,1,2,0,1 as one group": [by_lr], "seeds 0,0,0,0,0,1,1,1 as one group": [by_seed],
+            "seeds 0,0,0,0,0,1,1,1 in stream blocks": [[by_seed[i] for i in b]
+                                                      for b in stream_blocks([c.seed for c in by_seed])]}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times: dict[str, list[float]] = {w: [] for w in ways}
+    try:
+        data = load_data(base, root, torch.device("cpu"))
+        with variables({CONV_PATH_ENV: "grouped"}):
+            for n in range(1 + repeats):
+                for way, groups in ways.items():
+                    t0 = time.process_time()
+                    for g in groups:
+                        train_group(g, data=data, evaluate_test=False, engine="wide" if len(g) > 1 else None)
+                    if n:
+                        times[way].append(1e3 * (time.process_time() - t0) / steps)
+    finally:
+        torch.set_num_threads(threads)
+    return {w: sorted(v)[len(v) // 2] for w, v in times.items()}
 
 
 def profile_wide_step(*, data_root: Any = None, out_dir: Path | None = None, ks: tuple[int, ...] = (3, 8),
@@ -108,6 +145,11 @@ def profile_wide_step(*, data_root: Any = None, out_dir: Path | None = None, ks:
             parts.append(f"\n### {title}\n\n| op [input shapes] | ms per step | share | calls per step |\n"
                          "|---|---:|---:|---:|\n"
                          + "\n".join(f"| `{op}` | {ms:.3f} | {share:.1%} | {n} |" for op, ms, share, n in rows) + "\n")
+    seeds = stream_group_cost(root, steps=steps)
+    parts.append("\n## K = 8 on two and three seeds\n\nThe 3-seed lr study's first 8 trials, each its seed's "
+                 "batches, through the loop on one thread: ms of CPU time per step (the engines' builds included), "
+                 "median of 3 rounds. The CPU trains a group seed by seed (`streams.stream_blocks`: 5 and 3).\n\n"
+                 "| trained as | ms per step |\n|---|---:|\n" + "".join(f"| {w} | {ms:.2f} |\n" for w, ms in seeds.items()))
     text = "".join(parts)
     say(text)
     if out_dir is None:
