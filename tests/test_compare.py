@@ -180,3 +180,19 @@ def test_parent_run_stats_take_any_value_as_a_key(tmp_path):
     assert data.tags["stats/final_test_acc/augment:none batch_size:64/verdict"] == "best"
     assert data.tags["stats/final_test_acc/augment:hflip_grayscale batch_size:64/verdict"] == (
         "worse" if st.ttest_rel(flipped, [98.0, 98.2, 98.1]).pvalue < 0.05 else "within noise of best")
+
+
+def test_compare_speed_counts_a_fused_group_once():
+    """An execution's speed: every trial's images over its training time, a fused group's
+    time counted once (each of its trials reports the group's time): the same 4 trials
+    trained at one rate as a group of 4, as two groups of 2 or one at a time compare 1x."""
+    from cnnbench.report.compare import training_rate, training_work
+
+    def trials(group: int) -> pd.DataFrame:  # 4 trials of 10,000 images, 1,000 model-images/s
+        return pd.DataFrame({"images_per_second": [1000.0 / group] * 4, "train_seconds": [10.0 * group] * 4,
+                             "fused_with": [group] * 4})
+
+    assert training_work(trials(1)) == training_work(trials(2)) == training_work(trials(4)) == (40000.0, 40.0)
+    assert training_rate(trials(4)) == training_rate(trials(1)) == 1000.0
+    assert training_rate(trials(4).drop(columns="fused_with")) == 250.0  # an old summary: each trial alone
+    assert math.isnan(training_rate(pd.DataFrame({"seed": [0, 1]})))

@@ -144,13 +144,31 @@ def _p(value: float) -> str:
     return "–" if value != value else ("< 0.001" if value < 0.001 else f"{value:.3f}")
 
 
+def training_work(trials: pd.DataFrame) -> tuple[float, float]:
+    """(model-images, seconds) of an execution's training: every trial's images, and the
+    training time with a fused group's counted once (each trial its share, train_seconds /
+    fused_with), so that executions that fused their trials differently compare; nan
+    without the columns."""
+    if not {"images_per_second", "train_seconds"} <= set(trials):
+        return math.nan, math.nan
+    t = trials.dropna(subset=["images_per_second", "train_seconds"])
+    shared = t["fused_with"].fillna(1).clip(lower=1) if "fused_with" in t else 1
+    return float((t["images_per_second"] * t["train_seconds"]).sum()), float((t["train_seconds"] / shared).sum())
+
+
+def training_rate(trials: pd.DataFrame) -> float:
+    """Model-images per second of training (`training_work`)."""
+    images, seconds = training_work(trials)
+    return images / seconds if seconds > 0 else math.nan
+
+
 def _speed(e: Execution) -> str:
     t = e.trials
-    ips = t["images_per_second"].dropna() if "images_per_second" in t else pd.Series(dtype=float)
-    secs = t["train_seconds"].dropna() if "train_seconds" in t else pd.Series(dtype=float)
+    _, seconds = training_work(t)
+    rate = training_rate(t)
     device = ", ".join(sorted(set(t["device"].dropna().astype(str)))) if "device" in t else "?"
-    return (f"{len(t)} trials on {device or '?'}" + (f", {ips.mean():,.0f} images/s per trial (mean)" if len(ips) else "")
-            + (f", {secs.sum():,.0f} s of training in all" if len(secs) else ""))
+    return (f"{len(t)} trials on {device or '?'}" + (f", {rate:,.0f} model-images/s of training" if rate == rate else "")
+            + (f", {seconds:,.0f} s of training in all (a fused group's once)" if seconds == seconds else ""))
 
 
 def compare_markdown(a: Execution, b: Execution, table: pd.DataFrame, command: str = "") -> str:
@@ -164,11 +182,11 @@ def compare_markdown(a: Execution, b: Execution, table: pd.DataFrame, command: s
            f"- B = **{b.label}**: `{b.source}` ({_speed(b)})",
            f"- matched on {', '.join(keys)} and seed (seeds {', '.join(map(str, seeds))}); "
            f"{only_a} trial(s) only in A, {only_b} only in B, left out", ""]
-    if "images_per_second" in a.trials and "images_per_second" in b.trials:
-        ratio = b.trials["images_per_second"].mean() / a.trials["images_per_second"].mean()
-        if ratio == ratio:
-            out += [f"Speed: B trains at {ratio:.2f}x A's images/s (mean over trials; same machine only if "
-                    "both ran on it under the same load).", ""]
+    ratio = training_rate(b.trials) / training_rate(a.trials)
+    if ratio == ratio:
+        out += [f"Speed: B trains at {ratio:.2f}x A's model-images per second of training (every trial's images "
+                "over the training time, a fused group's counted once; the same machine only if both ran on it "
+                "under the same load).", ""]
     out += ["Per trial config, B − A in test accuracy (percentage points) over the seeds both ran: the mean "
             "paired difference with its 95% interval (paired t test: the same seed starts from the same weights "
             "and data order in both), p Holm-corrected over the configs; `identical`: every pair equal; "
