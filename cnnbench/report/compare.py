@@ -164,8 +164,8 @@ def training_rate(trials: pd.DataFrame) -> float:
 
 def _speed(e: Execution) -> str:
     t = e.trials
-    _, seconds = training_work(t)
-    rate = training_rate(t)
+    images, seconds = training_work(t)
+    rate = images / seconds if seconds > 0 else math.nan
     device = ", ".join(sorted(set(t["device"].dropna().astype(str)))) if "device" in t else "?"
     return (f"{len(t)} trials on {device or '?'}" + (f", {rate:,.0f} model-images/s of training" if rate == rate else "")
             + (f", {seconds:,.0f} s of training in all (a fused group's once)" if seconds == seconds else ""))

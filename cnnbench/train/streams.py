@@ -126,8 +126,8 @@ def stream_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, streams: Strea
 def stream_blocks(seeds: Sequence[int]) -> list[list[int]]:
     """Positions of the trials of one wide group (their seeds `seeds`) in the groups the CPU
     trains them in (fused.fuse_groups): one group per seed that has two trials or more (in
-    order), and the seeds with one trial each together, one trial on each stream
-    (stream-major, `Streams.identity`). A group whose trials share one batch convolves it
+    order), and the seeds with one trial each together, in seed order (a batch per trial,
+    which is a batch per stream). A group whose trials share one batch convolves it
     densely; one whose trials read several streams convolves its first layer as one group
     per trial, or per stream (the dedupe, `dedupe_wanted`) and that costs more than the
     larger group gains: LeNet-5, one thread, batch 64, channels-last, through the loop, on a
@@ -139,8 +139,9 @@ def stream_blocks(seeds: Sequence[int]) -> list[list[int]]:
     by_seed: dict[int, list[int]] = {}
     for i, seed in enumerate(seeds):
         by_seed.setdefault(seed, []).append(i)
-    ones = [at[0] for _, at in sorted(by_seed.items()) if len(at) == 1]
-    return [at for _, at in sorted(by_seed.items()) if len(at) > 1] + ([ones] if ones else [])
+    ordered = [by_seed[seed] for seed in sorted(by_seed)]
+    ones = [at[0] for at in ordered if len(at) == 1]
+    return [at for at in ordered if len(at) > 1] + ([ones] if ones else [])
 
 
 def count_streams(configs: Sequence[Any]) -> int:
