@@ -27,6 +27,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from cnnbench.run.barrier import ENV as BARRIER_ENV
 from cnnbench.tools.chaos import fill  # the chaos test's full disk, the same way
 from conftest import tree
 
@@ -43,9 +44,11 @@ def write_spec(folder: Path, name: str, lrs: str = "[0.02, 0.05]", epochs: int =
     return path
 
 
-def start(folder: Path, *args: str, **popen) -> subprocess.Popen:
+def start(folder: Path, *args: str, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+    """`cnnbench *args` in the background; `env`: variables set for it on top of this process's."""
     return subprocess.Popen([sys.executable, "-m", "cnnbench", *args], cwd=folder, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen)
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **popen)
 
 
 def finish(proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -107,21 +110,26 @@ def test_workers_killed_while_the_main_process_lives_are_replaced(workdir, sig):
     SIGTERM to the workers alone): their trials are queued again at once, new workers take
     their place, and the study finishes with exit 0, each trial trained once, nothing RUNNING."""
     spec = write_spec(workdir, "owned", lrs="[0.02, 0.05, 0.1]")
-    proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2")
+    barrier = workdir / "barrier"  # each worker's trial held mid-way until both are: killed there
+    barrier.mkdir()
+    proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2", env={BARRIER_ENV: str(barrier)})
 
-    def workers_training() -> set[int]:  # a worker's last run may still be ending while its next trial trains
-        pids = {int(r.data.tags["cnnbench.pid"]) for r in running_trials(workdir, "owned")}
+    def workers_held() -> set[int]:
+        pids = {int(p.name.split("-")[1]) for p in barrier.glob("reached-*")}
         return pids if len(pids) >= 2 else set()
 
     try:
-        pids = wait_for(workers_training, timeout=180, what="both workers training")
-    except AssertionError:  # say what the study did instead (a study of 3 short trials is long over)
+        pids = wait_for(lambda: workers_held() or proc.poll() is not None, timeout=300, what="both workers held")
+        assert proc.poll() is None, "the study ended before both workers were held"
+    except AssertionError:  # say what the study did instead
         proc.kill()
         out = finish(proc)
         seen = [(r.data.tags.get("mlflow.runName"), r.info.status, r.data.tags.get("cnnbench.pid"))
                 for r in trials_of(workdir, "owned")]
-        raise AssertionError(f"never both workers training; trial runs {seen}; exit {out.returncode}; "
+        raise AssertionError(f"never both workers held; trial runs {seen}; exit {out.returncode}; "
                              f"stderr {out.stderr[-3000:]}") from None
+    wait_for(lambda: {int(r.data.tags["cnnbench.pid"]) for r in running_trials(workdir, "owned")} >= pids,
+             timeout=60, what="the held trials' runs RUNNING")
     assert os.getpid() not in pids and proc.pid not in pids
     storage = f"sqlite:///{workdir / '.cnnbench' / 'optuna' / 'owned.db'}"
 
@@ -135,6 +143,7 @@ def test_workers_killed_while_the_main_process_lives_are_replaced(workdir, sig):
     killed_at = time.time()
     for pid in pids:
         os.kill(pid, sig)
+    (barrier / "release").touch()  # a SIGTERM'd worker goes on to its safe point; its successors are not held
     # queued again at once: no trial is left held by a killed worker (the heartbeat's grace
     # is 60 s), well inside the grace even on a loaded machine, where a worker stopped by
     # SIGTERM takes a while to reach its safe point (about a second on a quiet one); looked
@@ -154,17 +163,43 @@ def test_workers_killed_while_the_main_process_lives_are_replaced(workdir, sig):
 def test_a_trial_that_kills_its_worker_twice_fails_with_the_reason(workdir):
     """The trial with lr 0.05 kills whichever worker trains it (as a trial too large for
     memory would): after two deaths it fails for good, with the reason; the other trials
-    finish; the study exits 1 with nothing RUNNING."""
+    finish; the study exits 1 with nothing RUNNING.
+
+    Each attempt is killed while the tests' barrier holds it mid-way (cnnbench/run/barrier.py),
+    not when a poll happens to see it running: a retried attempt of three short epochs could
+    end between two polls (CI saw it finish in 0.6 s, never killed a second time)."""
     spec = write_spec(workdir, "oom", lrs="[0.02, 0.05]")
-    proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2")
+    barrier = workdir / "barrier"
+    barrier.mkdir()
+    proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2", env={BARRIER_ENV: str(barrier)})
+
+    def lr_of(trial: str) -> str | None:
+        with contextlib.suppress(Exception):  # the store is being written: look again
+            for r in trials_of(workdir, "oom"):
+                if r.data.tags.get("optuna.trial_number") == trial:
+                    return r.data.params.get("lr")
+        return None
+
     killed: set[int] = set()
-    while len(killed) < 2 and proc.poll() is None:
-        for r in running_trials(workdir, "oom"):
-            pid = int(r.data.tags["cnnbench.pid"])
-            if r.data.params.get("lr") == "0.05" and pid not in killed and alive(pid):
-                os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
-        time.sleep(0.1)
+    seen: set[str] = set()
+    deadline = time.time() + 300
+    try:
+        while len(killed) < 2 and proc.poll() is None and time.time() < deadline:
+            for reached in sorted(barrier.glob("reached-*")):
+                name = reached.name.removeprefix("reached-")
+                pid, trial, _ = name.split("-")
+                lr = None if name in seen else lr_of(trial)
+                if lr is None:
+                    continue
+                seen.add(name)
+                if lr == "0.05":
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.add(int(pid))
+                else:
+                    (barrier / f"release-{name}").touch()
+            time.sleep(0.1)
+    finally:
+        (barrier / "release").touch()  # whatever is held from here on goes on
     out = finish(proc)
     assert len(killed) == 2, out.stderr[-3000:]
     assert out.returncode == 1, out.stderr[-3000:]
@@ -267,7 +302,6 @@ def test_a_results_folder_that_turns_read_only_stops_cleanly(workdir):
 def test_faults_of_the_machine_are_told_apart_from_a_trial_s(tmp_path):
     """What counts as the machine's fault, through the wrappers SQLAlchemy and torch put around it."""
     import sqlalchemy
-    import torch
 
     from cnnbench.util.faults import storage_fault
 
