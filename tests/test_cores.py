@@ -11,6 +11,8 @@ import torch
 
 from cnnbench.run.cores import CoreShare
 
+from barrier_files import holder, release
+
 
 def _worker(training, cores, finish_first, ready, done, out):
     torch.set_num_threads(1)
@@ -117,7 +119,7 @@ def _release(barrier, storage, over):
     released, pids, deadline = set(), set(), time.monotonic() + 300  # a stuck study is not held for ever
     while not over.is_set():
         held = [p for p in barrier.glob("reached-*") if p.name not in released]
-        pids |= {p.name.split("-")[1] for p in held}
+        pids |= {holder(p)[0] for p in held}
         if held and (len(pids) >= 2 or time.monotonic() > deadline):
             try:
                 trials = optuna.load_study(study_name=None, storage=storage).get_trials()
@@ -127,10 +129,10 @@ def _release(barrier, storage, over):
             by_number = {t.number: t for t in trials}
             complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
             for p in held:
-                trial = by_number.get(int(p.name.split("-")[2]))
+                trial = by_number.get(holder(p)[1])
                 short = trial is not None and trial.user_attrs.get("train_subset") != str(LONG)
                 if short or complete >= 2 or time.monotonic() > deadline:
-                    (barrier / p.name.replace("reached-", "release-", 1)).touch()
+                    release(p)
                     released.add(p.name)
         time.sleep(0.05)
 

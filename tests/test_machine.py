@@ -27,8 +27,8 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from cnnbench.run.barrier import ENV as BARRIER_ENV
 from cnnbench.tools.chaos import fill  # the chaos test's full disk, the same way
+from barrier_files import held, holder, release, start
 from conftest import tree
 
 SPEC = """
@@ -42,13 +42,6 @@ def write_spec(folder: Path, name: str, lrs: str = "[0.02, 0.05]", epochs: int =
     path = folder / f"{name}.yaml"
     path.write_text(SPEC.format(name=name, lrs=lrs, epochs=epochs, subset=subset))
     return path
-
-
-def start(folder: Path, *args: str, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
-    """`cnnbench *args` in the background; `env`: variables set for it on top of this process's."""
-    return subprocess.Popen([sys.executable, "-m", "cnnbench", *args], cwd=folder, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **popen)
 
 
 def finish(proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -111,11 +104,10 @@ def test_workers_killed_while_the_main_process_lives_are_replaced(workdir, sig):
     their place, and the study finishes with exit 0, each trial trained once, nothing RUNNING."""
     spec = write_spec(workdir, "owned", lrs="[0.02, 0.05, 0.1]")
     barrier = workdir / "barrier"  # each worker's trial held mid-way until both are: killed there
-    barrier.mkdir()
-    proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2", env={BARRIER_ENV: str(barrier)})
+    proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2", barrier=barrier)
 
     def workers_held() -> set[int]:
-        pids = {int(p.name.split("-")[1]) for p in barrier.glob("reached-*")}
+        pids = {holder(p)[0] for p in held(barrier)}
         return pids if len(pids) >= 2 else set()
 
     try:
@@ -170,33 +162,31 @@ def test_a_trial_that_kills_its_worker_twice_fails_with_the_reason(workdir):
     end between two polls (CI saw it finish in 0.6 s, never killed a second time)."""
     spec = write_spec(workdir, "oom", lrs="[0.02, 0.05]")
     barrier = workdir / "barrier"
-    barrier.mkdir()
-    proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2", env={BARRIER_ENV: str(barrier)})
+    proc = start(workdir, "study", str(spec), "--no-fuse", "--workers", "2", barrier=barrier)
 
-    def lr_of(trial: str) -> str | None:
+    def lr_of(trial: int) -> str | None:
         with contextlib.suppress(Exception):  # the store is being written: look again
             for r in trials_of(workdir, "oom"):
-                if r.data.tags.get("optuna.trial_number") == trial:
+                if r.data.tags.get("optuna.trial_number") == str(trial):
                     return r.data.params.get("lr")
         return None
 
     killed: set[int] = set()
-    seen: set[str] = set()
+    seen: set[Path] = set()
     deadline = time.time() + 300
     try:
         while len(killed) < 2 and proc.poll() is None and time.time() < deadline:
-            for reached in sorted(barrier.glob("reached-*")):
-                name = reached.name.removeprefix("reached-")
-                pid, trial, _ = name.split("-")
-                lr = None if name in seen else lr_of(trial)
-                if lr is None:
+            for reached in held(barrier):
+                pid, trial = holder(reached)
+                lr = lr_of(trial) if reached not in seen else None
+                if lr is None:  # seen already, or its run not readable yet
                     continue
-                seen.add(name)
+                seen.add(reached)
                 if lr == "0.05":
-                    os.kill(int(pid), signal.SIGKILL)
-                    killed.add(int(pid))
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
                 else:
-                    (barrier / f"release-{name}").touch()
+                    release(reached)
             time.sleep(0.1)
     finally:
         (barrier / "release").touch()  # whatever is held from here on goes on

@@ -33,6 +33,7 @@ from cnnbench.run.barrier import ENV as BARRIER_ENV
 from cnnbench.util.background import SYNC_ENV
 from cnnbench.config.spec import SPEC_KEYS
 
+from barrier_files import held, start
 from conftest import tree
 
 SPEC = """
@@ -46,22 +47,6 @@ def write_spec(folder: Path, name: str = "rel", epochs: int = 6, subset: int = 5
     path = folder / f"{name}.yaml"
     path.write_text(SPEC.format(name=name, epochs=epochs, subset=subset) + extra)
     return path
-
-
-def start(folder: Path, *args: str, barrier: Path | None = None, **popen) -> subprocess.Popen:
-    """`cnnbench *args` in the background; `barrier`: a folder where its trials are held
-    mid-way, after their first epoch, until the test releases them (cnnbench/run/barrier.py)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if barrier is not None:
-        barrier.mkdir(exist_ok=True)
-        env[BARRIER_ENV] = str(barrier)
-    return subprocess.Popen([sys.executable, "-m", "cnnbench", *args], cwd=folder, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **popen)
-
-
-def held(barrier: Path) -> list[Path]:
-    """The trials held at the barrier: reached-<pid>-<trial>-<epoch> files."""
-    return sorted(barrier.glob("reached-*"))
 
 
 def finish(proc: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:

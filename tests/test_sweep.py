@@ -19,9 +19,9 @@ from optuna.trial import TrialState
 
 from cnnbench.config.spec import load_spec
 from cnnbench.errors import ConfigError
-from cnnbench.run.barrier import ENV as BARRIER_ENV
 from cnnbench.track import stores
 import rounding
+from barrier_files import release, start
 from conftest import cli, tree
 
 TINY = {"train_subset": 2000, "val_size": 500, "test_subset": 500, "batch_size": 32, "epochs": 3,
@@ -55,8 +55,6 @@ def storage_of(workdir: Path, name: str) -> str:
 def load_running_study(url: str, name: str):
     """The study a running sweep writes to, opened as cnnbench opens it (stores.py): a
     test that opened a fresh file bare would race the sweep creating its tables."""
-    from cnnbench.track import stores
-
     return optuna.load_study(study_name=name, storage=stores.optuna_storage(url))
 
 
@@ -241,10 +239,7 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, w
 def start_sweep(workdir: Path, spec: Path, *args: str, barrier: Path, **popen) -> subprocess.Popen:
     """`cnnbench sweep` in the background, its trials held mid-way after their first epoch
     at `barrier` until released (cnnbench/run/barrier.py)."""
-    barrier.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", BARRIER_ENV: str(barrier)}
-    return subprocess.Popen([sys.executable, "-m", "cnnbench", "sweep", str(spec), *args], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return start(workdir, "sweep", str(spec), *args, barrier=barrier, stderr=subprocess.STDOUT, **popen)
 
 
 def held(barrier: Path, trial: int | str = "*") -> Path | None:
@@ -271,7 +266,7 @@ def test_sweep_killed_mid_trial_resumes_with_exactly_the_requested_trials(workdi
 
     try:  # trial 0 held after its first epoch, let go; trial 1 held after its first: the kill
         reached = _wait_for(lambda: held(barrier, 0), 600, proc, "trial 0 held after its first epoch")
-        (barrier / reached.name.replace("reached-", "release-")).touch()
+        release(reached)
         _wait_for(lambda: held(barrier, 1), 600, proc, "trial 1 held after its first epoch")
         killed = second_trial_mid_way()
         assert killed is not None
